@@ -1,0 +1,136 @@
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::FreezePolicy;
+
+/// A named set of volumes that is snapshotted at one point in time.
+///
+/// Members are the PersistentVolumeClaims of this namespace picked by `selector`, `volumeSelector`
+/// and `claims` together. A group never reaches a volume claimed from another namespace.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "tandem.dev",
+    version = "v1alpha1",
+    kind = "ConsistencyGroup",
+    namespaced,
+    shortname = "cg",
+    category = "tandem",
+    status = "ConsistencyGroupStatus",
+    doc = "A named set of volumes that tandem snapshots at one point in time.",
+    validation = Rule::new("size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit").field_path(".metadata.name"),
+    printcolumn(name = "Members", type_ = "integer", description = "Members that can be snapshotted", json_path = ".status.readyMembers"),
+    printcolumn(name = "Unsupported", type_ = "integer", description = "Members that cannot be snapshotted", json_path = ".status.unsupportedMembers"),
+    printcolumn(name = "Nodes", type_ = "integer", description = "Nodes the members live on", json_path = ".status.nodeCount"),
+    printcolumn(name = "Freeze", type_ = "string", description = "Freeze policy", json_path = ".spec.freeze"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("has(self.selector) || has(self.volumeSelector) || (has(self.claims) && size(self.claims) > 0)").message("set at least one of spec.selector, spec.volumeSelector or spec.claims"))]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistencyGroupSpec {
+    /// Selects PersistentVolumeClaims of this namespace by their labels (matchLabels and matchExpressions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+
+    /// Selects PersistentVolumes by their labels. Only volumes bound to a claim of this namespace
+    /// become members; volumes claimed from other namespaces are ignored whatever their labels say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_selector: Option<LabelSelector>,
+
+    /// Names of PersistentVolumeClaims of this namespace that are members whatever their labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    #[x_kube(validation = Rule::new("self.all(c, size(c) <= 253 && c.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$'))").message("each claim must be a PersistentVolumeClaim name (a DNS subdomain)"))]
+    #[x_kube(validation = Rule::new("self.all(c, self.exists_one(d, d == c))").message("claims must not repeat"))]
+    pub claims: Option<Vec<String>>,
+
+    /// Whether members' filesystems are frozen while the group is snapshotted:
+    /// `Required` (default), `BestEffort` or `Disabled`.
+    #[serde(default)]
+    pub freeze: FreezePolicy,
+
+    /// The longest, in seconds, that any member's filesystem may stay frozen (1 to 300). Each node's
+    /// agent thaws on its own clock when this runs out, whatever the controller does.
+    #[serde(default = "default_freeze_timeout_seconds")]
+    #[schemars(range(min = 1, max = 300))]
+    pub freeze_timeout_seconds: i32,
+}
+
+fn default_freeze_timeout_seconds() -> i32 {
+    10
+}
+
+/// What the controller found the group to contain.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistencyGroupStatus {
+    /// The `metadata.generation` this status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Every volume the group selects, in claim-name order, with whether it can be snapshotted.
+    #[serde(default)]
+    pub members: Vec<GroupMember>,
+
+    /// How many members can be snapshotted.
+    #[serde(default)]
+    pub ready_members: i32,
+
+    /// How many members cannot be snapshotted (see each member's `reason`).
+    #[serde(default)]
+    pub unsupported_members: i32,
+
+    /// The nodes the snapshottable members live on.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+
+    /// How many nodes the snapshottable members live on.
+    #[serde(default)]
+    pub node_count: i32,
+
+    /// `Ready` is True when the group has at least one member and every member can be snapshotted.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// One volume of a group.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupMember {
+    /// The PersistentVolumeClaim, in the group's namespace.
+    pub claim: String,
+
+    /// The PersistentVolume bound to the claim, once bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume: Option<String>,
+
+    /// The node the volume lives on, from the PersistentVolume's node affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+
+    /// The CSI driver of the volume, or its in-tree source (`local`, `hostPath`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+
+    /// The volume's size as provisioned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Quantity>,
+
+    /// `Filesystem` or `Block`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mode: Option<String>,
+
+    /// Whether tandem can snapshot this member.
+    pub supported: bool,
+
+    /// Why the member cannot be snapshotted, as a CamelCase word (`ClaimNotFound`, `ClaimNotBound`,
+    /// `VolumeNotFound`, `VolumeNotPinnedToNode`, `UnsupportedVolumeSource`, `ClaimedFromOtherNamespace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+
+    /// The reason in words a person can act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

@@ -1,0 +1,153 @@
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::Consistency;
+
+/// A point-in-time snapshot of every member of a ConsistencyGroup.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "tandem.dev",
+    version = "v1alpha1",
+    kind = "GroupSnapshot",
+    namespaced,
+    shortname = "gsnap",
+    category = "tandem",
+    status = "GroupSnapshotStatus",
+    doc = "A crash-consistent snapshot of every member of a ConsistencyGroup.",
+    validation = Rule::new("size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit").field_path(".metadata.name"),
+    printcolumn(name = "Group", type_ = "string", json_path = ".spec.groupName"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Consistency", type_ = "string", json_path = ".status.consistency"),
+    printcolumn(name = "Members", type_ = "integer", json_path = ".status.memberCount"),
+    printcolumn(name = "Freeze-ms", type_ = "integer", description = "Overall freeze window: first freeze to last thaw", json_path = ".status.freezeWindowMillis"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupSnapshotSpec {
+    /// The ConsistencyGroup (in this namespace) to snapshot. Cannot be changed.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.groupName is immutable"))]
+    pub group_name: String,
+
+    /// What happens to the member snapshots when this object is deleted: `Delete` (default) removes
+    /// them from their nodes, `Retain` keeps them.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// What happens to member snapshots when their GroupSnapshot is deleted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum DeletionPolicy {
+    /// Remove every member snapshot from its node.
+    #[default]
+    Delete,
+    /// Keep the member snapshots on their nodes.
+    Retain,
+}
+
+/// Where a group snapshot stands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum GroupSnapshotPhase {
+    /// Waiting to start (for example behind another snapshot of the same volumes).
+    #[default]
+    Pending,
+    /// Nodes are freezing and cutting their members.
+    Cutting,
+    /// Every node has cut; nodes are thawing.
+    Releasing,
+    /// Every member snapshot exists and every filesystem is thawed.
+    Ready,
+    /// The snapshot failed; no partial snapshot is left.
+    Failed,
+    /// The member snapshots are being removed.
+    Deleting,
+}
+
+/// What a group snapshot recorded and reached.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupSnapshotStatus {
+    /// The `metadata.generation` this status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Where the snapshot stands.
+    #[serde(default)]
+    pub phase: GroupSnapshotPhase,
+
+    /// The guarantee reached: `FilesystemFrozen` or `Independent`. Unset until Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
+
+    /// The members recorded when the snapshot started; later changes to the group do not touch it.
+    #[serde(default)]
+    pub members: Vec<MemberSnapshot>,
+
+    /// How many members the snapshot covers.
+    #[serde(default)]
+    pub member_count: i32,
+
+    /// Freeze window per node.
+    #[serde(default)]
+    pub nodes: Vec<NodeFreezeWindow>,
+
+    /// Overall freeze window in milliseconds: from the first freeze on any node to the last thaw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_window_millis: Option<i64>,
+
+    /// When the snapshot started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+
+    /// When the snapshot became Ready or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+
+    /// What went wrong, in words a person can act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+
+    /// `Ready` and its reason.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// One member's snapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberSnapshot {
+    /// The PersistentVolumeClaim.
+    pub claim: String,
+    /// The PersistentVolume.
+    pub persistent_volume: String,
+    /// The node the volume lives on.
+    pub node: String,
+    /// The backend's handle of the snapshot (an image path, an LV, a subvolume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_handle: Option<String>,
+    /// The snapshot's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Quantity>,
+    /// When the snapshot was cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_time: Option<Time>,
+    /// Whether the filesystem was frozen when the snapshot was cut.
+    #[serde(default)]
+    pub frozen: bool,
+    /// Why the member was not frozen, or why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// How long one node kept its members frozen.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeFreezeWindow {
+    /// The node.
+    pub node: String,
+    /// From the node's first freeze to its last thaw, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_window_millis: Option<i64>,
+}

@@ -1,0 +1,162 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::{DeletionPolicy, FreezePolicy};
+
+/// The controller's request to one node's agent: freeze, cut and thaw these volumes.
+///
+/// Internal: the controller creates one per node per GroupSnapshot (owned by it) and the agent of
+/// `spec.nodeName` acts on it and reports in its status. `kubectl get nsnap` shows where a group
+/// snapshot is stuck.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "tandem.dev",
+    version = "v1alpha1",
+    kind = "NodeSnapshot",
+    namespaced,
+    shortname = "nsnap",
+    category = "tandem",
+    status = "NodeSnapshotStatus",
+    doc = "One node's part of a GroupSnapshot: the channel between the tandem controller and a node's agent.",
+    selectable = ".spec.nodeName",
+    printcolumn(name = "Node", type_ = "string", json_path = ".spec.nodeName"),
+    printcolumn(name = "GroupSnapshot", type_ = "string", json_path = ".spec.groupSnapshot"),
+    printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Freeze-ms", type_ = "integer", json_path = ".status.freezeWindowMillis"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSnapshotSpec {
+    /// The node whose agent acts on this object. Cannot be changed.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.nodeName is immutable"))]
+    pub node_name: String,
+
+    /// The GroupSnapshot this is part of (in the same namespace).
+    #[schemars(length(min = 1, max = 63))]
+    pub group_snapshot: String,
+
+    /// What the controller wants now: `Cut` (freeze and snapshot), `Release` (thaw and keep the
+    /// snapshots) or `Abort` (thaw and delete the snapshots).
+    #[serde(default)]
+    pub action: NodeAction,
+
+    /// Whether the agent may thaw as soon as its own cut is done (the whole group is on this node).
+    #[serde(default)]
+    pub release_after_cut: bool,
+
+    /// Freeze policy copied from the group when the snapshot started.
+    #[serde(default)]
+    pub freeze: FreezePolicy,
+
+    /// The longest, in seconds, any filesystem may stay frozen; the agent enforces it on its own clock.
+    #[schemars(range(min = 1, max = 300))]
+    pub freeze_timeout_seconds: i32,
+
+    /// What happens to the snapshots when this object is deleted.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+
+    /// The volumes of this node to snapshot.
+    #[serde(default)]
+    pub volumes: Vec<NodeVolume>,
+}
+
+/// What the controller asks of an agent.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum NodeAction {
+    /// Freeze the volumes, cut their snapshots and hold the freeze.
+    #[default]
+    Cut,
+    /// Thaw and keep the snapshots.
+    Release,
+    /// Thaw and delete the snapshots.
+    Abort,
+}
+
+/// A volume an agent is asked to snapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeVolume {
+    /// The PersistentVolumeClaim (in this object's namespace).
+    pub claim: String,
+    /// The PersistentVolume bound to it.
+    pub persistent_volume: String,
+}
+
+/// Where a node's part stands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum NodePhase {
+    /// The agent has not acted yet.
+    #[default]
+    Pending,
+    /// The volumes are frozen and their snapshots cut; the freeze is held until `Release`.
+    Cut,
+    /// The volumes are thawed and the snapshots kept.
+    Released,
+    /// The volumes are thawed and the snapshots deleted (asked, failed or timed out).
+    Aborted,
+    /// The agent could not do what was asked; see `message`.
+    Failed,
+}
+
+/// What an agent did.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSnapshotStatus {
+    /// The `metadata.generation` the agent last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Where this node's part stands.
+    #[serde(default)]
+    pub phase: NodePhase,
+    /// Per volume: device, backend, freeze and snapshot.
+    #[serde(default)]
+    pub volumes: Vec<VolumeStatus>,
+    /// When the node's first freeze began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_start: Option<Time>,
+    /// From the node's first freeze to its last thaw, in milliseconds (monotonic clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_window_millis: Option<i64>,
+    /// What went wrong, in words a person can act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// `Ready` and its reason.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// One volume as the agent found and snapshotted it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeStatus {
+    /// The PersistentVolumeClaim.
+    pub claim: String,
+    /// The block device under the volume, as the node's mount table shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The filesystem type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<String>,
+    /// The snapshot backend chosen from what the device is (`reflink`, `lvm-thin`, `lvm-thick`, `btrfs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// Whether the filesystem was frozen while the snapshot was cut.
+    #[serde(default)]
+    pub frozen: bool,
+    /// Why the volume was not frozen or not snapshotted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The backend's handle of the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_handle: Option<String>,
+    /// The snapshot's size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    /// When the snapshot was cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_time: Option<Time>,
+}

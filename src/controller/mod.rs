@@ -1,0 +1,1 @@
+//! The controller: talks to nothing but the Kubernetes API.

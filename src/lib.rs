@@ -1,0 +1,7 @@
+//! tandem: consistency groups for Kubernetes persistent volumes.
+//!
+//! - [`api`]: the custom resources (no I/O).
+//! - [`controller`]: reconciles ConsistencyGroups (and, later, GroupSnapshots) against the API server.
+
+pub mod api;
+pub mod controller;
