@@ -1,0 +1,475 @@
+//! Finding what is under a volume, from the node itself: /proc/self/mountinfo for the mount and its
+//! filesystem, /sys/dev/block for what the block device is (loop over an image file, an LVM logical
+//! volume, anything else). Nothing is guessed from names.
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// What went wrong while looking at the node.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("malformed mountinfo line {line:?}")]
+    Mountinfo { line: String },
+    #[error("{path} does not exist on this node")]
+    Missing { path: PathBuf },
+    #[error("{path} is not the mount of a volume (it is inside the mount at {mount_point})")]
+    NotAMount { path: PathBuf, mount_point: PathBuf },
+    #[error("no mount in /proc/self/mountinfo has id {mount_id} (for {path})")]
+    UnknownMount { path: PathBuf, mount_id: u64 },
+    #[error("{path} is neither a directory nor a block device")]
+    NotAVolume { path: PathBuf },
+}
+
+/// A device number split into major and minor, as mountinfo and sysfs print it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct DevId {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl DevId {
+    /// From a `st_dev`/`st_rdev` value.
+    pub fn from_raw(dev: u64) -> Self {
+        DevId {
+            major: rustix::fs::major(dev),
+            minor: rustix::fs::minor(dev),
+        }
+    }
+}
+
+impl std::fmt::Display for DevId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    pub mount_id: u64,
+    pub parent_id: u64,
+    /// The superblock's device number (anonymous, major 0, on btrfs).
+    pub dev: DevId,
+    /// The directory of the filesystem this mount shows (a bind mount's subdirectory, a btrfs subvolume).
+    pub root: String,
+    pub mount_point: PathBuf,
+    pub options: String,
+    pub fs_type: String,
+    /// The mount source: the block device for disk filesystems.
+    pub source: String,
+    pub super_options: String,
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = (bytes[i + 1] - b'0') as u32 * 64
+                + (bytes[i + 2] - b'0') as u32 * 8
+                + (bytes[i + 3] - b'0') as u32;
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses the text of a mountinfo file (see proc(5)).
+pub fn parse_mountinfo(text: &str) -> Result<Vec<MountInfo>, DiscoveryError> {
+    let mut mounts = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let bad = || DiscoveryError::Mountinfo {
+            line: line.to_string(),
+        };
+        let fields: Vec<&str> = line.split(' ').collect();
+        // Optional fields (shared:N, master:N, ...) sit between the options and the "-" separator.
+        let sep = fields.iter().position(|f| *f == "-").ok_or_else(bad)?;
+        if sep < 6 || fields.len() < sep + 3 {
+            return Err(bad());
+        }
+        let (major, minor) = fields[2].split_once(':').ok_or_else(bad)?;
+        mounts.push(MountInfo {
+            mount_id: fields[0].parse().map_err(|_| bad())?,
+            parent_id: fields[1].parse().map_err(|_| bad())?,
+            dev: DevId {
+                major: major.parse().map_err(|_| bad())?,
+                minor: minor.parse().map_err(|_| bad())?,
+            },
+            root: unescape(fields[3]),
+            mount_point: PathBuf::from(unescape(fields[4])),
+            options: fields[5].to_string(),
+            fs_type: fields[sep + 1].to_string(),
+            source: unescape(fields[sep + 2]),
+            super_options: fields.get(sep + 3).copied().unwrap_or("").to_string(),
+        });
+    }
+    Ok(mounts)
+}
+
+/// Reads the mount table of this process's mount namespace.
+pub fn read_mountinfo() -> Result<Vec<MountInfo>, DiscoveryError> {
+    let path = Path::new("/proc/self/mountinfo");
+    let text = fs::read_to_string(path).map_err(|source| DiscoveryError::Read {
+        path: path.into(),
+        source,
+    })?;
+    parse_mountinfo(&text)
+}
+
+/// The mount a path lives on, by the kernel's mount id (statx STATX_MNT_ID), so bind mounts and
+/// nested mounts are told apart without comparing strings.
+pub fn mount_of<'m>(path: &Path, mounts: &'m [MountInfo]) -> Result<&'m MountInfo, DiscoveryError> {
+    let stx = rustix::fs::statx(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::AtFlags::empty(),
+        rustix::fs::StatxFlags::MNT_ID,
+    )
+    .map_err(|e| DiscoveryError::Read {
+        path: path.into(),
+        source: e.into(),
+    })?;
+    // The last mount with that id wins: ids are unique, but be exact anyway.
+    mounts
+        .iter()
+        .rev()
+        .find(|m| m.mount_id == stx.stx_mnt_id)
+        .ok_or(DiscoveryError::UnknownMount {
+            path: path.into(),
+            mount_id: stx.stx_mnt_id,
+        })
+}
+
+/// What a block device is, read from /sys/dev/block/MAJ:MIN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// A loop device over a file (the file may be on a reflink-capable pool filesystem).
+    Loop { backing_file: PathBuf },
+    /// A device-mapper device that LVM made (its dm uuid starts with `LVM-`).
+    LvmVolume {
+        vg: String,
+        lv: String,
+        dm_name: String,
+    },
+    /// A device-mapper device that is not LVM's.
+    OtherDeviceMapper { dm_name: String },
+    /// Anything else (a disk, a partition, a loop device without a file).
+    Other,
+}
+
+/// Splits a device-mapper name that LVM made (`vg-lv`, with `-` inside names doubled) into VG and LV.
+pub fn split_lvm_dm_name(dm_name: &str) -> Option<(String, String)> {
+    let chars: Vec<char> = dm_name.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] == '-' {
+            if chars.get(i + 1) == Some(&'-') {
+                i += 2;
+                continue;
+            }
+            let vg: String = chars[..i].iter().collect();
+            let lv: String = chars[i + 1..].iter().collect();
+            if vg.is_empty() || lv.is_empty() {
+                return None;
+            }
+            return Some((vg.replace("--", "-"), lv.replace("--", "-")));
+        }
+        i += 1;
+    }
+    None
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    fs::read_to_string(path).ok().map(|s| s.trim_end_matches('\n').to_string())
+}
+
+/// Classifies a block device by its sysfs entry under `sysfs_block` (normally /sys/dev/block).
+pub fn classify_device(dev: DevId, sysfs_block: &Path) -> DeviceKind {
+    let dir = sysfs_block.join(dev.to_string());
+    if let Some(file) = read_trimmed(&dir.join("loop/backing_file")) {
+        if !file.is_empty() {
+            // The kernel appends " (deleted)" when the image was unlinked; keep it visible.
+            return DeviceKind::Loop {
+                backing_file: PathBuf::from(file),
+            };
+        }
+    }
+    if let Some(dm_name) = read_trimmed(&dir.join("dm/name")) {
+        let uuid = read_trimmed(&dir.join("dm/uuid")).unwrap_or_default();
+        // LVM's dm uuids are "LVM-<vg uuid><lv uuid>" (snapshot internals add a suffix like "-cow").
+        if uuid.starts_with("LVM-") && !uuid[4..].contains('-') {
+            if let Some((vg, lv)) = split_lvm_dm_name(&dm_name) {
+                return DeviceKind::LvmVolume { vg, lv, dm_name };
+            }
+        }
+        return DeviceKind::OtherDeviceMapper { dm_name };
+    }
+    DeviceKind::Other
+}
+
+/// A volume as found on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedVolume {
+    /// The path the volume was asked for (a mount point, or a block device node).
+    pub path: PathBuf,
+    /// The mount, if the volume is a filesystem (None for a block-mode volume).
+    pub mount: Option<MountInfo>,
+    /// The block device node (mount source, or the path itself in block mode).
+    pub device: PathBuf,
+    /// The block device's number.
+    pub block_dev: DevId,
+    /// What the block device is.
+    pub kind: DeviceKind,
+}
+
+impl ResolvedVolume {
+    /// The filesystem type, if this is a mounted filesystem.
+    pub fn fs_type(&self) -> Option<&str> {
+        self.mount.as_ref().map(|m| m.fs_type.as_str())
+    }
+}
+
+/// Resolves a volume's path: the mount point of its filesystem (it must be the root of a mount,
+/// not a directory inside one) or, in block mode, a block device node.
+pub fn resolve_volume(
+    path: &Path,
+    mounts: &[MountInfo],
+    sysfs_block: &Path,
+) -> Result<ResolvedVolume, DiscoveryError> {
+    let meta = fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => DiscoveryError::Missing { path: path.into() },
+        _ => DiscoveryError::Read {
+            path: path.into(),
+            source: e,
+        },
+    })?;
+    if meta.file_type().is_block_device() {
+        let block_dev = DevId::from_raw(meta.rdev());
+        return Ok(ResolvedVolume {
+            path: path.into(),
+            mount: None,
+            device: path.into(),
+            block_dev,
+            kind: classify_device(block_dev, sysfs_block),
+        });
+    }
+    if !meta.is_dir() {
+        return Err(DiscoveryError::NotAVolume { path: path.into() });
+    }
+    let canonical = fs::canonicalize(path).map_err(|source| DiscoveryError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let mount = mount_of(&canonical, mounts)?.clone();
+    if mount.mount_point != canonical {
+        return Err(DiscoveryError::NotAMount {
+            path: path.into(),
+            mount_point: mount.mount_point.clone(),
+        });
+    }
+    // On btrfs st_dev and the mountinfo number are anonymous: the device is the mount source.
+    let device = PathBuf::from(&mount.source);
+    let block_dev = match fs::metadata(&device) {
+        Ok(m) if m.file_type().is_block_device() => DevId::from_raw(m.rdev()),
+        _ => mount.dev,
+    };
+    let kind = if block_dev.major == 0 {
+        DeviceKind::Other
+    } else {
+        classify_device(block_dev, sysfs_block)
+    };
+    Ok(ResolvedVolume {
+        path: path.into(),
+        mount: Some(mount),
+        device,
+        block_dev,
+        kind,
+    })
+}
+
+/// Where the kubelet mounts a CSI volume for the node (NodeStageVolume): the global mount.
+pub fn csi_global_mount(kubelet_dir: &Path, driver: &str, volume_handle: &str) -> PathBuf {
+    let digest = Sha256::digest(volume_handle.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    kubelet_dir
+        .join("plugins/kubernetes.io/csi")
+        .join(driver)
+        .join(hex)
+        .join("globalmount")
+}
+
+/// The per-pod mounts of a CSI persistent volume (NodePublishVolume): `pods/*/volumes/kubernetes.io~csi/<pv>/mount`.
+pub fn csi_pod_mounts(kubelet_dir: &Path, pv_name: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(pods) = fs::read_dir(kubelet_dir.join("pods")) else {
+        return found;
+    };
+    for pod in pods.flatten() {
+        let candidate = pod
+            .path()
+            .join("volumes/kubernetes.io~csi")
+            .join(pv_name)
+            .join("mount");
+        if candidate.is_dir() {
+            found.push(candidate);
+        }
+    }
+    found.sort();
+    found
+}
+
+/// The superblock device of the filesystem holding `path` (to compare with a freeze target).
+pub fn superblock_of(path: &Path, mounts: &[MountInfo]) -> Result<DevId, DiscoveryError> {
+    Ok(mount_of(path, mounts)?.dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Recorded on the CI machine (storage research, 04b-detect) and on a kubelet node.
+    const SAMPLE: &str = "\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+43 27 7:1 / /tmp/s4b-vol1 rw,relatime shared:30 - ext4 /dev/loop1 rw
+44 27 7:1 /data /tmp/s4b\\040bind rw,relatime shared:30 - ext4 /dev/loop1[/data] rw
+45 27 0:39 /pv1 /tmp/s4b-pv1 rw,relatime - btrfs /dev/loop2 rw,space_cache=v2,subvolid=256,subvol=/pv1
+46 27 253:4 / /var/lib/kubelet/pods/5e1/volumes/kubernetes.io~csi/pvc-1/mount rw,relatime master:12 - xfs /dev/mapper/vg0-data--1 rw,attr2
+";
+
+    #[test]
+    fn parses_recorded_mountinfo() {
+        let m = parse_mountinfo(SAMPLE).unwrap();
+        assert_eq!(m.len(), 5);
+        assert_eq!(m[0].mount_point, PathBuf::from("/"));
+        assert_eq!(m[0].fs_type, "ext4");
+        assert_eq!(m[1].dev, DevId { major: 7, minor: 1 });
+        assert_eq!(m[1].source, "/dev/loop1");
+        assert_eq!(m[2].root, "/data");
+        assert_eq!(m[2].mount_point, PathBuf::from("/tmp/s4b bind"));
+        assert_eq!(m[3].fs_type, "btrfs");
+        assert_eq!(m[3].root, "/pv1");
+        assert!(m[3].super_options.contains("subvolid=256"));
+        assert_eq!(m[4].fs_type, "xfs");
+        assert_eq!(m[4].source, "/dev/mapper/vg0-data--1");
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(parse_mountinfo("1 2 3").is_err());
+        assert!(parse_mountinfo("a 1 7:1 / /x rw - ext4 /dev/loop1 rw").is_err());
+    }
+
+    #[test]
+    fn splits_lvm_names() {
+        assert_eq!(
+            split_lvm_dm_name("vg0-vol1"),
+            Some(("vg0".into(), "vol1".into()))
+        );
+        assert_eq!(
+            split_lvm_dm_name("my--vg-data--1"),
+            Some(("my-vg".into(), "data-1".into()))
+        );
+        assert_eq!(split_lvm_dm_name("novg"), None);
+    }
+
+    #[test]
+    fn classifies_recorded_sysfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let loop_dir = dir.path().join("7:3/loop");
+        fs::create_dir_all(&loop_dir).unwrap();
+        fs::write(loop_dir.join("backing_file"), "/pool/vol 1.img\n").unwrap();
+        let dm = dir.path().join("253:4/dm");
+        fs::create_dir_all(&dm).unwrap();
+        fs::write(dm.join("name"), "vg0-data--1\n").unwrap();
+        fs::write(
+            dm.join("uuid"),
+            "LVM-AbCdEfGhIjKlMnOpQrStUvWxYz012345AbCdEfGhIjKlMnOpQrStUvWxYz012345\n",
+        )
+        .unwrap();
+        let cow = dir.path().join("253:5/dm");
+        fs::create_dir_all(&cow).unwrap();
+        fs::write(cow.join("name"), "vg0-snap-cow\n").unwrap();
+        fs::write(cow.join("uuid"), "LVM-abc-cow\n").unwrap();
+        let crypt = dir.path().join("253:6/dm");
+        fs::create_dir_all(&crypt).unwrap();
+        fs::write(crypt.join("name"), "luks-1\n").unwrap();
+        fs::write(crypt.join("uuid"), "CRYPT-LUKS2-xyz\n").unwrap();
+
+        assert_eq!(
+            classify_device(DevId { major: 7, minor: 3 }, dir.path()),
+            DeviceKind::Loop {
+                backing_file: "/pool/vol 1.img".into()
+            }
+        );
+        assert_eq!(
+            classify_device(DevId { major: 253, minor: 4 }, dir.path()),
+            DeviceKind::LvmVolume {
+                vg: "vg0".into(),
+                lv: "data-1".into(),
+                dm_name: "vg0-data--1".into()
+            }
+        );
+        assert!(matches!(
+            classify_device(DevId { major: 253, minor: 5 }, dir.path()),
+            DeviceKind::OtherDeviceMapper { .. }
+        ));
+        assert!(matches!(
+            classify_device(DevId { major: 253, minor: 6 }, dir.path()),
+            DeviceKind::OtherDeviceMapper { .. }
+        ));
+        assert_eq!(
+            classify_device(DevId { major: 8, minor: 0 }, dir.path()),
+            DeviceKind::Other
+        );
+    }
+
+    #[test]
+    fn csi_paths_follow_the_kubelet_layout() {
+        let p = csi_global_mount(Path::new("/var/lib/kubelet"), "ebs.csi.aws.com", "vol-1");
+        let s = p.to_string_lossy();
+        assert!(s.starts_with("/var/lib/kubelet/plugins/kubernetes.io/csi/ebs.csi.aws.com/"));
+        assert!(s.ends_with("/globalmount"));
+        // sha256("vol-1"), as the kubelet names the staging directory
+        assert!(s.contains("/d2e8363faaac7ae76def3b14091d8eb5755f6b92e9531627aeec833a8731cc49/"));
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir
+            .path()
+            .join("pods/uid-1/volumes/kubernetes.io~csi/pv-a/mount");
+        fs::create_dir_all(&m).unwrap();
+        assert_eq!(csi_pod_mounts(dir.path(), "pv-a"), vec![m]);
+        assert!(csi_pod_mounts(dir.path(), "pv-b").is_empty());
+    }
+
+    #[test]
+    fn resolves_the_root_mount_and_refuses_subdirectories() {
+        let mounts = read_mountinfo().unwrap();
+        let root = resolve_volume(Path::new("/"), &mounts, Path::new("/sys/dev/block")).unwrap();
+        assert_eq!(root.mount.as_ref().unwrap().mount_point, PathBuf::from("/"));
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        match resolve_volume(dir.path(), &mounts, Path::new("/sys/dev/block")) {
+            Err(DiscoveryError::NotAMount { .. }) => {}
+            other => panic!("expected NotAMount, got {other:?}"),
+        }
+        assert!(matches!(
+            resolve_volume(Path::new("/nonexistent/x"), &mounts, Path::new("/sys/dev/block")),
+            Err(DiscoveryError::Missing { .. })
+        ));
+    }
+}

@@ -1,0 +1,178 @@
+//! The node agent: acts only on its own node's NodeSnapshots.
+//!
+//! - [`discovery`]: what is under a volume (mountinfo, sysfs).
+//! - [`freeze`]: FIFREEZE/FITHAW/syncfs and the guard rails.
+//! - [`backend`]: the snapshot backends (reflink, lvm-thin, lvm-thick, btrfs).
+//! - [`journal`]: what is about to be frozen, on the host, so a restart thaws it.
+//! - [`watchdog`]: thaws on the agent's own clock after `freezeTimeoutSeconds`.
+//! - [`engine`]: cut / release / abort as a plain blocking API.
+//! - [`watch`]: the NodeSnapshot watch loop that drives the engine.
+
+pub mod backend;
+pub mod discovery;
+pub mod engine;
+pub mod freeze;
+pub mod journal;
+pub mod watch;
+mod watchdog;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::api::{FreezePolicy, NodePhase};
+
+use engine::{CutRequest, Engine, EngineConfig, EngineError, VolumeRequest};
+
+/// Command-line flags of `tandem agent`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// The node this agent acts for (from the downward API in the DaemonSet).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Host directory for the agent's journal. Must not be on a filesystem the agent may freeze
+    /// (the agent refuses to freeze its filesystem).
+    #[arg(long, env = "TANDEM_STATE_DIR", default_value = "/var/lib/tandem")]
+    pub state_dir: PathBuf,
+
+    /// The kubelet's root directory, where CSI volumes are mounted.
+    #[arg(long, env = "TANDEM_KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
+
+    /// Copy-on-write space of a thick LVM snapshot (`lvcreate -L`, e.g. `1G`).
+    #[arg(long, env = "TANDEM_THICK_COW_SIZE", default_value = "1G")]
+    pub thick_cow_size: String,
+
+    /// Only thaw what the journal says is still frozen (and delete its snapshots), then exit.
+    #[arg(long)]
+    pub recover_only: bool,
+
+    /// Without an API server: cut the volumes mounted at these paths, print the status as JSON and
+    /// exit (for hosts without Kubernetes, such as the LVM test guest). Repeatable.
+    #[arg(long = "oneshot-volume", value_name = "PATH")]
+    pub oneshot_volumes: Vec<PathBuf>,
+
+    /// One-shot: `cut` (freeze, snapshot, thaw) or `delete` (delete the snapshots of an earlier cut
+    /// of the same name and forget it).
+    #[arg(long, default_value = "cut", value_parser = ["cut", "delete"])]
+    pub oneshot_action: String,
+
+    /// One-shot: the name snapshots are named after (stands for the GroupSnapshot).
+    #[arg(long, default_value = "oneshot")]
+    pub oneshot_name: String,
+
+    /// One-shot: the namespace snapshots are named after.
+    #[arg(long, default_value = "local")]
+    pub oneshot_namespace: String,
+
+    /// One-shot: hold the freeze this long after the cut before thawing (0: thaw at once).
+    #[arg(long, default_value_t = 0)]
+    pub oneshot_hold_ms: u64,
+
+    /// One-shot: the freeze policy (Required, BestEffort, Disabled).
+    #[arg(long, default_value = "Required", value_parser = ["Required", "BestEffort", "Disabled"])]
+    pub oneshot_freeze: String,
+
+    /// One-shot: the watchdog's limit, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub oneshot_freeze_timeout_seconds: u64,
+}
+
+/// What stops the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("a blocking task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("one-shot cut ended {phase:?}: {message}")]
+    OneshotFailed { phase: NodePhase, message: String },
+    #[error("cannot print the status: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// The engine configuration the flags ask for.
+pub fn engine_config(args: &AgentArgs) -> EngineConfig {
+    let mut config = EngineConfig::new(&args.state_dir);
+    config.backend.thick_cow_size = args.thick_cow_size.clone();
+    config
+}
+
+/// Runs the agent until a shutdown signal.
+pub async fn run(args: AgentArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    Ok(run_agent(args).await?)
+}
+
+async fn run_agent(args: AgentArgs) -> Result<(), AgentError> {
+    let config = engine_config(&args);
+    let (engine, recovered) = tokio::task::spawn_blocking(move || Engine::start(config)).await??;
+    for entry in &recovered {
+        tracing::warn!(namespace = %entry.namespace, name = %entry.name, "thawed and cleaned up a cut left unfinished by an earlier run");
+    }
+    if args.recover_only {
+        tracing::info!(count = recovered.len(), "recovery done");
+        return Ok(());
+    }
+    if !args.oneshot_volumes.is_empty() || args.oneshot_action == "delete" {
+        return tokio::task::spawn_blocking(move || oneshot(&engine, &args)).await?;
+    }
+    let client = kube::Client::try_default().await?;
+    watch::run(client, engine, args).await
+}
+
+fn parse_freeze(s: &str) -> FreezePolicy {
+    match s {
+        "BestEffort" => FreezePolicy::BestEffort,
+        "Disabled" => FreezePolicy::Disabled,
+        _ => FreezePolicy::Required,
+    }
+}
+
+/// The one-shot mode: the real engine, without an API server.
+fn oneshot(engine: &Engine, args: &AgentArgs) -> Result<(), AgentError> {
+    let key = format!("oneshot-{}-{}", args.oneshot_namespace, args.oneshot_name);
+    if args.oneshot_action == "delete" {
+        engine.finalize(&key, false)?;
+        println!("{{\"deleted\":{key:?}}}");
+        return Ok(());
+    }
+    let req = CutRequest {
+        key: key.clone(),
+        namespace: args.oneshot_namespace.clone(),
+        name: args.oneshot_name.clone(),
+        group_snapshot: args.oneshot_name.clone(),
+        freeze: parse_freeze(&args.oneshot_freeze),
+        freeze_timeout: Duration::from_secs(args.oneshot_freeze_timeout_seconds),
+        release_after_cut: args.oneshot_hold_ms == 0,
+        volumes: args
+            .oneshot_volumes
+            .iter()
+            .map(|p| {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "root".into());
+                VolumeRequest {
+                    claim: name.clone(),
+                    persistent_volume: name,
+                    path: p.clone(),
+                }
+            })
+            .collect(),
+    };
+    let mut status = engine.cut(&req, None)?;
+    if status.phase == NodePhase::Cut {
+        std::thread::sleep(Duration::from_millis(args.oneshot_hold_ms));
+        status = engine.release(&key)?.unwrap_or(status);
+    }
+    println!("{}", serde_json::to_string(&status)?);
+    if status.phase != NodePhase::Released {
+        return Err(AgentError::OneshotFailed {
+            phase: status.phase,
+            message: status.message.unwrap_or_default(),
+        });
+    }
+    Ok(())
+}
