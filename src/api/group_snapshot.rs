@@ -27,7 +27,10 @@ use super::Consistency;
 #[serde(rename_all = "camelCase")]
 pub struct GroupSnapshotSpec {
     /// The ConsistencyGroup (in this namespace) to snapshot. Cannot be changed.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.groupName is immutable"))]
     pub group_name: String,
 
@@ -38,7 +41,9 @@ pub struct GroupSnapshotSpec {
 }
 
 /// What happens to member snapshots when their GroupSnapshot is deleted.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum DeletionPolicy {
     /// Remove every member snapshot from its node.
     #[default]
@@ -48,7 +53,9 @@ pub enum DeletionPolicy {
 }
 
 /// Where a group snapshot stands.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum GroupSnapshotPhase {
     /// Waiting to start (for example behind another snapshot of the same volumes).
     #[default]

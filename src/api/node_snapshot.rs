@@ -21,11 +21,23 @@ use super::{DeletionPolicy, FreezePolicy};
     doc = "One node's part of a GroupSnapshot: the channel between the tandem controller and a node's agent.",
     selectable = ".spec.nodeName",
     printcolumn(name = "Node", type_ = "string", json_path = ".spec.nodeName"),
-    printcolumn(name = "GroupSnapshot", type_ = "string", json_path = ".spec.groupSnapshot"),
+    printcolumn(
+        name = "GroupSnapshot",
+        type_ = "string",
+        json_path = ".spec.groupSnapshot"
+    ),
     printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Freeze-ms", type_ = "integer", json_path = ".status.freezeWindowMillis"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Freeze-ms",
+        type_ = "integer",
+        json_path = ".status.freezeWindowMillis"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSnapshotSpec {
@@ -65,7 +77,9 @@ pub struct NodeSnapshotSpec {
 }
 
 /// What the controller asks of an agent.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum NodeAction {
     /// Freeze the volumes, cut their snapshots and hold the freeze.
     #[default]
@@ -87,7 +101,9 @@ pub struct NodeVolume {
 }
 
 /// Where a node's part stands.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum NodePhase {
     /// The agent has not acted yet.
     #[default]

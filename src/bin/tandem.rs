@@ -1,1 +1,70 @@
-fn main() {}
+//! `tandem`: one binary for every part (controller, agent, CRD generation).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Consistency groups for Kubernetes volumes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller (ConsistencyGroup and GroupSnapshot reconcilers).
+    Controller(tandem::controller::ControllerArgs),
+    /// Run the node agent (freezes, snapshots and thaws this node's volumes).
+    Agent(tandem::agent::AgentArgs),
+    /// Print the CustomResourceDefinitions as YAML, or write one file per kind into --out.
+    Crds {
+        /// Folder to write `<plural>.yaml` files into, instead of printing.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match Cli::parse().command {
+        Command::Controller(args) => match kube::Client::try_default().await {
+            Ok(client) => tandem::controller::run(client, args)
+                .await
+                .map_err(Into::into),
+            Err(e) => Err(format!("cannot reach the Kubernetes API: {e}").into()),
+        },
+        Command::Agent(args) => tandem::agent::run(args).await,
+        Command::Crds { out } => write_crds(out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandem: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn write_crds(out: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    for crd in tandem::api::crds() {
+        let yaml = tandem::api::crd_yaml(&crd)?;
+        match &out {
+            Some(dir) => std::fs::write(dir.join(tandem::api::crd_file_name(&crd)), yaml)?,
+            None => print!("---\n{yaml}"),
+        }
+    }
+    Ok(())
+}

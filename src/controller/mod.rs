@@ -1,1 +1,108 @@
 //! The controller: talks to nothing but the Kubernetes API.
+//!
+//! One process runs a kube-runtime Controller per kind. Membership follows PVC and PV changes
+//! through watches (reflector stores shared with the reconcilers), never through polling.
+
+mod conditions;
+mod group;
+pub mod membership;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+
+pub use group::run_group_controller;
+
+/// The field manager (server-side apply) and event reporter of the controller.
+pub const CONTROLLER_NAME: &str = "tandem-controller";
+
+/// Command-line flags of `tandem controller`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ControllerArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "TANDEM_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+}
+
+/// What can go wrong while reconciling.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot serialize status: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error("object has no namespace")]
+    MissingNamespace,
+    #[error("the watch caches did not become ready: {0}")]
+    CacheNotReady(String),
+}
+
+/// What every reconciler shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub claims: Store<PersistentVolumeClaim>,
+    pub volumes: Store<PersistentVolume>,
+}
+
+/// Runs every controller until a shutdown signal (or until the future is dropped).
+pub async fn run(client: Client, args: ControllerArgs) -> Result<(), Error> {
+    let claims_api: Api<PersistentVolumeClaim> = match &args.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let volumes_api: Api<PersistentVolume> = Api::all(client.clone());
+
+    let (claims, claims_writer) = reflector::store();
+    let (volumes, volumes_writer) = reflector::store();
+    let claim_events = reflector(
+        claims_writer,
+        watcher(claims_api, watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let volume_events = reflector(
+        volumes_writer,
+        watcher(volumes_api, watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects();
+
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: CONTROLLER_NAME.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        client,
+        claims,
+        volumes,
+    });
+    run_group_controller(
+        ctx,
+        args.namespace.as_deref(),
+        claim_events.boxed(),
+        volume_events.boxed(),
+    )
+    .await;
+    Ok(())
+}
+
+/// Waits until the PVC and PV caches hold a full list, so membership is never computed from half a world.
+async fn caches_ready(ctx: &Context) -> Result<(), Error> {
+    ctx.claims
+        .wait_until_ready()
+        .await
+        .map_err(|e| Error::CacheNotReady(e.to_string()))?;
+    ctx.volumes
+        .wait_until_ready()
+        .await
+        .map_err(|e| Error::CacheNotReady(e.to_string()))
+}

@@ -1,0 +1,229 @@
+//! Reconciles ConsistencyGroups: resolves members and reports them in status.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{watcher, watcher::Error as WatchError};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::conditions::condition;
+use super::membership::resolve_members;
+use super::{CONTROLLER_NAME, Context, Error, caches_ready};
+use crate::api::{CONDITION_READY, ConsistencyGroup, ConsistencyGroupStatus, GroupMember};
+
+/// Runs the ConsistencyGroup controller; PVC and PV changes re-reconcile the groups of their namespace.
+pub async fn run_group_controller(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+    claim_events: BoxStream<'static, Result<PersistentVolumeClaim, WatchError>>,
+    volume_events: BoxStream<'static, Result<PersistentVolume, WatchError>>,
+) {
+    let groups_api: Api<ConsistencyGroup> = match namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let controller = Controller::new(groups_api, watcher::Config::default());
+    let groups = controller.store();
+    let groups_for_volumes = groups.clone();
+    controller
+        .watches_stream(claim_events, move |claim| {
+            groups_in(&groups, claim.namespace().as_deref())
+        })
+        .watches_stream(volume_events, move |volume| {
+            let claim_namespace = volume
+                .spec
+                .as_ref()
+                .and_then(|s| s.claim_ref.as_ref())
+                .and_then(|r| r.namespace.clone());
+            groups_in(&groups_for_volumes, claim_namespace.as_deref())
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!(error = %e, "consistency group reconcile failed");
+            }
+        })
+        .await;
+}
+
+/// Every group of a namespace: a PVC or PV change can only affect groups of the claim's namespace.
+fn groups_in(
+    groups: &kube::runtime::reflector::Store<ConsistencyGroup>,
+    namespace: Option<&str>,
+) -> Vec<ObjectRef<ConsistencyGroup>> {
+    let Some(namespace) = namespace else {
+        return Vec::new();
+    };
+    groups
+        .state()
+        .iter()
+        .filter(|g| g.namespace().as_deref() == Some(namespace))
+        .map(|g| ObjectRef::from_obj(g.as_ref()))
+        .collect()
+}
+
+async fn reconcile(group: Arc<ConsistencyGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    caches_ready(&ctx).await?;
+    let namespace = group.namespace().ok_or(Error::MissingNamespace)?;
+    let claims = ctx.claims.state();
+    let volumes = ctx.volumes.state();
+    let previous = group.status.clone().unwrap_or_default();
+    let generation = group.metadata.generation;
+
+    let status = match resolve_members(
+        &namespace,
+        &group.spec,
+        claims.iter().map(Arc::as_ref),
+        volumes.iter().map(Arc::as_ref),
+    ) {
+        Ok(members) => summarize(members, &previous, generation),
+        Err(e) => ConsistencyGroupStatus {
+            observed_generation: generation,
+            conditions: vec![condition(
+                &previous.conditions,
+                CONDITION_READY,
+                false,
+                "InvalidSelector",
+                e.to_string(),
+                generation,
+            )],
+            ..Default::default()
+        },
+    };
+    if status == previous {
+        return Ok(Action::await_change());
+    }
+
+    publish_member_events(&group, &previous.members, &status.members, &ctx).await;
+    let api: Api<ConsistencyGroup> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = json!({
+        "apiVersion": ConsistencyGroup::api_version(&()),
+        "kind": ConsistencyGroup::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &group.name_any(),
+        &PatchParams::apply(CONTROLLER_NAME).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    info!(
+        group = %group.name_any(),
+        namespace = %namespace,
+        members = status.ready_members,
+        unsupported = status.unsupported_members,
+        "membership updated"
+    );
+    Ok(Action::await_change())
+}
+
+/// Counts, nodes and the Ready condition of a member list.
+fn summarize(
+    members: Vec<GroupMember>,
+    previous: &ConsistencyGroupStatus,
+    generation: Option<i64>,
+) -> ConsistencyGroupStatus {
+    let ready = members.iter().filter(|m| m.supported).count();
+    let unsupported = members.len() - ready;
+    let nodes: BTreeSet<String> = members
+        .iter()
+        .filter(|m| m.supported)
+        .filter_map(|m| m.node.clone())
+        .collect();
+    let (is_ready, reason, message) = if members.is_empty() {
+        (
+            false,
+            "NoMembers",
+            "the group selects no volume".to_string(),
+        )
+    } else if unsupported > 0 {
+        let names: Vec<&str> = members
+            .iter()
+            .filter(|m| !m.supported)
+            .map(|m| m.claim.as_str())
+            .collect();
+        (
+            false,
+            "UnsupportedMembers",
+            format!(
+                "{unsupported} of {} members cannot be snapshotted: {}",
+                members.len(),
+                names.join(", ")
+            ),
+        )
+    } else {
+        (
+            true,
+            "AllMembersReady",
+            format!("{ready} members on {} nodes", nodes.len()),
+        )
+    };
+    ConsistencyGroupStatus {
+        observed_generation: generation,
+        ready_members: count(ready),
+        unsupported_members: count(unsupported),
+        node_count: count(nodes.len()),
+        nodes: nodes.into_iter().collect(),
+        conditions: vec![condition(
+            &previous.conditions,
+            CONDITION_READY,
+            is_ready,
+            reason,
+            message,
+            generation,
+        )],
+        members,
+    }
+}
+
+fn count(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// One Warning event per member that became unsupported (or changed reason), so `kubectl describe`
+/// and `kubectl get events` tell the story without repeating it on every reconcile.
+async fn publish_member_events(
+    group: &ConsistencyGroup,
+    before: &[GroupMember],
+    after: &[GroupMember],
+    ctx: &Context,
+) {
+    let reference = group.object_ref(&());
+    for member in after.iter().filter(|m| !m.supported) {
+        let unchanged = before
+            .iter()
+            .any(|b| b.claim == member.claim && b.reason == member.reason);
+        if unchanged {
+            continue;
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason: member
+                .reason
+                .clone()
+                .unwrap_or_else(|| "MemberUnsupported".into()),
+            note: member.message.clone(),
+            action: "ResolveMembers".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            warn!(error = %e, "cannot publish event");
+        }
+    }
+}
+
+fn error_policy(group: Arc<ConsistencyGroup>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(group = %group.name_any(), error = %error, "will retry");
+    Action::requeue(Duration::from_secs(5))
+}

@@ -1,0 +1,508 @@
+//! Which volumes a ConsistencyGroup contains: pure decision logic over PVCs and PVs, no I/O.
+//!
+//! Tenancy is the namespace: a member is always a claim of the group's own namespace, and a
+//! volume whose claimRef points elsewhere is never a member, whatever its labels say.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::ResourceExt;
+use kube::core::{Selector, SelectorExt};
+
+use crate::api::{ConsistencyGroupSpec, GroupMember};
+
+/// The label kubelets set to the node name; local volumes pin themselves to a node with it.
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+
+/// Why a group's selector cannot be evaluated.
+#[derive(Debug, thiserror::Error)]
+pub enum SelectorError {
+    #[error("spec.{field} is not a valid label selector: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// Resolves the members of a group in `namespace`.
+///
+/// `claims` may hold claims of any namespace and `volumes` any volume; both are filtered here.
+pub fn resolve_members<'a>(
+    namespace: &str,
+    spec: &ConsistencyGroupSpec,
+    claims: impl IntoIterator<Item = &'a PersistentVolumeClaim>,
+    volumes: impl IntoIterator<Item = &'a PersistentVolume>,
+) -> Result<Vec<GroupMember>, SelectorError> {
+    let claims: BTreeMap<String, &PersistentVolumeClaim> = claims
+        .into_iter()
+        .filter(|c| c.namespace().as_deref() == Some(namespace))
+        .map(|c| (c.name_any(), c))
+        .collect();
+    let volumes: BTreeMap<String, &PersistentVolume> =
+        volumes.into_iter().map(|v| (v.name_any(), v)).collect();
+
+    let mut names: BTreeSet<String> = spec.claims.iter().flatten().cloned().collect();
+    if let Some(selector) = &spec.selector {
+        let selector = parse_selector("selector", selector)?;
+        names.extend(
+            claims
+                .iter()
+                .filter(|(_, c)| selector.matches(c.labels()))
+                .map(|(name, _)| name.clone()),
+        );
+    }
+    if let Some(selector) = &spec.volume_selector {
+        let selector = parse_selector("volumeSelector", selector)?;
+        names.extend(
+            volumes
+                .values()
+                .filter(|v| selector.matches(v.labels()))
+                .filter_map(|v| v.spec.as_ref()?.claim_ref.as_ref())
+                .filter(|r| r.namespace.as_deref() == Some(namespace))
+                .filter_map(|r| r.name.clone()),
+        );
+    }
+
+    Ok(names
+        .into_iter()
+        .map(|name| {
+            let claim = claims.get(&name).copied();
+            resolve_member(namespace, name, claim, &volumes)
+        })
+        .collect())
+}
+
+fn parse_selector(
+    field: &'static str,
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+) -> Result<Selector, SelectorError> {
+    Selector::try_from(selector.clone()).map_err(|e| SelectorError::Invalid { field, reason: e.0 })
+}
+
+fn unsupported(mut member: GroupMember, reason: &str, message: String) -> GroupMember {
+    member.supported = false;
+    member.reason = Some(reason.to_string());
+    member.message = Some(message);
+    member
+}
+
+fn resolve_member(
+    namespace: &str,
+    name: String,
+    claim: Option<&PersistentVolumeClaim>,
+    volumes: &BTreeMap<String, &PersistentVolume>,
+) -> GroupMember {
+    let member = GroupMember {
+        claim: name.clone(),
+        ..GroupMember::default()
+    };
+    let Some(claim) = claim else {
+        return unsupported(
+            member,
+            "ClaimNotFound",
+            format!("PersistentVolumeClaim {namespace}/{name} does not exist"),
+        );
+    };
+    if claim.metadata.deletion_timestamp.is_some() {
+        return unsupported(
+            member,
+            "ClaimTerminating",
+            format!("PersistentVolumeClaim {namespace}/{name} is being deleted"),
+        );
+    }
+    let phase = claim.status.as_ref().and_then(|s| s.phase.as_deref());
+    let volume_name = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.as_deref())
+        .filter(|v| !v.is_empty());
+    let Some(volume_name) = volume_name.filter(|_| phase == Some("Bound")) else {
+        return unsupported(
+            member,
+            "ClaimNotBound",
+            format!(
+                "PersistentVolumeClaim {namespace}/{name} is not bound to a volume (phase {})",
+                phase.unwrap_or("unknown")
+            ),
+        );
+    };
+    let member = GroupMember {
+        persistent_volume: Some(volume_name.to_string()),
+        ..member
+    };
+    let Some(volume) = volumes.get(volume_name) else {
+        return unsupported(
+            member,
+            "VolumeNotFound",
+            format!("PersistentVolume {volume_name} bound to the claim does not exist"),
+        );
+    };
+    let Some(spec) = volume.spec.as_ref() else {
+        return unsupported(
+            member,
+            "VolumeNotFound",
+            format!("PersistentVolume {volume_name} has no spec"),
+        );
+    };
+
+    // Both sides of the binding must agree: a PVC cannot pull in a volume claimed elsewhere.
+    let claim_ref = spec.claim_ref.as_ref();
+    let bound_here = claim_ref.is_some_and(|r| {
+        r.namespace.as_deref() == Some(namespace)
+            && r.name.as_deref() == Some(name.as_str())
+            && (r.uid.is_none() || r.uid == claim.metadata.uid)
+    });
+    if !bound_here {
+        let holder = claim_ref
+            .map(|r| {
+                format!(
+                    "{}/{}",
+                    r.namespace.as_deref().unwrap_or("?"),
+                    r.name.as_deref().unwrap_or("?")
+                )
+            })
+            .unwrap_or_else(|| "no claim".to_string());
+        return unsupported(
+            member,
+            "ClaimedFromOtherNamespace",
+            format!(
+                "PersistentVolume {volume_name} is bound to {holder}, not to {namespace}/{name}"
+            ),
+        );
+    }
+
+    let member = GroupMember {
+        driver: volume_driver(volume),
+        capacity: spec
+            .capacity
+            .as_ref()
+            .and_then(|c| c.get("storage"))
+            .cloned(),
+        volume_mode: Some(
+            spec.volume_mode
+                .clone()
+                .unwrap_or_else(|| "Filesystem".to_string()),
+        ),
+        ..member
+    };
+    if member.driver.is_none() {
+        return unsupported(
+            member,
+            "UnsupportedVolumeSource",
+            format!(
+                "PersistentVolume {volume_name} is neither a CSI, local nor hostPath volume; tandem snapshots node-local block devices only"
+            ),
+        );
+    }
+    match pinned_node(volume) {
+        Ok(node) => GroupMember {
+            node: Some(node),
+            supported: true,
+            ..member
+        },
+        Err(why) => unsupported(
+            member,
+            "VolumeNotPinnedToNode",
+            format!(
+                "PersistentVolume {volume_name} {why}; tandem needs the one node that holds it"
+            ),
+        ),
+    }
+}
+
+/// The CSI driver name, or the in-tree source tandem understands.
+fn volume_driver(volume: &PersistentVolume) -> Option<String> {
+    let spec = volume.spec.as_ref()?;
+    if let Some(csi) = &spec.csi {
+        Some(csi.driver.clone())
+    } else if spec.local.is_some() {
+        Some("local".to_string())
+    } else if spec.host_path.is_some() {
+        Some("hostPath".to_string())
+    } else {
+        None
+    }
+}
+
+/// The single node a volume's required node affinity allows, by the hostname label.
+fn pinned_node(volume: &PersistentVolume) -> Result<String, &'static str> {
+    let terms = volume
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_affinity.as_ref())
+        .and_then(|a| a.required.as_ref())
+        .map(|r| r.node_selector_terms.as_slice())
+        .unwrap_or_default();
+    let [term] = terms else {
+        return Err(if terms.is_empty() {
+            "has no required node affinity"
+        } else {
+            "has several node selector terms"
+        });
+    };
+    let nodes: Vec<&String> = term
+        .match_expressions
+        .iter()
+        .flatten()
+        .filter(|e| e.key == HOSTNAME_LABEL && e.operator == "In")
+        .flat_map(|e| e.values.iter().flatten())
+        .collect();
+    match nodes.as_slice() {
+        [node] => Ok((*node).clone()),
+        [] => Err("has no kubernetes.io/hostname node affinity"),
+        _ => Err("may be used on several nodes"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        LocalVolumeSource, NFSVolumeSource, NodeSelector, NodeSelectorRequirement,
+        NodeSelectorTerm, ObjectReference, PersistentVolumeClaimSpec, PersistentVolumeClaimStatus,
+        PersistentVolumeSpec, VolumeNodeAffinity,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+        LabelSelector, LabelSelectorRequirement, ObjectMeta,
+    };
+
+    fn claim(
+        ns: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        volume: Option<&str>,
+    ) -> PersistentVolumeClaim {
+        PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                uid: Some(format!("uid-{ns}-{name}")),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(PersistentVolumeClaimSpec {
+                volume_name: volume.map(String::from),
+                ..Default::default()
+            }),
+            status: Some(PersistentVolumeClaimStatus {
+                phase: Some(if volume.is_some() { "Bound" } else { "Pending" }.into()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn volume(
+        name: &str,
+        claim: (&str, &str),
+        node: Option<&str>,
+        labels: &[(&str, &str)],
+    ) -> PersistentVolume {
+        PersistentVolume {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(PersistentVolumeSpec {
+                local: Some(LocalVolumeSource {
+                    path: format!("/mnt/{name}"),
+                    ..Default::default()
+                }),
+                claim_ref: Some(ObjectReference {
+                    namespace: Some(claim.0.into()),
+                    name: Some(claim.1.into()),
+                    ..Default::default()
+                }),
+                node_affinity: node.map(|n| VolumeNodeAffinity {
+                    required: Some(NodeSelector {
+                        node_selector_terms: vec![NodeSelectorTerm {
+                            match_expressions: Some(vec![NodeSelectorRequirement {
+                                key: HOSTNAME_LABEL.into(),
+                                operator: "In".into(),
+                                values: Some(vec![n.into()]),
+                            }]),
+                            ..Default::default()
+                        }],
+                    }),
+                }),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> LabelSelector {
+        LabelSelector {
+            match_labels: Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn selector_picks_claims_of_its_own_namespace_only() {
+        let claims = [
+            claim("a", "data", &[("app", "db")], Some("pv1")),
+            claim("b", "data", &[("app", "db")], Some("pv2")),
+            claim("a", "other", &[("app", "web")], Some("pv3")),
+        ];
+        let volumes = [
+            volume("pv1", ("a", "data"), Some("n1"), &[]),
+            volume("pv2", ("b", "data"), Some("n2"), &[]),
+            volume("pv3", ("a", "other"), Some("n1"), &[]),
+        ];
+        let spec = ConsistencyGroupSpec {
+            selector: Some(labels(&[("app", "db")])),
+            ..Default::default()
+        };
+        let members = resolve_members("a", &spec, &claims, &volumes).unwrap();
+        assert_eq!(members.len(), 1);
+        assert_eq!(members[0].claim, "data");
+        assert_eq!(members[0].persistent_volume.as_deref(), Some("pv1"));
+        assert_eq!(members[0].node.as_deref(), Some("n1"));
+        assert_eq!(members[0].driver.as_deref(), Some("local"));
+        assert!(members[0].supported);
+    }
+
+    #[test]
+    fn match_expressions_are_honoured() {
+        let claims = [
+            claim("a", "x", &[("tier", "data")], Some("pv1")),
+            claim("a", "y", &[("tier", "wal")], Some("pv2")),
+            claim("a", "z", &[("tier", "cache")], Some("pv3")),
+        ];
+        let volumes = [
+            volume("pv1", ("a", "x"), Some("n1"), &[]),
+            volume("pv2", ("a", "y"), Some("n1"), &[]),
+            volume("pv3", ("a", "z"), Some("n1"), &[]),
+        ];
+        let spec = ConsistencyGroupSpec {
+            selector: Some(LabelSelector {
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: "tier".into(),
+                    operator: "In".into(),
+                    values: Some(vec!["data".into(), "wal".into()]),
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let names: Vec<_> = resolve_members("a", &spec, &claims, &volumes)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.claim)
+            .collect();
+        assert_eq!(names, ["x", "y"]);
+    }
+
+    #[test]
+    fn volume_selector_ignores_volumes_claimed_from_other_namespaces() {
+        let claims = [
+            claim("a", "mine", &[], Some("pv1")),
+            claim("b", "theirs", &[], Some("pv2")),
+        ];
+        let volumes = [
+            volume("pv1", ("a", "mine"), Some("n1"), &[("group", "g")]),
+            volume("pv2", ("b", "theirs"), Some("n1"), &[("group", "g")]),
+        ];
+        let spec = ConsistencyGroupSpec {
+            volume_selector: Some(labels(&[("group", "g")])),
+            ..Default::default()
+        };
+        let members = resolve_members("a", &spec, &claims, &volumes).unwrap();
+        assert_eq!(
+            members.iter().map(|m| m.claim.as_str()).collect::<Vec<_>>(),
+            ["mine"]
+        );
+    }
+
+    #[test]
+    fn a_claim_pointing_at_a_volume_bound_elsewhere_is_refused() {
+        // A PVC in "a" names pv2, but pv2's claimRef says it belongs to "b".
+        let claims = [claim("a", "sneaky", &[], Some("pv2"))];
+        let volumes = [volume("pv2", ("b", "theirs"), Some("n1"), &[])];
+        let spec = ConsistencyGroupSpec {
+            claims: Some(vec!["sneaky".into()]),
+            ..Default::default()
+        };
+        let members = resolve_members("a", &spec, &claims, &volumes).unwrap();
+        assert!(!members[0].supported);
+        assert_eq!(
+            members[0].reason.as_deref(),
+            Some("ClaimedFromOtherNamespace")
+        );
+    }
+
+    #[test]
+    fn every_unsupported_member_says_why() {
+        let mut nfs = volume("pv-nfs", ("a", "nfs"), Some("n1"), &[]);
+        if let Some(spec) = nfs.spec.as_mut() {
+            spec.local = None;
+            spec.nfs = Some(NFSVolumeSource {
+                server: "s".into(),
+                path: "/".into(),
+                read_only: None,
+            });
+        }
+        let claims = [
+            claim("a", "unbound", &[], None),
+            claim("a", "lost", &[], Some("pv-gone")),
+            claim("a", "floating", &[], Some("pv-floating")),
+            claim("a", "nfs", &[], Some("pv-nfs")),
+        ];
+        let volumes = [volume("pv-floating", ("a", "floating"), None, &[]), nfs];
+        let spec = ConsistencyGroupSpec {
+            claims: Some(
+                ["missing", "unbound", "lost", "floating", "nfs"]
+                    .map(String::from)
+                    .to_vec(),
+            ),
+            ..Default::default()
+        };
+        let members = resolve_members("a", &spec, &claims, &volumes).unwrap();
+        let reasons: BTreeMap<_, _> = members
+            .iter()
+            .map(|m| (m.claim.as_str(), m.reason.as_deref().unwrap_or("none")))
+            .collect();
+        assert_eq!(reasons["missing"], "ClaimNotFound");
+        assert_eq!(reasons["unbound"], "ClaimNotBound");
+        assert_eq!(reasons["lost"], "VolumeNotFound");
+        assert_eq!(reasons["floating"], "VolumeNotPinnedToNode");
+        assert_eq!(reasons["nfs"], "UnsupportedVolumeSource");
+        assert!(members.iter().all(|m| !m.supported && m.message.is_some()));
+    }
+
+    #[test]
+    fn the_three_ways_combine_without_duplicates() {
+        let claims = [
+            claim("a", "x", &[("app", "db")], Some("pv1")),
+            claim("a", "y", &[], Some("pv2")),
+        ];
+        let volumes = [
+            volume("pv1", ("a", "x"), Some("n1"), &[("g", "1")]),
+            volume("pv2", ("a", "y"), Some("n2"), &[]),
+        ];
+        let spec = ConsistencyGroupSpec {
+            selector: Some(labels(&[("app", "db")])),
+            volume_selector: Some(labels(&[("g", "1")])),
+            claims: Some(vec!["x".into(), "y".into()]),
+            ..Default::default()
+        };
+        let members = resolve_members("a", &spec, &claims, &volumes).unwrap();
+        assert_eq!(
+            members.iter().map(|m| m.claim.as_str()).collect::<Vec<_>>(),
+            ["x", "y"]
+        );
+    }
+}

@@ -1,0 +1,574 @@
+//! ConsistencyGroup against a real API server: schema validation, membership by each of the three
+//! ways, label changes, namespace isolation, events and the per-namespace quota.
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, ResourceQuota};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Resource};
+use serde_json::json;
+use support::objects::{claim, local_volume};
+use support::{TestEnv, eventually};
+use tandem::api::{ConsistencyGroup, GroupMember, GroupSnapshot, NodeSnapshot};
+use tandem::controller::ControllerArgs;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Creates an object from JSON and returns the API server's refusal message, if any.
+async fn create_raw<K: Resource<DynamicType = ()>>(
+    env: &TestEnv,
+    body: serde_json::Value,
+) -> Result<(), String> {
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        &env.namespace,
+        &ApiResource::erase::<K>(&()),
+    );
+    let obj: DynamicObject = serde_json::from_value(body).expect("object");
+    api.create(&PostParams::default(), &obj)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn group(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "tandem.dev/v1alpha1", "kind": "ConsistencyGroup",
+           "metadata": {"name": name}, "spec": spec})
+}
+
+fn assert_refused(result: Result<(), String>, field: &str) {
+    let message = result.expect_err("the API server accepted an invalid object");
+    assert!(
+        message.contains(field),
+        "the refusal does not name {field}: {message}"
+    );
+}
+
+#[tokio::test]
+async fn schema_requires_a_way_to_select_members() {
+    let env = TestEnv::new("cg-select").await;
+    assert_refused(
+        create_raw::<ConsistencyGroup>(&env, group("g", json!({}))).await,
+        "spec.selector",
+    );
+    assert_refused(
+        create_raw::<ConsistencyGroup>(&env, group("g", json!({"claims": []}))).await,
+        "spec.claims",
+    );
+    create_raw::<ConsistencyGroup>(&env, group("g", json!({"claims": ["a"]})))
+        .await
+        .expect("a group with claims is valid");
+}
+
+#[tokio::test]
+async fn schema_bounds_the_freeze_timeout_and_policy() {
+    let env = TestEnv::new("cg-timeout").await;
+    for bad in [0, 301, -5] {
+        assert_refused(
+            create_raw::<ConsistencyGroup>(
+                &env,
+                group("g", json!({"claims": ["a"], "freezeTimeoutSeconds": bad})),
+            )
+            .await,
+            "spec.freezeTimeoutSeconds",
+        );
+    }
+    assert_refused(
+        create_raw::<ConsistencyGroup>(
+            &env,
+            group("g", json!({"claims": ["a"], "freeze": "Sometimes"})),
+        )
+        .await,
+        "spec.freeze",
+    );
+    for (i, ok) in [1, 300].into_iter().enumerate() {
+        create_raw::<ConsistencyGroup>(
+            &env,
+            group(
+                &format!("g{i}"),
+                json!({"claims": ["a"], "freezeTimeoutSeconds": ok, "freeze": "BestEffort"}),
+            ),
+        )
+        .await
+        .expect("bounds are inclusive");
+    }
+    let api: Api<ConsistencyGroup> = env.api();
+    let stored = api.get("g0").await.expect("group");
+    assert_eq!(stored.spec.freeze, tandem::api::FreezePolicy::BestEffort);
+}
+
+#[tokio::test]
+async fn schema_requires_dns_label_names() {
+    let env = TestEnv::new("cg-names").await;
+    // A DNS subdomain the API server would accept for most kinds, but not a DNS label.
+    assert_refused(
+        create_raw::<ConsistencyGroup>(&env, group("orders.db", json!({"claims": ["a"]}))).await,
+        "metadata.name",
+    );
+    assert_refused(
+        create_raw::<ConsistencyGroup>(&env, group(&"g".repeat(64), json!({"claims": ["a"]})))
+            .await,
+        "metadata.name",
+    );
+    assert_refused(
+        create_raw::<ConsistencyGroup>(&env, group("g", json!({"claims": ["Not_A_Claim"]}))).await,
+        "spec.claims",
+    );
+    assert_refused(
+        create_raw::<ConsistencyGroup>(&env, group("g", json!({"claims": ["a", "a"]}))).await,
+        "spec.claims",
+    );
+    let snapshot = |name: &str, group: &str| {
+        json!({"apiVersion": "tandem.dev/v1alpha1", "kind": "GroupSnapshot",
+               "metadata": {"name": name}, "spec": {"groupName": group}})
+    };
+    assert_refused(
+        create_raw::<GroupSnapshot>(&env, snapshot("s", "Orders_DB")).await,
+        "spec.groupName",
+    );
+    assert_refused(
+        create_raw::<GroupSnapshot>(&env, snapshot("s.1", "orders")).await,
+        "metadata.name",
+    );
+    assert_refused(
+        create_raw::<GroupSnapshot>(
+            &env,
+            json!({"apiVersion": "tandem.dev/v1alpha1", "kind": "GroupSnapshot",
+                   "metadata": {"name": "s"}, "spec": {"groupName": "orders", "deletionPolicy": "Shred"}}),
+        )
+        .await,
+        "spec.deletionPolicy",
+    );
+}
+
+#[tokio::test]
+async fn group_name_and_node_name_are_immutable() {
+    let env = TestEnv::new("cg-immutable").await;
+    create_raw::<GroupSnapshot>(
+        &env,
+        json!({"apiVersion": "tandem.dev/v1alpha1", "kind": "GroupSnapshot",
+               "metadata": {"name": "s"}, "spec": {"groupName": "orders"}}),
+    )
+    .await
+    .expect("valid snapshot");
+    let snapshots: Api<GroupSnapshot> = env.api();
+    let change = snapshots
+        .patch(
+            "s",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"groupName": "other"}})),
+        )
+        .await;
+    assert_refused(
+        change.map(|_| ()).map_err(|e| e.to_string()),
+        "spec.groupName",
+    );
+
+    create_raw::<NodeSnapshot>(
+        &env,
+        json!({"apiVersion": "tandem.dev/v1alpha1", "kind": "NodeSnapshot",
+               "metadata": {"name": "n"},
+               "spec": {"nodeName": "node-a", "groupSnapshot": "s", "freezeTimeoutSeconds": 10}}),
+    )
+    .await
+    .expect("valid node snapshot");
+    let nodes: Api<NodeSnapshot> = env.api();
+    let change = nodes
+        .patch(
+            "n",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"nodeName": "node-b"}})),
+        )
+        .await;
+    assert_refused(
+        change.map(|_| ()).map_err(|e| e.to_string()),
+        "spec.nodeName",
+    );
+    // NodeSnapshots are selectable by node, which is how each agent watches only its own.
+    let listed = nodes
+        .list(&ListParams::default().fields("spec.nodeName=node-a"))
+        .await
+        .expect("field selector on spec.nodeName");
+    assert_eq!(listed.items.len(), 1);
+    let listed = nodes
+        .list(&ListParams::default().fields("spec.nodeName=node-b"))
+        .await
+        .expect("field selector on spec.nodeName");
+    assert!(listed.items.is_empty());
+}
+
+/// Publishes a local PV on `node` and a claim bound to it in the test's namespace.
+async fn publish_volume(
+    env: &TestEnv,
+    claim_name: &str,
+    node: &str,
+    claim_labels: &[(&str, &str)],
+    volume_labels: &[(&str, &str)],
+) -> String {
+    publish_volume_in(
+        env,
+        &env.namespace,
+        claim_name,
+        node,
+        claim_labels,
+        volume_labels,
+    )
+    .await
+}
+
+async fn publish_volume_in(
+    env: &TestEnv,
+    namespace: &str,
+    claim_name: &str,
+    node: &str,
+    claim_labels: &[(&str, &str)],
+    volume_labels: &[(&str, &str)],
+) -> String {
+    let pv_name = format!("{namespace}-{claim_name}");
+    let volumes: Api<PersistentVolume> = Api::all(env.client.clone());
+    volumes
+        .create(
+            &PostParams::default(),
+            &local_volume(
+                &pv_name,
+                &format!("/mnt/{pv_name}"),
+                node,
+                namespace,
+                claim_name,
+                volume_labels,
+            ),
+        )
+        .await
+        .expect("create PV");
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(env.client.clone(), namespace);
+    claims
+        .create(
+            &PostParams::default(),
+            &claim(claim_name, Some(&pv_name), claim_labels),
+        )
+        .await
+        .expect("create PVC");
+    pv_name
+}
+
+fn start_controller(env: &TestEnv) -> tokio::task::JoinHandle<()> {
+    let client = env.client.clone();
+    let args = ControllerArgs {
+        namespace: Some(env.namespace.clone()),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = tandem::controller::run(client, args).await {
+            panic!("controller stopped: {e}");
+        }
+    })
+}
+
+/// Waits until the group's status lists exactly `expected` (claim -> supported).
+async fn wait_members(env: &TestEnv, group: &str, expected: &[(&str, bool)]) -> Vec<GroupMember> {
+    let api: Api<ConsistencyGroup> = env.api();
+    eventually(
+        WAIT,
+        &format!("members {expected:?} of group {group}"),
+        || {
+            let api = api.clone();
+            async move {
+                let status = api.get(group).await.ok()?.status?;
+                let got: Vec<(&str, bool)> = status
+                    .members
+                    .iter()
+                    .map(|m| (m.claim.as_str(), m.supported))
+                    .collect();
+                (got == expected).then(|| status.members.clone())
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn selector_membership_follows_label_changes() {
+    let env = TestEnv::new("cg-labels").await;
+    let controller = start_controller(&env);
+    let data_pv = publish_volume(&env, "data", "node-a", &[("app", "db")], &[]).await;
+    publish_volume(&env, "wal", "node-b", &[("app", "db")], &[]).await;
+    publish_volume(&env, "cache", "node-a", &[("app", "cache")], &[]).await;
+
+    let groups: Api<ConsistencyGroup> = env.api();
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(group(
+                "db",
+                json!({"selector": {"matchLabels": {"app": "db"}}}),
+            ))
+            .expect("group"),
+        )
+        .await
+        .expect("create group");
+    let members = wait_members(&env, "db", &[("data", true), ("wal", true)]).await;
+    assert_eq!(
+        members[0].persistent_volume.as_deref(),
+        Some(data_pv.as_str())
+    );
+    assert_eq!(members[0].node.as_deref(), Some("node-a"));
+    assert_eq!(members[0].driver.as_deref(), Some("local"));
+    assert_eq!(members[0].volume_mode.as_deref(), Some("Filesystem"));
+    assert_eq!(
+        members[0].capacity.as_ref().map(|q| q.0.as_str()),
+        Some("1Gi")
+    );
+    let status = groups
+        .get("db")
+        .await
+        .expect("group")
+        .status
+        .expect("status");
+    assert_eq!(status.nodes, ["node-a", "node-b"]);
+    assert_eq!(status.node_count, 2);
+    assert_eq!(status.ready_members, 2);
+    assert_eq!(status.observed_generation, Some(1));
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
+    assert_eq!(ready.status, "True");
+
+    // Relabelling moves volumes in and out of the group at once (watches, not polling).
+    let claims: Api<PersistentVolumeClaim> = env.api();
+    claims
+        .patch(
+            "wal",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"app": "other"}}})),
+        )
+        .await
+        .expect("relabel wal");
+    claims
+        .patch(
+            "cache",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"app": "db"}}})),
+        )
+        .await
+        .expect("relabel cache");
+    wait_members(&env, "db", &[("cache", true), ("data", true)]).await;
+
+    // matchExpressions, and a spec change is observed.
+    groups
+        .patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"selector": {"matchLabels": null, "matchExpressions": [
+                {"key": "app", "operator": "In", "values": ["other", "cache"]}]}}}),
+            ),
+        )
+        .await
+        .expect("change selector");
+    wait_members(&env, "db", &[("wal", true)]).await;
+    let status = groups
+        .get("db")
+        .await
+        .expect("group")
+        .status
+        .expect("status");
+    assert_eq!(status.observed_generation, Some(2));
+    controller.abort();
+}
+
+#[tokio::test]
+async fn volume_selector_never_reaches_another_namespace() {
+    let env = TestEnv::new("cg-tenant").await;
+    let other = TestEnv::new("cg-tenant-other").await;
+    let controller = start_controller(&env);
+    publish_volume(&env, "mine", "node-a", &[], &[("backup", "nightly")]).await;
+    publish_volume_in(
+        &env,
+        &other.namespace,
+        "theirs",
+        "node-a",
+        &[],
+        &[("backup", "nightly")],
+    )
+    .await;
+    // A claim in our namespace that names their volume: the binding is not ours.
+    let theirs_pv = format!("{}-theirs", other.namespace);
+    let claims: Api<PersistentVolumeClaim> = env.api();
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("sneaky", Some(&theirs_pv), &[("backup", "nightly")]),
+        )
+        .await
+        .expect("create sneaky claim");
+
+    let groups: Api<ConsistencyGroup> = env.api();
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(group(
+                "nightly",
+                json!({"volumeSelector": {"matchLabels": {"backup": "nightly"}}}),
+            ))
+            .expect("group"),
+        )
+        .await
+        .expect("create group");
+    wait_members(&env, "nightly", &[("mine", true)]).await;
+
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(group(
+                "labels",
+                json!({"selector": {"matchLabels": {"backup": "nightly"}}}),
+            ))
+            .expect("group"),
+        )
+        .await
+        .expect("create group");
+    let members = wait_members(&env, "labels", &[("mine", true), ("sneaky", false)]).await;
+    assert!(
+        members
+            .iter()
+            .all(|m| !m.supported || m.persistent_volume.as_deref() != Some(theirs_pv.as_str())),
+        "a volume claimed from another namespace became a member: {members:?}"
+    );
+    let sneaky = &members[1];
+    assert!(
+        matches!(
+            sneaky.reason.as_deref(),
+            Some("ClaimNotBound" | "ClaimedFromOtherNamespace")
+        ),
+        "unexpected reason {:?}",
+        sneaky.reason
+    );
+    controller.abort();
+}
+
+#[tokio::test]
+async fn explicit_claims_report_each_problem_and_emit_events() {
+    let env = TestEnv::new("cg-claims").await;
+    let controller = start_controller(&env);
+    publish_volume(&env, "data", "node-a", &[], &[]).await;
+    let claims: Api<PersistentVolumeClaim> = env.api();
+    claims
+        .create(&PostParams::default(), &claim("pending", None, &[]))
+        .await
+        .expect("create unbound claim");
+
+    let groups: Api<ConsistencyGroup> = env.api();
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(group(
+                "g",
+                json!({"claims": ["data", "missing", "pending"]}),
+            ))
+            .expect("group"),
+        )
+        .await
+        .expect("create group");
+    let members = wait_members(
+        &env,
+        "g",
+        &[("data", true), ("missing", false), ("pending", false)],
+    )
+    .await;
+    assert_eq!(members[1].reason.as_deref(), Some("ClaimNotFound"));
+    assert_eq!(members[2].reason.as_deref(), Some("ClaimNotBound"));
+    let status = groups
+        .get("g")
+        .await
+        .expect("group")
+        .status
+        .expect("status");
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
+    assert_eq!(ready.status, "False");
+    assert_eq!(ready.reason, "UnsupportedMembers");
+    assert!(ready.message.contains("missing") && ready.message.contains("pending"));
+
+    let events: Api<Event> = env.api();
+    let reasons = eventually(WAIT, "member events", || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            let reasons: Vec<String> = list
+                .items
+                .iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("g"))
+                .filter_map(|e| e.reason.clone())
+                .collect();
+            (reasons.len() >= 2).then_some(reasons)
+        }
+    })
+    .await;
+    assert!(
+        reasons.contains(&"ClaimNotFound".to_string()),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&"ClaimNotBound".to_string()),
+        "{reasons:?}"
+    );
+
+    // Creating the missing claim makes it a member without touching the group.
+    publish_volume(&env, "missing", "node-b", &[], &[]).await;
+    wait_members(
+        &env,
+        "g",
+        &[("data", true), ("missing", true), ("pending", false)],
+    )
+    .await;
+    controller.abort();
+}
+
+#[tokio::test]
+async fn resource_quota_caps_groups_per_namespace() {
+    let env = TestEnv::new("cg-quota").await;
+    let quotas: Api<ResourceQuota> = env.api();
+    quotas
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "groups"},
+                "spec": {"hard": {"count/consistencygroups.tandem.dev": "2"}}
+            }))
+            .expect("quota"),
+        )
+        .await
+        .expect("create quota");
+    // kube-controller-manager computes the quota's status; admission relies on it.
+    eventually(WAIT, "quota status", || {
+        let quotas = quotas.clone();
+        async move {
+            let q = quotas.get("groups").await.ok()?;
+            q.status?
+                .hard?
+                .contains_key("count/consistencygroups.tandem.dev")
+                .then_some(())
+        }
+    })
+    .await;
+    for name in ["one", "two"] {
+        create_raw::<ConsistencyGroup>(&env, group(name, json!({"claims": ["a"]})))
+            .await
+            .expect("within quota");
+    }
+    let refused =
+        create_raw::<ConsistencyGroup>(&env, group("three", json!({"claims": ["a"]}))).await;
+    let message = refused.expect_err("the third group exceeded the quota but was accepted");
+    assert!(message.contains("exceeded quota"), "{message}");
+    assert!(
+        message.contains("count/consistencygroups.tandem.dev"),
+        "{message}"
+    );
+}
