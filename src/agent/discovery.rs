@@ -29,7 +29,9 @@ pub enum DiscoveryError {
 }
 
 /// A device number split into major and minor, as mountinfo and sysfs print it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct DevId {
     pub major: u32,
     pub minor: u32,
@@ -76,7 +78,9 @@ fn unescape(field: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'\\'
             && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
         {
             let v = (bytes[i + 1] - b'0') as u32 * 64
                 + (bytes[i + 2] - b'0') as u32 * 8
@@ -197,7 +201,9 @@ pub fn split_lvm_dm_name(dm_name: &str) -> Option<(String, String)> {
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
-    fs::read_to_string(path).ok().map(|s| s.trim_end_matches('\n').to_string())
+    fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim_end_matches('\n').to_string())
 }
 
 /// Classifies a block device by its sysfs entry under `sysfs_block` (normally /sys/dev/block).
@@ -419,7 +425,13 @@ mod tests {
             }
         );
         assert_eq!(
-            classify_device(DevId { major: 253, minor: 4 }, dir.path()),
+            classify_device(
+                DevId {
+                    major: 253,
+                    minor: 4
+                },
+                dir.path()
+            ),
             DeviceKind::LvmVolume {
                 vg: "vg0".into(),
                 lv: "data-1".into(),
@@ -427,11 +439,23 @@ mod tests {
             }
         );
         assert!(matches!(
-            classify_device(DevId { major: 253, minor: 5 }, dir.path()),
+            classify_device(
+                DevId {
+                    major: 253,
+                    minor: 5
+                },
+                dir.path()
+            ),
             DeviceKind::OtherDeviceMapper { .. }
         ));
         assert!(matches!(
-            classify_device(DevId { major: 253, minor: 6 }, dir.path()),
+            classify_device(
+                DevId {
+                    major: 253,
+                    minor: 6
+                },
+                dir.path()
+            ),
             DeviceKind::OtherDeviceMapper { .. }
         ));
         assert_eq!(
@@ -468,7 +492,11 @@ mod tests {
             other => panic!("expected NotAMount, got {other:?}"),
         }
         assert!(matches!(
-            resolve_volume(Path::new("/nonexistent/x"), &mounts, Path::new("/sys/dev/block")),
+            resolve_volume(
+                Path::new("/nonexistent/x"),
+                &mounts,
+                Path::new("/sys/dev/block")
+            ),
             Err(DiscoveryError::Missing { .. })
         ));
     }

@@ -16,7 +16,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{CONDITION_READY, FreezePolicy, NodePhase, NodeSnapshotStatus, VolumeStatus};
 
-use super::backend::{self, BackendError, BackendKind, BackendOptions, SnapshotHandle, SnapshotPlan};
+use super::backend::{
+    self, BackendError, BackendKind, BackendOptions, SnapshotHandle, SnapshotPlan,
+};
 use super::discovery::{self, DevId, MountInfo, ResolvedVolume};
 use super::freeze::{self, FreezeError, Guardrails, Thawed};
 use super::journal::{FrozenRecord, Journal, JournalEntry, JournalError, Stage};
@@ -207,7 +209,9 @@ impl Engine {
             let mut problems = Vec::new();
             for record in &entry.frozen {
                 match thaw_record(record, mounts) {
-                    Ok(how) => tracing::info!(mount = %record.mount_point.display(), ?how, "thawed on start"),
+                    Ok(how) => {
+                        tracing::info!(mount = %record.mount_point.display(), ?how, "thawed on start")
+                    }
                     Err(e) => problems.push(e),
                 }
             }
@@ -248,7 +252,11 @@ impl Engine {
 
     /// Freezes, cuts and (if asked) thaws. Idempotent: a cut this agent already made or recorded is
     /// reported as it stands, never cut twice. Blocking.
-    pub fn cut(&self, req: &CutRequest, generation: Option<i64>) -> Result<NodeSnapshotStatus, EngineError> {
+    pub fn cut(
+        &self,
+        req: &CutRequest,
+        generation: Option<i64>,
+    ) -> Result<NodeSnapshotStatus, EngineError> {
         if let Some(status) = self.status(&req.key)? {
             return Ok(status);
         }
@@ -345,7 +353,11 @@ impl Engine {
         if !targets.is_empty() {
             if let Err(e) = watchdog::arm(self.clone(), cut.clone(), req.freeze_timeout) {
                 let statuses = status.volumes.clone();
-                return self.fail(&cut, statuses, format!("cannot start the watchdog thread, so nothing was frozen: {e}"));
+                return self.fail(
+                    &cut,
+                    statuses,
+                    format!("cannot start the watchdog thread, so nothing was frozen: {e}"),
+                );
             }
         }
 
@@ -377,7 +389,9 @@ impl Engine {
             }
             if let Some(start) = state.first_freeze {
                 let ago = jiff::SignedDuration::try_from(start.elapsed()).unwrap_or_default();
-                let wall = jiff::Timestamp::now().checked_sub(ago).unwrap_or_else(|_| jiff::Timestamp::now());
+                let wall = jiff::Timestamp::now()
+                    .checked_sub(ago)
+                    .unwrap_or_else(|_| jiff::Timestamp::now());
                 state.entry.status.freeze_start = Some(Time(wall));
             }
         }
@@ -390,7 +404,10 @@ impl Engine {
             }
         }
         for target in &targets {
-            if !freeze_failures.iter().any(|(t, _)| t.superblock == target.superblock) {
+            if !freeze_failures
+                .iter()
+                .any(|(t, _)| t.superblock == target.superblock)
+            {
                 for &i in &target.volumes {
                     statuses[i].frozen = true;
                 }
@@ -401,7 +418,11 @@ impl Engine {
                 .iter()
                 .map(|(t, e)| format!("{} ({e})", t.describe(&prepared)))
                 .collect();
-            return self.fail(&cut, statuses, format!("could not freeze {}", names.join(", ")));
+            return self.fail(
+                &cut,
+                statuses,
+                format!("could not freeze {}", names.join(", ")),
+            );
         }
 
         // 5. Cut the snapshots.
@@ -448,7 +469,9 @@ impl Engine {
             set_phase(
                 &mut state.entry.status,
                 NodePhase::Cut,
-                Some(format!("snapshots cut, freeze held until release; {consistency}")),
+                Some(format!(
+                    "snapshots cut, freeze held until release; {consistency}"
+                )),
             );
             self.inner.journal.write(&state.entry)?;
             Ok(state.entry.status.clone())
@@ -508,7 +531,11 @@ impl Engine {
                     // Degrade honestly: thaw this filesystem, let LVM suspend it itself, and say so.
                     let sb = prepared.volumes[i].superblock;
                     self.thaw_one(cut, sb);
-                    let why = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+                    let why = result
+                        .as_ref()
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default();
                     result = backend::create(plan, options);
                     for (j, v) in prepared.volumes.iter().enumerate() {
                         if v.superblock == sb && statuses[j].frozen {
@@ -588,7 +615,9 @@ impl Engine {
             set_phase(
                 &mut state.entry.status,
                 NodePhase::Failed,
-                Some(format!("{message}; every volume is thawed and no snapshot is kept")),
+                Some(format!(
+                    "{message}; every volume is thawed and no snapshot is kept"
+                )),
             );
         }
         drop(state);
@@ -615,7 +644,10 @@ impl Engine {
         cut.thawed.notify_all();
         state.entry.stage = Stage::Released;
         let msg = state.entry.status.message.clone().unwrap_or_default();
-        let consistency = msg.split_once("; ").map(|(_, c)| c.to_string()).unwrap_or_default();
+        let consistency = msg
+            .split_once("; ")
+            .map(|(_, c)| c.to_string())
+            .unwrap_or_default();
         set_phase(
             &mut state.entry.status,
             NodePhase::Released,
@@ -632,7 +664,11 @@ impl Engine {
 
     /// Thaws (if held) and deletes the snapshots (`Abort`, the watchdog, or a failure elsewhere in
     /// the group). Also turns a released cut into an aborted one.
-    pub fn abort(&self, key: &str, message: &str) -> Result<Option<NodeSnapshotStatus>, EngineError> {
+    pub fn abort(
+        &self,
+        key: &str,
+        message: &str,
+    ) -> Result<Option<NodeSnapshotStatus>, EngineError> {
         let cut = lock(&self.inner.cuts).get(key).cloned();
         let Some(cut) = cut else {
             // Known only from the journal (e.g. after a restart): delete what it lists.
@@ -667,7 +703,11 @@ impl Engine {
             v.snapshot_handle = None;
         }
         state.entry.stage = Stage::Aborted;
-        set_phase(&mut state.entry.status, NodePhase::Aborted, Some(message.into()));
+        set_phase(
+            &mut state.entry.status,
+            NodePhase::Aborted,
+            Some(message.into()),
+        );
         drop(state);
         self.delete_handles(&made);
         let state = lock(&cut.state);
@@ -700,7 +740,9 @@ impl Engine {
         );
         match self.abort(key, &message) {
             Ok(_) => tracing::warn!(key, "watchdog thawed a freeze that was held too long"),
-            Err(e) => tracing::error!(key, error = %e, "watchdog abort could not update the journal (volumes are thawed)"),
+            Err(e) => {
+                tracing::error!(key, error = %e, "watchdog abort could not update the journal (volumes are thawed)")
+            }
         }
         if let Some(notify) = lock(&self.inner.notifier).as_ref() {
             notify(key);
@@ -713,7 +755,10 @@ impl Engine {
         if let Some(cut) = lock(&self.inner.cuts).get(key).cloned() {
             let finished = lock(&cut.state).finished;
             if !finished {
-                self.abort(key, "the NodeSnapshot was deleted while its freeze was held")?;
+                self.abort(
+                    key,
+                    "the NodeSnapshot was deleted while its freeze was held",
+                )?;
             }
         }
         if let Some(entry) = self.inner.journal.get(key)? {
@@ -739,7 +784,10 @@ impl Engine {
                 claim: request.claim.clone(),
                 ..Default::default()
             };
-            let who = format!("volume {} (claim {})", request.persistent_volume, request.claim);
+            let who = format!(
+                "volume {} (claim {})",
+                request.persistent_volume, request.claim
+            );
             let resolved = match discovery::resolve_volume(
                 &request.path,
                 &mounts,
@@ -755,7 +803,20 @@ impl Engine {
             };
             status.device = Some(resolved.device.display().to_string());
             status.filesystem = resolved.fs_type().map(str::to_string);
-            let name = backend::snapshot_name(&req.namespace, &req.group_snapshot, &request.persistent_volume);
+            // Refuse the node's own filesystems before anything else is considered.
+            if let Some(mount) = &resolved.mount {
+                if let Err(refusal) = self.inner.guard.check(&request.path, mount.dev) {
+                    status.reason = Some(refusal.to_string());
+                    problems.push(format!("{who}: {refusal}"));
+                    statuses.push(status);
+                    continue;
+                }
+            }
+            let name = backend::snapshot_name(
+                &req.namespace,
+                &req.group_snapshot,
+                &request.persistent_volume,
+            );
             let plan = match backend::plan(&resolved, &name, &self.inner.config.backend) {
                 Ok(p) => p,
                 Err(e) => {
@@ -768,14 +829,6 @@ impl Engine {
             status.backend = Some(plan.backend.name().to_string());
             // Why this volume will not be frozen, if it will not.
             let mut no_freeze = None;
-            if let Some(mount) = &resolved.mount {
-                if let Err(refusal) = self.inner.guard.check(&request.path, mount.dev) {
-                    status.reason = Some(refusal.to_string());
-                    problems.push(format!("{who}: {refusal}"));
-                    statuses.push(status);
-                    continue;
-                }
-            }
             if req.freeze == FreezePolicy::Disabled {
                 no_freeze = Some("freeze is Disabled for this group".to_string());
             } else if resolved.mount.is_none() {
@@ -792,7 +845,11 @@ impl Engine {
                 }
                 status.reason = Some(why.clone());
             }
-            let superblock = resolved.mount.as_ref().map(|m| m.dev).unwrap_or(resolved.block_dev);
+            let superblock = resolved
+                .mount
+                .as_ref()
+                .map(|m| m.dev)
+                .unwrap_or(resolved.block_dev);
             statuses.push(status.clone());
             volumes.push(PreparedVolume {
                 request: request.clone(),
@@ -960,7 +1017,11 @@ impl FreezeTarget {
                 format!("volume {} (claim {})", r.persistent_volume, r.claim)
             })
             .collect();
-        format!("{} at {}", claims.join(" and "), self.mount.mount_point.display())
+        format!(
+            "{} at {}",
+            claims.join(" and "),
+            self.mount.mount_point.display()
+        )
     }
 }
 
@@ -971,7 +1032,9 @@ impl Prepared {
             if !v.freeze {
                 continue;
             }
-            let Some(mount) = &v.resolved.mount else { continue };
+            let Some(mount) = &v.resolved.mount else {
+                continue;
+            };
             if let Some(t) = targets.iter_mut().find(|t| t.superblock == v.superblock) {
                 t.volumes.push(i);
             } else {

@@ -206,7 +206,10 @@ mod tests {
         j.write(&e).unwrap();
         assert_eq!(j.get("uid-1").unwrap().unwrap().stage, Stage::Held);
         assert_eq!(j.all().unwrap().len(), 1);
-        assert!(fs::read_dir(j.dir()).unwrap().count() == 1, "no temp file left");
+        assert!(
+            fs::read_dir(j.dir()).unwrap().count() == 1,
+            "no temp file left"
+        );
         j.remove("uid-1").unwrap();
         assert!(j.get("uid-1").unwrap().is_none());
         j.remove("uid-1").unwrap();

@@ -14,9 +14,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
-use crate::api::{
-    DeletionPolicy, NodeAction, NodePhase, NodeSnapshot, NodeSnapshotStatus,
-};
+use crate::api::{DeletionPolicy, NodeAction, NodePhase, NodeSnapshot, NodeSnapshotStatus};
 
 use super::discovery;
 use super::engine::{CutRequest, Engine, VolumeRequest};
@@ -54,8 +52,10 @@ pub async fn run(client: Client, engine: Engine, args: AgentArgs) -> Result<(), 
             }
         })
         .await;
-    tokio::task::spawn_blocking(move || engine.abort_all_held("the agent shut down while holding the freeze"))
-        .await?;
+    tokio::task::spawn_blocking(move || {
+        engine.abort_all_held("the agent shut down while holding the freeze")
+    })
+    .await?;
     Ok(())
 }
 
@@ -112,32 +112,29 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
                 "the agent has no record of this cut (its state directory was lost); nothing of it is frozen",
             )),
             None if current.phase != NodePhase::Pending => None,
-            None => {
-                match validate(&obj, &ctx).await? {
-                    Err(message) => Some(failed(generation, &message)),
-                    Ok(volumes) => {
-                        ensure_finalizer(&api, &obj).await?;
-                        let req = CutRequest {
-                            key: uid.clone(),
-                            namespace: namespace.clone(),
-                            name: name.clone(),
-                            group_snapshot: obj.spec.group_snapshot.clone(),
-                            freeze: obj.spec.freeze,
-                            freeze_timeout: Duration::from_secs(
-                                u64::try_from(obj.spec.freeze_timeout_seconds.max(1)).unwrap_or(1),
-                            ),
-                            release_after_cut: obj.spec.release_after_cut,
-                            volumes,
-                        };
-                        let engine = ctx.engine.clone();
-                        let status =
-                            tokio::task::spawn_blocking(move || engine.cut(&req, generation))
-                                .await??;
-                        tracing::info!(%namespace, %name, phase = ?status.phase, window_ms = ?status.freeze_window_millis, "cut");
-                        Some(status)
-                    }
+            None => match validate(&obj, &ctx).await? {
+                Err(message) => Some(failed(generation, &message)),
+                Ok(volumes) => {
+                    ensure_finalizer(&api, &obj).await?;
+                    let req = CutRequest {
+                        key: uid.clone(),
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        group_snapshot: obj.spec.group_snapshot.clone(),
+                        freeze: obj.spec.freeze,
+                        freeze_timeout: Duration::from_secs(
+                            u64::try_from(obj.spec.freeze_timeout_seconds.max(1)).unwrap_or(1),
+                        ),
+                        release_after_cut: obj.spec.release_after_cut,
+                        volumes,
+                    };
+                    let engine = ctx.engine.clone();
+                    let status =
+                        tokio::task::spawn_blocking(move || engine.cut(&req, generation)).await??;
+                    tracing::info!(%namespace, %name, phase = ?status.phase, window_ms = ?status.freeze_window_millis, "cut");
+                    Some(status)
                 }
-            }
+            },
         },
         NodeAction::Release => match known {
             Some(status) if status.phase == NodePhase::Cut => {
@@ -146,16 +143,19 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
                 tokio::task::spawn_blocking(move || engine.release(&key)).await??
             }
             Some(status) => Some(status),
-            None if current.phase == NodePhase::Pending || current.phase == NodePhase::Cut => {
-                Some(failed(generation, "asked to release a cut this agent never made"))
-            }
+            None if current.phase == NodePhase::Pending || current.phase == NodePhase::Cut => Some(
+                failed(generation, "asked to release a cut this agent never made"),
+            ),
             None => None,
         },
         NodeAction::Abort => {
             let engine = ctx.engine.clone();
             let key = uid.clone();
             let aborted = tokio::task::spawn_blocking(move || {
-                engine.abort(&key, "aborted by the controller: volumes thawed, snapshots deleted")
+                engine.abort(
+                    &key,
+                    "aborted by the controller: volumes thawed, snapshots deleted",
+                )
             })
             .await??;
             match aborted {
@@ -218,8 +218,12 @@ async fn ensure_finalizer(api: &Api<NodeSnapshot>, obj: &NodeSnapshot) -> Result
     let patch = serde_json::json!({
         "metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}
     });
-    api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    api.patch(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
     Ok(())
 }
 
@@ -314,19 +318,25 @@ pub fn check_pv(
     let block_mode = spec.volume_mode.as_deref() == Some("Block");
     if let Some(local) = &spec.local {
         if !pinned_here {
-            return Err(format!("the local PersistentVolume is not pinned to node {node}"));
+            return Err(format!(
+                "the local PersistentVolume is not pinned to node {node}"
+            ));
         }
         return Ok(PathBuf::from(&local.path));
     }
     if let Some(host) = &spec.host_path {
         if terms.is_some() && !pinned_here {
-            return Err(format!("the PersistentVolume is pinned to another node than {node}"));
+            return Err(format!(
+                "the PersistentVolume is pinned to another node than {node}"
+            ));
         }
         return Ok(PathBuf::from(&host.path));
     }
     if let Some(csi) = &spec.csi {
         if terms.is_some() && !pinned_here {
-            return Err(format!("the PersistentVolume is pinned to another node than {node}"));
+            return Err(format!(
+                "the PersistentVolume is pinned to another node than {node}"
+            ));
         }
         if block_mode {
             return Err("block-mode CSI volumes are not supported yet".into());
@@ -380,7 +390,11 @@ fn requirement_matches(req: &NodeSelectorRequirement, labels: &BTreeMap<String, 
             ) else {
                 return false;
             };
-            if req.operator == "Gt" { v > bound } else { v < bound }
+            if req.operator == "Gt" {
+                v > bound
+            } else {
+                v < bound
+            }
         }
         _ => false,
     }
@@ -453,7 +467,10 @@ mod tests {
 
     #[test]
     fn evaluates_selector_operators() {
-        let l = BTreeMap::from([("zone".to_string(), "a".to_string()), ("n".into(), "5".into())]);
+        let l = BTreeMap::from([
+            ("zone".to_string(), "a".to_string()),
+            ("n".into(), "5".into()),
+        ]);
         let r = |op: &str, key: &str, vals: &[&str]| NodeSelectorRequirement {
             key: key.into(),
             operator: op.into(),

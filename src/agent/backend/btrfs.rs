@@ -62,7 +62,11 @@ impl TopLevel {
         })?;
         rustix::mount::mount(device, &dir, "btrfs", MountFlags::NOATIME, c"subvolid=5").map_err(
             |e| BackendError::Io {
-                what: format!("mount the top level of {} on {}", device.display(), dir.display()),
+                what: format!(
+                    "mount the top level of {} on {}",
+                    device.display(),
+                    dir.display()
+                ),
                 source: e.into(),
             },
         )?;

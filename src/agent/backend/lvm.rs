@@ -7,8 +7,7 @@
 //! half-made snapshot LVM left behind, and says so ([`BackendError::FrozenOriginBusy`]).
 
 use super::{
-    BackendError, BackendKind, SnapshotHandle, SnapshotInfo, SnapshotPlan, SnapshotSource,
-    run_tool,
+    BackendError, BackendKind, SnapshotHandle, SnapshotInfo, SnapshotPlan, SnapshotSource, run_tool,
 };
 
 /// One row of `lvs --reportformat json`.
@@ -125,9 +124,7 @@ pub fn create(
         }
         return Err(BackendError::Unsupported {
             device: format!("/dev/{vg}/{snap}").into(),
-            why: format!(
-                "a logical volume named {snap} exists and is not a snapshot of {origin}"
-            ),
+            why: format!("a logical volume named {snap} exists and is not a snapshot of {origin}"),
         });
     }
     let origin_path = format!("{vg}/{origin}");
@@ -138,7 +135,11 @@ pub fn create(
     args.push(&origin_path);
     match run_tool("lvcreate", &args) {
         Ok(_) => {}
-        Err(BackendError::Command { stderr, command, status }) => {
+        Err(BackendError::Command {
+            stderr,
+            command,
+            status,
+        }) => {
             // LVM can leave an inactive half-made snapshot behind ("Manual intervention required").
             if let Err(e) = delete(vg, snap) {
                 tracing::warn!(vg, snap, error = %e, "could not remove a half-made snapshot");

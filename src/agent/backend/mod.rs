@@ -210,7 +210,10 @@ pub fn create(plan: &SnapshotPlan, options: &BackendOptions) -> Result<SnapshotI
         }
         _ => Err(BackendError::Parse {
             command: "plan".into(),
-            why: format!("source {:?} does not match handle {}", plan.source, plan.handle),
+            why: format!(
+                "source {:?} does not match handle {}",
+                plan.source, plan.handle
+            ),
         }),
     }
 }

@@ -9,7 +9,9 @@
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use super::{BackendError, BackendKind, SnapshotHandle, SnapshotInfo, SnapshotPlan, SnapshotSource};
+use super::{
+    BackendError, BackendKind, SnapshotHandle, SnapshotInfo, SnapshotPlan, SnapshotSource,
+};
 
 /// statfs f_type of XFS.
 const XFS_MAGIC: i64 = 0x5846_5342;
