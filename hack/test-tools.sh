@@ -20,7 +20,7 @@ log() { printf '[test-tools] %s\n' "$*" >&2; }
 build() {
   local dir=$1 name=$2 pkg=$3 ldflags=${4:-}
   local stamp="$bin/.$name.stamp" want
-  want=$(cat "$here/tools/$dir/go.mod" "$here/tools/$dir/go.sum" | sha256sum | cut -d' ' -f1)
+  want=$( (cat "$here/tools/$dir/go.mod" "$here/tools/$dir/go.sum"; echo "$pkg $ldflags") | sha256sum | cut -d' ' -f1)
   if [[ -x "$bin/$name" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     log "$name is up to date"
     return
@@ -33,7 +33,8 @@ build() {
   log "built $name in $((SECONDS - start)) s"
 }
 
-kube_version=$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3}' "$here/tools/kube/go.mod")
+kube_version=$(grep -oE 'k8s.io/kubernetes v[0-9.]+' "$here/tools/kube/go.mod" | head -n1 | cut -d' ' -f2)
+[[ -n "$kube_version" ]] || { log "cannot read the k8s.io/kubernetes version from hack/tools/kube/go.mod"; exit 1; }
 minor=$(echo "$kube_version" | cut -d. -f2)
 version_flags="-X k8s.io/component-base/version.gitVersion=$kube_version -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitVersion=$kube_version -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
 

@@ -19,7 +19,7 @@ use super::FreezePolicy;
     category = "tandem",
     status = "ConsistencyGroupStatus",
     doc = "A named set of volumes that tandem snapshots at one point in time.",
-    validation = Rule::new("size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit").field_path(".metadata.name"),
+    validation = Rule::new("size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit"),
     printcolumn(name = "Members", type_ = "integer", description = "Members that can be snapshotted", json_path = ".status.readyMembers"),
     printcolumn(name = "Unsupported", type_ = "integer", description = "Members that cannot be snapshotted", json_path = ".status.unsupportedMembers"),
     printcolumn(name = "Nodes", type_ = "integer", description = "Nodes the members live on", json_path = ".status.nodeCount"),
@@ -41,9 +41,11 @@ pub struct ConsistencyGroupSpec {
 
     /// Names of PersistentVolumeClaims of this namespace that are members whatever their labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 512))]
-    #[x_kube(validation = Rule::new("self.all(c, size(c) <= 253 && c.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$'))").message("each claim must be a PersistentVolumeClaim name (a DNS subdomain)"))]
-    #[x_kube(validation = Rule::new("self.all(c, self.exists_one(d, d == c))").message("claims must not repeat"))]
+    #[schemars(length(max = 512), extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(inner(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    ))]
     pub claims: Option<Vec<String>>,
 
     /// Whether members' filesystems are frozen while the group is snapshotted:

@@ -16,7 +16,7 @@ use super::Consistency;
     category = "tandem",
     status = "GroupSnapshotStatus",
     doc = "A crash-consistent snapshot of every member of a ConsistencyGroup.",
-    validation = Rule::new("size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit").field_path(".metadata.name"),
+    validation = Rule::new("size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit"),
     printcolumn(name = "Group", type_ = "string", json_path = ".spec.groupName"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Consistency", type_ = "string", json_path = ".status.consistency"),

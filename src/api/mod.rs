@@ -2,8 +2,12 @@
 //!
 //! Doc comments on fields become `kubectl explain` text, so they are written for users.
 
+// kube's `printcolumn(name = .., type_ = ..)` repeats keys by design; clippy reads them as duplicates.
+#[allow(clippy::duplicated_attributes)]
 mod consistency_group;
+#[allow(clippy::duplicated_attributes)]
 mod group_snapshot;
+#[allow(clippy::duplicated_attributes)]
 mod node_snapshot;
 
 pub use consistency_group::*;

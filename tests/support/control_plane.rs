@@ -160,10 +160,10 @@ impl ControlPlane {
         );
         let serving_cert = file("apiserver.crt", &cert);
         let serving_key = file("apiserver.key", &key);
-        let sa_key = file(
-            "sa.key",
-            &KeyPair::generate().expect("sa key").serialize_pem(),
-        );
+        // Service-account tokens: signed with the private key, verified with the public one.
+        let sa = KeyPair::generate().expect("sa key");
+        let sa_key = file("sa.key", &sa.serialize_pem());
+        let sa_pub = file("sa.pub", &sa.public_key_pem());
 
         let etcd_port = free_port();
         let etcd_peer_port = free_port();
@@ -176,7 +176,14 @@ impl ControlPlane {
             &kubeconfig,
             &kubeconfig_yaml(&server, &pki.ca_pem, &cert, &key),
         );
-        let (cert, key) = pki.leaf("system:kube-controller-manager", &[], &[], false);
+        // Every controller of kube-controller-manager runs under this one identity here (no
+        // per-controller service accounts), so it gets full rights in the test cluster.
+        let (cert, key) = pki.leaf(
+            "system:kube-controller-manager",
+            &["system:masters"],
+            &[],
+            false,
+        );
         let kcm_kubeconfig = dir.join("kcm.kubeconfig");
         write(
             &kcm_kubeconfig,
@@ -221,7 +228,7 @@ impl ControlPlane {
                 &format!("--tls-private-key-file={}", serving_key.display()),
                 &format!("--client-ca-file={}", ca.display()),
                 "--service-account-issuer=https://kubernetes.default.svc",
-                &format!("--service-account-key-file={}", sa_key.display()),
+                &format!("--service-account-key-file={}", sa_pub.display()),
                 &format!("--service-account-signing-key-file={}", sa_key.display()),
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--authorization-mode=RBAC",

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs, on a fresh Debian 12 machine (as root), the system packages tandem's tests use:
+# filesystems and their tools for the agent's real freezes and snapshots, LVM and QEMU for the
+# LVM-in-a-guest test. Skips apt entirely when everything is already there.
+set -euo pipefail
+packages=(
+  e2fsprogs xfsprogs btrfs-progs util-linux      # mkfs, fsck, losetup for real volumes
+  lvm2 thin-provisioning-tools                    # LVM tools copied into the QEMU guest
+  qemu-system-x86 busybox-static kmod cpio zstd   # the LVM guest (software emulation)
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "[install-test-deps] installing: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+command -v go >/dev/null || { echo "Go is needed to build the test control plane" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "Rust (cargo) is needed" >&2; exit 1; }
