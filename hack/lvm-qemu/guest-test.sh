@@ -1,0 +1,122 @@
+# Runs INSIDE the QEMU guest (under dash) as the LVM test of the tandem agent.
+# Makes a VG with a thin pool (thin ext4 + thin xfs volumes) and a thick ext4 volume, lets the real
+# agent (`tandem agent --oneshot-volume ...`: discovery, syncfs, parallel FIFREEZE, lvm-thin /
+# lvm-thick backends, journal, watchdog) cut them, and checks the snapshots.
+# Prints "CHECK <name> PASS|FAIL <detail>", "OUTCOME <name> <what happened>" and
+# "GUEST-RESULT pass=N fail=M"; the host (run.sh) decides what each kernel must show.
+PASS=0; FAIL=0
+check() { # check NAME CONDITION-RC DETAIL
+  if [ "$2" = 0 ]; then PASS=$((PASS+1)); echo "CHECK $1 PASS $3"; else FAIL=$((FAIL+1)); echo "CHECK $1 FAIL $3"; fi
+}
+now_ms() { awk '{printf "%d", $1*1000}' /proc/uptime; }
+agent() { tandem agent --node-name guest --state-dir /run/tandem-state "$@"; }
+json_field() { sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p" | head -1; }
+
+echo "== guest: $(uname -r), $(nproc) cpu"
+modprobe -a virtio_pci virtio_blk dm_mod dm_thin_pool dm_snapshot xfs || echo "modprobe failed"
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+pvcreate -q /dev/vda && vgcreate -q vg0 /dev/vda && lvcreate -q --type thin-pool -L 1200M -n pool vg0
+check setup $? "vg0 with a thin pool"
+mkvol() { # mkvol NAME FS KIND
+  if [ "$3" = thin ]; then lvcreate -q -V 1G -T vg0/pool -n "$1"; else lvcreate -q -L 256M -n "$1" vg0; fi
+  if [ "$2" = xfs ]; then mkfs.xfs -q -f "/dev/vg0/$1"; else mkfs.ext4 -q -F "/dev/vg0/$1"; fi
+  mkdir -p "/mnt/$1" && mount "/dev/vg0/$1" "/mnt/$1"
+  dd if=/dev/urandom of="/mnt/$1/synced.bin" bs=1M count=16 2>/dev/null; sync
+  dd if=/dev/urandom of="/mnt/$1/dirty.bin" bs=1M count=16 2>/dev/null   # dirty at freeze time
+  echo "before $1" > "/mnt/$1/marker.txt"
+  (cd "/mnt/$1" && sha256sum synced.bin dirty.bin marker.txt) > "/tmp/$1.sha"
+}
+mkvol vol1 ext4 thin; mkvol vol2 xfs thin; mkvol thick1 ext4 thick
+
+verify() { # verify SNAPSHOT-LV FS ORIGIN
+  # Thin snapshots are made with the activation-skip flag: activate explicitly. Thick ones are active.
+  case $1 in *thick*) ;; *) lvchange -q -ay -K "vg0/$1" </dev/null ;; esac
+  mkdir -p "/mnt/s-$1"
+  if [ "$2" = xfs ]; then
+    mount -t xfs -o nouuid "/dev/vg0/$1" "/mnt/s-$1" && umount "/mnt/s-$1"   # replay the log
+    xfs_repair -n "/dev/vg0/$1" >/tmp/fsck.out 2>&1; check "fsck-$1" $? "xfs_repair -n"
+    mount -t xfs -o ro,nouuid "/dev/vg0/$1" "/mnt/s-$1"
+  else
+    e2fsck -fn "/dev/vg0/$1" >/tmp/fsck.out 2>&1; check "fsck-$1" $? "e2fsck -fn"
+    mount -t ext4 -o ro "/dev/vg0/$1" "/mnt/s-$1"
+  fi
+  (cd "/mnt/s-$1" && sha256sum -c "/tmp/$3.sha" >/dev/null 2>&1); check "data-$1" $? "pre-freeze data (synced, dirty, marker)"
+  [ ! -e "/mnt/s-$1/post-thaw" ]; check "no-post-thaw-$1" $? "post-thaw write absent"
+  umount "/mnt/s-$1"
+}
+frozen_probe() { # writes within 20 s unless frozen
+  timeout 20 sh -c "echo probe > /mnt/$1/probe" ; echo $?
+}
+frozen_probe_short() { timeout 3 sh -c "echo probe > /mnt/$1/probe2"; echo $?; }
+snaps() { lvs --noheadings -o lv_name vg0 2>/dev/null | grep -c tandem; }
+
+echo "== thin, freeze Required"
+t0=$(now_ms); out=$(agent --oneshot-volume /mnt/vol1 --oneshot-volume /mnt/vol2 --oneshot-name thin 2>/tmp/agent.err); rc=$?; t1=$(now_ms)
+echo "AGENT thin rc=$rc wall_ms=$((t1-t0)) $out"; sed 's/^/    | /' /tmp/agent.err | tail -5
+phase=$(echo "$out" | json_field phase)
+for v in vol1 vol2; do echo "post-thaw" > /mnt/$v/marker.txt; touch /mnt/$v/post-thaw; done; sync
+THIN_HOLDS=no
+if [ "$phase" = Released ]; then
+  THIN_HOLDS=yes
+  echo "OUTCOME thin-required Released window_ms=$(echo "$out" | sed -n 's/.*"freezeWindowMillis":\([0-9]*\).*/\1/p')"
+  echo "$out" | grep -q '"backend":"lvm-thin"'; check thin-backend $? "backend lvm-thin"
+  [ "$(echo "$out" | grep -o '"frozen":true' | wc -l)" = 2 ]; check thin-frozen $? "both volumes frozen during the cut"
+  verify tandem.local.thin.vol1 ext4 vol1
+  verify tandem.local.thin.vol2 xfs vol2
+  agent --oneshot-action delete --oneshot-name thin >/dev/null; check thin-delete $? "delete"
+  [ "$(snaps)" = 0 ]; check thin-deleted $? "snapshots removed"
+elif echo "$out" | grep -q "refused to snapshot"; then
+  echo "OUTCOME thin-required FrozenOriginBusy"
+  [ "$phase" = Failed ]; check thin-failed-honestly $? "phase Failed, no consistency claimed"
+  [ "$(snaps)" = 0 ]; check thin-no-leftover $? "no snapshot left behind"
+  [ "$(frozen_probe vol1)" = 0 ] && [ "$(frozen_probe vol2)" = 0 ]; check thin-thawed $? "volumes thawed"
+  echo "== thin, freeze BestEffort (degrade: LVM's own suspend, reported unfrozen)"
+  out=$(agent --oneshot-volume /mnt/vol1 --oneshot-name thin-be --oneshot-freeze BestEffort 2>/tmp/agent.err); rc=$?
+  echo "AGENT thin-be rc=$rc $out"
+  [ "$(echo "$out" | json_field phase)" = Released ]; check thin-be-released $? "Released"
+  echo "$out" | grep -q '"frozen":false'; check thin-be-unfrozen $? "reported frozen=false"
+  echo "$out" | grep -q 'consistent on its own only'; check thin-be-reason $? "reason says consistent on its own only"
+  agent --oneshot-action delete --oneshot-name thin-be >/dev/null; check thin-be-delete $? "delete"
+else
+  echo "OUTCOME thin-required other"; check thin-outcome 1 "unexpected: $out"
+fi
+
+echo "== thick, freeze Required"
+out=$(agent --oneshot-volume /mnt/thick1 --oneshot-name thick --thick-cow-size 64M 2>/tmp/agent.err); rc=$?
+echo "AGENT thick rc=$rc $out"; sed 's/^/    | /' /tmp/agent.err | tail -5
+phase=$(echo "$out" | json_field phase)
+echo "post-thaw" > /mnt/thick1/marker.txt; touch /mnt/thick1/post-thaw; sync
+if [ "$phase" = Released ]; then
+  echo "OUTCOME thick-required Released"
+  echo "$out" | grep -q '"backend":"lvm-thick"'; check thick-backend $? "backend lvm-thick"
+  verify tandem.local.thick.thick1 ext4 thick1
+  agent --oneshot-action delete --oneshot-name thick >/dev/null; check thick-delete $? "delete"
+  [ "$(snaps)" = 0 ]; check thick-deleted $? "snapshot removed"
+elif echo "$out" | grep -q "refused to snapshot"; then
+  echo "OUTCOME thick-required FrozenOriginBusy"
+  [ "$phase" = Failed ]; check thick-failed-honestly $? "phase Failed"
+  [ "$(snaps)" = 0 ]; check thick-no-leftover $? "the half-made thick snapshot was removed"
+  [ "$(frozen_probe thick1)" = 0 ]; check thick-thawed $? "volume thawed"
+else
+  echo "OUTCOME thick-required other"; check thick-outcome 1 "unexpected: $out"
+fi
+
+echo "== journal: an agent killed while holding the freeze is thawed by the next start"
+if [ "$THIN_HOLDS" = yes ]; then
+  agent --oneshot-volume /mnt/vol1 --oneshot-name held --oneshot-hold-ms 120000 --oneshot-freeze-timeout-seconds 300 >/tmp/held.out 2>&1 &
+  apid=$!
+  i=0; while ! lvs vg0/tandem.local.held >/dev/null 2>&1 && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+  lvs vg0/tandem.local.held >/dev/null 2>&1; check held-cut $? "the agent cut and holds the freeze"
+  kill -9 $apid; wait $apid 2>/dev/null
+  [ "$(frozen_probe_short vol1)" != 0 ]; check killed-left-frozen $? "the killed agent left vol1 frozen"
+  agent --recover-only >/dev/null 2>&1; check recover-run $? "tandem agent --recover-only"
+  [ "$(frozen_probe vol1)" = 0 ]; check recover-thawed $? "vol1 writable after the restart"
+  [ "$(lvs --noheadings -o lv_name vg0 | grep -c tandem.local.held)" = 0 ]; check recover-no-leak $? "the void snapshot was deleted"
+else
+  echo "    skipped: this kernel cannot hold a freeze across an LVM snapshot"
+fi
+
+for v in vol1 vol2 thick1; do umount /mnt/$v; done
+vgchange -q -an vg0 >/dev/null 2>&1
+echo "GUEST-RESULT pass=$PASS fail=$FAIL"
+[ $FAIL = 0 ]
