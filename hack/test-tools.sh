@@ -42,4 +42,5 @@ build etcd etcd go.etcd.io/etcd/server/v3
 build kube kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$version_flags"
 build kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$version_flags"
 build kube kubectl k8s.io/kubernetes/cmd/kubectl "$version_flags"
+build helm helm helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$(grep -oE 'helm.sh/helm/v3 v[0-9.]+' "$here/tools/helm/go.mod" | cut -d' ' -f2) -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$(grep -oE 'k8s.io/client-go v0\.[0-9]+' "$here/tools/helm/go.mod" | cut -d. -f3) -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$(grep -oE 'k8s.io/client-go v0\.[0-9]+' "$here/tools/helm/go.mod" | cut -d. -f3)"
 echo "$bin"

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod control_plane;
+pub mod helm;
 pub mod objects;
 
 use std::path::{Path, PathBuf};

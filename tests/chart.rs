@@ -1,0 +1,1309 @@
+//! The Helm chart (charts/tandem) and the plain manifests (deploy/), checked by the real helm
+//! (built by hack/test-tools.sh) and the real API server of the test control plane: lint, render
+//! with default and other values, install, upgrade, uninstall, least-privilege RBAC (kubectl auth
+//! can-i as each service account), the agent's node restriction (a ValidatingAdmissionPolicy,
+//! exercised with service-account tokens bound to Pods on two nodes) and idempotent applies.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::helm::{
+    chart_dir, find, helm, helm_cluster, kubectl_as, parse_objects, run_script, token_kubeconfig,
+};
+use support::{TestEnv, repo_root, with_plane};
+
+/// Tests that change the cluster-wide CRDs (adopting them into a release, applying deploy/) run
+/// one at a time, so "applying twice changes nothing" is not disturbed by another test.
+static CRD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const CRD_NAMES: [&str; 3] = [
+    "consistencygroups.tandem.dev",
+    "groupsnapshots.tandem.dev",
+    "nodesnapshots.tandem.dev",
+];
+
+/// `helm template RELEASE charts/tandem --namespace NAMESPACE ARGS...`, parsed.
+fn template(release: &str, namespace: &str, args: &[&str]) -> Vec<Value> {
+    let chart = chart_dir().display().to_string();
+    let mut all = vec![
+        "template",
+        release,
+        chart.as_str(),
+        "--namespace",
+        namespace,
+    ];
+    all.extend_from_slice(args);
+    let out = helm(&all).unwrap_or_else(|e| panic!("helm template {args:?} failed: {e}"));
+    parse_objects(&out)
+}
+
+fn template_err(args: &[&str]) -> String {
+    let chart = chart_dir().display().to_string();
+    let mut all = vec!["template", "t", chart.as_str(), "--namespace", "t"];
+    all.extend_from_slice(args);
+    match helm(&all) {
+        Ok(out) => panic!("helm template {args:?} should fail, rendered:\n{out}"),
+        Err(e) => e,
+    }
+}
+
+fn kinds_and_names(objects: &[Value]) -> BTreeSet<String> {
+    objects
+        .iter()
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap_or("?"),
+                o["metadata"]["name"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name} in {workload}"))
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> &'a Value {
+    container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no env {name} in {}", container["env"]))
+}
+
+fn args(container: &Value) -> Vec<String> {
+    container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg").to_string())
+        .collect()
+}
+
+fn mount<'a>(container: &'a Value, path: &str) -> &'a Value {
+    container["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| m["mountPath"] == path)
+        .unwrap_or_else(|| panic!("no mount at {path} in {}", container["volumeMounts"]))
+}
+
+fn volume<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+/// The host path a container path comes from (through its volume).
+fn host_path_of(workload: &Value, container_name: &str, path: &str) -> (String, Value) {
+    let m = mount(container(workload, container_name), path);
+    let v = volume(workload, m["name"].as_str().expect("mount name"));
+    (
+        v["hostPath"]["path"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{path} is not a hostPath: {v}"))
+            .to_string(),
+        m["mountPropagation"].clone(),
+    )
+}
+
+fn temp_file(name: &str, content: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join(name);
+    std::fs::write(&path, content).expect("write temp file");
+    (dir, path)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Without a cluster: lint, render, generated files.
+
+#[test]
+fn helm_lint_passes_strict_with_default_and_other_values() {
+    let chart = chart_dir().display().to_string();
+    let out = helm(&["lint", "--strict", &chart]).unwrap_or_else(|e| panic!("helm lint: {e}"));
+    assert!(
+        out.contains("1 chart(s) linted, 0 chart(s) failed"),
+        "{out}"
+    );
+    let out = helm(&[
+        "lint",
+        "--strict",
+        &chart,
+        "--set",
+        "controller.replicas=3,crds.install=false,metrics.serviceMonitor.enabled=true",
+        "--set",
+        "agent.extraHostPaths={/data/pv,/srv/local},agent.nodeRestriction.enabled=false",
+    ])
+    .unwrap_or_else(|e| panic!("helm lint with other values: {e}"));
+    assert!(
+        out.contains("1 chart(s) linted, 0 chart(s) failed"),
+        "{out}"
+    );
+    // helm itself is the real thing, not a stub.
+    let version = helm(&["version", "--short"]).expect("helm version");
+    assert!(version.starts_with("v3."), "helm version says {version:?}");
+    assert!(
+        !version.starts_with("v3.22+"),
+        "unversioned build: {version}"
+    );
+}
+
+#[test]
+fn template_with_default_values_renders_every_part_wired_to_the_binary() {
+    let objects = template("tandem", "tandem-system", &[]);
+    let expected: BTreeSet<String> = [
+        "ServiceAccount/tandem-controller",
+        "ServiceAccount/tandem-agent",
+        "ClusterRole/tandem-controller",
+        "ClusterRoleBinding/tandem-controller",
+        "Role/tandem-controller-leader",
+        "RoleBinding/tandem-controller-leader",
+        "ClusterRole/tandem-agent",
+        "ClusterRoleBinding/tandem-agent",
+        "ClusterRole/tandem-edit",
+        "ClusterRole/tandem-view",
+        "ValidatingAdmissionPolicy/tandem-agent-node-restriction",
+        "ValidatingAdmissionPolicyBinding/tandem-agent-node-restriction",
+        "Deployment/tandem-controller",
+        "DaemonSet/tandem-agent",
+        "Service/tandem-controller-metrics",
+        "CustomResourceDefinition/consistencygroups.tandem.dev",
+        "CustomResourceDefinition/groupsnapshots.tandem.dev",
+        "CustomResourceDefinition/nodesnapshots.tandem.dev",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(kinds_and_names(&objects), expected);
+    for o in &objects {
+        if o["kind"] != "CustomResourceDefinition"
+            && !o["kind"].as_str().unwrap().contains("Cluster")
+            && !o["kind"]
+                .as_str()
+                .unwrap()
+                .starts_with("ValidatingAdmission")
+        {
+            assert_eq!(o["metadata"]["namespace"], "tandem-system", "{o}");
+        }
+        assert_eq!(
+            o["metadata"]["labels"]["app.kubernetes.io/part-of"],
+            "tandem"
+        );
+    }
+
+    // The controller: `tandem controller --http-addr 0.0.0.0:8080`, probes, metrics, downward API.
+    let deploy = find(&objects, "Deployment", "tandem-controller");
+    assert_eq!(deploy["spec"]["replicas"], 1);
+    let c = container(deploy, "controller");
+    assert_eq!(c["image"], "ghcr.io/tandem-dev/tandem:0.1.0");
+    assert_eq!(c["command"], json!(["/usr/local/bin/tandem"]));
+    assert_eq!(args(c), ["controller", "--http-addr", "0.0.0.0:8080"]);
+    assert_eq!(
+        env(c, "POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    assert_eq!(
+        env(c, "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    assert_eq!(env(c, "RUST_LOG")["value"], "info");
+    assert_eq!(
+        c["ports"],
+        json!([{"name": "http", "containerPort": 8080, "protocol": "TCP"}])
+    );
+    assert_eq!(
+        c["livenessProbe"]["httpGet"],
+        json!({"path": "/healthz", "port": "http"})
+    );
+    assert_eq!(
+        c["readinessProbe"]["httpGet"],
+        json!({"path": "/readyz", "port": "http"})
+    );
+    assert!(c["resources"]["requests"]["cpu"].is_string(), "{c}");
+    assert!(c["resources"]["limits"]["memory"].is_string(), "{c}");
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    let pod = &deploy["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "tandem-controller");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+
+    // The metrics Service reaches the controller pods' http port.
+    let svc = find(&objects, "Service", "tandem-controller-metrics");
+    for (k, v) in svc["spec"]["selector"].as_object().expect("selector") {
+        assert_eq!(&deploy["spec"]["template"]["metadata"]["labels"][k], v);
+    }
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "http");
+    assert!(
+        !objects.iter().any(|o| o["kind"] == "ServiceMonitor"),
+        "ServiceMonitor is off by default"
+    );
+
+    // The agent: privileged, /dev, the kubelet folder (Bidirectional), the state folder, NODE_NAME.
+    let ds = find(&objects, "DaemonSet", "tandem-agent");
+    let a = container(ds, "agent");
+    assert_eq!(a["image"], "ghcr.io/tandem-dev/tandem:0.1.0");
+    assert_eq!(args(a), ["agent"]);
+    assert_eq!(a["securityContext"]["privileged"], true);
+    assert_eq!(
+        env(a, "NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    assert_eq!(env(a, "TANDEM_STATE_DIR")["value"], "/var/lib/tandem");
+    assert_eq!(env(a, "TANDEM_KUBELET_DIR")["value"], "/var/lib/kubelet");
+    assert_eq!(env(a, "TANDEM_THICK_COW_SIZE")["value"], "1G");
+    assert_eq!(
+        host_path_of(ds, "agent", "/dev"),
+        ("/dev".into(), Value::Null)
+    );
+    assert_eq!(
+        host_path_of(ds, "agent", "/var/lib/tandem"),
+        ("/var/lib/tandem".into(), Value::Null)
+    );
+    assert_eq!(
+        host_path_of(ds, "agent", "/var/lib/kubelet"),
+        ("/var/lib/kubelet".into(), json!("Bidirectional"))
+    );
+    assert_eq!(
+        host_path_of(ds, "agent", "/mnt/disks"),
+        ("/mnt/disks".into(), json!("Bidirectional"))
+    );
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "tandem-agent");
+    assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
+    assert_eq!(pod["nodeSelector"], json!({"kubernetes.io/os": "linux"}));
+    assert!(
+        pod["hostPID"].is_null() && pod["hostNetwork"].is_null(),
+        "{pod}"
+    );
+
+    // CRDs: installed and kept on uninstall.
+    for name in CRD_NAMES {
+        let crd = find(&objects, "CustomResourceDefinition", name);
+        assert_eq!(
+            crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+            "{name}"
+        );
+    }
+
+    // The node restriction policy names the agent's service account of this release.
+    let vap = find(
+        &objects,
+        "ValidatingAdmissionPolicy",
+        "tandem-agent-node-restriction",
+    );
+    let condition = vap["spec"]["matchConditions"][0]["expression"]
+        .as_str()
+        .expect("matchCondition");
+    assert!(
+        condition.contains("system:serviceaccount:tandem-system:tandem-agent"),
+        "{condition}"
+    );
+}
+
+#[test]
+fn template_with_other_values_follows_them() {
+    let values = r#"
+fullnameOverride: snap
+logLevel: tandem=debug
+image: {repository: registry.example/tandem, tag: "9.9.9", digest: "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}
+imagePullSecrets: [regcred]
+crds: {install: false}
+rbac: {aggregateToDefaultRoles: false}
+controller:
+  replicas: 3
+  watchNamespace: shop
+  httpPort: 9090
+  extraArgs: ["--some-flag=1"]
+metrics:
+  service: {port: 9191}
+  serviceMonitor: {enabled: true, interval: 15s, labels: {release: prom}}
+agent:
+  stateDir: /opt/tandem/state
+  kubeletDir: /var/lib/k0s/kubelet
+  thickCowSize: 20%ORIGIN
+  extraHostPaths: [/data/pv, /srv/local]
+  nodeSelector: {storage: local}
+  tolerations: [{key: storage, operator: Equal, value: local, effect: NoSchedule}]
+  nodeRestriction: {enabled: false}
+"#;
+    let (_dir, file) = temp_file("values.yaml", values);
+    let objects = template("r", "ops", &["-f", file.to_str().unwrap()]);
+    let names = kinds_and_names(&objects);
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("CustomResourceDefinition/")
+                || n.starts_with("ValidatingAdmissionPolicy")
+                || n.ends_with("-edit")
+                || n.ends_with("-view")),
+        "{names:?}"
+    );
+    assert!(names.contains("Deployment/snap-controller"), "{names:?}");
+
+    let deploy = find(&objects, "Deployment", "snap-controller");
+    assert_eq!(deploy["spec"]["replicas"], 3);
+    let c = container(deploy, "controller");
+    assert_eq!(
+        c["image"],
+        "registry.example/tandem:9.9.9@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    );
+    assert_eq!(
+        args(c),
+        [
+            "controller",
+            "--http-addr",
+            "0.0.0.0:9090",
+            "--leader-elect",
+            "--some-flag=1"
+        ]
+    );
+    assert_eq!(env(c, "TANDEM_WATCH_NAMESPACE")["value"], "shop");
+    assert_eq!(env(c, "RUST_LOG")["value"], "tandem=debug");
+    assert_eq!(c["ports"][0]["containerPort"], 9090);
+    assert_eq!(
+        deploy["spec"]["template"]["spec"]["imagePullSecrets"],
+        json!([{"name": "regcred"}])
+    );
+
+    let svc = find(&objects, "Service", "snap-controller-metrics");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 9191);
+    let sm = find(&objects, "ServiceMonitor", "snap-controller");
+    assert_eq!(sm["metadata"]["labels"]["release"], "prom");
+    assert_eq!(
+        sm["spec"]["endpoints"][0]["port"],
+        svc["spec"]["ports"][0]["name"]
+    );
+    assert_eq!(sm["spec"]["endpoints"][0]["interval"], "15s");
+    assert_eq!(
+        sm["spec"]["namespaceSelector"],
+        json!({"matchNames": ["ops"]})
+    );
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            &svc["metadata"]["labels"][k], v,
+            "ServiceMonitor must select the Service"
+        );
+    }
+
+    let ds = find(&objects, "DaemonSet", "snap-agent");
+    let a = container(ds, "agent");
+    assert_eq!(env(a, "TANDEM_STATE_DIR")["value"], "/opt/tandem/state");
+    assert_eq!(
+        env(a, "TANDEM_KUBELET_DIR")["value"],
+        "/var/lib/k0s/kubelet"
+    );
+    assert_eq!(env(a, "TANDEM_THICK_COW_SIZE")["value"], "20%ORIGIN");
+    assert_eq!(
+        host_path_of(ds, "agent", "/var/lib/k0s/kubelet"),
+        ("/var/lib/k0s/kubelet".into(), json!("Bidirectional"))
+    );
+    assert_eq!(
+        host_path_of(ds, "agent", "/opt/tandem/state").0,
+        "/opt/tandem/state"
+    );
+    for path in ["/data/pv", "/srv/local"] {
+        assert_eq!(
+            host_path_of(ds, "agent", path),
+            (path.to_string(), json!("Bidirectional"))
+        );
+    }
+    assert!(
+        !ds.to_string().contains("/mnt/disks"),
+        "the default extra path is replaced, not added to"
+    );
+    let pod = &ds["spec"]["template"]["spec"];
+    // Helm merges maps with the defaults (null drops a default key); lists replace them.
+    assert_eq!(
+        pod["nodeSelector"],
+        json!({"kubernetes.io/os": "linux", "storage": "local"})
+    );
+    assert_eq!(
+        pod["tolerations"],
+        json!([{"key": "storage", "operator": "Equal", "value": "local", "effect": "NoSchedule"}])
+    );
+
+    // One replica with leaderElect, and CRDs without the keep policy.
+    let objects = template(
+        "r",
+        "ops",
+        &["--set", "controller.leaderElect=true,crds.keep=false"],
+    );
+    let c = container(
+        find(&objects, "Deployment", "r-tandem-controller"),
+        "controller",
+    );
+    assert!(args(c).contains(&"--leader-elect".to_string()), "{c}");
+    let crd = find(&objects, "CustomResourceDefinition", CRD_NAMES[0]);
+    assert!(
+        crd["metadata"]["annotations"].is_null(),
+        "{}",
+        crd["metadata"]
+    );
+}
+
+#[test]
+fn template_refuses_values_that_cannot_work() {
+    let e = template_err(&[
+        "--set",
+        "metrics.serviceMonitor.enabled=true,metrics.service.enabled=false",
+    ]);
+    assert!(
+        e.contains("metrics.serviceMonitor.enabled needs metrics.service.enabled"),
+        "{e}"
+    );
+    let e = template_err(&["--set", "agent.extraHostPaths={mnt/disks}"]);
+    assert!(e.contains("\"mnt/disks\" is not an absolute path"), "{e}");
+    let e = template_err(&["--set", "agent.extraHostPaths={/var/lib/kubelet}"]);
+    assert!(e.contains("is mounted already"), "{e}");
+    let e = template_err(&["--set", "agent.stateDir=tandem"]);
+    assert!(e.contains("agent.stateDir must be an absolute path"), "{e}");
+}
+
+/// Keys whose values are Kubernetes objects passed through as they are (documented as a whole).
+const PASS_THROUGH: [&str; 9] = [
+    "resources",
+    "livenessProbe",
+    "readinessProbe",
+    "podSecurityContext",
+    "securityContext",
+    "nodeSelector",
+    "tolerations",
+    "affinity",
+    "updateStrategy",
+];
+
+#[test]
+fn values_yaml_documents_every_key_and_templates_use_only_known_keys() {
+    let text = std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml");
+    let mut undocumented = Vec::new();
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    let mut previous = "";
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        let is_key = !trimmed.starts_with('#')
+            && !trimmed.starts_with('-')
+            && trimmed.split_once(':').is_some_and(|(k, _)| {
+                !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            });
+        if is_key {
+            let key = trimmed.split_once(':').unwrap().0.to_string();
+            while stack.last().is_some_and(|(i, _)| *i >= indent) {
+                stack.pop();
+            }
+            let inside_pass_through = stack
+                .iter()
+                .any(|(_, k)| PASS_THROUGH.contains(&k.as_str()));
+            if !inside_pass_through && !previous.trim_start().starts_with('#') {
+                let path: Vec<&str> = stack
+                    .iter()
+                    .map(|(_, k)| k.as_str())
+                    .chain([key.as_str()])
+                    .collect();
+                undocumented.push(path.join("."));
+            }
+            stack.push((indent, key));
+        }
+        if !line.trim().is_empty() {
+            previous = line;
+        }
+    }
+    assert!(
+        undocumented.is_empty(),
+        "values.yaml keys without a comment above: {undocumented:?}"
+    );
+
+    // Every .Values.x.y a template reads exists in values.yaml (a typo renders as empty silently).
+    let values: Value = serde_saphyr::from_str(&text).expect("values.yaml parses");
+    let mut unknown = Vec::new();
+    let mut files = vec![];
+    for entry in std::fs::read_dir(chart_dir().join("templates")).expect("templates") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            files.push(path);
+        }
+    }
+    assert!(files.len() > 5, "{files:?}");
+    for file in files {
+        let source = std::fs::read_to_string(&file).expect("template");
+        for (at, _) in source.match_indices(".Values.") {
+            let rest = &source[at + ".Values.".len()..];
+            let path: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '_')
+                .collect();
+            let path = path.trim_end_matches('.');
+            let mut node = &values;
+            for part in path.split('.') {
+                node = &node[part];
+            }
+            if node.is_null() && !values_path_is_null(&values, path) {
+                unknown.push(format!("{}: .Values.{path}", file.display()));
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "templates read values that values.yaml lacks: {unknown:?}"
+    );
+}
+
+/// Whether `path` exists in `values` with an explicit null (no key in values.yaml is null today).
+fn values_path_is_null(values: &Value, path: &str) -> bool {
+    let (parent, last) = path.rsplit_once('.').unwrap_or(("", path));
+    let mut node = values;
+    if !parent.is_empty() {
+        for part in parent.split('.') {
+            node = &node[part];
+        }
+    }
+    node.as_object().is_some_and(|o| o.contains_key(last))
+}
+
+fn read_dir_files(dir: &Path) -> Vec<(String, String)> {
+    let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read_to_string(&p).expect("read"),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn chart_crds_are_generated_from_crds_dir() {
+    // The committed templates are what hack/sync-chart-crds.sh makes of crds/ now.
+    let out = tempfile::tempdir().expect("temp dir");
+    run_script("hack/sync-chart-crds.sh", &[out.path()])
+        .unwrap_or_else(|e| panic!("sync-chart-crds.sh: {e}"));
+    let committed = read_dir_files(&chart_dir().join("templates/crds"));
+    let generated = read_dir_files(out.path());
+    let names = |f: &[(String, String)]| f.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        names(&committed),
+        names(&generated),
+        "charts/tandem/templates/crds drifted from crds/: run `make chart-crds`"
+    );
+    for ((name, c), (_, g)) in committed.iter().zip(&generated) {
+        assert!(
+            c == g,
+            "charts/tandem/templates/crds/{name} drifted from crds/{name}: run `make chart-crds`"
+        );
+    }
+
+    // And what helm renders from them is crds/ itself, plus labels and the keep annotation.
+    let rendered = template("tandem", "tandem-system", &[]);
+    let crds_dir = repo_root().join("crds");
+    let sources = read_dir_files(&crds_dir);
+    assert_eq!(sources.len(), CRD_NAMES.len());
+    for (file, source) in sources {
+        let mut want: Value = serde_saphyr::from_str(&source).expect("crds/ yaml");
+        let name = want["metadata"]["name"].as_str().expect("name").to_string();
+        let mut got = find(&rendered, "CustomResourceDefinition", &name).clone();
+        assert_eq!(
+            got["metadata"]["annotations"]["helm.sh/resource-policy"],
+            "keep"
+        );
+        assert_eq!(
+            got["metadata"]["labels"]["app.kubernetes.io/name"],
+            "tandem"
+        );
+        let meta = got["metadata"].as_object_mut().unwrap();
+        meta.remove("labels");
+        meta.remove("annotations");
+        want["metadata"].as_object_mut().unwrap().remove("labels");
+        assert!(
+            got == want,
+            "the chart renders {name} differently from crds/{file}"
+        );
+    }
+}
+
+#[test]
+fn deploy_manifests_are_the_chart_rendered_with_default_values() {
+    let out = tempfile::tempdir().expect("temp dir");
+    run_script("hack/render-deploy.sh", &[out.path()])
+        .unwrap_or_else(|e| panic!("render-deploy.sh: {e}"));
+    let committed = read_dir_files(&repo_root().join("deploy"));
+    let rendered = read_dir_files(out.path());
+    let names = |f: &[(String, String)]| f.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        names(&committed),
+        names(&rendered),
+        "deploy/ drifted from the chart: run `make deploy`"
+    );
+    for ((name, c), (_, r)) in committed.iter().zip(&rendered) {
+        assert!(
+            c == r,
+            "deploy/{name} drifted from the chart: run `make deploy`"
+        );
+    }
+    // Together they are every object of the default chart, plus the namespace.
+    let mut all = Vec::new();
+    for (_, text) in &committed {
+        all.extend(parse_objects(text));
+    }
+    let mut expected = kinds_and_names(&template("tandem", "tandem-system", &[]));
+    expected.insert("Namespace/tandem-system".into());
+    assert_eq!(kinds_and_names(&all), expected);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against the real API server.
+
+/// Object fields nobody's apply writes: status, server bookkeeping, and the revision annotation
+/// the Deployment controller adds.
+fn comparable(mut object: Value) -> Value {
+    if let Some(o) = object.as_object_mut() {
+        o.remove("status");
+    }
+    if let Some(meta) = object["metadata"].as_object_mut() {
+        meta.remove("resourceVersion");
+        meta.remove("managedFields");
+        if let Some(a) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+            a.remove("deployment.kubernetes.io/revision");
+        }
+    }
+    object
+}
+
+fn kubectl_admin(args: &[&str]) -> String {
+    with_plane(|p| p.kubectl(args)).unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+}
+
+/// Every object a manifest set names, as the API server has it.
+fn live_objects(files: &[&str]) -> Vec<Value> {
+    let mut args = vec!["get", "-o", "json"];
+    for f in files {
+        args.extend(["-f", f]);
+    }
+    let list: Value = serde_json::from_str(&kubectl_admin(&args)).expect("json");
+    list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .cloned()
+        .map(comparable)
+        .collect()
+}
+
+#[tokio::test]
+async fn kubectl_apply_of_deploy_twice_changes_nothing() {
+    let _crds = CRD_LOCK.lock().await;
+    let env = TestEnv::new("deploy-apply").await;
+    let deploy = repo_root().join("deploy").display().to_string();
+    let first = kubectl_admin(&["apply", "-f", &deploy]);
+    assert!(first.contains("daemonset.apps/tandem-agent"), "{first}");
+    let before = live_objects(&[&deploy]);
+    assert_eq!(before.len(), 19, "every object of deploy/ exists");
+    // The API server accepted them as they are: the pod template really reaches a Pod.
+    let deploy_ok = kubectl_admin(&[
+        "-n",
+        "tandem-system",
+        "wait",
+        "--for=jsonpath={.status.replicas}=1",
+        "--timeout=60s",
+        "deployment/tandem-controller",
+    ]);
+    assert!(deploy_ok.contains("condition met"), "{deploy_ok}");
+
+    let second = kubectl_admin(&["apply", "-f", &deploy]);
+    let changed: Vec<&str> = second
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.ends_with(" unchanged"))
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "a second apply changed: {changed:?}\n{second}"
+    );
+    let after = live_objects(&[&deploy]);
+    assert_eq!(
+        before, after,
+        "objects changed between two applies of deploy/"
+    );
+    // kubectl diff (a server-side dry run) agrees: exit 0 means no difference.
+    kubectl_admin(&["diff", "-f", &deploy]);
+
+    // The GitOps way: helm template piped into server-side apply, twice, changes nothing either.
+    let chart = chart_dir().display().to_string();
+    let rendered = helm(&[
+        "template",
+        "tandem-ssa",
+        &chart,
+        "--namespace",
+        &env.namespace,
+        "--set",
+        "crds.install=false",
+    ])
+    .expect("helm template");
+    let (_dir, file) = temp_file("rendered.yaml", &rendered);
+    let file = file.display().to_string();
+    let ssa = [
+        "apply",
+        "--server-side",
+        "--field-manager=gitops",
+        "-f",
+        &file,
+    ];
+    kubectl_admin(&ssa);
+    let before = live_objects(&[&file]);
+    kubectl_admin(&ssa);
+    let after = live_objects(&[&file]);
+    assert_eq!(before.len(), 15);
+    assert_eq!(before, after, "a second server-side apply changed objects");
+
+    // Leave the cluster-wide objects of deploy/ behind for no one (CRDs stay: other tests use them).
+    let tandem = repo_root().join("deploy/tandem.yaml").display().to_string();
+    kubectl_admin(&["delete", "-f", &tandem, "--wait=false"]);
+    kubectl_admin(&["delete", "-f", &file, "--wait=false"]);
+}
+
+fn helm_ok(args: &[&str]) -> String {
+    helm_cluster(args).unwrap_or_else(|e| panic!("helm {args:?}: {e}"))
+}
+
+#[tokio::test]
+async fn helm_install_upgrade_and_uninstall_in_the_control_plane() {
+    let env = TestEnv::new("helm-install").await;
+    let ns = env.namespace.as_str();
+    let chart = chart_dir().display().to_string();
+    // The CRDs exist (the test harness installed them, as a GitOps tool would from deploy/crds.yaml).
+    let out = helm_ok(&[
+        "install",
+        "tandem-it",
+        &chart,
+        "-n",
+        ns,
+        "--set",
+        "crds.install=false",
+    ]);
+    assert!(out.contains("STATUS: deployed"), "{out}");
+    assert!(out.contains("crds.install is false"), "NOTES: {out}");
+    let manifest = helm_ok(&["get", "manifest", "tandem-it", "-n", ns]);
+    let objects = parse_objects(&manifest);
+    assert_eq!(objects.len(), 15, "{:?}", kinds_and_names(&objects));
+    let (_dir, file) = temp_file("manifest.yaml", &manifest);
+    let live = live_objects(&[file.to_str().unwrap()]);
+    assert_eq!(live.len(), 15, "every object is in the API server");
+    // The Deployment's pod template is a valid Pod: kube-controller-manager made one.
+    let pods = env
+        .kubectl(&[
+            "wait",
+            "--for=jsonpath={.status.replicas}=1",
+            "--timeout=60s",
+            "deployment/tandem-it-controller",
+        ])
+        .expect("deployment creates a pod");
+    assert!(pods.contains("condition met"), "{pods}");
+
+    // Upgrade: three replicas (leader election), other host paths.
+    let out = helm_ok(&[
+        "upgrade",
+        "tandem-it",
+        &chart,
+        "-n",
+        ns,
+        "--reuse-values",
+        "--set",
+        "controller.replicas=3",
+        "--set",
+        "agent.extraHostPaths={/mnt/disks,/srv/pv}",
+    ]);
+    assert!(out.contains("REVISION: 2"), "{out}");
+    let deploy: Value = serde_json::from_str(
+        &env.kubectl(&["get", "deployment", "tandem-it-controller", "-o", "json"])
+            .expect("get deployment"),
+    )
+    .expect("json");
+    assert_eq!(deploy["spec"]["replicas"], 3);
+    assert!(
+        args(container(&deploy, "controller")).contains(&"--leader-elect".to_string()),
+        "{deploy}"
+    );
+    let ds: Value = serde_json::from_str(
+        &env.kubectl(&["get", "daemonset", "tandem-it-agent", "-o", "json"])
+            .expect("get daemonset"),
+    )
+    .expect("json");
+    assert_eq!(
+        host_path_of(&ds, "agent", "/srv/pv"),
+        ("/srv/pv".to_string(), json!("Bidirectional"))
+    );
+    let history = helm_ok(&["history", "tandem-it", "-n", ns]);
+    assert!(history.contains("Upgrade complete"), "{history}");
+
+    // Uninstall removes everything it made, cluster-wide ones included; the CRDs stay.
+    helm_ok(&["uninstall", "tandem-it", "-n", ns, "--wait"]);
+    let gone = with_plane(|p| p.kubectl(&["get", "clusterrole", "tandem-it-controller"]));
+    assert!(
+        gone.is_err_and(|e| e.contains("NotFound")),
+        "cluster role left behind"
+    );
+    let gone = with_plane(|p| {
+        p.kubectl(&[
+            "get",
+            "validatingadmissionpolicy",
+            "tandem-it-agent-node-restriction",
+        ])
+    });
+    assert!(
+        gone.is_err_and(|e| e.contains("NotFound")),
+        "policy left behind"
+    );
+    kubectl_admin(&["get", "crd", CRD_NAMES[0], CRD_NAMES[1], CRD_NAMES[2]]);
+}
+
+#[tokio::test]
+async fn helm_install_with_crds_takes_them_over_and_uninstall_keeps_them() {
+    let _crds = CRD_LOCK.lock().await;
+    let env = TestEnv::new("helm-crds").await;
+    let ns = env.namespace.as_str();
+    let chart = chart_dir().display().to_string();
+    // CRDs applied by someone else (kubectl, a GitOps tool) block a plain install...
+    let refused = helm_cluster(&["install", "tandem-crds", &chart, "-n", ns]);
+    let refused = refused.expect_err("helm must not silently take over CRDs it did not create");
+    assert!(
+        refused.contains("cannot be imported into the current release"),
+        "{refused}"
+    );
+    // ...and --take-ownership adopts them (what README says to do).
+    let out = helm_ok(&[
+        "install",
+        "tandem-crds",
+        &chart,
+        "-n",
+        ns,
+        "--take-ownership",
+    ]);
+    assert!(out.contains("STATUS: deployed"), "{out}");
+    for name in CRD_NAMES {
+        let crd: Value = serde_json::from_str(&kubectl_admin(&["get", "crd", name, "-o", "json"]))
+            .expect("json");
+        let annotations = &crd["metadata"]["annotations"];
+        assert_eq!(
+            annotations["meta.helm.sh/release-name"], "tandem-crds",
+            "{name}"
+        );
+        assert_eq!(annotations["helm.sh/resource-policy"], "keep", "{name}");
+    }
+    let out = helm_ok(&["upgrade", "tandem-crds", &chart, "-n", ns]);
+    assert!(out.contains("REVISION: 2"), "{out}");
+
+    let out = helm_ok(&["uninstall", "tandem-crds", "-n", ns, "--wait"]);
+    assert!(out.contains("kept due to the resource policy"), "{out}");
+    for name in CRD_NAMES {
+        let established = kubectl_admin(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=10s",
+            "crd",
+            name,
+        ]);
+        assert!(established.contains("condition met"), "{name} was removed");
+    }
+    let gone = with_plane(|p| p.kubectl(&["get", "clusterrole", "tandem-crds-agent"]));
+    assert!(gone.is_err_and(|e| e.contains("NotFound")));
+}
+
+/// `kubectl auth can-i` as a service account (impersonated by the admin, so its groups apply).
+/// Anything but a plain yes or no (a warning about an unknown resource type) fails the test.
+fn can_i(sa: &str, ns: &str, check: &str) -> bool {
+    let words: Vec<&str> = check.split_whitespace().collect();
+    let mut args = vec!["auth", "can-i", "--as", sa];
+    // Cluster-scoped resources are asked about with -A (kubectl warns about a namespace).
+    let cluster_scoped = [
+        "persistentvolumes",
+        "nodes",
+        "clusterroles.rbac.authorization.k8s.io",
+    ];
+    if cluster_scoped.contains(&words[1]) {
+        args.push("-A");
+    } else if !words.contains(&"-A") && !words.contains(&"-n") {
+        args.extend(["-n", ns]);
+    }
+    args.extend(words);
+    match kubectl_as(&support::shared_plane().kubeconfig, &args) {
+        Ok(out) if out.trim() == "yes" => true,
+        Err(out) if out.trim() == "no" => false,
+        other => panic!("kubectl auth can-i {check}: {other:?}"),
+    }
+}
+
+/// `kubectl auth can-i --list` as a service account, one normalized line per rule.
+fn rules_of(sa: &str, ns: &str) -> BTreeSet<String> {
+    let out = kubectl_admin(&["auth", "can-i", "--list", "--as", sa, "-n", ns]);
+    out.lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[tokio::test]
+async fn service_accounts_can_do_what_they_need_and_nothing_more() {
+    let env = TestEnv::new("helm-rbac").await;
+    let ns = env.namespace.as_str();
+    let chart = chart_dir().display().to_string();
+    helm_ok(&[
+        "install",
+        "tandem-rbac",
+        &chart,
+        "-n",
+        ns,
+        "--set",
+        "crds.install=false",
+    ]);
+    env.kubectl(&["create", "serviceaccount", "nobody"])
+        .expect("baseline account");
+    let agent = format!("system:serviceaccount:{ns}:tandem-rbac-agent");
+    let controller = format!("system:serviceaccount:{ns}:tandem-rbac-controller");
+    let nobody = format!("system:serviceaccount:{ns}:nobody");
+
+    let mut wrong = Vec::new();
+    let mut expect = |sa: &str, who: &str, check: &str, want: bool| {
+        if can_i(sa, ns, check) != want {
+            wrong.push(format!(
+                "{who} {} {check}",
+                if want { "cannot" } else { "can" }
+            ));
+        }
+    };
+    for check in [
+        "get persistentvolumes",
+        "list persistentvolumes",
+        "watch persistentvolumes",
+        "get persistentvolumeclaims -A",
+        "list persistentvolumeclaims -A",
+        "watch persistentvolumeclaims -A",
+        "get nodesnapshots.tandem.dev -A",
+        "list nodesnapshots.tandem.dev -A",
+        "watch nodesnapshots.tandem.dev -A",
+        "update nodesnapshots.tandem.dev",
+        "patch nodesnapshots.tandem.dev",
+        "patch nodesnapshots.tandem.dev --subresource=status",
+        "update nodesnapshots.tandem.dev --subresource=status",
+        "create events.events.k8s.io",
+        "patch events.events.k8s.io",
+    ] {
+        expect(&agent, "agent", check, true);
+    }
+    for check in [
+        "create nodesnapshots.tandem.dev",
+        "delete nodesnapshots.tandem.dev",
+        "deletecollection nodesnapshots.tandem.dev",
+        "get consistencygroups.tandem.dev",
+        "get groupsnapshots.tandem.dev",
+        "patch groupsnapshots.tandem.dev --subresource=status",
+        "update persistentvolumes",
+        "patch persistentvolumeclaims",
+        "get secrets",
+        "list secrets -A",
+        "get configmaps",
+        "create pods",
+        "create pods --subresource=exec",
+        "patch nodes",
+        "create events",
+        "create leases.coordination.k8s.io",
+    ] {
+        expect(&agent, "agent", check, false);
+    }
+    for check in [
+        "get consistencygroups.tandem.dev -A",
+        "list consistencygroups.tandem.dev -A",
+        "watch consistencygroups.tandem.dev -A",
+        "patch consistencygroups.tandem.dev --subresource=status",
+        "update consistencygroups.tandem.dev --subresource=finalizers",
+        "create groupsnapshots.tandem.dev",
+        "patch groupsnapshots.tandem.dev --subresource=status",
+        "update groupsnapshots.tandem.dev --subresource=finalizers",
+        "create nodesnapshots.tandem.dev",
+        "delete nodesnapshots.tandem.dev",
+        "patch nodesnapshots.tandem.dev --subresource=status",
+        "list persistentvolumes",
+        "watch persistentvolumeclaims -A",
+        "create events.events.k8s.io",
+        "create leases.coordination.k8s.io",
+        "get leases.coordination.k8s.io/tandem-controller",
+        "update leases.coordination.k8s.io/tandem-controller",
+    ] {
+        expect(&controller, "controller", check, true);
+    }
+    for check in [
+        "get secrets",
+        "list secrets -A",
+        "watch secrets -A",
+        "create pods --subresource=exec",
+        "get pods",
+        "create pods",
+        "update persistentvolumeclaims",
+        "delete persistentvolumes",
+        "update leases.coordination.k8s.io/other-lease",
+        "delete leases.coordination.k8s.io/tandem-controller",
+        "create leases.coordination.k8s.io -n kube-system",
+        "update leases.coordination.k8s.io/tandem-controller -n kube-system",
+        "create clusterroles.rbac.authorization.k8s.io",
+        "impersonate users",
+        "update nodes",
+        "create events",
+    ] {
+        expect(&controller, "controller", check, false);
+    }
+    assert!(wrong.is_empty(), "RBAC is not least privilege: {wrong:#?}");
+
+    // Nothing more: beyond what every service account may do, exactly these rules.
+    let baseline = rules_of(&nobody, ns);
+    let extra = |sa: &str| -> BTreeSet<String> {
+        rules_of(sa, ns).difference(&baseline).cloned().collect()
+    };
+    let set = |lines: &[&str]| lines.iter().map(|l| l.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(
+        extra(&agent),
+        set(&[
+            "events.events.k8s.io [] [] [create patch]",
+            "nodesnapshots.tandem.dev/status [] [] [get update patch]",
+            "nodesnapshots.tandem.dev [] [] [get list watch update patch]",
+            "persistentvolumeclaims [] [] [get list watch]",
+            "persistentvolumes [] [] [get list watch]",
+        ])
+    );
+    let controller_rules = extra(&controller);
+    assert_eq!(
+        controller_rules,
+        set(&[
+            "consistencygroups.tandem.dev/finalizers [] [] [get update patch]",
+            "consistencygroups.tandem.dev/status [] [] [get update patch]",
+            "consistencygroups.tandem.dev [] [] [get list watch create update patch delete]",
+            "events.events.k8s.io [] [] [create patch]",
+            "groupsnapshots.tandem.dev/finalizers [] [] [get update patch]",
+            "groupsnapshots.tandem.dev/status [] [] [get update patch]",
+            "groupsnapshots.tandem.dev [] [] [get list watch create update patch delete]",
+            "leases.coordination.k8s.io [] [tandem-controller] [get update]",
+            "leases.coordination.k8s.io [] [] [create]",
+            "nodesnapshots.tandem.dev/finalizers [] [] [get update patch]",
+            "nodesnapshots.tandem.dev/status [] [] [get update patch]",
+            "nodesnapshots.tandem.dev [] [] [get list watch create update patch delete]",
+            "persistentvolumeclaims [] [] [get list watch]",
+            "persistentvolumes [] [] [get list watch]",
+        ])
+    );
+}
+
+/// A service-account token from the TokenRequest API, bound to a Pod when one is named.
+fn token(ns: &str, sa: &str, pod: Option<&str>) -> String {
+    let mut args = vec!["-n", ns, "create", "token", sa, "--duration=10m"];
+    if let Some(pod) = pod {
+        args.extend(["--bound-object-kind=Pod", "--bound-object-name", pod]);
+    }
+    kubectl_admin(&args).trim().to_string()
+}
+
+/// A kubeconfig file for a token; kept as long as the returned folder lives.
+fn token_file(token: &str) -> (tempfile::TempDir, PathBuf) {
+    temp_file("kubeconfig", &token_kubeconfig(token))
+}
+
+fn patch_status(kubeconfig: &Path, ns: &str, name: &str, phase: &str) -> Result<String, String> {
+    kubectl_as(
+        kubeconfig,
+        &[
+            "-n",
+            ns,
+            "patch",
+            "nodesnapshot",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &json!({"status": {"phase": phase}}).to_string(),
+        ],
+    )
+}
+
+fn add_finalizer(kubeconfig: &Path, ns: &str, name: &str) -> Result<String, String> {
+    kubectl_as(
+        kubeconfig,
+        &[
+            "-n",
+            ns,
+            "patch",
+            "nodesnapshot",
+            name,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":["tandem.dev/agent"]}}"#,
+        ],
+    )
+}
+
+#[tokio::test]
+async fn agent_tokens_write_only_the_nodesnapshots_of_their_own_node() {
+    let env = TestEnv::new("helm-vap").await;
+    let ns = env.namespace.as_str();
+    let chart = chart_dir().display().to_string();
+    helm_ok(&[
+        "install",
+        "tandem-vap",
+        &chart,
+        "-n",
+        ns,
+        "--set",
+        "crds.install=false",
+    ]);
+    let sa = "tandem-vap-agent";
+    let suffix = std::process::id();
+    let node_a = format!("vap-node-a-{suffix}");
+    let node_b = format!("vap-node-b-{suffix}");
+
+    // Two nodes, an agent Pod on each (no kubelet: the objects are enough for bound tokens).
+    for (node, pod) in [(&node_a, "agent-a"), (&node_b, "agent-b")] {
+        let node_json = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}});
+        let pod_json = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod, "namespace": ns},
+            "spec": {
+                "nodeName": node, "serviceAccountName": sa,
+                "containers": [{"name": "agent", "image": "registry.invalid/tandem:test"}]
+            }
+        });
+        let (_d, file) = temp_file("objects.json", &format!("{node_json}\n{pod_json}"));
+        kubectl_admin(&["create", "-f", file.to_str().unwrap()]);
+    }
+    // One NodeSnapshot per node, made by the admin (the controller's job).
+    for (name, node) in [("snap-a", &node_a), ("snap-b", &node_b)] {
+        let snapshot = json!({
+            "apiVersion": "tandem.dev/v1alpha1", "kind": "NodeSnapshot",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"nodeName": node, "groupSnapshot": "gs", "freezeTimeoutSeconds": 10}
+        });
+        let (_d, file) = temp_file("snapshot.json", &snapshot.to_string());
+        kubectl_admin(&["create", "-f", file.to_str().unwrap()]);
+    }
+
+    let (_a, agent_a) = token_file(&token(ns, sa, Some("agent-a")));
+    let (_b, agent_b) = token_file(&token(ns, sa, Some("agent-b")));
+    let (_u, unbound) = token_file(&token(ns, sa, None));
+    let (_c, controller) = token_file(&token(ns, "tandem-vap-controller", None));
+
+    // The token really carries its node (Kubernetes >= 1.32 puts it there).
+    let whoami: Value = serde_json::from_str(
+        &kubectl_as(&agent_a, &["auth", "whoami", "-o", "json"]).expect("whoami"),
+    )
+    .expect("json");
+    assert_eq!(
+        whoami["status"]["userInfo"]["extra"]["authentication.kubernetes.io/node-name"],
+        json!([node_a]),
+        "{whoami}"
+    );
+
+    // The policy takes effect once the API server has loaded it: wait for the first denial.
+    support::eventually(
+        Duration::from_secs(30),
+        "the node restriction policy",
+        || async { patch_status(&unbound, ns, "snap-a", "Pending").err() },
+    )
+    .await;
+    let denied = patch_status(&unbound, ns, "snap-a", "Cut").expect_err("unbound token denied");
+    assert!(denied.contains("this token names no node"), "{denied}");
+
+    // The agent of node A writes node A's NodeSnapshot, its status and its finalizer...
+    patch_status(&agent_a, ns, "snap-a", "Cut").expect("agent A reports on node A");
+    add_finalizer(&agent_a, ns, "snap-a").expect("agent A adds its finalizer on node A");
+    let live: Value = serde_json::from_str(
+        &env.kubectl(&["get", "nodesnapshot", "snap-a", "-o", "json"])
+            .expect("get"),
+    )
+    .expect("json");
+    assert_eq!(live["status"]["phase"], "Cut");
+    assert_eq!(live["metadata"]["finalizers"], json!(["tandem.dev/agent"]));
+
+    // ...and nothing of node B's.
+    let denied = patch_status(&agent_a, ns, "snap-b", "Cut").expect_err("A may not report on B");
+    assert!(
+        denied.contains("ValidatingAdmissionPolicy")
+            && denied.contains(&format!("tandem agent of node {node_a} may not write NodeSnapshot {ns}/snap-b of node {node_b}")),
+        "{denied}"
+    );
+    let denied = add_finalizer(&agent_a, ns, "snap-b").expect_err("A may not touch B");
+    assert!(denied.contains(&format!("of node {node_b}")), "{denied}");
+    let live: Value = serde_json::from_str(
+        &env.kubectl(&["get", "nodesnapshot", "snap-b", "-o", "json"])
+            .expect("get"),
+    )
+    .expect("json");
+    assert!(
+        live["status"]["phase"] != "Cut" && live["metadata"]["finalizers"].is_null(),
+        "{live}"
+    );
+
+    // The agent of node B: the mirror image.
+    patch_status(&agent_b, ns, "snap-b", "Released").expect("agent B reports on node B");
+    let denied =
+        patch_status(&agent_b, ns, "snap-a", "Aborted").expect_err("B may not report on A");
+    assert!(
+        denied.contains(&format!(
+            "tandem agent of node {node_b} may not write NodeSnapshot {ns}/snap-a of node {node_a}"
+        )),
+        "{denied}"
+    );
+
+    // RBAC: no agent creates or deletes NodeSnapshots, whatever its node.
+    let create = json!({
+        "apiVersion": "tandem.dev/v1alpha1", "kind": "NodeSnapshot",
+        "metadata": {"name": "snap-a2", "namespace": ns},
+        "spec": {"nodeName": node_a, "groupSnapshot": "gs", "freezeTimeoutSeconds": 10}
+    });
+    let (_d, file) = temp_file("create.json", &create.to_string());
+    let denied = kubectl_as(&agent_a, &["create", "-f", file.to_str().unwrap()])
+        .expect_err("agents cannot create NodeSnapshots");
+    assert!(
+        denied.contains("cannot create resource \"nodesnapshots\""),
+        "{denied}"
+    );
+    let denied = kubectl_as(
+        &agent_a,
+        &["-n", ns, "delete", "nodesnapshot", "snap-a", "--wait=false"],
+    )
+    .expect_err("agents cannot delete NodeSnapshots");
+    assert!(
+        denied.contains("cannot delete resource \"nodesnapshots\""),
+        "{denied}"
+    );
+
+    // Other identities are not the policy's business: the controller writes both nodes' objects.
+    patch_status(&controller, ns, "snap-a", "Cut").expect("controller, node A");
+    patch_status(&controller, ns, "snap-b", "Cut").expect("controller, node B");
+
+    // Let the namespace go.
+    env.kubectl(&[
+        "patch",
+        "nodesnapshot",
+        "snap-a",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ])
+    .expect("remove finalizer");
+    for node in [&node_a, &node_b] {
+        let _ = with_plane(|p| p.kubectl(&["delete", "node", node, "--wait=false"]));
+    }
+}
