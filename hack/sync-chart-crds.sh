@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Generates the chart's CRD templates from crds/*.yaml (which `make crds` generates from src/api):
 # each CRD is wrapped in `{{- if .Values.crds.install }}`, labelled like the chart's other objects
-# and annotated helm.sh/resource-policy: keep (when crds.keep). Do not edit the outputs by hand;
+# and annotated helm.sh/resource-policy: keep (when crds.keep) plus crds.annotations. Do not edit the outputs by hand;
 # tests/chart.rs fails when they drift from crds/.
 #
 #   hack/sync-chart-crds.sh [OUT_DIR]     default OUT_DIR: charts/tandem/templates/crds
@@ -26,9 +26,14 @@ for src in "$root"/crds/*.yaml; do
       /^metadata:$/ && !done {
         print "  labels:"
         print "    {{- include \"tandem.labels\" . | nindent 4 }}"
-        print "  {{- if .Values.crds.keep }}"
+        print "  {{- if or .Values.crds.keep .Values.crds.annotations }}"
         print "  annotations:"
+        print "    {{- if .Values.crds.keep }}"
         print "    helm.sh/resource-policy: keep"
+        print "    {{- end }}"
+        print "    {{- with .Values.crds.annotations }}"
+        print "    {{- toYaml . | nindent 4 }}"
+        print "    {{- end }}"
         print "  {{- end }}"
         done = 1
       }'

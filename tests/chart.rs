@@ -436,6 +436,21 @@ agent:
         json!([{"key": "storage", "operator": "Equal", "value": "local", "effect": "NoSchedule"}])
     );
 
+    // CRD annotations for GitOps tools, beside the keep policy.
+    let objects = template(
+        "r",
+        "ops",
+        &[
+            "--set-string",
+            "crds.annotations.argocd\\.argoproj\\.io/sync-options=Delete=false",
+        ],
+    );
+    let crd = find(&objects, "CustomResourceDefinition", CRD_NAMES[2]);
+    assert_eq!(
+        crd["metadata"]["annotations"],
+        json!({"helm.sh/resource-policy": "keep", "argocd.argoproj.io/sync-options": "Delete=false"})
+    );
+
     // One replica with leaderElect, and CRDs without the keep policy.
     let objects = template(
         "r",
