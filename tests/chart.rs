@@ -16,9 +16,9 @@ use support::helm::{
 };
 use support::{TestEnv, repo_root, with_plane};
 
-/// Tests that change the cluster-wide CRDs (adopting them into a release, applying deploy/) run
-/// one at a time, so "applying twice changes nothing" is not disturbed by another test.
-static CRD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Tests that change or delete the cluster-wide CRDs (adopting them into a release, installing them
+/// afresh, applying deploy/) hold this for writing; tests that need the CRDs hold it for reading.
+static CRD_LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 const CRD_NAMES: [&str; 3] = [
     "consistencygroups.tandem.dev",
@@ -724,7 +724,7 @@ fn live_objects(files: &[&str]) -> Vec<Value> {
 
 #[tokio::test]
 async fn kubectl_apply_of_deploy_twice_changes_nothing() {
-    let _crds = CRD_LOCK.lock().await;
+    let _crds = CRD_LOCK.write().await;
     let env = TestEnv::new("deploy-apply").await;
     let deploy = repo_root().join("deploy").display().to_string();
     let first = kubectl_admin(&["apply", "-f", &deploy]);
@@ -799,6 +799,7 @@ fn helm_ok(args: &[&str]) -> String {
 
 #[tokio::test]
 async fn helm_install_upgrade_and_uninstall_in_the_control_plane() {
+    let _crds = CRD_LOCK.read().await;
     let env = TestEnv::new("helm-install").await;
     let ns = env.namespace.as_str();
     let chart = chart_dir().display().to_string();
@@ -890,7 +891,7 @@ async fn helm_install_upgrade_and_uninstall_in_the_control_plane() {
 
 #[tokio::test]
 async fn helm_install_with_crds_takes_them_over_and_uninstall_keeps_them() {
-    let _crds = CRD_LOCK.lock().await;
+    let _crds = CRD_LOCK.write().await;
     let env = TestEnv::new("helm-crds").await;
     let ns = env.namespace.as_str();
     let chart = chart_dir().display().to_string();
@@ -940,6 +941,47 @@ async fn helm_install_with_crds_takes_them_over_and_uninstall_keeps_them() {
     assert!(gone.is_err_and(|e| e.contains("NotFound")));
 }
 
+#[tokio::test]
+async fn helm_install_with_default_values_on_a_cluster_without_the_crds() {
+    let _crds = CRD_LOCK.write().await;
+    let env = TestEnv::new("helm-fresh").await;
+    let ns = env.namespace.as_str();
+    let chart = chart_dir().display().to_string();
+    let mut delete = vec!["delete", "crd", "--wait=true", "--timeout=60s"];
+    delete.extend(CRD_NAMES);
+    kubectl_admin(&delete);
+
+    // The first-time experience: `helm install` with nothing but defaults.
+    let out = helm_ok(&["install", "tandem-fresh", &chart, "-n", ns]);
+    assert!(out.contains("STATUS: deployed"), "{out}");
+    let mut wait = vec![
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+    ];
+    wait.extend(CRD_NAMES);
+    kubectl_admin(&wait);
+    // The CRDs it made serve their kinds.
+    let snapshot = json!({
+        "apiVersion": "tandem.dev/v1alpha1", "kind": "NodeSnapshot",
+        "metadata": {"name": "probe", "namespace": ns},
+        "spec": {"nodeName": "n", "groupSnapshot": "gs", "freezeTimeoutSeconds": 10}
+    });
+    let (_d, file) = temp_file("snapshot.json", &snapshot.to_string());
+    kubectl_admin(&["create", "-f", file.to_str().unwrap()]);
+
+    // Uninstall keeps the CRDs and what they hold; installing again takes them back.
+    let out = helm_ok(&["uninstall", "tandem-fresh", "-n", ns, "--wait"]);
+    assert!(out.contains("kept due to the resource policy"), "{out}");
+    env.kubectl(&["get", "nodesnapshot", "probe"])
+        .expect("the NodeSnapshot survives uninstall");
+    let out = helm_ok(&["install", "tandem-fresh", &chart, "-n", ns]);
+    assert!(out.contains("STATUS: deployed"), "reinstall: {out}");
+    helm_ok(&["uninstall", "tandem-fresh", "-n", ns, "--wait"]);
+    kubectl_admin(&wait);
+}
+
 /// `kubectl auth can-i` as a service account (impersonated by the admin, so its groups apply).
 /// Anything but a plain yes or no (a warning about an unknown resource type) fails the test.
 fn can_i(sa: &str, ns: &str, check: &str) -> bool {
@@ -976,6 +1018,7 @@ fn rules_of(sa: &str, ns: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn service_accounts_can_do_what_they_need_and_nothing_more() {
+    let _crds = CRD_LOCK.read().await;
     let env = TestEnv::new("helm-rbac").await;
     let ns = env.namespace.as_str();
     let chart = chart_dir().display().to_string();
@@ -1172,6 +1215,7 @@ fn add_finalizer(kubeconfig: &Path, ns: &str, name: &str) -> Result<String, Stri
 
 #[tokio::test]
 async fn agent_tokens_write_only_the_nodesnapshots_of_their_own_node() {
+    let _crds = CRD_LOCK.read().await;
     let env = TestEnv::new("helm-vap").await;
     let ns = env.namespace.as_str();
     let chart = chart_dir().display().to_string();
