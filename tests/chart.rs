@@ -1038,7 +1038,7 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
     let nobody = format!("system:serviceaccount:{ns}:nobody");
 
     let mut wrong = Vec::new();
-    let mut expect = |sa: &str, who: &str, check: &str, want: bool| {
+    let expect = |wrong: &mut Vec<String>, sa: &str, who: &str, check: &str, want: bool| {
         if can_i(sa, ns, check) != want {
             wrong.push(format!(
                 "{who} {} {check}",
@@ -1063,7 +1063,7 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "create events.events.k8s.io",
         "patch events.events.k8s.io",
     ] {
-        expect(&agent, "agent", check, true);
+        expect(&mut wrong, &agent, "agent", check, true);
     }
     for check in [
         "create nodesnapshots.tandem.dev",
@@ -1083,7 +1083,7 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "create events",
         "create leases.coordination.k8s.io",
     ] {
-        expect(&agent, "agent", check, false);
+        expect(&mut wrong, &agent, "agent", check, false);
     }
     for check in [
         "get consistencygroups.tandem.dev -A",
@@ -1104,7 +1104,7 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "get leases.coordination.k8s.io/tandem-controller",
         "update leases.coordination.k8s.io/tandem-controller",
     ] {
-        expect(&controller, "controller", check, true);
+        expect(&mut wrong, &controller, "controller", check, true);
     }
     for check in [
         "get secrets",
@@ -1124,9 +1124,66 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "update nodes",
         "create events",
     ] {
-        expect(&controller, "controller", check, false);
+        expect(&mut wrong, &controller, "controller", check, false);
     }
     assert!(wrong.is_empty(), "RBAC is not least privilege: {wrong:#?}");
+
+    // Users: namespace editors manage groups and group snapshots (the chart's roles aggregate into
+    // the built-in ones, through kube-controller-manager), viewers read them; nobody writes
+    // NodeSnapshots.
+    for (user, role) in [("editor", "edit"), ("viewer", "view")] {
+        env.kubectl(&[
+            "create",
+            "rolebinding",
+            user,
+            "--clusterrole",
+            role,
+            "--user",
+            user,
+        ])
+        .expect("rolebinding");
+    }
+    support::eventually(
+        Duration::from_secs(30),
+        "the edit and view roles to aggregate tandem's rules",
+        || async {
+            (can_i("editor", ns, "create consistencygroups.tandem.dev")
+                && can_i("viewer", ns, "list groupsnapshots.tandem.dev"))
+            .then_some(())
+        },
+    )
+    .await;
+    for check in [
+        "create consistencygroups.tandem.dev",
+        "patch consistencygroups.tandem.dev",
+        "create groupsnapshots.tandem.dev",
+        "delete groupsnapshots.tandem.dev",
+        "list nodesnapshots.tandem.dev",
+    ] {
+        expect(&mut wrong, "editor", "editor", check, true);
+    }
+    for check in [
+        "create nodesnapshots.tandem.dev",
+        "patch nodesnapshots.tandem.dev --subresource=status",
+        "patch consistencygroups.tandem.dev --subresource=status",
+    ] {
+        expect(&mut wrong, "editor", "editor", check, false);
+    }
+    expect(
+        &mut wrong,
+        "viewer",
+        "viewer",
+        "get consistencygroups.tandem.dev",
+        true,
+    );
+    expect(
+        &mut wrong,
+        "viewer",
+        "viewer",
+        "create groupsnapshots.tandem.dev",
+        false,
+    );
+    assert!(wrong.is_empty(), "user roles: {wrong:#?}");
 
     // Nothing more: beyond what every service account may do, exactly these rules.
     let baseline = rules_of(&nobody, ns);
