@@ -126,6 +126,8 @@ struct CutState {
     /// Set by the first of release/abort/watchdog: the cut is over.
     finished: bool,
     first_freeze: Option<Instant>,
+    /// From the first FIFREEZE to the last FITHAW, once thawed.
+    window: Option<Duration>,
     deadline: Instant,
 }
 
@@ -243,6 +245,12 @@ impl Engine {
         Ok(self.inner.journal.get(key)?.map(|e| e.status))
     }
 
+    /// The exact freeze window of a thawed cut of this run (the status rounds it to milliseconds).
+    pub fn freeze_window(&self, key: &str) -> Option<Duration> {
+        let cut = lock(&self.inner.cuts).get(key).cloned()?;
+        lock(&cut.state).window
+    }
+
     /// When a held cut's watchdog fires, if a cut is held.
     pub fn deadline(&self, key: &str) -> Option<Instant> {
         let cut = lock(&self.inner.cuts).get(key).cloned()?;
@@ -345,6 +353,7 @@ impl Engine {
                 made: BTreeMap::new(),
                 finished: false,
                 first_freeze: None,
+                window: None,
                 deadline: Instant::now() + req.freeze_timeout,
             }),
             thawed: Condvar::new(),
@@ -880,6 +889,7 @@ impl Engine {
         }
         if let Some(start) = state.first_freeze {
             let window = start.elapsed();
+            state.window = Some(window);
             state.entry.status.freeze_window_millis = i64::try_from(window.as_millis()).ok();
         }
     }

@@ -77,7 +77,10 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
     let api: Api<NodeSnapshot> = Api::namespaced(ctx.client.clone(), &namespace);
 
     if obj.metadata.deletion_timestamp.is_some() {
-        if obj.finalizers().iter().any(|f| f == FINALIZER) {
+        // Act only once every other finalizer is gone: the controller holds its own until the
+        // GroupSnapshot itself is deleted, so a member snapshot is never deleted on its own.
+        let only_ours = obj.finalizers().iter().all(|f| f == FINALIZER);
+        if only_ours && obj.finalizers().iter().any(|f| f == FINALIZER) {
             let retain = obj.spec.deletion_policy == DeletionPolicy::Retain;
             let engine = ctx.engine.clone();
             let key = uid.clone();
