@@ -3,9 +3,10 @@
 #
 #   docker build -t ghcr.io/tandem-dev/tandem:0.1.0 .
 #
-# Build stage: the Rust toolchain of rust-version in Cargo.toml, on the same Debian as the runtime
-# (same glibc). Dependencies are built in their own layer so source edits rebuild only tandem.
-FROM docker.io/library/rust:1.89-bookworm AS build
+# Build stage: the Rust toolchain CI tests with (1.95; Cargo.toml's rust-version is the floor), on
+# the same Debian as the runtime (same glibc). Dependencies are built in their own layer so source
+# edits rebuild only tandem.
+FROM docker.io/library/rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src/bin \
