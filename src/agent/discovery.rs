@@ -209,21 +209,22 @@ fn read_trimmed(path: &Path) -> Option<String> {
 /// Classifies a block device by its sysfs entry under `sysfs_block` (normally /sys/dev/block).
 pub fn classify_device(dev: DevId, sysfs_block: &Path) -> DeviceKind {
     let dir = sysfs_block.join(dev.to_string());
-    if let Some(file) = read_trimmed(&dir.join("loop/backing_file")) {
-        if !file.is_empty() {
-            // The kernel appends " (deleted)" when the image was unlinked; keep it visible.
-            return DeviceKind::Loop {
-                backing_file: PathBuf::from(file),
-            };
-        }
+    if let Some(file) = read_trimmed(&dir.join("loop/backing_file"))
+        && !file.is_empty()
+    {
+        // The kernel appends " (deleted)" when the image was unlinked; keep it visible.
+        return DeviceKind::Loop {
+            backing_file: PathBuf::from(file),
+        };
     }
     if let Some(dm_name) = read_trimmed(&dir.join("dm/name")) {
         let uuid = read_trimmed(&dir.join("dm/uuid")).unwrap_or_default();
         // LVM's dm uuids are "LVM-<vg uuid><lv uuid>" (snapshot internals add a suffix like "-cow").
-        if uuid.starts_with("LVM-") && !uuid[4..].contains('-') {
-            if let Some((vg, lv)) = split_lvm_dm_name(&dm_name) {
-                return DeviceKind::LvmVolume { vg, lv, dm_name };
-            }
+        if uuid.starts_with("LVM-")
+            && !uuid[4..].contains('-')
+            && let Some((vg, lv)) = split_lvm_dm_name(&dm_name)
+        {
+            return DeviceKind::LvmVolume { vg, lv, dm_name };
         }
         return DeviceKind::OtherDeviceMapper { dm_name };
     }

@@ -359,15 +359,15 @@ impl Engine {
             thawed: Condvar::new(),
         });
         lock(&self.inner.cuts).insert(req.key.clone(), cut.clone());
-        if !targets.is_empty() {
-            if let Err(e) = watchdog::arm(self.clone(), cut.clone(), req.freeze_timeout) {
-                let statuses = status.volumes.clone();
-                return self.fail(
-                    &cut,
-                    statuses,
-                    format!("cannot start the watchdog thread, so nothing was frozen: {e}"),
-                );
-            }
+        if !targets.is_empty()
+            && let Err(e) = watchdog::arm(self.clone(), cut.clone(), req.freeze_timeout)
+        {
+            let statuses = status.volumes.clone();
+            return self.fail(
+                &cut,
+                statuses,
+                format!("cannot start the watchdog thread, so nothing was frozen: {e}"),
+            );
         }
 
         // 4. syncfs all, then FIFREEZE all, in parallel.
@@ -535,24 +535,24 @@ impl Engine {
         for i in serial {
             let plan = &prepared.volumes[i].plan;
             let mut result = backend::create(plan, options);
-            if let Err(BackendError::FrozenOriginBusy { .. }) = &result {
-                if req.freeze == FreezePolicy::BestEffort {
-                    // Degrade honestly: thaw this filesystem, let LVM suspend it itself, and say so.
-                    let sb = prepared.volumes[i].superblock;
-                    self.thaw_one(cut, sb);
-                    let why = result
-                        .as_ref()
-                        .err()
-                        .map(|e| e.to_string())
-                        .unwrap_or_default();
-                    result = backend::create(plan, options);
-                    for (j, v) in prepared.volumes.iter().enumerate() {
-                        if v.superblock == sb && statuses[j].frozen {
-                            statuses[j].frozen = false;
-                            statuses[j].reason = Some(format!(
-                                "thawed before its snapshot and snapshotted with LVM's own suspend, consistent on its own only: {why}"
-                            ));
-                        }
+            if let Err(BackendError::FrozenOriginBusy { .. }) = &result
+                && req.freeze == FreezePolicy::BestEffort
+            {
+                // Degrade honestly: thaw this filesystem, let LVM suspend it itself, and say so.
+                let sb = prepared.volumes[i].superblock;
+                self.thaw_one(cut, sb);
+                let why = result
+                    .as_ref()
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                result = backend::create(plan, options);
+                for (j, v) in prepared.volumes.iter().enumerate() {
+                    if v.superblock == sb && statuses[j].frozen {
+                        statuses[j].frozen = false;
+                        statuses[j].reason = Some(format!(
+                            "thawed before its snapshot and snapshotted with LVM's own suspend, consistent on its own only: {why}"
+                        ));
                     }
                 }
             }
@@ -770,10 +770,10 @@ impl Engine {
                 )?;
             }
         }
-        if let Some(entry) = self.inner.journal.get(key)? {
-            if !retain || entry.status.phase != NodePhase::Released {
-                self.delete_handles(&entry.snapshots);
-            }
+        if let Some(entry) = self.inner.journal.get(key)?
+            && (!retain || entry.status.phase != NodePhase::Released)
+        {
+            self.delete_handles(&entry.snapshots);
         }
         lock(&self.inner.cuts).remove(key);
         self.inner.journal.remove(key)?;
@@ -813,13 +813,13 @@ impl Engine {
             status.device = Some(resolved.device.display().to_string());
             status.filesystem = resolved.fs_type().map(str::to_string);
             // Refuse the node's own filesystems before anything else is considered.
-            if let Some(mount) = &resolved.mount {
-                if let Err(refusal) = self.inner.guard.check(&request.path, mount.dev) {
-                    status.reason = Some(refusal.to_string());
-                    problems.push(format!("{who}: {refusal}"));
-                    statuses.push(status);
-                    continue;
-                }
+            if let Some(mount) = &resolved.mount
+                && let Err(refusal) = self.inner.guard.check(&request.path, mount.dev)
+            {
+                status.reason = Some(refusal.to_string());
+                problems.push(format!("{who}: {refusal}"));
+                statuses.push(status);
+                continue;
             }
             let name = backend::snapshot_name(
                 &req.namespace,
