@@ -488,6 +488,61 @@ fn template_refuses_values_that_cannot_work() {
     assert!(e.contains("agent.stateDir must be an absolute path"), "{e}");
 }
 
+/// What `tandem SUBCOMMAND --help` says (the binary cargo built for these tests).
+fn tandem_help(subcommand: &str) -> String {
+    support::helm::run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tandem")).args([subcommand, "--help"]),
+    )
+    .unwrap_or_else(|e| panic!("tandem {subcommand} --help: {e}"))
+}
+
+#[test]
+fn the_binary_knows_every_flag_and_variable_the_chart_passes() {
+    let objects = template(
+        "tandem",
+        "tandem-system",
+        &[
+            "--set",
+            "controller.replicas=2,controller.watchNamespace=shop",
+        ],
+    );
+    let mut unknown = Vec::new();
+    for (kind, name, sub, container_name) in [
+        (
+            "Deployment",
+            "tandem-controller",
+            "controller",
+            "controller",
+        ),
+        ("DaemonSet", "tandem-agent", "agent", "agent"),
+    ] {
+        let help = tandem_help(sub);
+        let c = container(find(&objects, kind, name), container_name);
+        let args = args(c);
+        assert_eq!(args[0], sub);
+        for flag in args.iter().filter(|a| a.starts_with("--")) {
+            let flag = flag.split('=').next().unwrap();
+            if !help.contains(&format!("{flag} ")) && !help.contains(&format!("{flag}\n")) {
+                unknown.push(format!("tandem {sub} {flag}"));
+            }
+        }
+        for var in c["env"].as_array().expect("env") {
+            let var = var["name"].as_str().unwrap();
+            // Read by the process itself, not through flags: the downward API names and RUST_LOG.
+            if ["POD_NAME", "POD_NAMESPACE", "RUST_LOG"].contains(&var) {
+                continue;
+            }
+            if !help.contains(&format!("[env: {var}")) {
+                unknown.push(format!("tandem {sub}: env {var}"));
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "the chart passes what the binary does not know: {unknown:?}"
+    );
+}
+
 /// Keys whose values are Kubernetes objects passed through as they are (documented as a whole).
 const PASS_THROUGH: [&str; 9] = [
     "resources",
