@@ -258,6 +258,7 @@ fn start_controller(env: &TestEnv) -> tokio::task::JoinHandle<()> {
     let client = env.client.clone();
     let args = ControllerArgs {
         namespace: Some(env.namespace.clone()),
+        ..Default::default()
     };
     tokio::spawn(async move {
         if let Err(e) = tandem::controller::run(client, args).await {

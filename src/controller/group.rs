@@ -74,7 +74,9 @@ fn groups_in(
 }
 
 async fn reconcile(group: Arc<ConsistencyGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    tracing::debug!(group = %group.name_any(), "reconcile");
     caches_ready(&ctx).await?;
+    tracing::debug!(group = %group.name_any(), "caches ready");
     let namespace = group.namespace().ok_or(Error::MissingNamespace)?;
     let claims = ctx.claims.state();
     let volumes = ctx.volumes.state();

@@ -3,11 +3,17 @@
 //! One process runs a kube-runtime Controller per kind. Membership follows PVC and PV changes
 //! through watches (reflector stores shared with the reconcilers), never through polling.
 
+pub mod barrier;
 mod conditions;
 mod group;
+mod http;
 pub mod membership;
+mod metrics;
+mod snapshot;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
@@ -17,6 +23,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
 pub use group::run_group_controller;
+pub use metrics::Metrics;
+pub use snapshot::{FINALIZER, GROUP_SNAPSHOT_LABEL, node_snapshot_name, run_snapshot_controller};
 
 /// The field manager (server-side apply) and event reporter of the controller.
 pub const CONTROLLER_NAME: &str = "tandem-controller";
@@ -27,6 +35,10 @@ pub struct ControllerArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "TANDEM_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
+
+    /// Address for /metrics, /healthz and /readyz (none: not served).
+    #[arg(long, env = "TANDEM_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
 }
 
 /// What can go wrong while reconciling.
@@ -40,6 +52,8 @@ pub enum Error {
     MissingNamespace,
     #[error("the watch caches did not become ready: {0}")]
     CacheNotReady(String),
+    #[error("cannot serve HTTP: {0}")]
+    Http(#[from] std::io::Error),
 }
 
 /// What every reconciler shares.
@@ -48,6 +62,11 @@ pub struct Context {
     pub recorder: Recorder,
     pub claims: Store<PersistentVolumeClaim>,
     pub volumes: Store<PersistentVolume>,
+    pub metrics: Metrics,
+    /// Serializes the start of group snapshots, so two never claim the same volume at once.
+    pub start_lock: tokio::sync::Mutex<()>,
+    /// Whether the caches are synced (served on /readyz).
+    pub ready: AtomicBool,
 }
 
 /// Runs every controller until a shutdown signal (or until the future is dropped).
@@ -84,15 +103,39 @@ pub async fn run(client: Client, args: ControllerArgs) -> Result<(), Error> {
         client,
         claims,
         volumes,
+        metrics: Metrics::default(),
+        start_lock: tokio::sync::Mutex::new(()),
+        ready: AtomicBool::new(false),
     });
-    run_group_controller(
-        ctx,
-        args.namespace.as_deref(),
-        claim_events.boxed(),
-        volume_events.boxed(),
-    )
-    .await;
-    Ok(())
+    let http = async {
+        match args.http_addr {
+            Some(addr) => http::serve(addr, ctx.clone()).await,
+            None => std::future::pending().await,
+        }
+    };
+    let readiness = async {
+        if caches_ready(&ctx).await.is_ok() {
+            ctx.ready.store(true, Ordering::Relaxed);
+        }
+        std::future::pending::<()>().await
+    };
+    let controllers = async {
+        tokio::join!(
+            run_group_controller(
+                ctx.clone(),
+                args.namespace.as_deref(),
+                claim_events.boxed(),
+                volume_events.boxed()
+            ),
+            run_snapshot_controller(ctx.clone(), args.namespace.as_deref()),
+        )
+    };
+    // The controllers end on SIGTERM/SIGINT (graceful drain); the HTTP server ends only on error.
+    tokio::select! {
+        _ = controllers => Ok(()),
+        result = http => result.map_err(Error::Http),
+        _ = readiness => Ok(()),
+    }
 }
 
 /// Waits until the PVC and PV caches hold a full list, so membership is never computed from half a world.

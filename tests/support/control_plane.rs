@@ -310,10 +310,10 @@ impl ControlPlane {
             if let Some((name, status)) = exited {
                 panic!("{name} exited with {status}:\n{}", self.log_tail(&name));
             }
-            if let Ok(out) = self.kubectl(&["get", "--raw", "/readyz"]) {
-                if out.trim() == "ok" {
-                    return;
-                }
+            if let Ok(out) = self.kubectl(&["get", "--raw", "/readyz"])
+                && out.trim() == "ok"
+            {
+                return;
             }
             if Instant::now() > deadline {
                 panic!(

@@ -4,6 +4,7 @@
 pub mod control_plane;
 pub mod helm;
 pub mod objects;
+pub mod process;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -33,10 +34,10 @@ static SHARED: OnceLock<PlaneInfo> = OnceLock::new();
 static SHARED_PLANE: Mutex<Option<ControlPlane>> = Mutex::new(None);
 
 extern "C" fn stop_shared_plane() {
-    if let Ok(mut plane) = SHARED_PLANE.lock() {
-        if let Some(mut plane) = plane.take() {
-            plane.stop();
-        }
+    if let Ok(mut plane) = SHARED_PLANE.lock()
+        && let Some(mut plane) = plane.take()
+    {
+        plane.stop();
     }
 }
 
