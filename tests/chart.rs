@@ -1158,6 +1158,7 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "create leases.coordination.k8s.io",
         "get leases.coordination.k8s.io/tandem-controller",
         "update leases.coordination.k8s.io/tandem-controller",
+        "patch leases.coordination.k8s.io/tandem-controller",
     ] {
         expect(&mut wrong, &controller, "controller", check, true);
     }
@@ -1267,7 +1268,7 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
             "groupsnapshots.tandem.dev/finalizers [] [] [get update patch]",
             "groupsnapshots.tandem.dev/status [] [] [get update patch]",
             "groupsnapshots.tandem.dev [] [] [get list watch create update patch delete]",
-            "leases.coordination.k8s.io [] [tandem-controller] [get update]",
+            "leases.coordination.k8s.io [] [tandem-controller] [get update patch]",
             "leases.coordination.k8s.io [] [] [create]",
             "nodesnapshots.tandem.dev/finalizers [] [] [get update patch]",
             "nodesnapshots.tandem.dev/status [] [] [get update patch]",

@@ -39,7 +39,14 @@ pub struct ControllerArgs {
     /// Address for /metrics, /healthz and /readyz (none: not served).
     #[arg(long, env = "TANDEM_HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,
+
+    /// Run only while holding the Lease `tandem-controller` in POD_NAMESPACE (for more than one replica).
+    #[arg(long, env = "TANDEM_LEADER_ELECT")]
+    pub leader_elect: bool,
 }
+
+/// The Lease that elects the one active controller replica.
+pub const LEADER_LEASE: &str = "tandem-controller";
 
 /// What can go wrong while reconciling.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +61,10 @@ pub enum Error {
     CacheNotReady(String),
     #[error("cannot serve HTTP: {0}")]
     Http(#[from] std::io::Error),
+    #[error("leader election: {0}")]
+    LeaderElection(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("lost the leader lease; exiting so that only one replica acts")]
+    LostLease,
 }
 
 /// What every reconciler shares.
@@ -69,8 +80,47 @@ pub struct Context {
     pub ready: AtomicBool,
 }
 
-/// Runs every controller until a shutdown signal (or until the future is dropped).
+/// Runs every controller until a shutdown signal; with `--leader-elect` only while leading.
 pub async fn run(client: Client, args: ControllerArgs) -> Result<(), Error> {
+    if !args.leader_elect {
+        return run_controllers(client, args).await;
+    }
+    let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("tandem-{}", std::process::id()));
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), LEADER_LEASE)
+        .with_namespace(&namespace)
+        .with_identity(&identity)
+        .with_field_manager(CONTROLLER_NAME)
+        .build()
+        .await?;
+    let (mut leading, lease_task) = manager.watch().await;
+    tracing::info!(%namespace, %identity, "waiting for the leader lease {LEADER_LEASE}");
+    while !*leading.borrow_and_update() {
+        if leading.changed().await.is_err() {
+            lease_task.abort();
+            return Err(Error::LostLease);
+        }
+    }
+    tracing::info!(%identity, "leading");
+    let lost = async {
+        loop {
+            if leading.changed().await.is_err() || !*leading.borrow_and_update() {
+                return;
+            }
+        }
+    };
+    let result = tokio::select! {
+        result = run_controllers(client, args) => result,
+        _ = lost => Err(Error::LostLease),
+    };
+    lease_task.abort();
+    result
+}
+
+async fn run_controllers(
+    client: Client,
+    args: ControllerArgs,
+) -> Result<(), Error> {
     let claims_api: Api<PersistentVolumeClaim> = match &args.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
