@@ -108,8 +108,11 @@ echo "== journal: an agent killed while holding the freeze is thawed by the next
 if [ "$THIN_HOLDS" = yes ]; then
   agent --oneshot-volume /mnt/vol1 --oneshot-name held --oneshot-hold-ms 120000 --oneshot-freeze-timeout-seconds 300 >/tmp/held.out 2>&1 &
   apid=$!
-  i=0; while ! lvs vg0/tandem.local.held >/dev/null 2>&1 && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
-  lvs vg0/tandem.local.held >/dev/null 2>&1; check held-cut $? "the agent cut and holds the freeze"
+  # Wait (bounded) until the agent has cut the snapshot and holds the freeze.
+  i=0; while ! grep -q '"stage": "Held"' /run/tandem-state/journal/oneshot-local-held.json 2>/dev/null && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done
+  grep -q '"stage": "Held"' /run/tandem-state/journal/oneshot-local-held.json 2>/dev/null; check held-cut $? "the agent cut and holds the freeze (journal stage Held)"
+  lvs --noheadings -o lv_name vg0 | sed 's/^/    lv: /'
+  sed 's/^/    agent: /' /tmp/held.out | tail -5
   kill -9 $apid; wait $apid 2>/dev/null
   [ "$(frozen_probe vol1)" = frozen ]; check killed-left-frozen $? "the killed agent left vol1 frozen"
   agent --recover-only >/dev/null 2>&1; check recover-run $? "tandem agent --recover-only"
