@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   e2fsprogs xfsprogs btrfs-progs util-linux      # mkfs, fsck, losetup for real volumes
   lvm2 thin-provisioning-tools                    # LVM tools copied into the QEMU guest
-  qemu-system-x86 busybox-static kmod cpio zstd   # the LVM guest (software emulation)
+  qemu-system-x86 busybox-static kmod cpio zstd binutils  # the LVM guest (software emulation)
 )
 missing=()
 for p in "${packages[@]}"; do

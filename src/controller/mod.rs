@@ -86,7 +86,8 @@ pub async fn run(client: Client, args: ControllerArgs) -> Result<(), Error> {
         return run_controllers(client, args).await;
     }
     let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
-    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("tandem-{}", std::process::id()));
+    let identity =
+        std::env::var("POD_NAME").unwrap_or_else(|_| format!("tandem-{}", std::process::id()));
     let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), LEADER_LEASE)
         .with_namespace(&namespace)
         .with_identity(&identity)
@@ -117,10 +118,7 @@ pub async fn run(client: Client, args: ControllerArgs) -> Result<(), Error> {
     result
 }
 
-async fn run_controllers(
-    client: Client,
-    args: ControllerArgs,
-) -> Result<(), Error> {
+async fn run_controllers(client: Client, args: ControllerArgs) -> Result<(), Error> {
     let claims_api: Api<PersistentVolumeClaim> = match &args.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -141,6 +139,10 @@ async fn run_controllers(
     )
     .default_backoff()
     .touched_objects();
+    // The caches are driven by tasks of their own: a reconcile that waits for them must never
+    // depend on the controller pulling the very stream that fills them.
+    let claim_events = drive_in_background("claims", claim_events);
+    let volume_events = drive_in_background("volumes", volume_events);
 
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
@@ -188,14 +190,37 @@ async fn run_controllers(
     }
 }
 
-/// Waits until the PVC and PV caches hold a full list, so membership is never computed from half a world.
+/// Polls `events` on a task of its own and hands them on through an unbounded channel.
+fn drive_in_background<T: Send + 'static>(
+    name: &'static str,
+    events: impl futures::Stream<Item = T> + Send + 'static,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        futures::pin_mut!(events);
+        tracing::debug!(cache = name, "watching");
+        while let Some(event) = events.next().await {
+            tracing::debug!(cache = name, "event");
+            if tx.send(event).is_err() {
+                break;
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
+}
+
+/// Waits (a bounded time) until the PVC and PV caches hold a full list, so membership is never
+/// computed from half a world; the reconcile is retried when they are not ready yet.
 async fn caches_ready(ctx: &Context) -> Result<(), Error> {
-    ctx.claims
-        .wait_until_ready()
-        .await
-        .map_err(|e| Error::CacheNotReady(e.to_string()))?;
-    ctx.volumes
-        .wait_until_ready()
-        .await
-        .map_err(|e| Error::CacheNotReady(e.to_string()))
+    let both = async {
+        ctx.claims.wait_until_ready().await?;
+        ctx.volumes.wait_until_ready().await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), both).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::CacheNotReady(e.to_string())),
+        Err(_) => Err(Error::CacheNotReady(
+            "no full list of PersistentVolumeClaims and PersistentVolumes yet".into(),
+        )),
+    }
 }

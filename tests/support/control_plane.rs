@@ -60,6 +60,8 @@ pub struct ControlPlane {
     pub ca_pem: String,
     pki: Pki,
     processes: Vec<(String, Child)>,
+    /// How each process was started, to start it again after a simulated outage.
+    commands: Vec<(String, std::ffi::OsString, Vec<std::ffi::OsString>)>,
     keep_dir: Option<tempfile::TempDir>,
 }
 
@@ -197,6 +199,7 @@ impl ControlPlane {
             ca_pem: pki.ca_pem.clone(),
             pki,
             processes: Vec::new(),
+            commands: Vec::new(),
             keep_dir: Some(temp),
         };
 
@@ -280,7 +283,18 @@ impl ControlPlane {
     }
 
     fn spawn(&mut self, name: &str, cmd: &mut Command) {
-        let log = fs::File::create(self.dir.join(format!("{name}.log"))).expect("log file");
+        if !self.commands.iter().any(|(n, _, _)| n == name) {
+            self.commands.push((
+                name.into(),
+                cmd.get_program().to_owned(),
+                cmd.get_args().map(|a| a.to_owned()).collect(),
+            ));
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))
+            .expect("log file");
         let child = die_with_parent(cmd)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
@@ -358,6 +372,22 @@ impl ControlPlane {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+        }
+    }
+
+    /// Starts a killed process again with the same command line; for kube-apiserver, waits until
+    /// the API is ready again.
+    pub fn restart(&mut self, name: &str) {
+        self.processes.retain(|(n, _)| n != name);
+        let (_, program, args) = self
+            .commands
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} was never started"));
+        self.spawn(name, Command::new(program).args(args));
+        if name == "kube-apiserver" {
+            self.wait_ready(Duration::from_secs(90));
         }
     }
 

@@ -94,6 +94,8 @@ pub struct TestEnv {
     pub client: Client,
     pub namespace: String,
     pub plane: &'static PlaneInfo,
+    /// Whether `plane` is the shared control plane (a private one is torn down whole).
+    shared: bool,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -103,6 +105,19 @@ impl TestEnv {
         let plane = tokio::task::spawn_blocking(shared_plane)
             .await
             .expect("control plane start");
+        Self::create(plane, name, true).await
+    }
+
+    /// A test world on a private control plane (for tests that stop the API server).
+    pub async fn on_private(plane: &ControlPlane, name: &str) -> TestEnv {
+        let info: &'static PlaneInfo = Box::leak(Box::new(PlaneInfo {
+            kubeconfig: plane.kubeconfig.clone(),
+            server: plane.server.clone(),
+        }));
+        Self::create(info, name, false).await
+    }
+
+    async fn create(plane: &'static PlaneInfo, name: &str, shared: bool) -> TestEnv {
         let client = client_for(&plane.kubeconfig).await;
         let namespace = format!(
             "{}-{}-{}",
@@ -122,6 +137,7 @@ impl TestEnv {
             client,
             namespace,
             plane,
+            shared,
         }
     }
 
@@ -145,8 +161,11 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         // Synchronous, so it happens even as the test's runtime shuts down; the namespace
         // controller (kube-controller-manager) removes what the namespace holds.
-        let _ =
-            with_plane(|p| p.kubectl(&["delete", "namespace", &self.namespace, "--wait=false"]));
+        if self.shared {
+            let _ = with_plane(|p| {
+                p.kubectl(&["delete", "namespace", &self.namespace, "--wait=false"])
+            });
+        }
     }
 }
 

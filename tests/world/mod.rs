@@ -1,0 +1,314 @@
+//! The end-to-end world of GroupSnapshot tests: volumes on simulated nodes, one real
+//! `tandem agent` process per node, a real `tandem controller`, on the real control plane.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use serde_json::json;
+use tandem::api::{ConsistencyGroup, GroupSnapshot, GroupSnapshotPhase, NodePhase, NodeSnapshot};
+
+use crate::agent_support::{self, Scratch, Volume};
+use crate::support::objects::{claim, local_volume};
+use crate::support::process::Daemon;
+use crate::support::{TestEnv, eventually};
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// One test's cluster: volumes on simulated nodes, their agents and a controller.
+/// Field order is drop order: processes stop (agents thaw) before the volumes go.
+pub struct World {
+    pub agents: BTreeMap<String, Daemon>,
+    pub controller: Option<Daemon>,
+    pub volumes: BTreeMap<String, Volume>,
+    pub pool: PathBuf,
+    pub scratch: Scratch,
+    pub env: TestEnv,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(self.logs());
+        }
+    }
+}
+
+impl World {
+    pub async fn new(name: &str) -> World {
+        Self::with_env(TestEnv::new(name).await)
+    }
+
+    pub fn with_env(env: TestEnv) -> World {
+        let mut scratch = Scratch::new();
+        let pool = scratch.pool("xfs");
+        World {
+            agents: BTreeMap::new(),
+            controller: None,
+            volumes: BTreeMap::new(),
+            pool,
+            scratch,
+            env,
+        }
+    }
+
+    /// Node names are unique per test: agents watch every namespace.
+    pub fn node(&self, short: &str) -> String {
+        format!("{}-{short}", self.env.namespace)
+    }
+
+    /// Process logs live outside the scratch area and stay behind when a test fails.
+    pub fn logs(&self) -> PathBuf {
+        std::env::temp_dir()
+            .join("tandem-test-logs")
+            .join(&self.env.namespace)
+    }
+
+    /// Makes a loop-backed volume, publishes it as a local PV on `node` and a claim bound to it.
+    pub async fn add_volume(
+        &mut self,
+        claim_name: &str,
+        node: &str,
+        fs: &str,
+        labels: &[(&str, &str)],
+    ) {
+        let volume = self
+            .scratch
+            .volume(&self.pool.clone(), claim_name, fs, 64 << 20);
+        self.scratch.assert_owned(&volume.mount);
+        let node = self.node(node);
+        let pv = format!("{}-{claim_name}", self.env.namespace);
+        let volumes: Api<PersistentVolume> = Api::all(self.env.client.clone());
+        volumes
+            .create(
+                &PostParams::default(),
+                &local_volume(
+                    &pv,
+                    &volume.mount.to_string_lossy(),
+                    &node,
+                    &self.env.namespace,
+                    claim_name,
+                    &[],
+                ),
+            )
+            .await
+            .expect("create PV");
+        let claims: Api<PersistentVolumeClaim> = self.env.api();
+        claims
+            .create(
+                &PostParams::default(),
+                &claim(claim_name, Some(&pv), labels),
+            )
+            .await
+            .expect("create PVC");
+        self.volumes.insert(claim_name.into(), volume);
+    }
+
+    pub fn tandem(&self, args: &[&str]) -> Command {
+        // Tests get the binary cargo built for them; the demo (an example) the debug build.
+        let binary = option_env!("CARGO_BIN_EXE_tandem")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::support::repo_root().join("target/debug/tandem"));
+        let mut cmd = Command::new(binary);
+        cmd.args(args)
+            .env("KUBECONFIG", &self.env.plane.kubeconfig)
+            .env("RUST_LOG", "info,tandem=debug,kube_runtime=debug");
+        cmd
+    }
+
+    pub fn start_agent(&mut self, node: &str) {
+        let node = self.node(node);
+        let state = self.scratch.path(&format!("state-{node}"));
+        let cmd = &mut self.tandem(&[
+            "agent",
+            "--node-name",
+            &node,
+            "--state-dir",
+            &state.to_string_lossy(),
+        ]);
+        let daemon = Daemon::spawn(&format!("agent-{node}"), cmd, &self.logs());
+        self.agents.insert(node, daemon);
+    }
+
+    pub fn agent(&mut self, node: &str) -> &mut Daemon {
+        let node = self.node(node);
+        self.agents.get_mut(&node).expect("agent")
+    }
+
+    pub fn start_controller(&mut self) {
+        let cmd = &mut self.tandem(&["controller", "--namespace", &self.env.namespace.clone()]);
+        self.controller = Some(Daemon::spawn("controller", cmd, &self.logs()));
+    }
+
+    /// Waits until a group's members are resolved and all can be snapshotted.
+    pub async fn wait_group_ready(&self, name: &str) {
+        let groups: Api<ConsistencyGroup> = self.env.api();
+        eventually(WAIT, "group Ready", || {
+            let groups = groups.clone();
+            async move {
+                let g = groups.get(name).await.ok()?;
+                let status = g.status?;
+                let ready = status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                (status.observed_generation == g.metadata.generation && ready).then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub async fn create_group(&self, name: &str, spec: serde_json::Value) {
+        let groups: Api<ConsistencyGroup> = self.env.api();
+        groups
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec}))
+                    .expect("group"),
+            )
+            .await
+            .expect("create group");
+        // The snapshot reads the group's resolved members: wait until all can be snapshotted
+        // (kube-controller-manager binds the claims).
+        self.wait_group_ready(name).await;
+    }
+
+    pub async fn create_snapshot(&self, name: &str, group: &str, policy: &str) {
+        let snapshots: Api<GroupSnapshot> = self.env.api();
+        snapshots
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name},
+                    "spec": {"groupName": group, "deletionPolicy": policy}}))
+                .expect("snapshot"),
+            )
+            .await
+            .expect("create snapshot");
+    }
+
+    pub async fn wait_phase(&self, name: &str, phase: GroupSnapshotPhase) -> GroupSnapshot {
+        let snapshots: Api<GroupSnapshot> = self.env.api();
+        eventually(WAIT, &format!("GroupSnapshot {name} {phase:?}"), || {
+            let snapshots = snapshots.clone();
+            async move {
+                let s = snapshots.get(name).await.ok()?;
+                let got = s.status.as_ref()?.phase;
+                if got != phase
+                    && matches!(got, GroupSnapshotPhase::Ready | GroupSnapshotPhase::Failed)
+                {
+                    panic!(
+                        "GroupSnapshot {name} ended {got:?} instead of {phase:?}: {:?}",
+                        s.status
+                    );
+                }
+                (got == phase).then_some(s)
+            }
+        })
+        .await
+    }
+
+    pub async fn node_snapshots(&self) -> Vec<NodeSnapshot> {
+        let api: Api<NodeSnapshot> = self.env.api();
+        api.list(&ListParams::default())
+            .await
+            .expect("list nsnap")
+            .items
+    }
+
+    pub async fn wait_node_phase(&self, node: &str, phase: NodePhase) {
+        let node = self.node(node);
+        let api: Api<NodeSnapshot> = self.env.api();
+        eventually(WAIT, &format!("node {node} {phase:?}"), || {
+            let api = api.clone();
+            let node = node.clone();
+            async move {
+                let list = api.list(&ListParams::default()).await.ok()?;
+                list.items
+                    .iter()
+                    .any(|n| {
+                        n.spec.node_name == node
+                            && n.status.as_ref().is_some_and(|s| s.phase == phase)
+                    })
+                    .then_some(())
+            }
+        })
+        .await
+    }
+
+    /// Whether a write to the volume finishes within `wait` (a write to a frozen filesystem
+    /// blocks in the kernel until the thaw). The probe runs on its own thread: if it blocks, it
+    /// finishes whenever the filesystem is thawed.
+    pub fn accepts_writes(&self, claim: &str, wait: Duration) -> bool {
+        let probe = self.volumes[claim].mount.join("thaw-probe");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let written = std::fs::write(&probe, b"probe")
+                .and_then(|_| std::fs::File::open(&probe)?.sync_all());
+            let _ = tx.send(written.is_ok());
+        });
+        rx.recv_timeout(wait).unwrap_or(false)
+    }
+
+    /// Every volume accepts a write within 5 s: nothing is left frozen.
+    pub fn assert_nothing_frozen(&self) {
+        for claim in self.volumes.keys() {
+            assert!(
+                self.accepts_writes(claim, Duration::from_secs(5)),
+                "volume {claim} is still frozen (a write did not finish in 5 s)"
+            );
+        }
+    }
+
+    /// Clone images (and half-made ones) the agents left in the pool.
+    pub fn snapshot_files(&self) -> Vec<PathBuf> {
+        let dir = self.pool.join(".tandem-snapshots");
+        std::fs::read_dir(&dir)
+            .map(|entries| entries.filter_map(|e| Some(e.ok()?.path())).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Writes numbered lines to every volume in a fixed order, one round after another, until stopped.
+/// In any crash-consistent cut the counts can only decrease along that order, by at most one.
+pub fn ordered_writer(mounts: Vec<PathBuf>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut files: Vec<std::fs::File> = mounts
+            .iter()
+            .map(|m| std::fs::File::create(m.join("sequence")).expect("sequence file"))
+            .collect();
+        let mut round = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            for f in &mut files {
+                writeln!(f, "{round}").expect("write sequence");
+            }
+            round += 1;
+        }
+        round
+    })
+}
+
+pub fn count_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+pub fn require_root() -> bool {
+    if !agent_support::is_root() {
+        eprintln!("SKIPPED: this test needs root (loop devices, mounts, FIFREEZE)");
+        return false;
+    }
+    true
+}
+
+pub fn clone_path(handle: &str) -> PathBuf {
+    PathBuf::from(handle.strip_prefix("reflink:").expect("a reflink handle"))
+}
