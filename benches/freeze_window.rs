@@ -9,13 +9,11 @@
 #[path = "../tests/agent_support/mod.rs"]
 mod agent_support;
 
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use agent_support::{Scratch, Volume, write_file};
+use agent_support::{Scratch, Volume, floor_round, stats, write_file};
 use tandem::agent::engine::{CutRequest, Engine, EngineConfig, VolumeRequest};
-use tandem::agent::freeze;
 use tandem::api::{FreezePolicy, NodePhase};
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -34,57 +32,6 @@ fn dirty(volumes: &[Volume], round: usize, kib: usize) {
             false,
         );
     }
-}
-
-/// The floor: the syscalls alone, no discovery, journal, planning or status.
-fn floor_round(volumes: &[Volume], clones: &[PathBuf]) -> Duration {
-    let fds: Vec<OwnedFd> = volumes
-        .iter()
-        .map(|v| freeze::open_dir(&v.mount).expect("open"))
-        .collect();
-    let barrier = std::sync::Barrier::new(fds.len());
-    let starts: Vec<Instant> = std::thread::scope(|s| {
-        let hs: Vec<_> = fds
-            .iter()
-            .zip(volumes)
-            .map(|(fd, v)| {
-                let barrier = &barrier;
-                s.spawn(move || {
-                    freeze::syncfs(fd, &v.mount).expect("syncfs");
-                    barrier.wait();
-                    let t = Instant::now();
-                    freeze::freeze(fd, &v.mount).expect("freeze");
-                    t
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().expect("thread")).collect()
-    });
-    std::thread::scope(|s| {
-        for (v, c) in volumes.iter().zip(clones) {
-            s.spawn(move || {
-                let src = std::fs::File::open(&v.image).expect("image");
-                let dst = std::fs::File::create(c).expect("clone");
-                rustix::fs::ioctl_ficlone(&dst, &src).expect("FICLONE");
-            });
-        }
-    });
-    std::thread::scope(|s| {
-        for (fd, v) in fds.iter().zip(volumes) {
-            s.spawn(move || freeze::thaw(fd, &v.mount).expect("thaw"));
-        }
-    });
-    let window = starts.iter().min().expect("a volume").elapsed();
-    for c in clones {
-        let _ = std::fs::remove_file(c);
-    }
-    window
-}
-
-fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
-    v.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    (ms(v[0]), ms(v[v.len() / 2]), ms(v[v.len() - 1]))
 }
 
 fn main() {

@@ -12,9 +12,13 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+export DEBIAN_FRONTEND=noninteractive
+# The LVM guest test resolves Debian's cloud kernels from the package lists: make sure they exist.
+if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+  apt-get update -q
+fi
 if ((${#missing[@]})); then
   echo "[install-test-deps] installing: ${missing[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi

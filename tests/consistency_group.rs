@@ -575,3 +575,109 @@ async fn resource_quota_caps_groups_per_namespace() {
         "{message}"
     );
 }
+
+/// One HTTP GET on loopback: the status code and the body.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+#[tokio::test]
+async fn leader_election_runs_one_controller_and_hands_over() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use support::process::Daemon;
+
+    let env = TestEnv::new("cg-leader").await;
+    let logs = tempfile::tempdir().expect("log dir");
+    let mut controllers = Vec::new();
+    for name in ["ctl-1", "ctl-2"] {
+        let port = support::control_plane::free_port();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"));
+        cmd.args([
+            "controller",
+            "--leader-elect",
+            "--namespace",
+            &env.namespace,
+        ])
+        .args(["--http-addr", &format!("127.0.0.1:{port}")])
+        .env("KUBECONFIG", &env.plane.kubeconfig)
+        .env("POD_NAMESPACE", &env.namespace)
+        .env("POD_NAME", name);
+        controllers.push((name, port, Daemon::spawn(name, &mut cmd, logs.path())));
+    }
+    let leases: Api<Lease> = env.api();
+    let holder = |leases: Api<Lease>| async move {
+        leases
+            .get_opt("tandem-controller")
+            .await
+            .ok()??
+            .spec?
+            .holder_identity
+    };
+    let leader = eventually(WAIT, "a leader", || holder(leases.clone())).await;
+    let (leader_index, follower_index) = if leader == "ctl-1" { (0, 1) } else { (1, 0) };
+    let (_, leader_port, _) = controllers[leader_index];
+    let (follower_name, follower_port, _) = controllers[follower_index];
+
+    // Both are alive; only the leader is ready and serves metrics of real work.
+    eventually(WAIT, "leader ready", || async move {
+        (http_get(leader_port, "/readyz")?.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(http_get(follower_port, "/healthz").map(|r| r.0), Some(200));
+    assert_eq!(http_get(follower_port, "/readyz").map(|r| r.0), Some(503));
+    let (code, metrics) = http_get(leader_port, "/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("tandem_freeze_window_seconds"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tandem_cut_duration_seconds"), "{metrics}");
+
+    publish_volume(&env, "data", "node-a", &[], &[]).await;
+    let groups: Api<ConsistencyGroup> = env.api();
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(group("g", json!({"claims": ["data"]}))).expect("group"),
+        )
+        .await
+        .expect("create group");
+    wait_members(&env, "g", &[("data", true)]).await;
+
+    // The leader crashes: the other replica takes the lease over and becomes ready.
+    controllers[leader_index].2.kill9();
+    let next = eventually(Duration::from_secs(90), "a new leader", || {
+        let leases = leases.clone();
+        async move {
+            let h = holder(leases).await?;
+            (h == follower_name).then_some(h)
+        }
+    })
+    .await;
+    assert_eq!(next, follower_name);
+    eventually(WAIT, "new leader ready", || async move {
+        (http_get(follower_port, "/readyz")?.0 == 200).then_some(())
+    })
+    .await;
+    // And it reconciles: a relabel-free change (a new claim in the list) is picked up.
+    publish_volume(&env, "wal", "node-a", &[], &[]).await;
+    groups
+        .patch(
+            "g",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"claims": ["data", "wal"]}})),
+        )
+        .await
+        .expect("patch group");
+    wait_members(&env, "g", &[("data", true), ("wal", true)]).await;
+}

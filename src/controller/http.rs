@@ -3,17 +3,23 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 
-use super::Context;
+use super::Metrics;
 
-async fn metrics(
-    State(ctx): State<Arc<Context>>,
+#[derive(Clone)]
+struct Health {
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+async fn serve_metrics(
+    State(health): State<Health>,
 ) -> (StatusCode, [(&'static str, &'static str); 1], String) {
     (
         StatusCode::OK,
@@ -21,7 +27,7 @@ async fn metrics(
             "content-type",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        ctx.metrics.encode(),
+        health.metrics.encode(),
     )
 }
 
@@ -29,8 +35,8 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn readyz(State(ctx): State<Arc<Context>>) -> (StatusCode, &'static str) {
-    if ctx.ready.load(Ordering::Relaxed) {
+async fn readyz(State(health): State<Health>) -> (StatusCode, &'static str) {
+    if health.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
@@ -38,12 +44,16 @@ async fn readyz(State(ctx): State<Arc<Context>>) -> (StatusCode, &'static str) {
 }
 
 /// Serves the endpoints until the process ends.
-pub async fn serve(addr: SocketAddr, ctx: Arc<Context>) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+) -> std::io::Result<()> {
     let app = Router::new()
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(serve_metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(ctx);
+        .with_state(Health { metrics, ready });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     axum::serve(listener, app).await

@@ -73,17 +73,41 @@ pub struct Context {
     pub recorder: Recorder,
     pub claims: Store<PersistentVolumeClaim>,
     pub volumes: Store<PersistentVolume>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// Serializes the start of group snapshots, so two never claim the same volume at once.
     pub start_lock: tokio::sync::Mutex<()>,
     /// Whether the caches are synced (served on /readyz).
-    pub ready: AtomicBool,
+    pub ready: Arc<AtomicBool>,
 }
 
-/// Runs every controller until a shutdown signal; with `--leader-elect` only while leading.
+/// Runs every controller until a shutdown signal; with `--leader-elect` only while leading. The
+/// HTTP endpoints serve from the start: a waiting replica is alive (/healthz) but not ready.
 pub async fn run(client: Client, args: ControllerArgs) -> Result<(), Error> {
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let http = {
+        let (metrics, ready) = (metrics.clone(), ready.clone());
+        async move {
+            match args.http_addr {
+                Some(addr) => http::serve(addr, metrics, ready).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
+    tokio::select! {
+        result = lead_and_run(client, args, metrics, ready) => result,
+        result = http => result.map_err(Error::Http),
+    }
+}
+
+async fn lead_and_run(
+    client: Client,
+    args: ControllerArgs,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+) -> Result<(), Error> {
     if !args.leader_elect {
-        return run_controllers(client, args).await;
+        return run_controllers(client, args, metrics, ready).await;
     }
     let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
     let identity =
@@ -111,14 +135,19 @@ pub async fn run(client: Client, args: ControllerArgs) -> Result<(), Error> {
         }
     };
     let result = tokio::select! {
-        result = run_controllers(client, args) => result,
+        result = run_controllers(client, args, metrics, ready) => result,
         _ = lost => Err(Error::LostLease),
     };
     lease_task.abort();
     result
 }
 
-async fn run_controllers(client: Client, args: ControllerArgs) -> Result<(), Error> {
+async fn run_controllers(
+    client: Client,
+    args: ControllerArgs,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+) -> Result<(), Error> {
     let claims_api: Api<PersistentVolumeClaim> = match &args.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -155,16 +184,10 @@ async fn run_controllers(client: Client, args: ControllerArgs) -> Result<(), Err
         client,
         claims,
         volumes,
-        metrics: Metrics::default(),
+        metrics,
         start_lock: tokio::sync::Mutex::new(()),
-        ready: AtomicBool::new(false),
+        ready,
     });
-    let http = async {
-        match args.http_addr {
-            Some(addr) => http::serve(addr, ctx.clone()).await,
-            None => std::future::pending().await,
-        }
-    };
     let readiness = async {
         if caches_ready(&ctx).await.is_ok() {
             ctx.ready.store(true, Ordering::Relaxed);
@@ -182,10 +205,9 @@ async fn run_controllers(client: Client, args: ControllerArgs) -> Result<(), Err
             run_snapshot_controller(ctx.clone(), args.namespace.as_deref()),
         )
     };
-    // The controllers end on SIGTERM/SIGINT (graceful drain); the HTTP server ends only on error.
+    // The controllers end on SIGTERM/SIGINT (graceful drain).
     tokio::select! {
         _ = controllers => Ok(()),
-        result = http => result.map_err(Error::Http),
         _ = readiness => Ok(()),
     }
 }

@@ -309,3 +309,54 @@ pub fn open_snapshot(scratch: &mut Scratch, image: &Path, fs: &str, label: &str)
     }
     mnt
 }
+
+/// The floor: the syscalls alone, no discovery, journal, planning or status.
+pub fn floor_round(volumes: &[Volume], clones: &[PathBuf]) -> std::time::Duration {
+    let fds: Vec<std::os::fd::OwnedFd> = volumes
+        .iter()
+        .map(|v| tandem::agent::freeze::open_dir(&v.mount).expect("open"))
+        .collect();
+    let barrier = std::sync::Barrier::new(fds.len());
+    let starts: Vec<std::time::Instant> = std::thread::scope(|s| {
+        let hs: Vec<_> = fds
+            .iter()
+            .zip(volumes)
+            .map(|(fd, v)| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    tandem::agent::freeze::syncfs(fd, &v.mount).expect("syncfs");
+                    barrier.wait();
+                    let t = std::time::Instant::now();
+                    tandem::agent::freeze::freeze(fd, &v.mount).expect("freeze");
+                    t
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    std::thread::scope(|s| {
+        for (v, c) in volumes.iter().zip(clones) {
+            s.spawn(move || {
+                let src = std::fs::File::open(&v.image).expect("image");
+                let dst = std::fs::File::create(c).expect("clone");
+                rustix::fs::ioctl_ficlone(&dst, &src).expect("FICLONE");
+            });
+        }
+    });
+    std::thread::scope(|s| {
+        for (fd, v) in fds.iter().zip(volumes) {
+            s.spawn(move || tandem::agent::freeze::thaw(fd, &v.mount).expect("thaw"));
+        }
+    });
+    let window = starts.iter().min().expect("a volume").elapsed();
+    for c in clones {
+        let _ = std::fs::remove_file(c);
+    }
+    window
+}
+
+pub fn stats(mut v: Vec<std::time::Duration>) -> (f64, f64, f64) {
+    v.sort();
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    (ms(v[0]), ms(v[v.len() / 2]), ms(v[v.len() - 1]))
+}
