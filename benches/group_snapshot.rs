@@ -4,7 +4,8 @@
 //! parallel FIFREEZE, FICLONE and FITHAW done directly on the same volumes in the same run); then
 //! the controller's memory and CPU with 1,000 idle groups.
 //!
-//! Run as root: `cargo bench --bench group_snapshot` (ROUNDS=N rounds per size, default 3).
+//! Run as root: `cargo bench --bench group_snapshot` (ROUNDS=N rounds per size, default 3;
+//! NODES=1,3 and VOLUMES=2,8,32 pick the sizes; IDLE_GROUPS=1000, 0 to skip).
 //! Prints numbers; asserts no timing.
 
 #[path = "../tests/agent_support/mod.rs"]
@@ -188,10 +189,21 @@ async fn main() {
     println!(
         "nodes | volumes | freeze window min/med/max ms  | raw floor min/med/max ms      | apply->Ready min/med/max ms"
     );
-    for nodes in [1, 3] {
-        for volumes in [2, 8, 32] {
+    let list = |name: &str, default: &str| -> Vec<usize> {
+        std::env::var(name)
+            .unwrap_or_else(|_| default.into())
+            .split(',')
+            .filter_map(|n| n.trim().parse().ok())
+            .collect()
+    };
+    // NODES=1,3 VOLUMES=2,8,32 IDLE_GROUPS=1000 by default; IDLE_GROUPS=0 skips the idle part.
+    for nodes in list("NODES", "1,3") {
+        for volumes in list("VOLUMES", "2,8,32") {
             one_size(nodes, volumes, rounds).await;
         }
     }
-    idle_controller(env_usize("IDLE_GROUPS", 1000)).await;
+    let idle = env_usize("IDLE_GROUPS", 1000);
+    if idle > 0 {
+        idle_controller(idle).await;
+    }
 }

@@ -468,14 +468,20 @@ async fn drive(
             .map(|g| (g.spec.freeze, g.spec.freeze_timeout_seconds))
             .unwrap_or((FreezePolicy::Required, 10));
         let single_node = by_node.len() == 1;
-        for node in missing {
-            let object = node_snapshot_for(snapshot, freeze, node, &by_node[node], single_node)?;
-            match nodes_api.create(&PostParams::default(), &object).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
-                Err(e) => return Err(e.into()),
+        let objects = missing
+            .iter()
+            .map(|node| node_snapshot_for(snapshot, freeze, node, &by_node[node], single_node))
+            .collect::<Result<Vec<_>, _>>()?;
+        // All nodes at once: a node that hears late freezes late and widens the group's window.
+        let params = PostParams::default();
+        futures::future::try_join_all(objects.iter().map(|object| async {
+            match nodes_api.create(&params, object).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                Err(e) => Err(e),
             }
-        }
+        }))
+        .await?;
         return Ok(Action::await_change());
     }
 
@@ -584,21 +590,21 @@ fn status_changed(snapshot: &GroupSnapshot, status: &GroupSnapshotStatus) -> boo
     snapshot.status.as_ref() != Some(status)
 }
 
+/// Tells nodes what to do next, all at once: the release is on the freeze window's critical path.
 async fn set_action(
     nodes_api: &Api<NodeSnapshot>,
     snapshot: &str,
     nodes: &[String],
     action: NodeAction,
 ) -> Result<(), Error> {
-    for node in nodes {
-        nodes_api
-            .patch(
-                &node_snapshot_name(snapshot, node),
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"action": action}})),
-            )
-            .await?;
-    }
+    let patch = Patch::Merge(json!({"spec": {"action": action}}));
+    let params = PatchParams::default();
+    futures::future::try_join_all(nodes.iter().map(|node| {
+        let name = node_snapshot_name(snapshot, node);
+        let (patch, params) = (&patch, &params);
+        async move { nodes_api.patch(&name, params, patch).await }
+    }))
+    .await?;
     Ok(())
 }
 
