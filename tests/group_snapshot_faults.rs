@@ -35,23 +35,30 @@ async fn assert_failed_clean(w: &World, name: &str) -> String {
     message
 }
 
+/// Two nodes, one volume each; only node a's agent runs, so once the snapshot `s` of group `g`
+/// starts, node a cuts and holds its freeze while it waits for node b.
+async fn node_a_holding_its_freeze(mut w: World, fs: (&str, &str), timeout: u32) -> World {
+    w.add_volume("a1", "a", fs.0, &[]).await;
+    w.add_volume("b1", "b", fs.1, &[]).await;
+    w.start_agent("a");
+    w.start_controller();
+    w.create_group(
+        "g",
+        json!({"claims": ["a1", "b1"], "freezeTimeoutSeconds": timeout}),
+    )
+    .await;
+    w.create_snapshot("s", "g", "Delete").await;
+    w.wait_node_phase("a", NodePhase::Cut).await;
+    w
+}
+
 #[tokio::test]
 async fn an_agent_killed_mid_freeze_thaws_when_it_restarts() {
     if !require_root() {
         return;
     }
-    let mut w = World::new("fault-agent").await;
-    w.add_volume("a1", "a", "xfs", &[]).await;
-    w.add_volume("b1", "b", "ext4", &[]).await;
-    w.start_agent("a"); // node b's agent is not there yet: node a holds its freeze
-    w.start_controller();
-    w.create_group(
-        "g",
-        json!({"claims": ["a1", "b1"], "freezeTimeoutSeconds": 30}),
-    )
-    .await;
-    w.create_snapshot("s", "g", "Delete").await;
-    w.wait_node_phase("a", NodePhase::Cut).await;
+    let mut w =
+        node_a_holding_its_freeze(World::new("fault-agent").await, ("xfs", "ext4"), 30).await;
     assert!(
         !w.accepts_writes("a1", Duration::from_millis(500)),
         "node a should hold its freeze"
@@ -79,18 +86,7 @@ async fn the_controller_killed_between_cut_and_release_leaves_nothing_frozen() {
     if !require_root() {
         return;
     }
-    let mut w = World::new("fault-ctl").await;
-    w.add_volume("a1", "a", "ext4", &[]).await;
-    w.add_volume("b1", "b", "xfs", &[]).await;
-    w.start_agent("a");
-    w.start_controller();
-    w.create_group(
-        "g",
-        json!({"claims": ["a1", "b1"], "freezeTimeoutSeconds": 4}),
-    )
-    .await;
-    w.create_snapshot("s", "g", "Delete").await;
-    w.wait_node_phase("a", NodePhase::Cut).await;
+    let mut w = node_a_holding_its_freeze(World::new("fault-ctl").await, ("ext4", "xfs"), 4).await;
     w.controller.as_mut().expect("controller").kill9();
     // Node b cuts too, but nobody is left to release them.
     w.start_agent("b");
@@ -138,18 +134,7 @@ async fn the_api_server_stopped_during_a_freeze_does_not_keep_it_frozen() {
     // thread, which outlives it.
     let mut plane = ControlPlane::start(&support::repo_root().join("crds"));
     let env = TestEnv::on_private(&plane, "fault-api").await;
-    let mut w = World::with_env(env);
-    w.add_volume("a1", "a", "xfs", &[]).await;
-    w.add_volume("b1", "b", "ext4", &[]).await;
-    w.start_agent("a");
-    w.start_controller();
-    w.create_group(
-        "g",
-        json!({"claims": ["a1", "b1"], "freezeTimeoutSeconds": 4}),
-    )
-    .await;
-    w.create_snapshot("s", "g", "Delete").await;
-    w.wait_node_phase("a", NodePhase::Cut).await;
+    let mut w = node_a_holding_its_freeze(World::with_env(env), ("xfs", "ext4"), 4).await;
     plane.kill("kube-apiserver");
     // With no API server at all, node a's watchdog thaws on the agent's own clock.
     assert!(

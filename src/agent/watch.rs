@@ -115,10 +115,14 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
                 "the agent has no record of this cut (its state directory was lost); nothing of it is frozen",
             )),
             None if current.phase != NodePhase::Pending => None,
-            None => match validate(&obj, &ctx).await? {
-                Err(message) => Some(failed(generation, &message)),
-                Ok(volumes) => {
-                    ensure_finalizer(&api, &obj).await?;
+            // The finalizer goes on alongside the checks (both before any freeze): a refused
+            // request merely carries it until the NodeSnapshot is deleted.
+            None => match futures::future::join(validate(&obj, &ctx), ensure_finalizer(&api, &obj))
+                .await
+            {
+                (Err(e), _) | (_, Err(e)) => return Err(e),
+                (Ok(Err(message)), Ok(())) => Some(failed(generation, &message)),
+                (Ok(Ok(volumes)), Ok(())) => {
                     let req = CutRequest {
                         key: uid.clone(),
                         namespace: namespace.clone(),
@@ -239,8 +243,20 @@ async fn validate(
     let namespace = obj.namespace().unwrap_or_default();
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let nodes: Api<Node> = Api::all(ctx.client.clone());
+    // Every lookup at once: this runs before the freeze, and a node that starts late widens the
+    // group's freeze window.
+    let (node, fetched) = futures::future::join(
+        nodes.get_opt(&ctx.node),
+        futures::future::join_all(
+            obj.spec
+                .volumes
+                .iter()
+                .map(|v| pvs.get_opt(&v.persistent_volume)),
+        ),
+    )
+    .await;
     // Node labels for nodeAffinity; without a Node object (no kubelet) only the hostname label.
-    let mut labels: BTreeMap<String, String> = match nodes.get_opt(&ctx.node).await {
+    let mut labels: BTreeMap<String, String> = match node {
         Ok(Some(node)) => node.labels().clone(),
         _ => BTreeMap::new(),
     };
@@ -250,9 +266,9 @@ async fn validate(
 
     let mut out = Vec::new();
     let mut problems = Vec::new();
-    for v in &obj.spec.volumes {
+    for (v, pv) in obj.spec.volumes.iter().zip(fetched) {
         let who = format!("volume {} (claim {})", v.persistent_volume, v.claim);
-        let Some(pv) = pvs.get_opt(&v.persistent_volume).await? else {
+        let Some(pv) = pv? else {
             problems.push(format!("{who}: the PersistentVolume does not exist"));
             continue;
         };

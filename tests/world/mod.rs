@@ -36,7 +36,8 @@ pub struct World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        // Kept when the test failed, or on request (TANDEM_KEEP_LOGS=1) to study a timeline.
+        if !std::thread::panicking() && std::env::var_os("TANDEM_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(self.logs());
         }
     }
