@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 
 use crate::api::{CONDITION_READY, FreezePolicy, NodePhase, NodeSnapshotStatus, VolumeStatus};
 
@@ -401,7 +401,7 @@ impl Engine {
                 let wall = jiff::Timestamp::now()
                     .checked_sub(ago)
                     .unwrap_or_else(|_| jiff::Timestamp::now());
-                state.entry.status.freeze_start = Some(Time(wall));
+                state.entry.status.freeze_start = Some(MicroTime(wall));
             }
         }
         let mut statuses: Vec<VolumeStatus> =

@@ -1,4 +1,4 @@
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -131,9 +131,9 @@ pub struct NodeSnapshotStatus {
     /// Per volume: device, backend, freeze and snapshot.
     #[serde(default)]
     pub volumes: Vec<VolumeStatus>,
-    /// When the node's first freeze began.
+    /// When the node's first freeze began (microseconds: windows across nodes are computed from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub freeze_start: Option<Time>,
+    pub freeze_start: Option<MicroTime>,
     /// From the node's first freeze to its last thaw, in milliseconds (monotonic clock).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze_window_millis: Option<i64>,

@@ -721,3 +721,76 @@ async fn cleanup(
     info!(snapshot = %name, policy = ?snapshot.spec.deletion_policy, "deleted");
     Ok(Action::await_change())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{NodeSnapshotSpec, NodeSnapshotStatus};
+
+    fn reported(node: &str, start: &str, window: i64) -> NodeSnapshot {
+        // Through JSON, as the status travels through the API server.
+        let status: NodeSnapshotStatus = serde_json::from_value(json!({
+            "phase": "Released", "freezeStart": start, "freezeWindowMillis": window
+        }))
+        .expect("status");
+        let status: NodeSnapshotStatus =
+            serde_json::from_value(serde_json::to_value(&status).expect("json")).expect("status");
+        let mut object = NodeSnapshot::new(
+            node,
+            NodeSnapshotSpec {
+                node_name: node.into(),
+                freeze_timeout_seconds: 10,
+                ..Default::default()
+            },
+        );
+        object.status = Some(status);
+        object
+    }
+
+    #[test]
+    fn the_overall_window_spans_first_freeze_to_last_thaw_across_a_second_boundary() {
+        let nodes = BTreeMap::from([
+            (
+                "a".to_string(),
+                reported("a", "2026-11-21T12:00:00.990000Z", 50),
+            ),
+            (
+                "b".to_string(),
+                reported("b", "2026-11-21T12:00:01.010000Z", 40),
+            ),
+        ]);
+        let mut status = GroupSnapshotStatus::default();
+        fill_members(&mut status, &nodes);
+        // a: 0.990 → 1.040, b: 1.010 → 1.050: 60 ms from the first freeze to the last thaw.
+        assert_eq!(status.freeze_window_millis, Some(60));
+        assert_eq!(status.nodes.len(), 2);
+        assert_eq!(status.nodes[1].freeze_window_millis, Some(40));
+    }
+
+    #[test]
+    fn no_overall_window_until_every_node_reported_one() {
+        let mut pending = reported("b", "2026-11-21T12:00:01.010000Z", 40);
+        if let Some(s) = pending.status.as_mut() {
+            s.freeze_window_millis = None;
+        }
+        let nodes = BTreeMap::from([
+            (
+                "a".to_string(),
+                reported("a", "2026-11-21T12:00:00.990000Z", 50),
+            ),
+            ("b".to_string(), pending),
+        ]);
+        let mut status = GroupSnapshotStatus::default();
+        fill_members(&mut status, &nodes);
+        assert_eq!(status.freeze_window_millis, None);
+    }
+
+    #[test]
+    fn node_snapshot_names_stay_valid_for_long_node_names() {
+        assert_eq!(node_snapshot_name("s", "node-1"), "s-node-1");
+        let long = "n".repeat(253);
+        let name = node_snapshot_name(&"s".repeat(63), &long);
+        assert!(name.len() <= 253, "{}", name.len());
+        assert_ne!(name, node_snapshot_name(&"s".repeat(63), &"m".repeat(253)));
+    }
+}
