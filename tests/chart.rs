@@ -1108,6 +1108,7 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "get persistentvolumeclaims -A",
         "list persistentvolumeclaims -A",
         "watch persistentvolumeclaims -A",
+        "get nodes",
         "get nodesnapshots.tandem.dev -A",
         "list nodesnapshots.tandem.dev -A",
         "watch nodesnapshots.tandem.dev -A",
@@ -1252,6 +1253,7 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         set(&[
             "events.events.k8s.io [] [] [create patch]",
             "nodesnapshots.tandem.dev/status [] [] [get update patch]",
+            "nodes [] [] [get]",
             "nodesnapshots.tandem.dev [] [] [get list watch update patch]",
             "persistentvolumeclaims [] [] [get list watch]",
             "persistentvolumes [] [] [get list watch]",
