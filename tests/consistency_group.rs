@@ -549,7 +549,8 @@ async fn resource_quota_caps_groups_per_namespace() {
         .await
         .expect("create quota");
     // kube-controller-manager computes the quota's status; admission relies on it.
-    eventually(WAIT, "quota status", || {
+    // Its quota monitor for a custom resource starts at its next discovery sync (every 30 s).
+    eventually(Duration::from_secs(120), "quota status", || {
         let quotas = quotas.clone();
         async move {
             let q = quotas.get("groups").await.ok()?;
