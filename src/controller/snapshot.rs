@@ -665,6 +665,20 @@ async fn cleanup(
     nodes_api: &Api<NodeSnapshot>,
 ) -> Result<Action, Error> {
     let name = snapshot.name_any();
+    let mut status = snapshot.status.clone().unwrap_or_default();
+    if status.phase != GroupSnapshotPhase::Deleting {
+        // `kubectl get gsnap` shows what is going on while the agents delete (or keep) snapshots.
+        status.phase = GroupSnapshotPhase::Deleting;
+        status.message = Some(match snapshot.spec.deletion_policy {
+            crate::api::DeletionPolicy::Delete => {
+                "deleting the member snapshots on their nodes".into()
+            }
+            crate::api::DeletionPolicy::Retain => {
+                "releasing the member snapshots, which are kept on their nodes".into()
+            }
+        });
+        write_status(api, &name, &status).await?;
+    }
     let remaining = nodes_api
         .list(&ListParams::default().labels(&format!("{GROUP_SNAPSHOT_LABEL}={name}")))
         .await?;
