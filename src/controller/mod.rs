@@ -73,6 +73,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub claims: Store<PersistentVolumeClaim>,
     pub volumes: Store<PersistentVolume>,
+    pub node_snapshots: Store<crate::api::NodeSnapshot>,
     pub metrics: Arc<Metrics>,
     /// Serializes the start of group snapshots, so two never claim the same volume at once.
     pub start_lock: tokio::sync::Mutex<()>,
@@ -170,8 +171,20 @@ async fn run_controllers(
     .touched_objects();
     // The caches are driven by tasks of their own: a reconcile that waits for them must never
     // depend on the controller pulling the very stream that fills them.
+    let node_snapshots_api: Api<crate::api::NodeSnapshot> = match &args.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (node_snapshots, node_snapshots_writer) = reflector::store();
+    let node_snapshot_events = reflector(
+        node_snapshots_writer,
+        watcher(node_snapshots_api, watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects();
     let claim_events = drive_in_background("claims", claim_events);
     let volume_events = drive_in_background("volumes", volume_events);
+    let node_snapshot_events = drive_in_background("nodesnapshots", node_snapshot_events);
 
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
@@ -184,6 +197,7 @@ async fn run_controllers(
         client,
         claims,
         volumes,
+        node_snapshots,
         metrics,
         start_lock: tokio::sync::Mutex::new(()),
         ready,
@@ -202,7 +216,11 @@ async fn run_controllers(
                 claim_events.boxed(),
                 volume_events.boxed()
             ),
-            run_snapshot_controller(ctx.clone(), args.namespace.as_deref()),
+            run_snapshot_controller(
+                ctx.clone(),
+                args.namespace.as_deref(),
+                node_snapshot_events.boxed()
+            ),
         )
     };
     // The controllers end on SIGTERM/SIGINT (graceful drain).

@@ -6,13 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::watcher;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher::{self, Error as WatchError};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
@@ -37,16 +39,28 @@ const GROUP_GRACE: Duration = Duration::from_secs(10);
 const AGENT_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the GroupSnapshot controller; NodeSnapshot changes re-reconcile their GroupSnapshot.
-pub async fn run_snapshot_controller(ctx: Arc<Context>, namespace: Option<&str>) {
-    let (snapshots, node_snapshots): (Api<GroupSnapshot>, Api<NodeSnapshot>) = match namespace {
-        Some(ns) => (
-            Api::namespaced(ctx.client.clone(), ns),
-            Api::namespaced(ctx.client.clone(), ns),
-        ),
-        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+pub async fn run_snapshot_controller(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+    node_snapshot_events: BoxStream<'static, Result<NodeSnapshot, WatchError>>,
+) {
+    let snapshots: Api<GroupSnapshot> = match namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
     };
+    // NodeSnapshots come from the shared cache (no list on the release path) and wake their owner.
     Controller::new(snapshots, watcher::Config::default())
-        .owns(node_snapshots, watcher::Config::default())
+        .watches_stream(node_snapshot_events, |node: NodeSnapshot| {
+            let namespace = node.namespace();
+            node.owner_references()
+                .iter()
+                .filter(|o| o.kind == "GroupSnapshot" && o.controller == Some(true))
+                .map(|o| {
+                    ObjectRef::<GroupSnapshot>::new(&o.name)
+                        .within(namespace.as_deref().unwrap_or(""))
+                })
+                .collect::<Vec<_>>()
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -437,16 +451,27 @@ async fn drive(
             .push(member);
     }
 
-    let existing: BTreeMap<String, NodeSnapshot> = nodes_api
-        .list(&ListParams::default().labels(&format!("{GROUP_SNAPSHOT_LABEL}={name}")))
-        .await?
-        .into_iter()
+    // Never judge from a cache that has not listed everything yet (after a restart, say).
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        ctx.node_snapshots.wait_until_ready(),
+    )
+    .await
+    .map_err(|_| Error::CacheNotReady("no full list of NodeSnapshots yet".into()))?
+    .map_err(|e| Error::CacheNotReady(e.to_string()))?;
+    // From the cache: it is updated before the event that woke us is delivered. A NodeSnapshot
+    // created a moment ago and not cached yet is created again, which the API answers with 409.
+    let existing: BTreeMap<String, NodeSnapshot> = ctx
+        .node_snapshots
+        .state()
+        .iter()
+        .filter(|n| n.namespace().as_deref() == Some(namespace.as_str()))
         .filter(|n| {
             n.owner_references()
                 .iter()
                 .any(|o| Some(&o.uid) == snapshot.uid().as_ref())
         })
-        .map(|n| (n.spec.node_name.clone(), n))
+        .map(|n| (n.spec.node_name.clone(), n.as_ref().clone()))
         .collect();
     let missing: Vec<&str> = by_node
         .keys()
