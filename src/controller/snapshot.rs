@@ -25,7 +25,7 @@ use super::{CONTROLLER_NAME, Context, Error};
 use crate::api::{
     CONDITION_READY, Consistency, ConsistencyGroup, FreezePolicy, GroupSnapshot,
     GroupSnapshotPhase, GroupSnapshotStatus, MemberSnapshot, NodeAction, NodeFreezeWindow,
-    NodeSnapshot, NodeSnapshotSpec, NodeVolume,
+    NodePhase, NodeSnapshot, NodeSnapshotSpec, NodeVolume,
 };
 
 /// The controller's finalizer on GroupSnapshots and on the NodeSnapshots it creates: member
@@ -542,7 +542,12 @@ async fn drive(
     match step {
         Step::Wait => {
             fill_members(&mut status, &existing);
-            if status_changed(snapshot, &status) {
+            // While nodes hold their freezes, a status write here would only delay noticing the
+            // last node's cut; progress is visible on the NodeSnapshots meanwhile.
+            let holding = existing
+                .values()
+                .any(|n| n.status.as_ref().is_some_and(|s| s.phase == NodePhase::Cut));
+            if !holding && status_changed(snapshot, &status) {
                 write_status(api, &name, &status).await?;
             }
             Ok(if started <= deadline {
