@@ -15,6 +15,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::{DeletionPolicy, NodeAction, NodePhase, NodeSnapshot, NodeSnapshotStatus};
+use crate::finalizer;
 
 use super::discovery;
 use super::engine::{CutRequest, Engine, VolumeRequest};
@@ -80,22 +81,12 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
         // Act only once every other finalizer is gone: the controller holds its own until the
         // GroupSnapshot itself is deleted, so a member snapshot is never deleted on its own.
         let only_ours = obj.finalizers().iter().all(|f| f == FINALIZER);
-        if only_ours && obj.finalizers().iter().any(|f| f == FINALIZER) {
+        if let Some(patch) = finalizer::removing(obj.as_ref(), FINALIZER).filter(|_| only_ours) {
             let retain = obj.spec.deletion_policy == DeletionPolicy::Retain;
             let engine = ctx.engine.clone();
             let key = uid.clone();
             tokio::task::spawn_blocking(move || engine.finalize(&key, retain)).await??;
-            let rest: Vec<String> = obj
-                .finalizers()
-                .iter()
-                .filter(|f| *f != FINALIZER)
-                .cloned()
-                .collect();
-            let patch = serde_json::json!({
-                "metadata": {"finalizers": rest, "resourceVersion": obj.resource_version()}
-            });
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
+            api.patch(&name, &PatchParams::default(), &patch).await?;
             tracing::info!(%namespace, %name, retain, "snapshots finalized");
         }
         return Ok(Action::await_change());
@@ -217,20 +208,10 @@ fn failed(generation: Option<i64>, message: &str) -> NodeSnapshotStatus {
 }
 
 async fn ensure_finalizer(api: &Api<NodeSnapshot>, obj: &NodeSnapshot) -> Result<(), AgentError> {
-    if obj.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(());
+    if let Some(patch) = finalizer::adding(obj, FINALIZER) {
+        api.patch(&obj.name_any(), &PatchParams::default(), &patch)
+            .await?;
     }
-    let mut finalizers = obj.finalizers().to_vec();
-    finalizers.push(FINALIZER.to_string());
-    let patch = serde_json::json!({
-        "metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}
-    });
-    api.patch(
-        &obj.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{watcher, watcher::Error as WatchError};
 use kube::{Api, Resource, ResourceExt};
@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use super::conditions::condition;
 use super::membership::resolve_members;
-use super::{CONTROLLER_NAME, Context, Error, caches_ready};
+use super::{CONTROLLER_NAME, Context, Error, caches_ready, publish_event};
 use crate::api::{CONDITION_READY, ConsistencyGroup, ConsistencyGroupStatus, GroupMember};
 
 /// Runs the ConsistencyGroup controller; PVC and PV changes re-reconcile the groups of their namespace.
@@ -209,19 +209,20 @@ async fn publish_member_events(
         if unchanged {
             continue;
         }
-        let event = Event {
-            type_: EventType::Warning,
-            reason: member
-                .reason
-                .clone()
-                .unwrap_or_else(|| "MemberUnsupported".into()),
-            note: member.message.clone(),
-            action: "ResolveMembers".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            warn!(error = %e, "cannot publish event");
-        }
+        let reason = member
+            .reason
+            .clone()
+            .unwrap_or_else(|| "MemberUnsupported".into());
+        let note = member.message.clone();
+        publish_event(
+            ctx,
+            &reference,
+            EventType::Warning,
+            reason,
+            note,
+            "ResolveMembers",
+        )
+        .await;
     }
 }
 

@@ -252,15 +252,40 @@ fn drive_in_background<T: Send + 'static>(
 /// Waits (a bounded time) until the PVC and PV caches hold a full list, so membership is never
 /// computed from half a world; the reconcile is retried when they are not ready yet.
 async fn caches_ready(ctx: &Context) -> Result<(), Error> {
-    let both = async {
-        ctx.claims.wait_until_ready().await?;
-        ctx.volumes.wait_until_ready().await
-    };
-    match tokio::time::timeout(std::time::Duration::from_secs(5), both).await {
+    cache_ready(&ctx.claims, "PersistentVolumeClaims").await?;
+    cache_ready(&ctx.volumes, "PersistentVolumes").await
+}
+
+/// Waits up to 5 s until `store` holds a full list of `what`.
+async fn cache_ready<K>(store: &Store<K>, what: &str) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    match tokio::time::timeout(std::time::Duration::from_secs(5), store.wait_until_ready()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Error::CacheNotReady(e.to_string())),
-        Err(_) => Err(Error::CacheNotReady(
-            "no full list of PersistentVolumeClaims and PersistentVolumes yet".into(),
-        )),
+        Err(_) => Err(Error::CacheNotReady(format!("no full list of {what} yet"))),
+    }
+}
+
+/// Publishes an event about `reference`; a failure to publish is logged, never fatal.
+async fn publish_event(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: kube::runtime::events::EventType,
+    reason: String,
+    note: Option<String>,
+    action: &str,
+) {
+    let event = kube::runtime::events::Event {
+        type_,
+        reason,
+        note,
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, reference).await {
+        tracing::warn!(error = %e, "cannot publish event");
     }
 }

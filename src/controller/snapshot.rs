@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::{self, Error as WatchError};
 use kube::{Api, Resource, ResourceExt};
@@ -21,12 +21,13 @@ use tracing::{info, warn};
 
 use super::barrier::{NodeView, Step, next_step};
 use super::conditions::condition;
-use super::{CONTROLLER_NAME, Context, Error};
+use super::{CONTROLLER_NAME, Context, Error, cache_ready, publish_event};
 use crate::api::{
     CONDITION_READY, Consistency, ConsistencyGroup, FreezePolicy, GroupSnapshot,
     GroupSnapshotPhase, GroupSnapshotStatus, MemberSnapshot, NodeAction, NodeFreezeWindow,
     NodePhase, NodeSnapshot, NodeSnapshotSpec, NodeVolume,
 };
+use crate::finalizer;
 
 /// The controller's finalizer on GroupSnapshots and on the NodeSnapshots it creates: member
 /// snapshots go only with their GroupSnapshot, never on their own.
@@ -95,18 +96,8 @@ async fn reconcile(snapshot: Arc<GroupSnapshot>, ctx: Arc<Context>) -> Result<Ac
     if snapshot.metadata.deletion_timestamp.is_some() {
         return cleanup(&snapshot, &api, &nodes_api).await;
     }
-    if !snapshot.finalizers().iter().any(|f| f == FINALIZER) {
-        let mut finalizers = snapshot.finalizers().to_vec();
-        finalizers.push(FINALIZER.into());
-        api.patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {
-                "finalizers": finalizers,
-                "resourceVersion": snapshot.resource_version(),
-            }})),
-        )
-        .await?;
+    if let Some(patch) = finalizer::adding(snapshot.as_ref(), FINALIZER) {
+        api.patch(&name, &PatchParams::default(), &patch).await?;
         return Ok(Action::await_change());
     }
 
@@ -148,20 +139,16 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    let event = Event {
+    let reference = snapshot.object_ref(&());
+    publish_event(
+        ctx,
+        &reference,
         type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Snapshot".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx
-        .recorder
-        .publish(&event, &snapshot.object_ref(&()))
-        .await
-    {
-        warn!(error = %e, "cannot publish event");
-    }
+        reason.into(),
+        Some(note),
+        "Snapshot",
+    )
+    .await;
 }
 
 /// Ends the snapshot as Failed with a message a person can act on.
@@ -452,13 +439,7 @@ async fn drive(
     }
 
     // Never judge from a cache that has not listed everything yet (after a restart, say).
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        ctx.node_snapshots.wait_until_ready(),
-    )
-    .await
-    .map_err(|_| Error::CacheNotReady("no full list of NodeSnapshots yet".into()))?
-    .map_err(|e| Error::CacheNotReady(e.to_string()))?;
+    cache_ready(&ctx.node_snapshots, "NodeSnapshots").await?;
     // From the cache: it is updated before the event that woke us is delivered. A NodeSnapshot
     // created a moment ago and not cached yet is created again, which the API answers with 409.
     let existing: BTreeMap<String, NodeSnapshot> = ctx
@@ -723,21 +704,9 @@ async fn cleanup(
                 Err(e) => return Err(e.into()),
             }
         }
-        if node.finalizers().iter().any(|f| f == FINALIZER) {
-            let rest: Vec<&String> = node
-                .finalizers()
-                .iter()
-                .filter(|f| *f != FINALIZER)
-                .collect();
+        if let Some(patch) = finalizer::removing(node, FINALIZER) {
             match nodes_api
-                .patch(
-                    &node.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {
-                        "finalizers": rest,
-                        "resourceVersion": node.resource_version(),
-                    }})),
-                )
+                .patch(&node.name_any(), &PatchParams::default(), &patch)
                 .await
             {
                 Ok(_) => {}
@@ -751,17 +720,9 @@ async fn cleanup(
         // The agents finish the deletion; their NodeSnapshots' removal wakes us up.
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    let rest: Vec<&String> = snapshot
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .collect();
-    api.patch(
-        &name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"finalizers": rest}})),
-    )
-    .await?;
+    if let Some(patch) = finalizer::removing(snapshot, FINALIZER) {
+        api.patch(&name, &PatchParams::default(), &patch).await?;
+    }
     info!(snapshot = %name, policy = ?snapshot.spec.deletion_policy, "deleted");
     Ok(Action::await_change())
 }
