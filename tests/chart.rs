@@ -179,6 +179,8 @@ fn template_with_default_values_renders_every_part_wired_to_the_binary() {
         "ClusterRole/tandem-view",
         "ValidatingAdmissionPolicy/tandem-agent-node-restriction",
         "ValidatingAdmissionPolicyBinding/tandem-agent-node-restriction",
+        "ValidatingAdmissionPolicy/tandem-group-snapshot-finalizer",
+        "ValidatingAdmissionPolicyBinding/tandem-group-snapshot-finalizer",
         "Deployment/tandem-controller",
         "DaemonSet/tandem-agent",
         "Service/tandem-controller-metrics",
@@ -328,6 +330,7 @@ controller:
   watchNamespace: shop
   httpPort: 9090
   extraArgs: ["--some-flag=1"]
+  finalizerGuard: {enabled: false}
 metrics:
   service: {port: 9191}
   serviceMonitor: {enabled: true, interval: 15s, labels: {release: prom}}
@@ -1146,13 +1149,13 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "list consistencygroups.tandem.dev -A",
         "watch consistencygroups.tandem.dev -A",
         "patch consistencygroups.tandem.dev --subresource=status",
-        "update consistencygroups.tandem.dev --subresource=finalizers",
-        "create groupsnapshots.tandem.dev",
+        "get groupsnapshots.tandem.dev -A",
+        "patch groupsnapshots.tandem.dev",
         "patch groupsnapshots.tandem.dev --subresource=status",
         "update groupsnapshots.tandem.dev --subresource=finalizers",
         "create nodesnapshots.tandem.dev",
+        "patch nodesnapshots.tandem.dev",
         "delete nodesnapshots.tandem.dev",
-        "patch nodesnapshots.tandem.dev --subresource=status",
         "list persistentvolumes",
         "watch persistentvolumeclaims -A",
         "create events.events.k8s.io",
@@ -1180,6 +1183,16 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "impersonate users",
         "update nodes",
         "create events",
+        // Least privilege: nothing it never does.
+        "create consistencygroups.tandem.dev",
+        "delete consistencygroups.tandem.dev",
+        "update consistencygroups.tandem.dev",
+        "create groupsnapshots.tandem.dev",
+        "delete groupsnapshots.tandem.dev",
+        "update groupsnapshots.tandem.dev",
+        "update nodesnapshots.tandem.dev",
+        "patch nodesnapshots.tandem.dev --subresource=status",
+        "update consistencygroups.tandem.dev --subresource=finalizers",
     ] {
         expect(&mut wrong, &controller, "controller", check, false);
     }
@@ -1263,18 +1276,15 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
     assert_eq!(
         controller_rules,
         set(&[
-            "consistencygroups.tandem.dev/finalizers [] [] [get update patch]",
-            "consistencygroups.tandem.dev/status [] [] [get update patch]",
-            "consistencygroups.tandem.dev [] [] [get list watch create update patch delete]",
+            "consistencygroups.tandem.dev/status [] [] [patch]",
+            "consistencygroups.tandem.dev [] [] [get list watch]",
             "events.events.k8s.io [] [] [create patch]",
-            "groupsnapshots.tandem.dev/finalizers [] [] [get update patch]",
-            "groupsnapshots.tandem.dev/status [] [] [get update patch]",
-            "groupsnapshots.tandem.dev [] [] [get list watch create update patch delete]",
+            "groupsnapshots.tandem.dev/finalizers [] [] [update]",
+            "groupsnapshots.tandem.dev/status [] [] [patch]",
+            "groupsnapshots.tandem.dev [] [] [get list watch patch]",
             "leases.coordination.k8s.io [] [tandem-controller] [get update patch]",
             "leases.coordination.k8s.io [] [] [create]",
-            "nodesnapshots.tandem.dev/finalizers [] [] [get update patch]",
-            "nodesnapshots.tandem.dev/status [] [] [get update patch]",
-            "nodesnapshots.tandem.dev [] [] [get list watch create update patch delete]",
+            "nodesnapshots.tandem.dev [] [] [get list watch create patch delete]",
             "persistentvolumeclaims [] [] [get list watch]",
             "persistentvolumes [] [] [get list watch]",
         ])
@@ -1480,4 +1490,122 @@ async fn agent_tokens_write_only_the_nodesnapshots_of_their_own_node() {
     for node in [&node_a, &node_b] {
         let _ = with_plane(|p| p.kubectl(&["delete", "node", node, "--wait=false"]));
     }
+}
+
+/// A GroupSnapshot as the admin makes it: with tandem's finalizer and, when `started`, a status
+/// that lists a member (the controller has made NodeSnapshots for it).
+fn finalized_group_snapshot(env: &TestEnv, name: &str, started: bool) {
+    let snapshot = json!({
+        "apiVersion": "tandem.dev/v1alpha1", "kind": "GroupSnapshot",
+        "metadata": {"name": name, "finalizers": ["tandem.dev/group-snapshot"]},
+        "spec": {"groupName": "g"}
+    });
+    let (_d, file) = temp_file("gsnap.json", &snapshot.to_string());
+    env.kubectl(&["create", "-f", file.to_str().unwrap()])
+        .expect("create gsnap");
+    if started {
+        let status = json!({"status": {"phase": "Ready", "members": [
+            {"claim": "data", "persistentVolume": "pv-data", "node": "node-a"}
+        ]}});
+        env.kubectl(&[
+            "patch",
+            "groupsnapshot",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ])
+        .expect("status");
+    }
+}
+
+fn remove_finalizers(kubeconfig: &Path, ns: &str, name: &str) -> Result<String, String> {
+    kubectl_as(
+        kubeconfig,
+        &[
+            "-n",
+            ns,
+            "patch",
+            "groupsnapshot",
+            name,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ],
+    )
+}
+
+#[tokio::test]
+async fn only_the_controller_removes_the_finalizer_of_a_started_group_snapshot() {
+    let _crds = CRD_LOCK.read().await;
+    let env = TestEnv::new("helm-fin").await;
+    let ns = env.namespace.as_str();
+    let chart = chart_dir().display().to_string();
+    helm_ok(&[
+        "install",
+        "tandem-fin",
+        &chart,
+        "-n",
+        ns,
+        "--set",
+        "crds.install=false",
+    ]);
+    env.kubectl(&[
+        "create",
+        "rolebinding",
+        "editor",
+        "--clusterrole",
+        "edit",
+        "--user",
+        "editor",
+    ])
+    .expect("rolebinding");
+    support::eventually(
+        Duration::from_secs(30),
+        "the edit role to aggregate tandem's rules",
+        || async { can_i("editor", ns, "patch groupsnapshots.tandem.dev").then_some(()) },
+    )
+    .await;
+    let (_e, editor) = temp_file(
+        "editor.kubeconfig",
+        &with_plane(|p| p.kubeconfig_for("editor", &[])),
+    );
+    let (_a, admin) = temp_file(
+        "admin.kubeconfig",
+        &with_plane(|p| p.kubeconfig_for("someadmin", &["system:masters"])),
+    );
+    let (_c, controller) = token_file(&token(ns, "tandem-fin-controller", None));
+
+    for name in ["started", "started-2", "unstarted"] {
+        finalized_group_snapshot(&env, name, name != "unstarted");
+    }
+    // The policy takes effect once the API server has loaded it: wait for the first denial.
+    let denied = support::eventually(
+        Duration::from_secs(30),
+        "the finalizer guard policy",
+        || async { remove_finalizers(&editor, ns, "started").err() },
+    )
+    .await;
+    assert!(
+        denied.contains("only the tandem controller may remove the finalizer")
+            && denied.contains(&format!("{ns}/started")),
+        "{denied}"
+    );
+    // Not even a cluster admin: the controller must delete or keep the member snapshots first.
+    let denied = remove_finalizers(&admin, ns, "started").expect_err("admins are guarded too");
+    assert!(denied.contains("only the tandem controller"), "{denied}");
+    // A GroupSnapshot that never started has no NodeSnapshots: nothing to guard.
+    remove_finalizers(&editor, ns, "unstarted").expect("no member snapshots, no guard");
+    // Other edits by the editor go through.
+    env.kubectl(&["get", "groupsnapshot", "started"])
+        .expect("still there");
+    kubectl_as(
+        &editor,
+        &["-n", ns, "label", "groupsnapshot", "started", "team=a"],
+    )
+    .expect("a label is fine");
+    // The controller's own identity removes it.
+    remove_finalizers(&controller, ns, "started").expect("the controller may");
+    remove_finalizers(&controller, ns, "started-2").expect("the controller may");
 }

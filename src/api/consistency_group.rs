@@ -30,13 +30,18 @@ use super::FreezePolicy;
 #[x_kube(validation = Rule::new("has(self.selector) || has(self.volumeSelector) || (has(self.claims) && size(self.claims) > 0)").message("set at least one of spec.selector, spec.volumeSelector or spec.claims"))]
 #[serde(rename_all = "camelCase")]
 pub struct ConsistencyGroupSpec {
-    /// Selects PersistentVolumeClaims of this namespace by their labels (matchLabels and matchExpressions).
+    /// Selects PersistentVolumeClaims of this namespace by their labels (matchLabels and
+    /// matchExpressions, at least one requirement: `{}` would select every claim).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bounded_selector")]
+    #[x_kube(validation = Rule::new(NON_EMPTY_SELECTOR).message("spec.selector must have at least one requirement: an empty selector would select every claim of the namespace"))]
     pub selector: Option<LabelSelector>,
 
     /// Selects PersistentVolumes by their labels. Only volumes bound to a claim of this namespace
     /// become members; volumes claimed from other namespaces are ignored whatever their labels say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bounded_selector")]
+    #[x_kube(validation = Rule::new(NON_EMPTY_SELECTOR).message("spec.volumeSelector must have at least one requirement: an empty selector would select every volume"))]
     pub volume_selector: Option<LabelSelector>,
 
     /// Names of PersistentVolumeClaims of this namespace that are members whatever their labels.
@@ -58,6 +63,48 @@ pub struct ConsistencyGroupSpec {
     #[serde(default = "default_freeze_timeout_seconds")]
     #[schemars(range(min = 1, max = 300))]
     pub freeze_timeout_seconds: i32,
+}
+
+/// A selector with no requirement matches everything.
+const NON_EMPTY_SELECTOR: &str = "(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)";
+
+/// The most members a group may have (like `claims`); a group that selects more reports
+/// `TooManyMembers` instead of a status too large to store.
+pub const MAX_MEMBERS: usize = 512;
+/// Bounds on a selector's size: requirements, values per requirement, labels.
+pub const MAX_SELECTOR_REQUIREMENTS: u32 = 32;
+pub const MAX_SELECTOR_VALUES: u32 = 64;
+pub const MAX_SELECTOR_LABELS: u32 = 32;
+
+/// The schema of a LabelSelector with bounds on every list and map in it.
+fn bounded_selector(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<LabelSelector>();
+    if let Some(object) = schema.as_object_mut() {
+        object.insert("nullable".into(), true.into());
+        if let Some(properties) = object.get_mut("properties").and_then(|p| p.as_object_mut()) {
+            if let Some(labels) = properties
+                .get_mut("matchLabels")
+                .and_then(|p| p.as_object_mut())
+            {
+                labels.insert("maxProperties".into(), MAX_SELECTOR_LABELS.into());
+            }
+            if let Some(expressions) = properties
+                .get_mut("matchExpressions")
+                .and_then(|p| p.as_object_mut())
+            {
+                expressions.insert("maxItems".into(), MAX_SELECTOR_REQUIREMENTS.into());
+                if let Some(values) = expressions
+                    .get_mut("items")
+                    .and_then(|i| i.get_mut("properties"))
+                    .and_then(|p| p.get_mut("values"))
+                    .and_then(|v| v.as_object_mut())
+                {
+                    values.insert("maxItems".into(), MAX_SELECTOR_VALUES.into());
+                }
+            }
+        }
+    }
+    schema
 }
 
 fn default_freeze_timeout_seconds() -> i32 {

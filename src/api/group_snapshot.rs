@@ -35,8 +35,11 @@ pub struct GroupSnapshotSpec {
     pub group_name: String,
 
     /// What happens to the member snapshots when this object is deleted: `Delete` (default) removes
-    /// them from their nodes, `Retain` keeps them.
+    /// them from their nodes; `Retain` keeps the snapshots of a Ready GroupSnapshot as standalone
+    /// NodeSnapshots (counted by `count/nodesnapshots.tandem.dev`; deleting one deletes its
+    /// snapshots). Cannot be changed: create the GroupSnapshot with the policy you want.
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.deletionPolicy is immutable: it was copied to the member snapshots when they were made"))]
     pub deletion_policy: DeletionPolicy,
 }
 
@@ -48,7 +51,7 @@ pub enum DeletionPolicy {
     /// Remove every member snapshot from its node.
     #[default]
     Delete,
-    /// Keep the member snapshots on their nodes.
+    /// Keep the member snapshots of a Ready snapshot, each node's as a NodeSnapshot of its own.
     Retain,
 }
 

@@ -4,6 +4,16 @@ use serde::{Deserialize, Serialize};
 
 use super::{DeletionPolicy, FreezePolicy};
 
+/// The largest freeze window an agent may report: far above any bounded freeze (the timeout is at
+/// most 300 s), small enough that no arithmetic on it can overflow.
+pub const MAX_FREEZE_WINDOW_MILLIS: i64 = 86_400_000;
+/// The largest snapshot size an agent may report (1 EiB).
+pub const MAX_SNAPSHOT_BYTES: i64 = 1 << 60;
+/// Times an agent reports stay far from the end of the calendar, so no arithmetic on them overflows.
+const BEFORE_YEAR_9000: &str = "self < timestamp('9000-01-01T00:00:00Z')";
+/// The largest generation an agent may report (2^53: exact in every JSON number).
+pub const MAX_GENERATION: i64 = 1 << 53;
+
 /// The controller's request to one node's agent: freeze, cut and thaw these volumes.
 ///
 /// Internal: the controller creates one per node per GroupSnapshot (owned by it) and the agent of
@@ -42,12 +52,19 @@ use super::{DeletionPolicy, FreezePolicy};
 #[serde(rename_all = "camelCase")]
 pub struct NodeSnapshotSpec {
     /// The node whose agent acts on this object. Cannot be changed.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.nodeName is immutable"))]
     pub node_name: String,
 
-    /// The GroupSnapshot this is part of (in the same namespace).
-    #[schemars(length(min = 1, max = 63))]
+    /// The GroupSnapshot this is part of (in the same namespace); a DNS label, as the agent puts it
+    /// into snapshot names.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub group_snapshot: String,
 
     /// What the controller wants now: `Cut` (freeze and snapshot), `Release` (thaw and keep the
@@ -71,8 +88,9 @@ pub struct NodeSnapshotSpec {
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 
-    /// The volumes of this node to snapshot.
+    /// The volumes of this node to snapshot (at most 512, like a group's members).
     #[serde(default)]
+    #[schemars(length(max = 512))]
     pub volumes: Vec<NodeVolume>,
 }
 
@@ -95,8 +113,16 @@ pub enum NodeAction {
 #[serde(rename_all = "camelCase")]
 pub struct NodeVolume {
     /// The PersistentVolumeClaim (in this object's namespace).
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub claim: String,
     /// The PersistentVolume bound to it.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub persistent_volume: String,
 }
 
@@ -119,23 +145,27 @@ pub enum NodePhase {
 }
 
 /// What an agent did.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSnapshotStatus {
     /// The `metadata.generation` the agent last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = MAX_GENERATION))]
     pub observed_generation: Option<i64>,
     /// Where this node's part stands.
     #[serde(default)]
     pub phase: NodePhase,
     /// Per volume: device, backend, freeze and snapshot.
     #[serde(default)]
+    #[schemars(length(max = 512))]
     pub volumes: Vec<VolumeStatus>,
     /// When the node's first freeze began (microseconds: windows across nodes are computed from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(BEFORE_YEAR_9000).message("status.freezeStart must be before the year 9000"))]
     pub freeze_start: Option<MicroTime>,
-    /// From the node's first freeze to its last thaw, in milliseconds (monotonic clock).
+    /// From the node's first freeze to its last thaw, in milliseconds (monotonic clock; at most a day).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = MAX_FREEZE_WINDOW_MILLIS))]
     pub freeze_window_millis: Option<i64>,
     /// What went wrong, in words a person can act on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -146,7 +176,7 @@ pub struct NodeSnapshotStatus {
 }
 
 /// One volume as the agent found and snapshotted it.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeStatus {
     /// The PersistentVolumeClaim.
@@ -169,10 +199,12 @@ pub struct VolumeStatus {
     /// The backend's handle of the snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_handle: Option<String>,
-    /// The snapshot's size in bytes.
+    /// The snapshot's size in bytes (at most 1 EiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = MAX_SNAPSHOT_BYTES))]
     pub size_bytes: Option<i64>,
     /// When the snapshot was cut.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(BEFORE_YEAR_9000).message("cutTime must be before the year 9000"))]
     pub cut_time: Option<Time>,
 }

@@ -96,7 +96,7 @@ async fn reconcile(group: Arc<ConsistencyGroup>, ctx: Arc<Context>) -> Result<Ac
                 &previous.conditions,
                 CONDITION_READY,
                 false,
-                "InvalidSelector",
+                e.reason(),
                 e.to_string(),
                 generation,
             )],
@@ -193,40 +193,117 @@ fn count(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-/// One Warning event per member that became unsupported (or changed reason), so `kubectl describe`
-/// and `kubectl get events` tell the story without repeating it on every reconcile.
+/// One Warning event per reconcile for the members that became unsupported (or changed reason),
+/// so `kubectl describe` tells the story without an event per claim on every change.
 async fn publish_member_events(
     group: &ConsistencyGroup,
     before: &[GroupMember],
     after: &[GroupMember],
     ctx: &Context,
 ) {
-    let reference = group.object_ref(&());
-    for member in after.iter().filter(|m| !m.supported) {
-        let unchanged = before
-            .iter()
-            .any(|b| b.claim == member.claim && b.reason == member.reason);
-        if unchanged {
-            continue;
-        }
-        let reason = member
-            .reason
-            .clone()
-            .unwrap_or_else(|| "MemberUnsupported".into());
-        let note = member.message.clone();
-        publish_event(
-            ctx,
-            &reference,
-            EventType::Warning,
-            reason,
-            note,
-            "ResolveMembers",
-        )
-        .await;
+    let Some(note) = unsupported_members_note(before, after) else {
+        return;
+    };
+    publish_event(
+        ctx,
+        &group.object_ref(&()),
+        EventType::Warning,
+        "MembersUnsupported".into(),
+        Some(note),
+        "ResolveMembers",
+    )
+    .await;
+}
+
+/// The most members one event names; the rest are counted.
+const MEMBERS_PER_EVENT: usize = 10;
+
+/// The note of the aggregated event: the members newly unsupported, with their reasons; None when
+/// nothing changed.
+fn unsupported_members_note(before: &[GroupMember], after: &[GroupMember]) -> Option<String> {
+    let changed: Vec<&GroupMember> = after
+        .iter()
+        .filter(|m| !m.supported)
+        .filter(|m| {
+            !before
+                .iter()
+                .any(|b| b.claim == m.claim && b.reason == m.reason && !b.supported)
+        })
+        .collect();
+    if changed.is_empty() {
+        return None;
     }
+    let mut named: Vec<String> = changed
+        .iter()
+        .take(MEMBERS_PER_EVENT)
+        .map(|m| {
+            format!(
+                "{} ({}: {})",
+                m.claim,
+                m.reason.as_deref().unwrap_or("MemberUnsupported"),
+                m.message.as_deref().unwrap_or("cannot be snapshotted")
+            )
+        })
+        .collect();
+    if changed.len() > MEMBERS_PER_EVENT {
+        named.push(format!("and {} more", changed.len() - MEMBERS_PER_EVENT));
+    }
+    // Events notes are limited to 1 kB.
+    let mut note = format!(
+        "{} member(s) cannot be snapshotted: {}",
+        changed.len(),
+        named.join("; ")
+    );
+    if note.len() > 1000 {
+        let mut cut = 997;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push_str("...");
+    }
+    Some(note)
 }
 
 fn error_policy(group: Arc<ConsistencyGroup>, error: &Error, _ctx: Arc<Context>) -> Action {
     warn!(group = %group.name_any(), error = %error, "will retry");
     Action::requeue(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(claim: &str, reason: Option<&str>) -> GroupMember {
+        GroupMember {
+            claim: claim.into(),
+            supported: reason.is_none(),
+            reason: reason.map(String::from),
+            message: reason.map(|r| format!("{claim} is {r}")),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn one_note_names_every_newly_unsupported_member_and_caps_the_list() {
+        let after: Vec<GroupMember> = (0..512)
+            .map(|i| member(&format!("c{i}"), Some("ClaimNotFound")))
+            .collect();
+        let note = unsupported_members_note(&[], &after).expect("a note");
+        assert!(note.starts_with("512 member(s)"), "{note}");
+        assert!(note.contains("and 502 more"), "{note}");
+        assert!(note.len() <= 1000);
+        // Nothing changed: no event.
+        assert_eq!(unsupported_members_note(&after, &after), None);
+        // One changed reason: only that member.
+        let mut changed = after.clone();
+        changed[3] = member("c3", Some("ClaimNotBound"));
+        let note = unsupported_members_note(&after, &changed).expect("a note");
+        assert!(
+            note.starts_with("1 member(s)") && note.contains("c3 (ClaimNotBound"),
+            "{note}"
+        );
+        // Supported members never appear.
+        assert_eq!(unsupported_members_note(&[], &[member("ok", None)]), None);
+    }
 }

@@ -9,16 +9,30 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 
-use crate::api::{ConsistencyGroupSpec, GroupMember};
+use crate::api::{ConsistencyGroupSpec, GroupMember, MAX_MEMBERS};
 
 /// The label kubelets set to the node name; local volumes pin themselves to a node with it.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 
-/// Why a group's selector cannot be evaluated.
+/// Why a group's members cannot be resolved.
 #[derive(Debug, thiserror::Error)]
 pub enum SelectorError {
     #[error("spec.{field} is not a valid label selector: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error(
+        "the group selects {count} claims, more than the {max} a group may have; narrow its selectors or split it"
+    )]
+    TooManyMembers { count: usize, max: usize },
+}
+
+impl SelectorError {
+    /// The condition reason the group reports.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SelectorError::Invalid { .. } => "InvalidSelector",
+            SelectorError::TooManyMembers { .. } => "TooManyMembers",
+        }
+    }
 }
 
 /// Resolves the members of a group in `namespace`.
@@ -60,6 +74,12 @@ pub fn resolve_members<'a>(
         );
     }
 
+    if names.len() > MAX_MEMBERS {
+        return Err(SelectorError::TooManyMembers {
+            count: names.len(),
+            max: MAX_MEMBERS,
+        });
+    }
     Ok(names
         .into_iter()
         .map(|name| {
@@ -481,6 +501,32 @@ mod tests {
         assert_eq!(reasons["floating"], "VolumeNotPinnedToNode");
         assert_eq!(reasons["nfs"], "UnsupportedVolumeSource");
         assert!(members.iter().all(|m| !m.supported && m.message.is_some()));
+    }
+
+    #[test]
+    fn more_members_than_a_group_may_have_is_an_error_with_a_reason() {
+        let names: Vec<String> = (0..=MAX_MEMBERS).map(|i| format!("c{i}")).collect();
+        let claims: Vec<_> = names
+            .iter()
+            .map(|n| claim("a", n, &[("app", "db")], None))
+            .collect();
+        let spec = ConsistencyGroupSpec {
+            selector: Some(labels(&[("app", "db")])),
+            ..Default::default()
+        };
+        let err = resolve_members("a", &spec, &claims, &[]).expect_err("too many");
+        assert_eq!(err.reason(), "TooManyMembers");
+        assert!(
+            err.to_string().contains(&format!("{}", MAX_MEMBERS + 1)),
+            "{err}"
+        );
+        let fewer = &claims[..MAX_MEMBERS];
+        assert_eq!(
+            resolve_members("a", &spec, fewer, &[])
+                .expect("at the cap")
+                .len(),
+            MAX_MEMBERS
+        );
     }
 
     #[test]

@@ -9,22 +9,29 @@ mod group;
 mod http;
 pub mod membership;
 mod metrics;
+mod orphans;
 mod snapshot;
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
+use crate::api::GroupSnapshot;
+
 pub use group::run_group_controller;
 pub use metrics::Metrics;
-pub use snapshot::{FINALIZER, GROUP_SNAPSHOT_LABEL, node_snapshot_name, run_snapshot_controller};
+pub use snapshot::{
+    CONDITION_DELETE_FAILED, FINALIZER, GROUP_SNAPSHOT_LABEL, GROUP_SNAPSHOT_UID_LABEL,
+    RETAINED_FROM_UID_ANNOTATION, RETAINED_LABEL, node_snapshot_name, run_snapshot_controller,
+};
 
 /// The field manager (server-side apply) and event reporter of the controller.
 pub const CONTROLLER_NAME: &str = "tandem-controller";
@@ -57,6 +64,8 @@ pub enum Error {
     Serialize(#[from] serde_json::Error),
     #[error("object has no namespace")]
     MissingNamespace,
+    #[error("object has no uid")]
+    MissingUid,
     #[error("the watch caches did not become ready: {0}")]
     CacheNotReady(String),
     #[error("cannot serve HTTP: {0}")]
@@ -67,6 +76,9 @@ pub enum Error {
     LostLease,
 }
 
+/// Per snapshot (namespace, name): the snapshots waiting for it to finish.
+type Waiters = HashMap<(String, String), HashSet<ObjectRef<GroupSnapshot>>>;
+
 /// What every reconciler shares.
 pub struct Context {
     pub client: Client,
@@ -75,10 +87,46 @@ pub struct Context {
     pub volumes: Store<PersistentVolume>,
     pub node_snapshots: Store<crate::api::NodeSnapshot>,
     pub metrics: Arc<Metrics>,
-    /// Serializes the start of group snapshots, so two never claim the same volume at once.
-    pub start_lock: tokio::sync::Mutex<()>,
+    /// Per namespace: serializes the start of group snapshots, so two never claim the same volume
+    /// at once (a volume is claimed from one namespace only).
+    start_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Snapshots waiting for another one (namespace, name) to finish with a shared volume.
+    waiters: Mutex<Waiters>,
+    /// Wakes waiting snapshots (into the GroupSnapshot controller).
+    wake: tokio::sync::mpsc::UnboundedSender<ObjectRef<GroupSnapshot>>,
+    /// Notified on every NodeSnapshot event (the orphan sweep listens).
+    pub node_snapshots_changed: Arc<tokio::sync::Notify>,
     /// Whether the caches are synced (served on /readyz).
     pub ready: Arc<AtomicBool>,
+}
+
+impl Context {
+    /// The start lock of a namespace.
+    pub fn start_lock(&self, namespace: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.start_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(namespace.to_string()).or_default().clone()
+    }
+
+    /// Records that `waiter` waits for the snapshot `namespace/blocker` to finish.
+    pub fn wait_for(&self, namespace: &str, blocker: &str, waiter: ObjectRef<GroupSnapshot>) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        waiters
+            .entry((namespace.to_string(), blocker.to_string()))
+            .or_default()
+            .insert(waiter);
+    }
+
+    /// Wakes every snapshot that waited for `namespace/name`.
+    pub fn wake_waiters(&self, namespace: &str, name: &str) {
+        let woken = {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            waiters.remove(&(namespace.to_string(), name.to_string()))
+        };
+        for waiter in woken.into_iter().flatten() {
+            // The receiver lives as long as the controller; a send after it stopped is moot.
+            let _ = self.wake.send(waiter);
+        }
+    }
 }
 
 /// Runs every controller until a shutdown signal; with `--leader-elect` only while leading. The
@@ -182,9 +230,19 @@ async fn run_controllers(
     )
     .default_backoff()
     .touched_objects();
-    let claim_events = drive_in_background("claims", claim_events);
-    let volume_events = drive_in_background("volumes", volume_events);
-    let node_snapshot_events = drive_in_background("nodesnapshots", node_snapshot_events);
+    let node_snapshots_changed = Arc::new(tokio::sync::Notify::new());
+    let claim_events = drive_in_background("claims", claim_events, None);
+    let volume_events = drive_in_background("volumes", volume_events, None);
+    let node_snapshot_events = drive_in_background(
+        "nodesnapshots",
+        node_snapshot_events,
+        Some(node_snapshots_changed.clone()),
+    );
+    let (wake, woken) = tokio::sync::mpsc::unbounded_channel();
+    let woken = futures::stream::unfold(
+        woken,
+        |mut rx| async move { rx.recv().await.map(|e| (e, rx)) },
+    );
 
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
@@ -199,13 +257,18 @@ async fn run_controllers(
         volumes,
         node_snapshots,
         metrics,
-        start_lock: tokio::sync::Mutex::new(()),
+        start_locks: Mutex::default(),
+        waiters: Mutex::default(),
+        wake,
+        node_snapshots_changed,
         ready,
     });
     let readiness = async {
-        if caches_ready(&ctx).await.is_ok() {
-            ctx.ready.store(true, Ordering::Relaxed);
+        // However long the first lists take: each attempt waits a bounded time.
+        while caches_ready(&ctx).await.is_err() {
+            tracing::info!("waiting for the watch caches to fill before reporting ready");
         }
+        ctx.ready.store(true, Ordering::Relaxed);
         std::future::pending::<()>().await
     };
     let controllers = async {
@@ -219,7 +282,8 @@ async fn run_controllers(
             run_snapshot_controller(
                 ctx.clone(),
                 args.namespace.as_deref(),
-                node_snapshot_events.boxed()
+                node_snapshot_events.boxed(),
+                woken.boxed(),
             ),
         )
     };
@@ -227,13 +291,16 @@ async fn run_controllers(
     tokio::select! {
         _ = controllers => Ok(()),
         _ = readiness => Ok(()),
+        _ = orphans::sweep(ctx.clone()) => Ok(()),
     }
 }
 
-/// Polls `events` on a task of its own and hands them on through an unbounded channel.
+/// Polls `events` on a task of its own and hands them on through an unbounded channel,
+/// notifying `changed` (if any) of each.
 fn drive_in_background<T: Send + 'static>(
     name: &'static str,
     events: impl futures::Stream<Item = T> + Send + 'static,
+    changed: Option<Arc<tokio::sync::Notify>>,
 ) -> impl futures::Stream<Item = T> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -241,6 +308,9 @@ fn drive_in_background<T: Send + 'static>(
         tracing::debug!(cache = name, "watching");
         while let Some(event) = events.next().await {
             tracing::debug!(cache = name, "event");
+            if let Some(changed) = &changed {
+                changed.notify_one();
+            }
             if tx.send(event).is_err() {
                 break;
             }

@@ -23,7 +23,7 @@ use super::barrier::{NodeView, Step, next_step};
 use super::conditions::condition;
 use super::{CONTROLLER_NAME, Context, Error, cache_ready, publish_event};
 use crate::api::{
-    CONDITION_READY, Consistency, ConsistencyGroup, FreezePolicy, GroupSnapshot,
+    CONDITION_READY, Consistency, ConsistencyGroup, DeletionPolicy, FreezePolicy, GroupSnapshot,
     GroupSnapshotPhase, GroupSnapshotStatus, MemberSnapshot, NodeAction, NodeFreezeWindow,
     NodePhase, NodeSnapshot, NodeSnapshotSpec, NodeVolume,
 };
@@ -32,8 +32,22 @@ use crate::finalizer;
 /// The controller's finalizer on GroupSnapshots and on the NodeSnapshots it creates: member
 /// snapshots go only with their GroupSnapshot, never on their own.
 pub const FINALIZER: &str = "tandem.dev/group-snapshot";
-/// The label that ties a NodeSnapshot to its GroupSnapshot.
+/// The label that ties a NodeSnapshot to its GroupSnapshot (by name; the owner reference says
+/// which instance).
 pub const GROUP_SNAPSHOT_LABEL: &str = "tandem.dev/group-snapshot";
+/// The label with the uid of the GroupSnapshot a NodeSnapshot was made for.
+pub const GROUP_SNAPSHOT_UID_LABEL: &str = "tandem.dev/group-snapshot-uid";
+/// On a NodeSnapshot kept by a `Retain` GroupSnapshot's deletion: "true".
+pub const RETAINED_LABEL: &str = "tandem.dev/retained";
+/// On a kept NodeSnapshot: the uid of the GroupSnapshot it was kept from.
+pub const RETAINED_FROM_UID_ANNOTATION: &str = "tandem.dev/retained-from-uid";
+/// The condition an agent sets on a NodeSnapshot whose snapshots it cannot delete (it retries).
+pub const CONDITION_DELETE_FAILED: &str = "DeleteFailed";
+/// How often a snapshot waiting behind another one looks again on its own; it is normally woken
+/// as soon as the other one finishes.
+const WAITER_FALLBACK: Duration = Duration::from_secs(10);
+/// Page size of the list of GroupSnapshots in the overlap check.
+const LIST_PAGE: u32 = 250;
 /// How long a GroupSnapshot waits for its ConsistencyGroup to appear (GitOps may apply both at once).
 const GROUP_GRACE: Duration = Duration::from_secs(10);
 /// Time an agent gets, beyond the freeze timeout, to pick up and answer a NodeSnapshot.
@@ -44,6 +58,7 @@ pub async fn run_snapshot_controller(
     ctx: Arc<Context>,
     namespace: Option<&str>,
     node_snapshot_events: BoxStream<'static, Result<NodeSnapshot, WatchError>>,
+    woken: BoxStream<'static, ObjectRef<GroupSnapshot>>,
 ) {
     let snapshots: Api<GroupSnapshot> = match namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
@@ -62,6 +77,8 @@ pub async fn run_snapshot_controller(
                 })
                 .collect::<Vec<_>>()
         })
+        // Snapshots that waited behind another one, woken when it finished.
+        .reconcile_on(woken)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -93,8 +110,16 @@ async fn reconcile(snapshot: Arc<GroupSnapshot>, ctx: Arc<Context>) -> Result<Ac
     let api: Api<GroupSnapshot> = Api::namespaced(ctx.client.clone(), &namespace);
     let nodes_api: Api<NodeSnapshot> = Api::namespaced(ctx.client.clone(), &namespace);
 
+    let active = matches!(
+        snapshot.status.as_ref().map(|s| s.phase),
+        Some(GroupSnapshotPhase::Cutting | GroupSnapshotPhase::Releasing)
+    );
+    if !active || snapshot.metadata.deletion_timestamp.is_some() {
+        // Whoever waited for this snapshot to finish with its volumes may start now.
+        ctx.wake_waiters(&namespace, &name);
+    }
     if snapshot.metadata.deletion_timestamp.is_some() {
-        return cleanup(&snapshot, &api, &nodes_api).await;
+        return cleanup(&snapshot, &api, &nodes_api, &ctx).await;
     }
     if let Some(patch) = finalizer::adding(snapshot.as_ref(), FINALIZER) {
         api.patch(&name, &PatchParams::default(), &patch).await?;
@@ -230,7 +255,44 @@ async fn start(
     let group_status = group.status.clone().unwrap_or_default();
     if group_status.observed_generation != group.metadata.generation {
         // The group's members are not resolved yet for its current spec.
-        return Ok(retry);
+        let message = format!(
+            "ConsistencyGroup {group_name} has not resolved its members for its current spec (generation {}, resolved {})",
+            group.metadata.generation.unwrap_or_default(),
+            group_status
+                .observed_generation
+                .map_or("none".into(), |g| g.to_string())
+        );
+        if settling {
+            if wait(&mut status, format!("waiting: {message}")) {
+                write_status(api, &snapshot.name_any(), &status).await?;
+            }
+            return Ok(retry);
+        }
+        return fail(
+            snapshot,
+            status,
+            api,
+            ctx,
+            "GroupNotResolved",
+            format!("{message}; see the tandem controller's log"),
+        )
+        .await;
+    }
+    // A group whose members cannot be resolved at all says why in its Ready condition.
+    if let Some(refusal) = group_status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION_READY && UNRESOLVABLE_GROUP.contains(&c.reason.as_str()))
+    {
+        return fail(
+            snapshot,
+            status,
+            api,
+            ctx,
+            &refusal.reason.clone(),
+            format!("ConsistencyGroup {group_name}: {}", refusal.message),
+        )
+        .await;
     }
     if group_status.members.is_empty() {
         return fail(
@@ -283,43 +345,26 @@ async fn start(
         .collect();
 
     // One snapshot at a time per volume: checked and claimed under a lock, against the API (not a
-    // cache), so two reconciles can never both start on the same volume.
-    let _guard = ctx.start_lock.lock().await;
+    // cache), so two reconciles can never both start on the same volume. A volume is claimed from
+    // one namespace only, so the lock is per namespace: other tenants never wait for it.
+    let lock = ctx.start_lock(&namespace);
+    let _guard = lock.lock().await;
     let all: Api<GroupSnapshot> = Api::namespaced(ctx.client.clone(), &namespace);
     let ours: BTreeSet<&str> = members
         .iter()
         .map(|m| m.persistent_volume.as_str())
         .collect();
-    for other in all.list(&ListParams::default()).await? {
-        if other.uid() == snapshot.uid() {
-            continue;
+    if let Some((other, volume, claim)) = first_overlap(&all, snapshot, &ours).await? {
+        let message = format!(
+            "waiting for GroupSnapshot {other} that is snapshotting volume {volume} (claim {claim})"
+        );
+        if status.message.as_deref() != Some(message.as_str()) {
+            status.message = Some(message);
+            write_status(api, &snapshot.name_any(), &status).await?;
         }
-        let Some(other_status) = other.status.as_ref() else {
-            continue;
-        };
-        if !matches!(
-            other_status.phase,
-            GroupSnapshotPhase::Cutting | GroupSnapshotPhase::Releasing
-        ) {
-            continue;
-        }
-        if let Some(shared) = other_status
-            .members
-            .iter()
-            .find(|m| ours.contains(m.persistent_volume.as_str()))
-        {
-            let message = format!(
-                "waiting for GroupSnapshot {} that is snapshotting volume {} (claim {})",
-                other.name_any(),
-                shared.persistent_volume,
-                shared.claim
-            );
-            if status.message.as_deref() != Some(message.as_str()) {
-                status.message = Some(message);
-                write_status(api, &snapshot.name_any(), &status).await?;
-            }
-            return Ok(Action::requeue(Duration::from_millis(500)));
-        }
+        // Woken when `other` finishes; the fallback covers a wake-up lost to a restart.
+        ctx.wait_for(&namespace, &other, ObjectRef::from_obj(snapshot));
+        return Ok(Action::requeue(WAITER_FALLBACK));
     }
 
     let nodes: BTreeSet<String> = members.iter().map(|m| m.node.clone()).collect();
@@ -366,16 +411,89 @@ async fn start(
     Ok(Action::requeue(Duration::from_millis(10)))
 }
 
-/// The NodeSnapshot name for a node: `<snapshot>-<node>`, shortened with a hash when too long.
-pub fn node_snapshot_name(snapshot: &str, node: &str) -> String {
-    let name = format!("{snapshot}-{node}");
-    if name.len() <= 253 {
-        return name;
+/// Group conditions that mean its members cannot be resolved at all (no point in waiting).
+const UNRESOLVABLE_GROUP: [&str; 2] = ["TooManyMembers", "InvalidSelector"];
+
+/// The first other snapshot of the namespace that is freezing one of `volumes`: its name, the
+/// volume and the claim. Lists page by page.
+async fn first_overlap(
+    all: &Api<GroupSnapshot>,
+    snapshot: &GroupSnapshot,
+    volumes: &BTreeSet<&str>,
+) -> Result<Option<(String, String, String)>, Error> {
+    let mut params = ListParams::default().limit(LIST_PAGE);
+    loop {
+        let page = all.list(&params).await?;
+        for other in &page.items {
+            if other.uid() == snapshot.uid() {
+                continue;
+            }
+            let Some(other_status) = other.status.as_ref() else {
+                continue;
+            };
+            if !matches!(
+                other_status.phase,
+                GroupSnapshotPhase::Cutting | GroupSnapshotPhase::Releasing
+            ) {
+                continue;
+            }
+            if let Some(shared) = other_status
+                .members
+                .iter()
+                .find(|m| volumes.contains(m.persistent_volume.as_str()))
+            {
+                return Ok(Some((
+                    other.name_any(),
+                    shared.persistent_volume.clone(),
+                    shared.claim.clone(),
+                )));
+            }
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(None),
+        }
     }
-    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("{snapshot}-{}-{hash:016x}", &node[..170])
+}
+
+/// The NodeSnapshot name for a node: `<snapshot>-<hash of the snapshot's uid and the node>`.
+///
+/// Names never collide: not across nodes (`x` on `gpu-node-1` and `x-gpu` on `node-1`), and not
+/// with a NodeSnapshot kept from an earlier GroupSnapshot of the same name (another uid). The
+/// node is in `spec.nodeName` and the snapshot in labels.
+pub fn node_snapshot_name(snapshot: &str, snapshot_uid: &str, node: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(snapshot_uid.as_bytes())
+        .chain_update(b"/")
+        .chain_update(node.as_bytes())
+        .finalize();
+    let hash: String = digest.iter().take(5).map(|b| format!("{b:02x}")).collect();
+    format!("{snapshot}-{hash}")
+}
+
+/// The uid of the GroupSnapshot that controls a NodeSnapshot (its controller owner reference).
+fn controller_uid(node: &NodeSnapshot) -> Option<&str> {
+    node.owner_references()
+        .iter()
+        .find(|o| o.kind == "GroupSnapshot" && o.controller == Some(true))
+        .map(|o| o.uid.as_str())
+}
+
+/// Whether a NodeSnapshot is one this GroupSnapshot made: same namespace, controlled by this
+/// uid, for one of its nodes and under the name it would give it. Anything else (a copy with a
+/// forged owner reference, say) is ignored.
+fn is_ours(
+    node: &NodeSnapshot,
+    namespace: &str,
+    snapshot: &str,
+    snapshot_uid: &str,
+    nodes: &BTreeSet<&str>,
+) -> bool {
+    node.namespace().as_deref() == Some(namespace)
+        && controller_uid(node) == Some(snapshot_uid)
+        && nodes.contains(node.spec.node_name.as_str())
+        && node.name_any() == node_snapshot_name(snapshot, snapshot_uid, &node.spec.node_name)
 }
 
 fn node_snapshot_for(
@@ -386,16 +504,17 @@ fn node_snapshot_for(
     single_node: bool,
 ) -> Result<NodeSnapshot, Error> {
     let name = snapshot.name_any();
+    let uid = snapshot.uid().ok_or(Error::MissingUid)?;
     let owner = OwnerReference {
         api_version: GroupSnapshot::api_version(&()).into(),
         kind: GroupSnapshot::kind(&()).into(),
         name: name.clone(),
-        uid: snapshot.uid().ok_or(Error::MissingNamespace)?,
+        uid: uid.clone(),
         controller: Some(true),
         block_owner_deletion: Some(true),
     };
     let mut object = NodeSnapshot::new(
-        &node_snapshot_name(&name, node),
+        &node_snapshot_name(&name, &uid, node),
         NodeSnapshotSpec {
             node_name: node.into(),
             group_snapshot: name.clone(),
@@ -415,7 +534,10 @@ fn node_snapshot_for(
     );
     object.metadata.owner_references = Some(vec![owner]);
     object.metadata.finalizers = Some(vec![FINALIZER.into()]);
-    object.metadata.labels = Some(BTreeMap::from([(GROUP_SNAPSHOT_LABEL.into(), name)]));
+    object.metadata.labels = Some(BTreeMap::from([
+        (GROUP_SNAPSHOT_LABEL.into(), name),
+        (GROUP_SNAPSHOT_UID_LABEL.into(), uid),
+    ]));
     Ok(object)
 }
 
@@ -440,18 +562,15 @@ async fn drive(
 
     // Never judge from a cache that has not listed everything yet (after a restart, say).
     cache_ready(&ctx.node_snapshots, "NodeSnapshots").await?;
+    let uid = snapshot.uid().ok_or(Error::MissingUid)?;
+    let node_names: BTreeSet<&str> = by_node.keys().copied().collect();
     // From the cache: it is updated before the event that woke us is delivered. A NodeSnapshot
     // created a moment ago and not cached yet is created again, which the API answers with 409.
     let existing: BTreeMap<String, NodeSnapshot> = ctx
         .node_snapshots
         .state()
         .iter()
-        .filter(|n| n.namespace().as_deref() == Some(namespace.as_str()))
-        .filter(|n| {
-            n.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == snapshot.uid().as_ref())
-        })
+        .filter(|n| is_ours(n, &namespace, &name, &uid, &node_names))
         .map(|n| (n.spec.node_name.clone(), n.as_ref().clone()))
         .collect();
     let missing: Vec<&str> = by_node
@@ -459,6 +578,11 @@ async fn drive(
         .copied()
         .filter(|n| !existing.contains_key(*n))
         .collect();
+    let started = status
+        .start_time
+        .as_ref()
+        .map(elapsed_since)
+        .unwrap_or_default();
     if !missing.is_empty() {
         if status.phase != GroupSnapshotPhase::Cutting {
             // NodeSnapshots vanished after the cut started (deleted by hand): that is a failure.
@@ -473,6 +597,7 @@ async fn drive(
         let freeze = group
             .map(|g| (g.spec.freeze, g.spec.freeze_timeout_seconds))
             .unwrap_or((FreezePolicy::Required, 10));
+        let deadline = Duration::from_secs(u64::try_from(freeze.1).unwrap_or(10)) + AGENT_GRACE;
         let single_node = by_node.len() == 1;
         let objects = missing
             .iter()
@@ -480,15 +605,83 @@ async fn drive(
             .collect::<Result<Vec<_>, _>>()?;
         // All nodes at once: a node that hears late freezes late and widens the group's window.
         let params = PostParams::default();
-        futures::future::try_join_all(objects.iter().map(|object| async {
-            match nodes_api.create(&params, object).await {
-                Ok(_) => Ok(()),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-                Err(e) => Err(e),
-            }
+        let outcomes = futures::future::join_all(objects.iter().map(|object| async {
+            let outcome = match nodes_api.create(&params, object).await {
+                Ok(_) => CreateOutcome::Created,
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    // Ours (created a moment ago, not cached yet), or someone else's object.
+                    let found = nodes_api.get_opt(&object.name_any()).await?;
+                    match found.as_ref().map(controller_uid) {
+                        Some(Some(owner)) if owner == uid => CreateOutcome::Created,
+                        Some(owner) => CreateOutcome::Refused {
+                            permanent: true,
+                            message: format!(
+                                "NodeSnapshot {} already exists and belongs to {}",
+                                object.name_any(),
+                                owner.map_or("no GroupSnapshot".into(), |o| format!(
+                                    "another GroupSnapshot (uid {o})"
+                                ))
+                            ),
+                        },
+                        // Deleted in between: try again.
+                        None => CreateOutcome::Refused {
+                            permanent: false,
+                            message: format!(
+                                "NodeSnapshot {} was in the way and is being removed",
+                                object.name_any()
+                            ),
+                        },
+                    }
+                }
+                Err(kube::Error::Api(e)) => classify_create_error(e.code, &e.message),
+                Err(e) => return Err(e),
+            };
+            Ok::<_, kube::Error>((object.spec.node_name.clone(), outcome))
         }))
-        .await?;
-        return Ok(Action::await_change());
+        .await;
+        let mut refusals = Vec::new();
+        let mut permanent = false;
+        for outcome in outcomes {
+            match outcome? {
+                (_, CreateOutcome::Created) => {}
+                (
+                    node,
+                    CreateOutcome::Refused {
+                        permanent: p,
+                        message,
+                    },
+                ) => {
+                    permanent |= p;
+                    refusals.push(format!("node {node}: {message}"));
+                }
+            }
+        }
+        if refusals.is_empty() {
+            return Ok(Action::await_change());
+        }
+        let message = format!("cannot create the NodeSnapshot of {}", refusals.join("; "));
+        if permanent || started > deadline {
+            // The nodes that did get theirs thaw and delete what they cut.
+            let others: Vec<String> = existing
+                .values()
+                .filter(|n| n.spec.action != NodeAction::Abort)
+                .map(|n| n.name_any())
+                .collect();
+            set_action(nodes_api, &others, NodeAction::Abort).await?;
+            return fail(
+                snapshot,
+                status,
+                api,
+                ctx,
+                "NodeSnapshotCreateFailed",
+                message,
+            )
+            .await;
+        }
+        if wait_message(&mut status, format!("retrying: {message}")) {
+            write_status(api, &name, &status).await?;
+        }
+        return Ok(Action::requeue(Duration::from_secs(2)));
     }
 
     let freeze_timeout = existing
@@ -497,11 +690,6 @@ async fn drive(
         .max()
         .unwrap_or(10);
     let freeze_timeout = Duration::from_secs(u64::try_from(freeze_timeout).unwrap_or(10));
-    let started = status
-        .start_time
-        .as_ref()
-        .map(elapsed_since)
-        .unwrap_or_default();
     let deadline = freeze_timeout + AGENT_GRACE;
     let views: Vec<NodeView> = existing
         .values()
@@ -540,14 +728,14 @@ async fn drive(
         Step::Release(nodes) => {
             let cut_duration = started.as_secs_f64();
             ctx.metrics.cut_duration(cut_duration);
-            set_action(nodes_api, &name, &nodes, NodeAction::Release).await?;
+            set_action(nodes_api, &names_of(&existing, &nodes), NodeAction::Release).await?;
             status.phase = GroupSnapshotPhase::Releasing;
             fill_members(&mut status, &existing);
             write_status(api, &name, &status).await?;
             Ok(Action::await_change())
         }
         Step::Abort(nodes) => {
-            set_action(nodes_api, &name, &nodes, NodeAction::Abort).await?;
+            set_action(nodes_api, &names_of(&existing, &nodes), NodeAction::Abort).await?;
             Ok(wake(deadline * 2 + AGENT_GRACE))
         }
         Step::Ready => {
@@ -601,22 +789,56 @@ fn status_changed(snapshot: &GroupSnapshot, status: &GroupSnapshotStatus) -> boo
     snapshot.status.as_ref() != Some(status)
 }
 
+/// The NodeSnapshot names of `nodes`.
+fn names_of(existing: &BTreeMap<String, NodeSnapshot>, nodes: &[String]) -> Vec<String> {
+    nodes
+        .iter()
+        .filter_map(|n| existing.get(n))
+        .map(|n| n.name_any())
+        .collect()
+}
+
 /// Tells nodes what to do next, all at once: the release is on the freeze window's critical path.
 async fn set_action(
     nodes_api: &Api<NodeSnapshot>,
-    snapshot: &str,
-    nodes: &[String],
+    names: &[String],
     action: NodeAction,
 ) -> Result<(), Error> {
     let patch = Patch::Merge(json!({"spec": {"action": action}}));
     let params = PatchParams::default();
-    futures::future::try_join_all(nodes.iter().map(|node| {
-        let name = node_snapshot_name(snapshot, node);
+    futures::future::try_join_all(names.iter().map(|name| {
         let (patch, params) = (&patch, &params);
-        async move { nodes_api.patch(&name, params, patch).await }
+        async move { nodes_api.patch(name, params, patch).await }
     }))
     .await?;
     Ok(())
+}
+
+/// What came of creating one NodeSnapshot.
+#[derive(Debug, PartialEq, Eq)]
+enum CreateOutcome {
+    Created,
+    /// Refused; `permanent` when trying again cannot help.
+    Refused {
+        permanent: bool,
+        message: String,
+    },
+}
+
+/// An API refusal of a NodeSnapshot create: a quota or a webhook (403) may let it through later,
+/// until the deadline; an invalid object (400, 422) never will.
+fn classify_create_error(code: u16, message: &str) -> CreateOutcome {
+    CreateOutcome::Refused {
+        permanent: matches!(code, 400 | 422),
+        message: format!("{message} (HTTP {code})"),
+    }
+}
+
+/// Sets a waiting message; whether it changed.
+fn wait_message(status: &mut GroupSnapshotStatus, message: String) -> bool {
+    let changed = status.message.as_deref() != Some(message.as_str());
+    status.message = Some(message);
+    changed
 }
 
 /// Copies what the agents reported into the member list and the freeze windows.
@@ -641,11 +863,20 @@ fn fill_members(status: &mut GroupSnapshotStatus, nodes: &BTreeMap<String, NodeS
         .map(|(node, n)| {
             let reported = n.status.as_ref();
             let window = reported.and_then(|s| s.freeze_window_millis);
-            if let (Some(start), Some(window)) =
-                (reported.and_then(|s| s.freeze_start.as_ref()), window)
-            {
-                let end = start.0 + k8s_openapi::jiff::SignedDuration::from_millis(window);
-                first_freeze = Some(first_freeze.map_or(start.0, |f| f.min(start.0)));
+            // Agents' numbers are checked, never trusted: a window that does not fit the
+            // calendar is an unknown window, not a panic.
+            let span = reported
+                .and_then(|s| s.freeze_start.as_ref())
+                .zip(window)
+                .and_then(|(start, window)| {
+                    let end = start
+                        .0
+                        .checked_add(k8s_openapi::jiff::SignedDuration::from_millis(window))
+                        .ok()?;
+                    Some((start.0, end))
+                });
+            if let Some((start, end)) = span {
+                first_freeze = Some(first_freeze.map_or(start, |f| f.min(start)));
                 last_thaw = Some(last_thaw.map_or(end, |l| l.max(end)));
             }
             NodeFreezeWindow {
@@ -662,69 +893,266 @@ fn fill_members(status: &mut GroupSnapshotStatus, nodes: &BTreeMap<String, NodeS
                     .is_some_and(|s| s.freeze_window_millis.is_some())
             }) =>
         {
-            Some(last.duration_since(first).as_millis() as i64)
+            i64::try_from(last.duration_since(first).as_millis()).ok()
         }
         _ => None,
     };
 }
 
-/// Deletion: NodeSnapshots go first (their agents delete or keep the snapshots as the
-/// deletionPolicy says), then the GroupSnapshot's own finalizer.
+/// What happens to one NodeSnapshot when its GroupSnapshot is deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disposal {
+    /// Kept as an object of its own (no owner, `deletionPolicy: Delete`): the snapshots stay on
+    /// the node, counted by the namespace's NodeSnapshot quota, until someone deletes it.
+    Keep,
+    /// Deleted: its agent deletes the snapshots.
+    Delete,
+}
+
+/// `Retain` keeps what a Ready snapshot made, node by node; anything else (a failed or
+/// unfinished cut, whose snapshots are not a consistent set) is deleted.
+fn disposal(policy: DeletionPolicy, was_ready: bool, node: &NodeSnapshot) -> Disposal {
+    let released = node
+        .status
+        .as_ref()
+        .is_some_and(|s| s.phase == NodePhase::Released);
+    if policy == DeletionPolicy::Retain
+        && was_ready
+        && released
+        && node.metadata.deletion_timestamp.is_none()
+    {
+        Disposal::Keep
+    } else {
+        Disposal::Delete
+    }
+}
+
+/// The agent's report that it cannot delete a NodeSnapshot's snapshots (it keeps retrying).
+fn delete_failure(node: &NodeSnapshot) -> Option<String> {
+    let condition = node
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION_DELETE_FAILED && c.status == "True")?;
+    Some(format!(
+        "NodeSnapshot {} on node {} cannot delete its snapshots: {}",
+        node.name_any(),
+        node.spec.node_name,
+        condition.message
+    ))
+}
+
+/// What the Deleting status says: what is deleted, what is kept and where, what is stuck.
+fn deletion_message(deleting: usize, kept: &[String], failures: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !kept.is_empty() {
+        parts.push(format!(
+            "kept the member snapshots as NodeSnapshot(s) {} (deleting one deletes its snapshots)",
+            kept.join(", ")
+        ));
+    }
+    if deleting > 0 {
+        parts.push(format!(
+            "deleting the member snapshots of {deleting} node(s)"
+        ));
+    }
+    if parts.is_empty() {
+        parts.push("no member snapshot left".into());
+    }
+    let mut message = parts.join("; ");
+    if !failures.is_empty() {
+        message.push_str(&format!(
+            "; waiting: {} (the agent retries)",
+            failures.join("; ")
+        ));
+    }
+    message
+}
+
+/// The patch that turns a NodeSnapshot into a kept snapshot: no owner (nothing garbage-collects
+/// it), no controller finalizer, and `deletionPolicy: Delete` so deleting it deletes its
+/// snapshots. Guarded by its resourceVersion.
+fn keeping_patch(node: &NodeSnapshot, from_uid: &str) -> Patch<serde_json::Value> {
+    let finalizers: Vec<&String> = node
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .collect();
+    Patch::Merge(json!({
+        "metadata": {
+            "resourceVersion": node.resource_version(),
+            "ownerReferences": null,
+            "finalizers": finalizers,
+            "labels": {RETAINED_LABEL: "true"},
+            "annotations": {RETAINED_FROM_UID_ANNOTATION: from_uid},
+        },
+        "spec": {"deletionPolicy": DeletionPolicy::Delete},
+    }))
+}
+
+/// Deletion: NodeSnapshots go first (deleted, so their agents delete the snapshots, or kept as
+/// objects of their own under `Retain`), then the GroupSnapshot's own finalizer.
 async fn cleanup(
     snapshot: &GroupSnapshot,
     api: &Api<GroupSnapshot>,
     nodes_api: &Api<NodeSnapshot>,
+    ctx: &Context,
 ) -> Result<Action, Error> {
     let name = snapshot.name_any();
+    let uid = snapshot.uid().ok_or(Error::MissingUid)?;
     let mut status = snapshot.status.clone().unwrap_or_default();
-    if status.phase != GroupSnapshotPhase::Deleting {
-        // `kubectl get gsnap` shows what is going on while the agents delete (or keep) snapshots.
-        status.phase = GroupSnapshotPhase::Deleting;
-        status.message = Some(match snapshot.spec.deletion_policy {
-            crate::api::DeletionPolicy::Delete => {
-                "deleting the member snapshots on their nodes".into()
-            }
-            crate::api::DeletionPolicy::Retain => {
-                "releasing the member snapshots, which are kept on their nodes".into()
-            }
-        });
-        write_status(api, &name, &status).await?;
-    }
-    let remaining = nodes_api
+    // Ready is the only phase that sets a consistency.
+    let was_ready = status.consistency.is_some();
+    let listed = nodes_api
         .list(&ListParams::default().labels(&format!("{GROUP_SNAPSHOT_LABEL}={name}")))
         .await?;
-    for node in &remaining {
-        if node.metadata.deletion_timestamp.is_none() {
-            match nodes_api
-                .delete(&node.name_any(), &DeleteParams::background())
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+    let ours: Vec<&NodeSnapshot> = listed
+        .items
+        .iter()
+        .filter(|n| controller_uid(n) == Some(uid.as_str()))
+        .collect();
+    let mut kept: Vec<String> = listed
+        .items
+        .iter()
+        .filter(|n| n.annotations().get(RETAINED_FROM_UID_ANNOTATION) == Some(&uid))
+        .map(|n| n.name_any())
+        .collect();
+    let plan: Vec<(&NodeSnapshot, Disposal)> = ours
+        .iter()
+        .map(|n| (*n, disposal(snapshot.spec.deletion_policy, was_ready, n)))
+        .collect();
+    let newly_kept: Vec<String> = plan
+        .iter()
+        .filter(|(_, d)| *d == Disposal::Keep)
+        .map(|(n, _)| n.name_any())
+        .collect();
+    kept.extend(newly_kept.iter().cloned());
+    kept.sort();
+    kept.dedup();
+    let deleting = plan.iter().filter(|(_, d)| *d == Disposal::Delete).count();
+    let failures: Vec<String> = ours.iter().filter_map(|n| delete_failure(n)).collect();
+    let message = deletion_message(deleting, &kept, &failures);
+
+    if status.phase != GroupSnapshotPhase::Deleting || status.message.as_deref() != Some(&message) {
+        // `kubectl get gsnap` shows what is going on while the agents delete (or keep) snapshots.
+        let newly_failing = !failures.is_empty()
+            && !status.conditions.iter().any(|c| {
+                c.type_ == CONDITION_DELETE_FAILED
+                    && c.status == "True"
+                    && c.message == failures.join("; ")
+            });
+        status.phase = GroupSnapshotPhase::Deleting;
+        status.message = Some(message.clone());
+        status
+            .conditions
+            .retain(|c| c.type_ != CONDITION_DELETE_FAILED);
+        if !failures.is_empty() {
+            status.conditions.push(condition(
+                &snapshot
+                    .status
+                    .as_ref()
+                    .map(|s| s.conditions.clone())
+                    .unwrap_or_default(),
+                CONDITION_DELETE_FAILED,
+                true,
+                "AgentCannotDelete",
+                failures.join("; "),
+                snapshot.metadata.generation,
+            ));
         }
-        if let Some(patch) = finalizer::removing(node, FINALIZER) {
-            match nodes_api
-                .patch(&node.name_any(), &PatchParams::default(), &patch)
-                .await
-            {
-                Ok(_) => {}
-                // Gone, or changed under us (a conflict): the next reconcile sees it anew.
-                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-                Err(e) => return Err(e.into()),
-            }
+        write_status(api, &name, &status).await?;
+        if newly_failing {
+            publish(
+                ctx,
+                snapshot,
+                EventType::Warning,
+                CONDITION_DELETE_FAILED,
+                failures.join("; "),
+            )
+            .await;
         }
     }
-    if !remaining.items.is_empty() {
+
+    for (node, disposal) in &plan {
+        let node_name = node.name_any();
+        let result = match disposal {
+            Disposal::Keep => nodes_api
+                .patch(
+                    &node_name,
+                    &PatchParams::default(),
+                    &keeping_patch(node, &uid),
+                )
+                .await
+                .map(|_| ()),
+            Disposal::Delete => delete_node_snapshot(nodes_api, node).await,
+        };
+        match result {
+            Ok(()) => {}
+            // Gone, or changed under us (a conflict): the next reconcile sees it anew.
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !newly_kept.is_empty() {
+        let note = format!(
+            "kept the member snapshots of {} node(s) as NodeSnapshot(s) {}; they count against the namespace's count/nodesnapshots.tandem.dev quota, and deleting one deletes its snapshots",
+            newly_kept.len(),
+            newly_kept.join(", ")
+        );
+        info!(snapshot = %name, kept = ?newly_kept, "member snapshots kept");
+        publish(ctx, snapshot, EventType::Normal, "Retained", note).await;
+    }
+    if deleting > 0 {
         // The agents finish the deletion; their NodeSnapshots' removal wakes us up.
         return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    if !newly_kept.is_empty() {
+        // Look once more: the kept ones must show as detached before the GroupSnapshot goes.
+        return Ok(Action::requeue(Duration::from_millis(200)));
     }
     if let Some(patch) = finalizer::removing(snapshot, FINALIZER) {
         api.patch(&name, &PatchParams::default(), &patch).await?;
     }
-    info!(snapshot = %name, policy = ?snapshot.spec.deletion_policy, "deleted");
+    info!(snapshot = %name, policy = ?snapshot.spec.deletion_policy, kept = ?kept, "deleted");
     Ok(Action::await_change())
+}
+
+/// Deletes one NodeSnapshot so its agent deletes its snapshots: the policy is set to `Delete`
+/// first (what is not kept is never left behind unaccounted), then the object is deleted and the
+/// controller's finalizer removed.
+async fn delete_node_snapshot(
+    nodes_api: &Api<NodeSnapshot>,
+    node: &NodeSnapshot,
+) -> Result<(), kube::Error> {
+    let name = node.name_any();
+    let mut current = node.clone();
+    if current.spec.deletion_policy != DeletionPolicy::Delete {
+        current = nodes_api
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"deletionPolicy": DeletionPolicy::Delete}})),
+            )
+            .await?;
+    }
+    if current.metadata.deletion_timestamp.is_none() {
+        match nodes_api.delete(&name, &DeleteParams::background()).await {
+            Ok(deleted) => match deleted.left() {
+                Some(deleting) => current = deleting,
+                // Deleted at once: nothing held it.
+                None => return Ok(()),
+            },
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(patch) = finalizer::removing(&current, FINALIZER) {
+        nodes_api
+            .patch(&name, &PatchParams::default(), &patch)
+            .await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -791,11 +1219,179 @@ mod tests {
     }
 
     #[test]
-    fn node_snapshot_names_stay_valid_for_long_node_names() {
-        assert_eq!(node_snapshot_name("s", "node-1"), "s-node-1");
-        let long = "n".repeat(253);
-        let name = node_snapshot_name(&"s".repeat(63), &long);
-        assert!(name.len() <= 253, "{}", name.len());
-        assert_ne!(name, node_snapshot_name(&"s".repeat(63), &"m".repeat(253)));
+    fn node_snapshot_names_never_collide_and_stay_short() {
+        // `x` on `gpu-node-1` and `x-gpu` on `node-1` were both `x-gpu-node-1`.
+        let a = node_snapshot_name("x", "uid-1", "gpu-node-1");
+        let b = node_snapshot_name("x-gpu", "uid-2", "node-1");
+        assert_ne!(a, b);
+        assert!(a.starts_with("x-") && b.starts_with("x-gpu-"), "{a} {b}");
+        // The same name again (a GroupSnapshot recreated): another uid, another name.
+        assert_ne!(
+            node_snapshot_name("daily", "uid-1", "n"),
+            node_snapshot_name("daily", "uid-2", "n")
+        );
+        let long = node_snapshot_name(&"s".repeat(63), "uid", &"n".repeat(253));
+        assert_eq!(long.len(), 63 + 1 + 10, "{long}");
+        assert!(
+            long.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        );
+    }
+
+    fn owned(name: &str, node: &str, uid: &str, controller: bool) -> NodeSnapshot {
+        let mut n = NodeSnapshot::new(
+            name,
+            NodeSnapshotSpec {
+                node_name: node.into(),
+                ..Default::default()
+            },
+        );
+        n.metadata.namespace = Some("ns".into());
+        n.metadata.owner_references = Some(vec![OwnerReference {
+            kind: "GroupSnapshot".into(),
+            name: "g".into(),
+            uid: uid.into(),
+            controller: Some(controller),
+            ..Default::default()
+        }]);
+        n
+    }
+
+    #[test]
+    fn only_nodesnapshots_this_snapshot_made_count() {
+        let nodes = BTreeSet::from(["a", "b"]);
+        let name = |node| node_snapshot_name("g", "u", node);
+        assert!(is_ours(
+            &owned(&name("a"), "a", "u", true),
+            "ns",
+            "g",
+            "u",
+            &nodes
+        ));
+        // A forged owner reference on another node's object, on a node not in the snapshot,
+        // under another name, without controller: true, or from another namespace.
+        assert!(!is_ours(
+            &owned(&name("a"), "a", "v", true),
+            "ns",
+            "g",
+            "u",
+            &nodes
+        ));
+        assert!(!is_ours(
+            &owned(&name("c"), "c", "u", true),
+            "ns",
+            "g",
+            "u",
+            &nodes
+        ));
+        assert!(!is_ours(
+            &owned("evil", "a", "u", true),
+            "ns",
+            "g",
+            "u",
+            &nodes
+        ));
+        assert!(!is_ours(
+            &owned(&name("a"), "a", "u", false),
+            "ns",
+            "g",
+            "u",
+            &nodes
+        ));
+        assert!(!is_ours(
+            &owned(&name("a"), "a", "u", true),
+            "other",
+            "g",
+            "u",
+            &nodes
+        ));
+    }
+
+    #[test]
+    fn huge_windows_from_an_agent_do_not_panic() {
+        let nodes = BTreeMap::from([
+            (
+                "a".to_string(),
+                reported("a", "2026-11-21T12:00:00Z", i64::MAX),
+            ),
+            // The last day the calendar holds, plus a day.
+            (
+                "b".to_string(),
+                reported("b", "9999-12-30T00:00:00Z", 86_400_000),
+            ),
+        ]);
+        let mut status = GroupSnapshotStatus::default();
+        fill_members(&mut status, &nodes);
+        assert_eq!(status.freeze_window_millis, None);
+        assert_eq!(status.nodes[0].freeze_window_millis, Some(i64::MAX));
+    }
+
+    #[test]
+    fn create_refusals_are_permanent_only_when_retrying_cannot_help() {
+        let refused = |code| match classify_create_error(code, "no") {
+            CreateOutcome::Refused { permanent, message } => {
+                assert!(message.contains(&code.to_string()));
+                permanent
+            }
+            CreateOutcome::Created => panic!("created"),
+        };
+        assert!(refused(422));
+        assert!(refused(400));
+        assert!(!refused(403), "a quota may free up before the deadline");
+        assert!(!refused(500));
+    }
+
+    fn released(deleting: bool) -> NodeSnapshot {
+        let mut n = reported("a", "2026-11-21T12:00:00Z", 5);
+        n.metadata.deletion_timestamp = deleting.then(now);
+        n
+    }
+
+    #[test]
+    fn retain_keeps_only_what_a_ready_snapshot_released() {
+        use DeletionPolicy::{Delete, Retain};
+        assert_eq!(disposal(Retain, true, &released(false)), Disposal::Keep);
+        assert_eq!(disposal(Delete, true, &released(false)), Disposal::Delete);
+        // A failed or unfinished snapshot is not a consistent set: deleted whatever the policy.
+        assert_eq!(disposal(Retain, false, &released(false)), Disposal::Delete);
+        let mut cut = released(false);
+        if let Some(s) = cut.status.as_mut() {
+            s.phase = NodePhase::Cut;
+        }
+        assert_eq!(disposal(Retain, true, &cut), Disposal::Delete);
+        // Already being deleted: it can no longer be kept as an object.
+        assert_eq!(disposal(Retain, true, &released(true)), Disposal::Delete);
+    }
+
+    #[test]
+    fn the_deletion_message_says_what_is_kept_and_what_is_stuck() {
+        let kept = ["g-1".to_string(), "g-2".to_string()];
+        let m = deletion_message(0, &kept, &[]);
+        assert!(m.contains("kept") && m.contains("g-1, g-2"), "{m}");
+        assert!(!m.contains("deleting the member"), "{m}");
+        let m = deletion_message(2, &[], &["NodeSnapshot x on node a cannot delete".into()]);
+        assert!(
+            m.contains("deleting the member snapshots of 2 node(s)"),
+            "{m}"
+        );
+        assert!(m.contains("cannot delete") && m.contains("retries"), "{m}");
+    }
+
+    #[test]
+    fn keeping_detaches_and_makes_deletion_delete() {
+        let mut n = owned("g-1", "a", "u", true);
+        n.metadata.resource_version = Some("9".into());
+        n.metadata.finalizers = Some(vec![FINALIZER.into(), "tandem.dev/agent".into()]);
+        let Patch::Merge(body) = keeping_patch(&n, "u") else {
+            panic!("a merge patch")
+        };
+        assert_eq!(body["metadata"]["ownerReferences"], serde_json::Value::Null);
+        assert_eq!(body["metadata"]["finalizers"], json!(["tandem.dev/agent"]));
+        assert_eq!(body["metadata"]["resourceVersion"], "9");
+        assert_eq!(
+            body["metadata"]["annotations"][RETAINED_FROM_UID_ANNOTATION],
+            "u"
+        );
+        assert_eq!(body["spec"]["deletionPolicy"], "Delete");
     }
 }
