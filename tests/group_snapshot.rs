@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use agent_support::open_snapshot;
-use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::eventually;
 use tandem::api::{
@@ -263,5 +263,328 @@ async fn single_node_snapshot_with_retain_keeps_the_clones() {
     w.assert_nothing_frozen();
     for file in w.snapshot_files() {
         std::fs::remove_file(file).expect("remove retained clone");
+    }
+}
+
+/// NodeSnapshots kept by a `Retain` deletion (no owner, label tandem.dev/retained).
+async fn kept_node_snapshots(w: &World) -> Vec<NodeSnapshot> {
+    w.node_snapshots()
+        .await
+        .into_iter()
+        .filter(|n| n.labels().get("tandem.dev/retained").map(String::as_str) == Some("true"))
+        .collect()
+}
+
+#[tokio::test]
+async fn retained_snapshots_stay_counted_as_nodesnapshots_and_the_quota_bounds_them() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("gs-retain-quota").await;
+    w.add_volume("one", "a", "xfs", &[]).await;
+    w.start_agent("a");
+    w.start_controller();
+    w.create_group("g", json!({"claims": ["one"]})).await;
+    // One GroupSnapshot at a time, at most two NodeSnapshots: Retain loops cannot pile up
+    // snapshots that nothing accounts for.
+    w.create_quota(
+        "snapshots",
+        json!({"count/groupsnapshots.tandem.dev": "1", "count/nodesnapshots.tandem.dev": "2"}),
+    )
+    .await;
+    for round in 1..=2 {
+        let name = format!("daily-{round}");
+        w.create_snapshot(&name, "g", "Retain").await;
+        let ready = w.wait_phase(&name, GroupSnapshotPhase::Ready).await;
+        let clone = World::member_clone(&ready, "one");
+        w.delete_snapshot(&name).await;
+        // The snapshot stays, and so does an object that accounts for it.
+        assert!(clone.exists(), "round {round}: the retained clone is gone");
+        let kept = kept_node_snapshots(&w).await;
+        assert_eq!(kept.len(), round, "round {round}: {kept:?}");
+        let mine = kept
+            .iter()
+            .find(|n| {
+                n.status.as_ref().is_some_and(|s| {
+                    s.volumes.iter().any(|v| {
+                        v.snapshot_handle
+                            .as_deref()
+                            .is_some_and(|h| h.ends_with(&*clone.to_string_lossy()))
+                    })
+                })
+            })
+            .expect("the kept NodeSnapshot names the clone");
+        assert!(mine.owner_references().is_empty(), "{mine:?}");
+        assert_eq!(
+            mine.spec.deletion_policy,
+            tandem::api::DeletionPolicy::Delete
+        );
+        assert!(
+            !mine
+                .finalizers()
+                .iter()
+                .any(|f| f == "tandem.dev/group-snapshot")
+        );
+    }
+    // The Event says where the data is.
+    let events: Api<k8s_openapi::api::events::v1::Event> = w.env.api();
+    let retained = eventually(WAIT, "a Retained event", || {
+        let events = events.clone();
+        async move {
+            events
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("Retained"))
+        }
+    })
+    .await;
+    assert!(
+        retained
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("NodeSnapshot")),
+        "{retained:?}"
+    );
+    // The third round finds the quota full and fails, saying why; nothing more is kept.
+    w.create_snapshot("daily-3", "g", "Retain").await;
+    let failed = w.wait_phase("daily-3", GroupSnapshotPhase::Failed).await;
+    let message = failed.status.expect("status").message.expect("message");
+    assert!(message.contains("exceeded quota"), "{message}");
+    assert_eq!(w.snapshot_files().len(), 2, "{:?}", w.snapshot_files());
+    w.assert_nothing_frozen();
+
+    // Deleting a kept NodeSnapshot deletes its snapshot.
+    let nodes: Api<NodeSnapshot> = w.env.api();
+    let first = kept_node_snapshots(&w).await.remove(0);
+    let first_name = first.name_any();
+    nodes
+        .delete(&first_name, &DeleteParams::default())
+        .await
+        .expect("delete kept");
+    let w = &w;
+    eventually(WAIT, "the kept NodeSnapshot and its clone gone", || {
+        let nodes = nodes.clone();
+        let first_name = first_name.clone();
+        async move {
+            let gone = nodes.get_opt(&first_name).await.ok()?.is_none();
+            (gone && w.snapshot_files().len() == 1).then_some(())
+        }
+    })
+    .await;
+    for file in w.snapshot_files() {
+        let _ = std::fs::remove_file(file);
+    }
+}
+
+#[tokio::test]
+async fn a_group_snapshot_whose_finalizer_was_removed_leaves_nothing_behind() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("gs-orphan").await;
+    w.add_volume("one", "a", "xfs", &[]).await;
+    w.start_agent("a");
+    w.start_controller();
+    w.create_group("g", json!({"claims": ["one"]})).await;
+    w.create_snapshot("del", "g", "Delete").await;
+    w.wait_phase("del", GroupSnapshotPhase::Ready).await;
+    w.create_snapshot("ret", "g", "Retain").await;
+    w.wait_phase("ret", GroupSnapshotPhase::Ready).await;
+    assert_eq!(w.snapshot_files().len(), 2);
+
+    // With the controller away (so no cleanup runs), the snapshots are deleted and someone
+    // removes tandem's finalizer: the GroupSnapshots go, and the garbage collector deletes
+    // their NodeSnapshots, which keep the controller's finalizer.
+    w.controller.as_mut().expect("controller").stop();
+    let snapshots: Api<GroupSnapshot> = w.env.api();
+    for name in ["del", "ret"] {
+        snapshots
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete");
+        snapshots
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await
+            .expect("remove finalizer");
+    }
+    eventually(WAIT, "the NodeSnapshots to be Terminating", || async {
+        let nodes = w.node_snapshots().await;
+        (nodes.len() == 2
+            && nodes
+                .iter()
+                .all(|n| n.metadata.deletion_timestamp.is_some()))
+        .then_some(())
+    })
+    .await;
+    // The controller, back, sweeps the orphans: nothing is left that no object accounts for.
+    w.start_controller();
+    eventually(
+        Duration::from_secs(30),
+        "the orphaned NodeSnapshots and their clones gone",
+        || async {
+            (w.node_snapshots().await.is_empty() && w.snapshot_files().is_empty()).then_some(())
+        },
+    )
+    .await;
+    w.assert_nothing_frozen();
+}
+
+#[tokio::test]
+async fn a_delete_the_agent_cannot_finish_is_shown_on_the_group_snapshot() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("gs-delfail").await;
+    w.add_volume("one", "a", "xfs", &[]).await;
+    w.start_agent("a");
+    w.start_controller();
+    w.create_group("g", json!({"claims": ["one"]})).await;
+    w.create_snapshot("s", "g", "Delete").await;
+    w.wait_phase("s", GroupSnapshotPhase::Ready).await;
+    // The agent goes away; the test reports, as the agent would, that its delete keeps failing.
+    w.agent("a").stop();
+    let snapshots: Api<GroupSnapshot> = w.env.api();
+    snapshots
+        .delete("s", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let nodes: Api<NodeSnapshot> = w.env.api();
+    let name = w.node_snapshots().await.remove(0).name_any();
+    nodes
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"conditions": [{
+                "type": "DeleteFailed", "status": "True", "reason": "BackendError",
+                "message": "lvremove: Logical volume vg0/x in use",
+                "lastTransitionTime": "2026-12-01T00:00:00Z"
+            }]}})),
+        )
+        .await
+        .expect("report the failure");
+    let status = eventually(WAIT, "the failure on the GroupSnapshot", || {
+        let snapshots = snapshots.clone();
+        async move {
+            let status = snapshots.get("s").await.ok()?.status?;
+            status
+                .message
+                .as_deref()?
+                .contains("lvremove: Logical volume vg0/x in use")
+                .then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(status.phase, GroupSnapshotPhase::Deleting);
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "DeleteFailed" && c.status == "True"),
+        "{status:?}"
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = w.env.api();
+    eventually(WAIT, "a DeleteFailed event", || {
+        let events = events.clone();
+        async move {
+            events
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("DeleteFailed"))
+                .then_some(())
+        }
+    })
+    .await;
+    // The agent, back, finishes the deletion.
+    w.start_agent("a");
+    eventually(WAIT, "the GroupSnapshot gone", || {
+        let snapshots = snapshots.clone();
+        async move { snapshots.get_opt("s").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_recreated_snapshot_cuts_new_data_and_never_touches_the_one_kept() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("gs-reuse").await;
+    w.add_volume("one", "a", "xfs", &[]).await;
+    w.add_volume("two", "b", "ext4", &[]).await;
+    w.start_agent("a");
+    w.start_agent("b");
+    w.start_controller();
+    w.create_group("solo", json!({"claims": ["one"]})).await;
+    w.create_group(
+        "pair",
+        json!({"claims": ["one", "two"], "freeze": "Required"}),
+    )
+    .await;
+    let write = |w: &World, seed: u64| {
+        agent_support::write_file(
+            &w.volumes["one"].mount.join("data.bin"),
+            1 << 20,
+            seed,
+            true,
+        )
+    };
+
+    // `daily` (Retain), Ready, deleted: its clone stays, with the data of its cut.
+    write(&w, 1);
+    w.create_snapshot("daily", "solo", "Retain").await;
+    let first = w.wait_phase("daily", GroupSnapshotPhase::Ready).await;
+    let first_clone = World::member_clone(&first, "one");
+    let first_hash = agent_support::sha256_file(&first_clone);
+    w.delete_snapshot("daily").await;
+    assert!(first_clone.exists());
+
+    // New data, `daily` again: its snapshot holds the new data; the first one is untouched.
+    write(&w, 2);
+    w.create_snapshot("daily", "solo", "Retain").await;
+    let second = w.wait_phase("daily", GroupSnapshotPhase::Ready).await;
+    let second_clone = World::member_clone(&second, "one");
+    let open_data = |w: &mut World, clone: &std::path::Path, label: &str| {
+        let mnt = open_snapshot(&mut w.scratch, clone, "xfs", label);
+        let hash = agent_support::sha256_file(&mnt.join("data.bin"));
+        w.scratch.unmount(&mnt);
+        hash
+    };
+    let live = agent_support::sha256_file(&w.volumes["one"].mount.join("data.bin"));
+    assert_eq!(
+        open_data(&mut w, &second_clone, "second"),
+        live,
+        "the second `daily` reports Ready with the data of the first"
+    );
+    assert!(first_clone.exists(), "the first clone is gone");
+    assert_eq!(agent_support::sha256_file(&first_clone), first_hash);
+    w.delete_snapshot("daily").await;
+
+    // A later `daily` of both volumes that fails on node b (someone else froze "two") must not
+    // delete node a's kept snapshots.
+    let stuck = w.volumes["two"].mount.clone();
+    w.scratch.assert_owned(&stuck);
+    let fd = tandem::agent::freeze::open_dir(&stuck).expect("open two");
+    tandem::agent::freeze::freeze(&fd, &stuck).expect("freeze two");
+    w.create_snapshot("daily", "pair", "Retain").await;
+    w.wait_phase("daily", GroupSnapshotPhase::Failed).await;
+    tandem::agent::freeze::thaw(&fd, &stuck).expect("thaw two");
+    assert!(
+        first_clone.exists(),
+        "a failed snapshot deleted the one kept before it"
+    );
+    assert_eq!(agent_support::sha256_file(&first_clone), first_hash);
+    w.assert_nothing_frozen();
+    for file in w.snapshot_files() {
+        let _ = std::fs::remove_file(file);
     }
 }

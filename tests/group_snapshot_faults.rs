@@ -311,3 +311,220 @@ async fn bad_specs_fail_with_a_message_a_person_can_act_on() {
     assert_eq!(status.conditions[0].reason, "GroupNotFound");
     assert!(w.node_snapshots().await.is_empty());
 }
+
+#[tokio::test]
+async fn a_nodesnapshot_quota_of_zero_fails_the_snapshot_within_its_deadline() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("fault-quota").await;
+    w.add_volume("a1", "a", "xfs", &[]).await;
+    w.start_agent("a");
+    w.start_controller();
+    w.create_quota(
+        "no-nodesnapshots",
+        json!({"count/nodesnapshots.tandem.dev": "0"}),
+    )
+    .await;
+    w.create_group("g", json!({"claims": ["a1"], "freezeTimeoutSeconds": 2}))
+        .await;
+    let created = std::time::Instant::now();
+    w.create_snapshot("s", "g", "Delete").await;
+    let message = assert_failed_clean(&w, "s").await;
+    assert!(
+        created.elapsed() < Duration::from_secs(2 + 10),
+        "failed only after {:?}",
+        created.elapsed()
+    );
+    assert!(
+        message.contains("cannot create the NodeSnapshot") && message.contains("exceeded quota"),
+        "{message}"
+    );
+    let snapshots: Api<GroupSnapshot> = w.env.api();
+    let status = snapshots
+        .get("s")
+        .await
+        .expect("get")
+        .status
+        .expect("status");
+    assert_eq!(status.conditions[0].reason, "NodeSnapshotCreateFailed");
+}
+
+#[tokio::test]
+async fn nodesnapshot_names_never_collide_across_snapshots_and_nodes() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("fault-collide").await;
+    let ns = w.env.namespace.clone();
+    // `<snapshot>-<node>` made `x` on node `<ns>-c-<ns>-b` and `x-<ns>-c` on node `<ns>-b` the
+    // same name.
+    let long_node = format!("c-{ns}-b");
+    w.add_volume("one", &long_node, "xfs", &[]).await;
+    w.add_volume("two", "b", "ext4", &[]).await;
+    w.start_agent(&long_node);
+    w.start_agent("b");
+    w.start_controller();
+    w.create_group("g1", json!({"claims": ["one"]})).await;
+    w.create_group("g2", json!({"claims": ["two"]})).await;
+    let second = format!("x-{ns}-c");
+    assert!(second.len() <= 63, "{second}");
+    w.create_snapshot("x", "g1", "Delete").await;
+    w.create_snapshot(&second, "g2", "Delete").await;
+    w.wait_phase("x", GroupSnapshotPhase::Ready).await;
+    w.wait_phase(&second, GroupSnapshotPhase::Ready).await;
+    let nodes = w.node_snapshots().await;
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert_ne!(nodes[0].metadata.name, nodes[1].metadata.name);
+    w.assert_nothing_frozen();
+}
+
+#[tokio::test]
+async fn huge_numbers_from_an_agent_do_not_crash_the_controller() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("fault-huge").await;
+    w.add_volume("a1", "a", "xfs", &[]).await;
+    // No agent: the test writes node a's reports itself, as a buggy or hostile agent would.
+    w.start_controller();
+    w.create_group("g", json!({"claims": ["a1"], "freezeTimeoutSeconds": 2}))
+        .await;
+    w.create_snapshot("s", "g", "Delete").await;
+    let nodes: Api<tandem::api::NodeSnapshot> = w.env.api();
+    let name = eventually(WAIT, "the NodeSnapshot", || async {
+        w.node_snapshots().await.first()?.metadata.name.clone()
+    })
+    .await;
+    // Released with a window that runs past the end of the calendar (jiff panics on that).
+    let mut refused = Vec::new();
+    for status in [
+        json!({"phase": "Released", "freezeStart": "2026-12-01T00:00:00.000000Z",
+               "freezeWindowMillis": i64::MAX}),
+        json!({"phase": "Released", "freezeStart": "9999-12-30T00:00:00.000000Z",
+               "freezeWindowMillis": 86_400_000}),
+    ] {
+        if let Err(e) = nodes
+            .patch_status(
+                &name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({ "status": status })),
+            )
+            .await
+        {
+            refused.push(e.to_string());
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let controller = w.controller.as_mut().expect("controller");
+    assert!(
+        controller.is_running(),
+        "the controller died: {}",
+        controller.log_tail(20)
+    );
+    // The schema refuses both; the snapshot ends (the node never really answered).
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    let snapshots: Api<GroupSnapshot> = w.env.api();
+    let phase = eventually(WAIT, "the snapshot to end", || {
+        let snapshots = snapshots.clone();
+        async move {
+            let phase = snapshots.get("s").await.ok()?.status?.phase;
+            matches!(
+                phase,
+                GroupSnapshotPhase::Ready | GroupSnapshotPhase::Failed
+            )
+            .then_some(phase)
+        }
+    })
+    .await;
+    assert_eq!(phase, GroupSnapshotPhase::Failed);
+    assert!(w.controller.as_mut().expect("controller").is_running());
+}
+
+/// The API server's count of GroupSnapshot LIST requests so far (every namespace).
+fn group_snapshot_lists(w: &World) -> u64 {
+    let metrics = w
+        .env
+        .kubectl(&["get", "--raw", "/metrics"])
+        .expect("metrics");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| l.contains("resource=\"groupsnapshots\"") && l.contains("verb=\"LIST\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test]
+async fn snapshots_waiting_behind_another_are_woken_not_polled() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("fault-waiters").await;
+    w.add_volume("shared", "a", "xfs", &[]).await;
+    // No agent: the first snapshot holds "shared" (Cutting) until it gives node a up.
+    w.start_controller();
+    w.create_group(
+        "one",
+        json!({"claims": ["shared"], "freezeTimeoutSeconds": 10}),
+    )
+    .await;
+    w.create_group("two", json!({"claims": ["shared"]})).await;
+    w.create_snapshot("one-1", "one", "Delete").await;
+    w.wait_phase("one-1", GroupSnapshotPhase::Cutting).await;
+    const WAITERS: usize = 20;
+    for i in 0..WAITERS {
+        w.create_snapshot(&format!("two-{i}"), "two", "Delete")
+            .await;
+    }
+    let snapshots: Api<GroupSnapshot> = w.env.api();
+    eventually(WAIT, "every waiter waiting", || {
+        let snapshots = snapshots.clone();
+        async move {
+            let list = snapshots.list(&Default::default()).await.ok()?;
+            let waiting = list
+                .items
+                .iter()
+                .filter(|s| {
+                    s.status
+                        .as_ref()
+                        .and_then(|s| s.message.as_deref())
+                        .is_some_and(|m| m.contains("waiting for GroupSnapshot one-1"))
+                })
+                .count();
+            (waiting == WAITERS).then_some(())
+        }
+    })
+    .await;
+    // Polling at 2 Hz, 20 waiters listed the namespace 200 times in 5 s.
+    let before = group_snapshot_lists(&w);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let lists = group_snapshot_lists(&w) - before;
+    assert!(
+        lists < 60,
+        "{lists} GroupSnapshot lists in 5 s while {WAITERS} snapshots waited"
+    );
+    // When the first one ends, a waiter starts at once (it was woken).
+    w.wait_phase("one-1", GroupSnapshotPhase::Failed).await;
+    let started = std::time::Instant::now();
+    eventually(WAIT, "a waiter to start", || {
+        let snapshots = snapshots.clone();
+        async move {
+            let list = snapshots.list(&Default::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|s| {
+                    s.status
+                        .as_ref()
+                        .is_some_and(|s| s.phase == GroupSnapshotPhase::Cutting)
+                })
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the first waiter started {:?} after the blocker ended",
+        started.elapsed()
+    );
+}

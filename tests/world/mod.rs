@@ -313,3 +313,60 @@ pub fn require_root() -> bool {
 pub fn clone_path(handle: &str) -> PathBuf {
     PathBuf::from(handle.strip_prefix("reflink:").expect("a reflink handle"))
 }
+
+impl World {
+    /// Creates a ResourceQuota and waits until kube-controller-manager has counted every resource
+    /// it names (admission refuses or lets through wrongly until then). The quota monitor of a
+    /// custom resource starts at its next discovery sync (every 30 s).
+    pub async fn create_quota(&self, name: &str, hard: serde_json::Value) {
+        use k8s_openapi::api::core::v1::ResourceQuota;
+        let quotas: Api<ResourceQuota> = self.env.api();
+        let keys: Vec<String> = hard.as_object().expect("hard").keys().cloned().collect();
+        quotas
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(
+                    json!({"metadata": {"name": name}, "spec": {"hard": hard}}),
+                )
+                .expect("quota"),
+            )
+            .await
+            .expect("create quota");
+        eventually(Duration::from_secs(120), "quota status", || {
+            let quotas = quotas.clone();
+            let keys = keys.clone();
+            async move {
+                let used = quotas.get(name).await.ok()?.status?.used?;
+                keys.iter().all(|k| used.contains_key(k)).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Deletes a GroupSnapshot and waits until it is gone.
+    pub async fn delete_snapshot(&self, name: &str) {
+        let snapshots: Api<GroupSnapshot> = self.env.api();
+        snapshots
+            .delete(name, &Default::default())
+            .await
+            .expect("delete snapshot");
+        eventually(WAIT, &format!("GroupSnapshot {name} gone"), || {
+            let snapshots = snapshots.clone();
+            async move { snapshots.get_opt(name).await.ok()?.is_none().then_some(()) }
+        })
+        .await;
+    }
+
+    /// The clone file of a member of a Ready snapshot.
+    pub fn member_clone(snapshot: &GroupSnapshot, claim: &str) -> PathBuf {
+        let member = snapshot
+            .status
+            .as_ref()
+            .expect("status")
+            .members
+            .iter()
+            .find(|m| m.claim == claim)
+            .expect("member");
+        clone_path(member.snapshot_handle.as_deref().expect("handle"))
+    }
+}
