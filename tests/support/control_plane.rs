@@ -60,6 +60,8 @@ pub struct PlaneOptions {
     /// address (where kubelets and pods reach it), authorizes kubelets with the Node authorizer,
     /// reaches kubelets with a client certificate, and kube-scheduler places pods.
     pub node_address: Option<String>,
+    /// Leaves tandem's CRDs out (a test installs them the way users do, with the chart).
+    pub skip_crds: bool,
 }
 
 /// A running control plane. Dropping it stops every process and removes its folder.
@@ -320,21 +322,23 @@ impl ControlPlane {
                 ]),
             );
         }
-        plane.kubectl_ok(&[
-            "apply",
-            "--server-side",
-            "-f",
-            &crds_dir.display().to_string(),
-        ]);
-        plane.kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd",
-            "consistencygroups.tandem.dev",
-            "groupsnapshots.tandem.dev",
-            "nodesnapshots.tandem.dev",
-        ]);
+        if !options.skip_crds {
+            plane.kubectl_ok(&[
+                "apply",
+                "--server-side",
+                "-f",
+                &crds_dir.display().to_string(),
+            ]);
+            plane.kubectl_ok(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd",
+                "consistencygroups.tandem.dev",
+                "groupsnapshots.tandem.dev",
+                "nodesnapshots.tandem.dev",
+            ]);
+        }
         eprintln!(
             "[control-plane] ready at {server} in {:.1} s (folder {})",
             started.elapsed().as_secs_f64(),

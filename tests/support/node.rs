@@ -224,6 +224,8 @@ pub struct Cluster {
     /// Host end of node 0's veth pair: the API server's address.
     pub api_address: String,
     helm_home: PathBuf,
+    /// Waits for this process to die and then cleans up (not killed with us on purpose).
+    reaper: Child,
     cleaned: bool,
 }
 
@@ -380,7 +382,7 @@ impl Cluster {
         write(&script, &cleanup_script(&root, pid, &netns));
         write(&root.join("owner"), &pid.to_string());
         // The reaper: its own session, not a child that dies with us; it cleans up after a kill.
-        let _ = Command::new("setsid")
+        let reaper = Command::new("setsid")
             .arg("sh")
             .arg(&script)
             .args(["--after", &pid.to_string()])
@@ -452,6 +454,8 @@ impl Cluster {
             &repo_root().join("crds"),
             &PlaneOptions {
                 node_address: Some(api_address.clone()),
+                // The chart brings them (tests/real_node.rs installs it).
+                skip_crds: true,
             },
         );
         let api_port = plane
@@ -469,6 +473,7 @@ impl Cluster {
             plane,
             api_address: api_address.clone(),
             helm_home: root.join("helm"),
+            reaper,
             cleaned: false,
         };
         let mut kubelets_started = None;
@@ -650,6 +655,9 @@ impl Cluster {
         if let Err(e) = run(Command::new("sh").arg(self.root.join("cleanup.sh"))) {
             eprintln!("[node] cleanup: {e}");
         }
+        // The cleanup ended the reaper (its command line names the folder); collect it.
+        let _ = self.reaper.kill();
+        let _ = self.reaper.wait();
         self.plane.stop();
     }
 }
