@@ -18,21 +18,17 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && strip /usr/local/bin/tandem \
  && /usr/local/bin/tandem --version
 
-# Runtime: the agent runs lvcreate/lvremove (LVM backends); everything else it does with syscalls
-# (FIFREEZE/FITHAW, FICLONE, btrfs ioctls, mount). The controller needs only the binary.
-# In a container there is no udev to wait for: LVM must create its device nodes itself and not ask
-# udev for the device list (otherwise lvcreate hangs or finds no devices).
+# Runtime: the agent runs lvs/lvcreate/lvremove (LVM backends) and btrfs (the btrfs backend still
+# shells out for subvolume snapshot/delete); everything else it does with syscalls (FIFREEZE/FITHAW,
+# FICLONE, mount). The controller needs only the binary. The packages are hack/image/packages and
+# the configuration hack/image/configure-rootfs.sh (LVM without udev), the same as the image
+# hack/image/build.sh makes with no registry (tests/real_node.rs checks that both agree).
 FROM docker.io/library/debian:bookworm-slim
-RUN apt-get update \
- && apt-get install -y --no-install-recommends lvm2 ca-certificates \
+RUN --mount=type=bind,source=hack/image/configure-rootfs.sh,target=/configure-rootfs.sh \
+    apt-get update \
+ && apt-get install -y --no-install-recommends lvm2 btrfs-progs ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
- && sed -i \
-      -e 's/^\(\s*\)#\?\s*udev_sync = .*/\1udev_sync = 0/' \
-      -e 's/^\(\s*\)#\?\s*udev_rules = .*/\1udev_rules = 0/' \
-      -e 's/^\(\s*\)#\?\s*obtain_device_list_from_udev = .*/\1obtain_device_list_from_udev = 0/' \
-      /etc/lvm/lvm.conf \
- && grep -Eq '^\s*udev_sync = 0' /etc/lvm/lvm.conf \
- && grep -Eq '^\s*udev_rules = 0' /etc/lvm/lvm.conf
+ && sh /configure-rootfs.sh /
 COPY --from=build /usr/local/bin/tandem /usr/local/bin/tandem
 # The controller runs as this user (the chart's default); the agent's pod sets runAsUser 0.
 USER 65532:65532

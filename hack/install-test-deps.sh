@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs, on a fresh Debian 12 machine (as root), the system packages tandem's tests use:
 # filesystems and their tools for the agent's real freezes and snapshots, LVM and QEMU for the
-# LVM-in-a-guest test. Skips apt entirely when everything is already there.
+# LVM-in-a-guest test, and the real node (containerd, runc, the CNI plugins, mmdebstrap for tandem's
+# image built with no registry). Skips apt entirely when everything is already there.
 set -euo pipefail
 packages=(
   e2fsprogs xfsprogs btrfs-progs util-linux      # mkfs, fsck, losetup for real volumes
   lvm2 thin-provisioning-tools                    # LVM tools copied into the QEMU guest
   qemu-system-x86 busybox-static kmod cpio zstd binutils  # the LVM guest (software emulation)
+  containerd runc containernetworking-plugins iptables    # the real node (kubelet's runtime, pod network)
+  mmdebstrap gcc libc6-dev                        # tandem's image and the pause image, no registry
 )
 missing=()
 for p in "${packages[@]}"; do

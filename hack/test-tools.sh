@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real control plane the tests run against, once, into a cache folder:
-# etcd, kube-apiserver, kube-controller-manager and kubectl, from their published Go modules
-# (pinned by hack/tools/*/go.mod and go.sum). A second run with nothing changed takes seconds.
+# etcd, kube-apiserver, kube-controller-manager and kubectl, and for the real-node tests
+# kube-scheduler and kubelet, from their published Go modules (pinned by hack/tools/*/go.mod and
+# go.sum). A second run with nothing changed takes seconds.
 #
 #   hack/test-tools.sh            build what is missing, print the bin folder
 #
@@ -42,5 +43,8 @@ build etcd etcd go.etcd.io/etcd/server/v3
 build kube kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$version_flags"
 build kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$version_flags"
 build kube kubectl k8s.io/kubernetes/cmd/kubectl "$version_flags"
+# The real node (tests/support/node.rs): same module, so most packages come from the cache above.
+build kube kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$version_flags"
+build kube kubelet k8s.io/kubernetes/cmd/kubelet "$version_flags"
 build helm helm helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$(grep -oE 'helm.sh/helm/v3 v[0-9.]+' "$here/tools/helm/go.mod" | cut -d' ' -f2) -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$(grep -oE 'k8s.io/client-go v0\.[0-9]+' "$here/tools/helm/go.mod" | cut -d. -f3) -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$(grep -oE 'k8s.io/client-go v0\.[0-9]+' "$here/tools/helm/go.mod" | cut -d. -f3)"
 echo "$bin"

@@ -1,5 +1,6 @@
 //! `tandem`: one binary for every part (controller, agent, CRD generation).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -38,6 +39,8 @@ async fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: container logs (kubectl logs) get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match Cli::parse().command {
         Command::Controller(args) => match kube::Client::try_default().await {

@@ -52,6 +52,18 @@ pub fn free_port() -> u16 {
         .expect("no free loopback port")
 }
 
+/// How a control plane starts. The default is the fast tier: loopback only, no scheduler, so tests
+/// without a node start in seconds.
+#[derive(Clone, Debug, Default)]
+pub struct PlaneOptions {
+    /// For real nodes (tests/support/node.rs): the API server binds and advertises this host
+    /// address (where kubelets and pods reach it), authorizes kubelets with the Node authorizer,
+    /// reaches kubelets with a client certificate, and kube-scheduler places pods.
+    pub node_address: Option<String>,
+    /// Leaves tandem's CRDs out (a test installs them the way users do, with the chart).
+    pub skip_crds: bool,
+}
+
 /// A running control plane. Dropping it stops every process and removes its folder.
 pub struct ControlPlane {
     pub dir: PathBuf,
@@ -140,6 +152,12 @@ impl ControlPlane {
     /// Starts etcd, kube-apiserver and kube-controller-manager and waits until the API is ready and
     /// tandem's CRDs are established. Call it from a thread that outlives the control plane.
     pub fn start(crds_dir: &Path) -> ControlPlane {
+        Self::start_with(crds_dir, &PlaneOptions::default())
+    }
+
+    /// Starts a control plane with `options` (see [`PlaneOptions`]).
+    pub fn start_with(crds_dir: &Path, options: &PlaneOptions) -> ControlPlane {
+        let address = options.node_address.as_deref().unwrap_or("127.0.0.1");
         let started = Instant::now();
         let temp = tempfile::Builder::new()
             .prefix("tandem-cp-")
@@ -157,7 +175,16 @@ impl ControlPlane {
         let (cert, key) = pki.leaf(
             "kube-apiserver",
             &[],
-            &["127.0.0.1", "localhost", "kubernetes.default.svc"],
+            // 10.0.0.1: the `kubernetes` Service, how pods on a real node reach the API.
+            &[
+                "127.0.0.1",
+                address,
+                "10.0.0.1",
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+            ],
             true,
         );
         let serving_cert = file("apiserver.crt", &cert);
@@ -170,7 +197,7 @@ impl ControlPlane {
         let etcd_port = free_port();
         let etcd_peer_port = free_port();
         let api_port = free_port();
-        let server = format!("https://127.0.0.1:{api_port}");
+        let server = format!("https://{address}:{api_port}");
 
         let (cert, key) = pki.leaf("tandem-test-admin", &["system:masters"], &[], false);
         let kubeconfig = dir.join("admin.kubeconfig");
@@ -219,12 +246,36 @@ impl ControlPlane {
                 "--log-level=warn",
             ]),
         );
+        let mut apiserver = Command::new(tool("kube-apiserver"));
+        if options.node_address.is_some() {
+            // The API server execs into pods and reads their logs through the kubelets.
+            let (cert, key) = plane.pki.leaf(
+                "kube-apiserver-kubelet-client",
+                &["system:masters"],
+                &[],
+                false,
+            );
+            apiserver.args([
+                format!(
+                    "--kubelet-client-certificate={}",
+                    file("kubelet-client.crt", &cert).display()
+                ),
+                format!(
+                    "--kubelet-client-key={}",
+                    file("kubelet-client.key", &key).display()
+                ),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                "--authorization-mode=Node,RBAC".into(),
+            ]);
+        } else {
+            apiserver.arg("--authorization-mode=RBAC");
+        }
         plane.spawn(
             "kube-apiserver",
-            Command::new(tool("kube-apiserver")).args([
+            apiserver.args([
                 &format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                &format!("--bind-address={address}"),
+                &format!("--advertise-address={address}"),
                 &format!("--secure-port={api_port}"),
                 &format!("--cert-dir={}", dir.join("certs").display()),
                 &format!("--tls-cert-file={}", serving_cert.display()),
@@ -234,7 +285,6 @@ impl ControlPlane {
                 &format!("--service-account-key-file={}", sa_pub.display()),
                 &format!("--service-account-signing-key-file={}", sa_key.display()),
                 "--service-cluster-ip-range=10.0.0.0/24",
-                "--authorization-mode=RBAC",
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=0",
@@ -261,21 +311,34 @@ impl ControlPlane {
                 "--v=0",
             ]),
         );
-        plane.kubectl_ok(&[
-            "apply",
-            "--server-side",
-            "-f",
-            &crds_dir.display().to_string(),
-        ]);
-        plane.kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd",
-            "consistencygroups.tandem.dev",
-            "groupsnapshots.tandem.dev",
-            "nodesnapshots.tandem.dev",
-        ]);
+        if options.node_address.is_some() {
+            plane.spawn(
+                "kube-scheduler",
+                Command::new(tool("kube-scheduler")).args([
+                    &format!("--kubeconfig={}", kcm_kubeconfig.display()),
+                    "--leader-elect=false",
+                    "--secure-port=0",
+                    "--v=0",
+                ]),
+            );
+        }
+        if !options.skip_crds {
+            plane.kubectl_ok(&[
+                "apply",
+                "--server-side",
+                "-f",
+                &crds_dir.display().to_string(),
+            ]);
+            plane.kubectl_ok(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd",
+                "consistencygroups.tandem.dev",
+                "groupsnapshots.tandem.dev",
+                "nodesnapshots.tandem.dev",
+            ]);
+        }
         eprintln!(
             "[control-plane] ready at {server} in {:.1} s (folder {})",
             started.elapsed().as_secs_f64(),

@@ -3,6 +3,7 @@
 
 pub mod control_plane;
 pub mod helm;
+pub mod node;
 pub mod objects;
 pub mod process;
 

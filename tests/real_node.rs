@@ -1,0 +1,646 @@
+//! tandem the way users run it: a real node (kubelet + containerd), tandem's image built with no
+//! registry, the chart installed with helm, and the pods (not host processes) cutting a
+//! GroupSnapshot of local volumes. Needs root (CI is root); skips with a message otherwise.
+
+mod agent_support;
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use serde_json::json;
+use support::node::{self, images, shared_cluster, with_cluster};
+use support::objects::{claim, local_volume};
+use support::{client_for, eventually, repo_root};
+use tandem::api::{Consistency, GroupSnapshot, GroupSnapshotPhase, NodePhase, NodeSnapshot};
+
+const WAIT: Duration = Duration::from_secs(90);
+/// Every exec into a pod whose volume may be frozen ends on the host side after this.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(15);
+const RELEASE: &str = "tandem";
+const RELEASE_NAMESPACE: &str = "tandem-system";
+
+fn require_root() -> bool {
+    if !node::can_run_nodes() {
+        eprintln!("SKIPPED: the real node needs root (namespaces, mounts, cgroups)");
+        return false;
+    }
+    true
+}
+
+/// The programs the agent runs (every `run_tool("<program>"` in src/agent), read from the
+/// source so a new one is checked without editing this test.
+fn programs_the_agent_runs() -> Vec<String> {
+    let mut programs = Vec::new();
+    let mut dirs = vec![repo_root().join("src/agent")];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).expect("src/agent").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let text = fs::read_to_string(&path).unwrap_or_default();
+            for call in text.split("run_tool(").skip(1) {
+                let call = call.trim_start();
+                if let Some(rest) = call.strip_prefix('"')
+                    && let Some(end) = rest.find('"')
+                {
+                    programs.push(rest[..end].to_string());
+                }
+            }
+        }
+    }
+    programs.sort();
+    programs.dedup();
+    programs
+}
+
+/// The Dockerfile's runtime stage: its apt-get packages, ENTRYPOINT, CMD and USER.
+fn dockerfile_runtime() -> (Vec<String>, String, String, String) {
+    let text = fs::read_to_string(repo_root().join("Dockerfile")).expect("Dockerfile");
+    let runtime = text.rsplit("\nFROM ").next().expect("a runtime stage");
+    let joined = runtime.replace("\\\n", " ");
+    let install = joined
+        .lines()
+        .find_map(|l| l.split("apt-get install").nth(1))
+        .expect("apt-get install in the runtime stage");
+    let mut packages: Vec<String> = install
+        .split("&&")
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter(|w| !w.starts_with('-'))
+        .map(String::from)
+        .collect();
+    packages.sort();
+    let directive = |name: &str| {
+        runtime
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in the Dockerfile's runtime stage"))
+            .trim()
+            .to_string()
+    };
+    (
+        packages,
+        directive("ENTRYPOINT"),
+        directive("CMD"),
+        directive("USER"),
+    )
+}
+
+/// The Dockerfile (for users with a registry) and hack/image (no registry) make the same image.
+#[test]
+fn the_dockerfile_and_the_local_image_agree() {
+    let mut listed: Vec<String> = fs::read_to_string(repo_root().join("hack/image/packages"))
+        .expect("hack/image/packages")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.trim().to_string())
+        .collect();
+    listed.sort();
+    let (packages, entrypoint, cmd, user) = dockerfile_runtime();
+    assert_eq!(packages, listed, "Dockerfile vs hack/image/packages");
+    let dockerfile = fs::read_to_string(repo_root().join("Dockerfile")).expect("Dockerfile");
+    assert!(
+        dockerfile.contains("hack/image/configure-rootfs.sh"),
+        "the Dockerfile must configure its rootfs with hack/image/configure-rootfs.sh"
+    );
+    if !require_root() {
+        return;
+    }
+    let config: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(&images()["tandem_config"]).expect("image config"),
+    )
+    .expect("image config JSON");
+    let as_json = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("exec form");
+    assert_eq!(config["Entrypoint"], as_json(&entrypoint));
+    assert_eq!(config["Cmd"], as_json(&cmd));
+    assert_eq!(config["User"], user.as_str());
+}
+
+/// Every program the agent runs is in the image, checked inside a pod of the real node.
+#[test]
+fn every_program_the_agent_runs_is_in_the_image() {
+    if !require_root() {
+        return;
+    }
+    let programs = programs_the_agent_runs();
+    assert!(
+        programs.iter().any(|p| p == "lvcreate"),
+        "reading src/agent found {programs:?}"
+    );
+    shared_cluster();
+    let image = images()["tandem_ref"].clone();
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "image-check", "namespace": "default"},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "check", "image": image, "imagePullPolicy": "Never",
+                            "command": ["/bin/sh", "-c", "sleep 3600"]}]
+        }
+    });
+    with_cluster(|c| {
+        let manifest = c.root.join("image-check.json");
+        fs::write(&manifest, pod.to_string()).expect("manifest");
+        c.kubectl(&["apply", "-f", &manifest.display().to_string()])
+            .expect("apply");
+        c.kubectl_timeout(
+            &[
+                "wait",
+                "--for=condition=Ready",
+                "pod/image-check",
+                "--timeout=60s",
+            ],
+            Duration::from_secs(70),
+        )
+        .expect("pod Ready");
+        let mut args = vec!["exec", "image-check", "--", "/bin/sh", "-c"];
+        let script = programs
+            .iter()
+            .map(|p| format!("command -v {p} || echo MISSING {p}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        args.push(&script);
+        let out = c
+            .kubectl_timeout(&args, Duration::from_secs(20))
+            .expect("exec");
+        let _ = c.kubectl(&["delete", "pod", "image-check", "--wait=false"]);
+        assert!(
+            !out.contains("MISSING"),
+            "programs the agent runs are not in the image:\n{out}"
+        );
+        assert_eq!(out.lines().count(), programs.len(), "{out}");
+    });
+}
+
+/// The chart, installed once per test binary with the image imported into the node, and pointed
+/// at the node's folders: the kubelet root, the agent's journal, and the shared folder where the
+/// tests' local volumes and their pools live (the pools must be visible to the agent too: a
+/// reflink clone is made next to the volume's image).
+fn install_chart() -> &'static str {
+    static INSTALLED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        shared_cluster();
+        with_cluster(|c| {
+            let n = &c.nodes[0];
+            let started = std::time::Instant::now();
+            let out = c
+                .helm(&[
+                    "install",
+                    RELEASE,
+                    &repo_root().join("charts/tandem").display().to_string(),
+                    "--namespace",
+                    RELEASE_NAMESPACE,
+                    "--create-namespace",
+                    "--set",
+                    &format!("agent.kubeletDir={}", n.kubelet_dir.display()),
+                    "--set",
+                    &format!("agent.stateDir={}", n.state_dir.display()),
+                    "--set",
+                    &format!("agent.extraHostPaths={{{}}}", n.disks_dir.display()),
+                    "--set",
+                    "logLevel=info\\,tandem=debug",
+                    "--wait",
+                    "--timeout=180s",
+                ])
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "helm install: {e}\n{}",
+                        c.kubectl(&["get", "pods", "-A", "-o", "wide"])
+                            .unwrap_or_default()
+                    )
+                });
+            eprintln!(
+                "[chart] installed and Ready in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            out
+        })
+    })
+}
+
+/// Thaws the test's volumes from the host when it ends, however it ends.
+struct ThawOnDrop(Vec<PathBuf>);
+
+impl Drop for ThawOnDrop {
+    fn drop(&mut self) {
+        for mount in &self.0 {
+            if let Ok(fd) = tandem::agent::freeze::open_dir(mount) {
+                let _ = tandem::agent::freeze::thaw(&fd, mount);
+            }
+        }
+    }
+}
+
+/// A loop-backed filesystem in `pool`, mounted under the node's shared folder.
+fn volume(
+    scratch: &mut agent_support::Scratch,
+    pool: &Path,
+    mount: &Path,
+    fs: &str,
+) -> agent_support::Volume {
+    let image = pool.join(format!(
+        "{}.img",
+        mount.file_name().expect("name").to_string_lossy()
+    ));
+    scratch.image(&image, 320 << 20);
+    let device = scratch.attach(&image, false);
+    scratch.mkfs(&device, fs);
+    scratch.mount(&device, mount, &[]);
+    scratch.assert_owned(mount);
+    agent_support::Volume {
+        image,
+        device,
+        mount: mount.to_path_buf(),
+        fs: fs.into(),
+    }
+}
+
+fn apply(c: &support::node::Cluster, name: &str, object: &serde_json::Value) {
+    let file = c.root.join(format!("{name}.json"));
+    fs::write(&file, object.to_string()).expect("manifest");
+    c.kubectl(&["apply", "-f", &file.display().to_string()])
+        .unwrap_or_else(|e| panic!("apply {name}: {e}"));
+}
+
+/// The chart on a real node: the controller becomes Ready through its probes, the agent runs
+/// privileged with the chart's host mounts, neither writes colour codes into its log, and a
+/// GroupSnapshot of two local volumes (XFS and ext4 images in an XFS reflink pool) that a pod
+/// writes to is cut, released and deleted by the pods.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chart_on_a_real_node_snapshots_local_volumes() {
+    if !require_root() {
+        return;
+    }
+    let cluster = tokio::task::spawn_blocking(shared_cluster)
+        .await
+        .expect("cluster");
+    tokio::task::spawn_blocking(install_chart)
+        .await
+        .expect("chart");
+    let client = client_for(&cluster.kubeconfig).await;
+    let node_name = cluster.nodes[0].clone();
+
+    // The controller: Ready means its readiness probe (GET /readyz from the kubelet) passed.
+    let deploy = with_cluster(|c| {
+        c.kubectl(&[
+            "-n",
+            RELEASE_NAMESPACE,
+            "get",
+            "deploy",
+            "-l",
+            "app.kubernetes.io/component=controller",
+            "-o",
+            "json",
+        ])
+    })
+    .expect("controller deployment");
+    let deploy: serde_json::Value = serde_json::from_str(&deploy).expect("json");
+    let deploy = &deploy["items"][0];
+    assert_eq!(deploy["status"]["readyReplicas"], 1, "{deploy}");
+    let probes = &deploy["spec"]["template"]["spec"]["containers"][0];
+    assert!(probes["readinessProbe"]["httpGet"].is_object(), "{probes}");
+
+    // The agent: privileged, on the node, with the chart's host mounts.
+    let agent: serde_json::Value = serde_json::from_str(
+        &with_cluster(|c| {
+            c.kubectl(&[
+                "-n",
+                RELEASE_NAMESPACE,
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/component=agent",
+                "-o",
+                "json",
+            ])
+        })
+        .expect("agent pods"),
+    )
+    .expect("json");
+    let agent = &agent["items"][0];
+    assert_eq!(agent["status"]["phase"], "Running", "{agent}");
+    assert_eq!(agent["spec"]["nodeName"], node_name.as_str());
+    let container = &agent["spec"]["containers"][0];
+    assert_eq!(container["securityContext"]["privileged"], true);
+    let (kubelet_dir, disks_dir) = with_cluster(|c| {
+        (
+            c.nodes[0].kubelet_dir.display().to_string(),
+            c.nodes[0].disks_dir.display().to_string(),
+        )
+    });
+    let mounts = container["volumeMounts"].as_array().expect("mounts");
+    for (path, propagation) in [
+        ("/dev", None),
+        (kubelet_dir.as_str(), Some("Bidirectional")),
+        (disks_dir.as_str(), Some("Bidirectional")),
+    ] {
+        let mount = mounts
+            .iter()
+            .find(|m| m["mountPath"] == path)
+            .unwrap_or_else(|| panic!("no mount at {path}: {mounts:?}"));
+        if let Some(p) = propagation {
+            assert_eq!(mount["mountPropagation"], p, "{mount}");
+        }
+    }
+
+    // Storage the test makes itself, under the node's shared folder.
+    let ns = format!("rn-gs-{}", std::process::id());
+    let mut scratch = agent_support::Scratch::new();
+    let disks = PathBuf::from(&disks_dir).join(&ns);
+    let pool_image = scratch.path("pool.img");
+    scratch.image(&pool_image, 2 << 30);
+    let pool_dev = scratch.attach(&pool_image, false);
+    scratch.mkfs(&pool_dev, "xfs");
+    let pool = disks.join("pool");
+    scratch.mount(&pool_dev, &pool, &[]);
+    let data = volume(&mut scratch, &pool, &disks.join("data"), "xfs");
+    let wal = volume(&mut scratch, &pool, &disks.join("wal"), "ext4");
+    let _thaw = ThawOnDrop(vec![data.mount.clone(), wal.mount.clone()]);
+
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns"),
+        )
+        .await
+        .expect("namespace");
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    for (name, v) in [("data", &data), ("wal", &wal)] {
+        let pv = format!("{ns}-{name}");
+        pvs.create(
+            &PostParams::default(),
+            &local_volume(&pv, &v.mount.to_string_lossy(), &node_name, &ns, name, &[]),
+        )
+        .await
+        .expect("PV");
+        claims
+            .create(
+                &PostParams::default(),
+                &claim(name, Some(&pv), &[("app", "shop")]),
+            )
+            .await
+            .expect("PVC");
+    }
+
+    // An application pod writing to both volumes (the writes a freeze must hold).
+    let image = images()["tandem_ref"].clone();
+    with_cluster(|c| {
+        apply(
+            c,
+            &format!("{ns}-writer"),
+            &json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "writer", "namespace": ns},
+                "spec": {
+                    "terminationGracePeriodSeconds": 0,
+                    "securityContext": {"runAsUser": 0},
+                    "containers": [{"name": "writer", "image": image, "imagePullPolicy": "Never",
+                        "command": ["/bin/sh", "-c",
+                            "i=0; while true; do i=$((i+1)); echo $i >> /data/sequence; echo $i >> /wal/sequence; sleep 0.05; done"],
+                        "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                                         {"name": "wal", "mountPath": "/wal"}]}],
+                    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+                                {"name": "wal", "persistentVolumeClaim": {"claimName": "wal"}}]
+                }
+            }),
+        );
+        c.kubectl_timeout(
+            &[
+                "-n",
+                &ns,
+                "wait",
+                "--for=condition=Ready",
+                "pod/writer",
+                "--timeout=60s",
+            ],
+            Duration::from_secs(70),
+        )
+        .unwrap_or_else(|e| panic!("writer Ready: {e}"));
+    });
+
+    let groups: Api<tandem::api::ConsistencyGroup> = Api::namespaced(client.clone(), &ns);
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "shop"},
+                "spec": {"selector": {"matchLabels": {"app": "shop"}}, "freezeTimeoutSeconds": 20}}))
+            .expect("group"),
+        )
+        .await
+        .expect("group");
+    eventually(WAIT, "group Ready with both members supported", || {
+        let groups = groups.clone();
+        async move {
+            let status = groups.get("shop").await.ok()?.status?;
+            let ready = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            (ready && status.members.len() == 2 && status.members.iter().all(|m| m.supported))
+                .then_some(())
+        }
+    })
+    .await;
+
+    let snapshots: Api<GroupSnapshot> = Api::namespaced(client.clone(), &ns);
+    snapshots
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "shop-1"},
+                "spec": {"groupName": "shop", "deletionPolicy": "Delete"}}))
+            .expect("snapshot"),
+        )
+        .await
+        .expect("snapshot");
+    let snapshot = eventually(WAIT, "GroupSnapshot Ready", || {
+        let snapshots = snapshots.clone();
+        async move {
+            let s = snapshots.get("shop-1").await.ok()?;
+            let phase = s.status.as_ref()?.phase;
+            assert_ne!(phase, GroupSnapshotPhase::Failed, "{:?}", s.status);
+            (phase == GroupSnapshotPhase::Ready).then_some(s)
+        }
+    })
+    .await;
+    let status = snapshot.status.expect("status");
+    assert_eq!(
+        status.consistency,
+        Some(Consistency::FilesystemFrozen),
+        "{status:?}"
+    );
+    assert_eq!(status.member_count, 2);
+    for member in &status.members {
+        assert!(member.frozen, "{member:?}");
+        assert_eq!(member.node, node_name);
+    }
+    let nodes: Api<NodeSnapshot> = Api::namespaced(client.clone(), &ns);
+    for n in nodes
+        .list(&ListParams::default())
+        .await
+        .expect("nsnaps")
+        .items
+    {
+        assert_eq!(n.status.expect("status").phase, NodePhase::Released);
+    }
+
+    // Thawed: the writer goes on (an exec with a host-side timeout reads its progress twice).
+    let count = |file: &str| {
+        with_cluster(|c| {
+            c.kubectl_timeout(
+                &[
+                    "-n",
+                    &ns,
+                    "exec",
+                    "writer",
+                    "--",
+                    "/bin/sh",
+                    "-c",
+                    &format!("wc -l < {file}"),
+                ],
+                EXEC_TIMEOUT,
+            )
+        })
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+    };
+    let before = count("/data/sequence");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        count("/data/sequence") > before,
+        "the writer is stuck after the snapshot"
+    );
+
+    // The clones are the agent pod's work, in the pool, and each is a clean filesystem with the
+    // writer's sequence in it; the data clone and the wal clone are one point in time.
+    let mut lines = Vec::new();
+    for (claim_name, fs) in [("data", "xfs"), ("wal", "ext4")] {
+        let member = status
+            .members
+            .iter()
+            .find(|m| m.claim == claim_name)
+            .expect("member");
+        let handle = member.snapshot_handle.as_deref().expect("handle");
+        let clone = PathBuf::from(handle.strip_prefix("reflink:").expect("reflink handle"));
+        assert!(clone.starts_with(&pool), "{clone:?} is not in the pool");
+        let mnt = agent_support::open_snapshot(&mut scratch, &clone, fs, claim_name);
+        let sequence = fs::read_to_string(mnt.join("sequence")).expect("sequence");
+        lines.push(sequence.lines().count());
+        scratch.unmount(&mnt);
+    }
+    // The writer appends to data, then to wal: one point in time has equal counts or data ahead
+    // by one.
+    let (data_lines, wal_lines) = (lines[0], lines[1]);
+    eprintln!(
+        "[chart] cut in a freeze window of {:?} ms: data {data_lines} lines, wal {wal_lines} lines",
+        status.freeze_window_millis
+    );
+    assert!(
+        data_lines > 0,
+        "the data snapshot holds none of the writer's lines"
+    );
+    assert!(
+        data_lines == wal_lines || data_lines == wal_lines + 1,
+        "data and wal snapshots are not one point in time: {data_lines} vs {wal_lines} lines"
+    );
+
+    // Both binaries log plain text in a container (no ANSI colour codes).
+    for selector in [
+        "app.kubernetes.io/component=controller",
+        "app.kubernetes.io/component=agent",
+    ] {
+        let logs = with_cluster(|c| {
+            c.kubectl_timeout(
+                &[
+                    "-n",
+                    RELEASE_NAMESPACE,
+                    "logs",
+                    "-l",
+                    selector,
+                    "--tail=200",
+                ],
+                EXEC_TIMEOUT,
+            )
+        })
+        .expect("logs");
+        assert!(!logs.trim().is_empty(), "no logs from {selector}");
+        assert!(
+            !logs.contains('\u{1b}'),
+            "{selector} writes ANSI escape codes into its log:\n{}",
+            logs.lines().take(5).collect::<Vec<_>>().join("\n")
+        );
+    }
+
+    // deletionPolicy Delete: the agent pod removes the clones with the GroupSnapshot.
+    snapshots
+        .delete("shop-1", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually(WAIT, "GroupSnapshot and NodeSnapshots gone", || {
+        let snapshots = snapshots.clone();
+        let nodes = nodes.clone();
+        async move {
+            let gone = snapshots.get_opt("shop-1").await.ok()?.is_none();
+            let nodes_gone = nodes
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty();
+            (gone && nodes_gone).then_some(())
+        }
+    })
+    .await;
+    let left: Vec<_> = fs::read_dir(pool.join(".tandem-snapshots"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "clones left behind: {left:?}");
+
+    // The writer goes before the volumes (the kubelet's bind mounts hold the loop devices).
+    with_cluster(|c| {
+        let _ = c.kubectl_timeout(
+            &[
+                "-n",
+                &ns,
+                "delete",
+                "pod",
+                "writer",
+                "--grace-period=0",
+                "--force",
+                "--wait=true",
+            ],
+            Duration::from_secs(60),
+        );
+    });
+    let pods_dir = format!("{kubelet_dir}/pods/");
+    eventually(WAIT, "the kubelet unmounted the writer's volumes", || {
+        let pods_dir = pods_dir.clone();
+        let ns = ns.clone();
+        async move {
+            let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+            let held = info.lines().any(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|m| m.starts_with(&pods_dir) && m.contains(&ns))
+            });
+            (!held).then_some(())
+        }
+    })
+    .await;
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    for name in ["data", "wal"] {
+        let _ = pvs
+            .delete(&format!("{ns}-{name}"), &DeleteParams::default())
+            .await;
+    }
+}
