@@ -413,13 +413,7 @@ pub fn create(
         Err(e) => return Err(errno(format!("open the new snapshot {shown}"))(e)),
     };
     let made = subvolume_of(&snap).map_err(errno(format!("BTRFS_IOC_GET_SUBVOL_INFO {shown}")))?;
-    let finish = || -> Result<u64, BackendError> {
-        set_mark(&snap, owner, Path::new(&shown))?;
-        set_read_only(&snap).map_err(errno(format!("make {shown} read-only")))?;
-        let st = rustix::fs::fstatvfs(&snap).map_err(errno(format!("statvfs {shown}")))?;
-        Ok(st.f_blocks * st.f_frsize)
-    };
-    match finish() {
+    match finish_snapshot(&snap, owner, &shown) {
         Ok(size_bytes) => Ok(SnapshotInfo {
             size_bytes,
             handle: SnapshotHandle::Btrfs {
@@ -437,6 +431,14 @@ pub fn create(
             Err(e)
         }
     }
+}
+
+/// Marks a new snapshot with its owner and makes it read-only; returns its size.
+fn finish_snapshot(snap: &OwnedFd, owner: &str, shown: &str) -> Result<u64, BackendError> {
+    set_mark(snap, owner, Path::new(shown))?;
+    set_read_only(snap).map_err(errno(format!("make {shown} read-only")))?;
+    let st = rustix::fs::fstatvfs(snap).map_err(errno(format!("statvfs {shown}")))?;
+    Ok(st.f_blocks * st.f_frsize)
 }
 
 /// Deletes the snapshot subvolume at `path` if it is `owner`'s: a subvolume root on this

@@ -297,8 +297,9 @@ fn check_subdomain(field: &'static str, value: &str) -> Result<(), BackendError>
 
 /// An owner (a Kubernetes uid): also used in LVM tags and xattr values.
 pub(crate) fn check_owner(owner: &str) -> Result<(), BackendError> {
-    if owner.is_empty() || owner.len() > 64 {
-        return Err(invalid("owner", owner, "must be 1 to 64 characters"));
+    // A uid is 36 characters; the one-shot mode's keys are `oneshot-<namespace>-<name>`.
+    if owner.is_empty() || owner.len() > 200 {
+        return Err(invalid("owner", owner, "must be 1 to 200 characters"));
     }
     if !owner
         .bytes()
@@ -480,7 +481,7 @@ pub(crate) fn set_mark(fd: impl AsFd, owner: &str, what: &Path) -> Result<(), Ba
 
 /// Why the object open at `fd` is not `owner`'s, or None when its mark says it is.
 pub(crate) fn mark_mismatch(fd: impl AsFd, owner: &str) -> Option<String> {
-    let mut buf = [0u8; 128];
+    let mut buf = [0u8; 256];
     match rustix::fs::fgetxattr(fd, OWNER_XATTR, &mut buf[..]) {
         Ok(len) => {
             let found = String::from_utf8_lossy(&buf[..len]);
@@ -608,7 +609,7 @@ mod tests {
                 "{ns}/{g}/{pv} accepted"
             );
         }
-        for owner in ["", "a/b", "ü", "a b", &"u".repeat(65)] {
+        for owner in ["", "a/b", "ü", "a b", &"u".repeat(201)] {
             assert!(snapshot_name("ns", "g", "pv", owner).is_err(), "{owner:?}");
         }
         // fit_name never panics on multi-byte input (it is only ever given validated ASCII).

@@ -250,24 +250,14 @@ pub fn create(
     let partial = partial_name(name);
     let partial_path = snap_dir.join(&partial);
     let dst = create_partial(&dir, &partial, &partial_path, owner)?;
-    let made = (|| {
-        set_mark(&dst, owner, &partial_path)?;
-        rustix::fs::ioctl_ficlone(&dst, &src).map_err(errno(format!(
-            "FICLONE {} -> {}",
-            image.display(),
-            partial_path.display()
-        )))?;
-        let size_bytes = rustix::fs::fstat(&dst)
-            .map_err(errno(format!("stat {}", partial_path.display())))?
-            .st_size;
-        match rustix::fs::renameat_with(&dir, &partial, &dir, name, RenameFlags::NOREPLACE) {
-            Ok(()) => Ok(u64::try_from(size_bytes).unwrap_or(0)),
-            Err(Errno::EXIST) => Err(BackendError::AlreadyExists {
-                what: clone.display().to_string(),
-            }),
-            Err(e) => Err(errno(format!("rename to {}", clone.display()))(e)),
-        }
-    })();
+    let made = fill_partial(
+        &dir,
+        &dst,
+        &src,
+        owner,
+        (&partial, &partial_path),
+        (name, clone),
+    );
     match made {
         Ok(size_bytes) => Ok(SnapshotInfo {
             size_bytes,
@@ -283,6 +273,31 @@ pub fn create(
             }
             Err(e)
         }
+    }
+}
+
+/// Marks the `.partial` file, clones the image into it and renames it to the clone's name (never
+/// replacing anything); returns the clone's size.
+fn fill_partial(
+    dir: &OwnedFd,
+    dst: &OwnedFd,
+    src: &OwnedFd,
+    owner: &str,
+    (partial, partial_path): (&Path, &Path),
+    (name, clone): (&OsStr, &Path),
+) -> Result<u64, BackendError> {
+    set_mark(dst, owner, partial_path)?;
+    rustix::fs::ioctl_ficlone(dst, src)
+        .map_err(errno(format!("FICLONE into {}", partial_path.display())))?;
+    let size_bytes = rustix::fs::fstat(dst)
+        .map_err(errno(format!("stat {}", partial_path.display())))?
+        .st_size;
+    match rustix::fs::renameat_with(dir, partial, dir, name, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(u64::try_from(size_bytes).unwrap_or(0)),
+        Err(Errno::EXIST) => Err(BackendError::AlreadyExists {
+            what: clone.display().to_string(),
+        }),
+        Err(e) => Err(errno(format!("rename to {}", clone.display()))(e)),
     }
 }
 
