@@ -474,3 +474,46 @@ fn btrfs_snapshots_are_checked_by_mark_and_uuid_and_never_reached_through_symlin
     );
     assert!(!victim_top.join("precious").join("vol1").exists());
 }
+
+/// The engine journals the handle `create` returned, so a btrfs snapshot is deleted only if it is
+/// still the subvolume that was made: one replaced at the same path (even carrying a copied owner
+/// mark) is left alone.
+#[test]
+fn the_engine_deletes_only_the_btrfs_subvolume_it_made() {
+    require_root!();
+    let mut s = Scratch::new();
+    let (_dev, top, mnt) = btrfs_volume(&mut s, "eng");
+    s.assert_owned(&mnt);
+    let e = engine(&s);
+    let st = e
+        .cut(
+            &request("uid-e", "g", "pv-e", &mnt, FreezePolicy::BestEffort),
+            None,
+        )
+        .unwrap();
+    assert_eq!(st.phase, NodePhase::Released, "{:?}", st.message);
+    let name = backend::snapshot_name("ns1", "g", "pv-e", "uid-e").unwrap();
+    let snap = top.join(".tandem-snapshots").join(&name);
+    let mut mark = [0u8; 256];
+    let len = rustix::fs::getxattr(&snap, "trusted.tandem.owner", &mut mark[..]).unwrap();
+    assert_eq!(&mark[..len], b"uid-e");
+    // Someone replaces the snapshot with another subvolume and copies the mark.
+    sh(
+        "btrfs",
+        &["-q", "subvolume", "delete", &snap.to_string_lossy()],
+    );
+    subvolume(&snap);
+    std::fs::write(snap.join("other.txt"), "not the snapshot").unwrap();
+    rustix::fs::setxattr(
+        &snap,
+        "trusted.tandem.owner",
+        &mark[..len],
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    e.finalize("uid-e", false).unwrap();
+    assert!(
+        snap.join("other.txt").exists(),
+        "the agent deleted a subvolume it did not make"
+    );
+}

@@ -585,6 +585,10 @@ impl Engine {
                     return Some("aborted while cutting".into());
                 }
                 statuses[i].snapshot_handle = Some(info.handle.to_string());
+                // Journal what was made (btrfs adds the subvolume id/uuid) in place of the plan.
+                if let Some(planned) = state.entry.snapshots.get_mut(i) {
+                    *planned = info.handle.clone();
+                }
                 state.made.insert(i, info.handle);
                 statuses[i].size_bytes = i64::try_from(info.size_bytes).ok();
                 statuses[i].cut_time = Some(now());
