@@ -475,11 +475,9 @@ fn btrfs_subvolumes_get_read_only_snapshots_outside_the_volume() {
     assert_eq!(vs.filesystem.as_deref(), Some("btrfs"));
     std::fs::write(mnt.join("marker.txt"), "after").unwrap();
     let handle = vs.snapshot_handle.clone().unwrap();
-    assert_eq!(
-        handle,
-        format!("btrfs:{dev}:/.tandem-snapshots/tandem.ns1.b.pv-b")
-    );
-    let snap = top.join(".tandem-snapshots/tandem.ns1.b.pv-b");
+    let name = tandem::agent::backend::snapshot_name("ns1", "b", "pv-b", "b").unwrap();
+    assert_eq!(handle, format!("btrfs:{dev}:/.tandem-snapshots/{name}"));
+    let snap = top.join(".tandem-snapshots").join(&name);
     assert_eq!(sha256_file(&snap.join("data.bin")), sum);
     assert_eq!(
         std::fs::read_to_string(snap.join("marker.txt")).unwrap(),

@@ -52,6 +52,14 @@ frozen_probe() { # prints "ok" when a write into /mnt/$1 completes within 3 s, e
   if kill -0 $p 2>/dev/null; then echo frozen; else wait $p; echo ok; fi
 }
 snaps() { lvs --noheadings -o lv_name vg0 2>/dev/null | grep -c tandem; }
+# The snapshot name tandem cuts: tandem.<namespace>.<name>.<pv>.<8 hex of sha256(owner)>, where the
+# owner (the cut's key) of a one-shot cut is oneshot-<namespace>-<name>.
+snap_name() { # snap_name NAMESPACE NAME PV
+  echo "tandem.$1.$2.$3.$(printf %s "oneshot-$1-$2" | sha256sum | cut -c1-8)"
+}
+has_owner_tag() { # has_owner_tag LV NAMESPACE NAME
+  lvs --noheadings -o lv_tags "vg0/$1" 2>/dev/null | tr ',' '\n' | tr -d ' ' | grep -qx "tandem-owner-oneshot-$2-$3"
+}
 
 echo "== thin, freeze Required"
 t0=$(now_ms); out=$(agent --oneshot-volume /mnt/vol1 --oneshot-volume /mnt/vol2 --oneshot-name thin 2>/tmp/agent.err); rc=$?; t1=$(now_ms)
@@ -64,8 +72,9 @@ if [ "$phase" = Released ]; then
   echo "OUTCOME thin-required Released window_ms=$(echo "$out" | sed -n 's/.*"freezeWindowMillis":\([0-9]*\).*/\1/p')"
   echo "$out" | grep -q '"backend":"lvm-thin"'; check thin-backend $? "backend lvm-thin"
   [ "$(echo "$out" | grep -o '"frozen":true' | wc -l)" = 2 ]; check thin-frozen $? "both volumes frozen during the cut"
-  verify tandem.local.thin.vol1 ext4 vol1
-  verify tandem.local.thin.vol2 xfs vol2
+  verify "$(snap_name local thin vol1)" ext4 vol1
+  verify "$(snap_name local thin vol2)" xfs vol2
+  has_owner_tag "$(snap_name local thin vol1)" local thin; check thin-owner-tag $? "tagged tandem-owner-<its cut>"
   agent --oneshot-action delete --oneshot-name thin >/dev/null; check thin-delete $? "delete"
   [ "$(snaps)" = 0 ]; check thin-deleted $? "snapshots removed"
 elif echo "$out" | grep -q "refused to snapshot"; then
@@ -92,7 +101,8 @@ echo "post-thaw" > /mnt/thick1/marker.txt; touch /mnt/thick1/post-thaw; sync
 if [ "$phase" = Released ]; then
   echo "OUTCOME thick-required Released"
   echo "$out" | grep -q '"backend":"lvm-thick"'; check thick-backend $? "backend lvm-thick"
-  verify tandem.local.thick.thick1 ext4 thick1
+  verify "$(snap_name local thick thick1)" ext4 thick1
+  has_owner_tag "$(snap_name local thick thick1)" local thick; check thick-owner-tag $? "tagged tandem-owner-<its cut>"
   agent --oneshot-action delete --oneshot-name thick >/dev/null; check thick-delete $? "delete"
   [ "$(snaps)" = 0 ]; check thick-deleted $? "snapshot removed"
 elif echo "$out" | grep -q "refused to snapshot"; then
@@ -121,6 +131,41 @@ if [ "$THIN_HOLDS" = yes ]; then
 else
   echo "    skipped: this kernel cannot hold a freeze across an LVM snapshot"
 fi
+
+echo "== identity: an LV planted at a cut's name is neither adopted nor deleted"
+planted=$(snap_name local plant vol1)
+lvcreate -q -V 64M -T vg0/pool -n "$planted" >/dev/null; check plant-setup $? "planted an untagged thin LV $planted"
+out=$(agent --oneshot-volume /mnt/vol1 --oneshot-name plant --oneshot-freeze Disabled 2>/tmp/agent.err)
+echo "AGENT plant $out"
+[ "$(echo "$out" | json_field phase)" = Failed ]; check plant-failed $? "the cut failed (not Released with the planted LV)"
+echo "$out" | grep -q "already exists"; check plant-reason $? "it says the LV already exists"
+agent --oneshot-action delete --oneshot-name plant >/dev/null 2>&1
+lvs "vg0/$planted" >/dev/null 2>&1; check plant-kept $? "the planted LV survived the cut and its delete"
+lvremove -q -f "vg0/$planted" >/dev/null 2>&1
+
+echo "== L2: a long realistic name fits a device-mapper name (thick: <vg>-<lv>-cow < 128 bytes)"
+long_pv=pvc-3f9a8b7c-1d2e-4f5a-8b9c-0d1e2f3a4b5c
+lvcreate -q -L 128M -n long1 vg0 >/dev/null && mkfs.ext4 -q -F /dev/vg0/long1 && mkdir -p "/mnt/$long_pv" && mount /dev/vg0/long1 "/mnt/$long_pv"
+check long-setup $? "thick LV mounted at /mnt/$long_pv"
+out=$(agent --oneshot-volume "/mnt/$long_pv" --oneshot-namespace team-payments-prod-eu-west-1 --oneshot-name orders-db-nightly-2026-11-21-0300 --oneshot-freeze Disabled --thick-cow-size 32M 2>/tmp/agent.err)
+echo "AGENT long $out"; sed 's/^/    | /' /tmp/agent.err | tail -3
+[ "$(echo "$out" | json_field phase)" = Released ]; check long-released $? "Released"
+lv=$(echo "$out" | sed -n 's/.*"snapshotHandle":"lvm:vg0\/\([^"]*\)".*/\1/p')
+echo "    snapshot LV: $lv (${#lv} bytes)"
+longest=$(dmsetup ls | awk '{print length($1)}' | sort -n | tail -1)
+[ -n "$lv" ] && [ "$longest" -lt 128 ]; check long-dm-name $? "longest dm name $longest bytes"
+lvs --noheadings -o lv_attr "vg0/$lv" | grep -q '^ *s...a'; check long-active $? "the thick snapshot is active"
+agent --oneshot-action delete --oneshot-namespace team-payments-prod-eu-west-1 --oneshot-name orders-db-nightly-2026-11-21-0300 >/dev/null; check long-delete $? "delete"
+[ "$(snaps)" = 0 ]; check long-deleted $? "snapshot removed"
+umount "/mnt/$long_pv"
+
+echo "== L3: what lvs reports for an overflowed thick snapshot (read by lvm::parse_health)"
+lvcreate -q -s -L 8M -n overflow vg0/long1 >/dev/null 2>&1
+dd if=/dev/urandom of=/dev/vg0/long1 bs=1M count=24 conv=fsync 2>/dev/null; sync
+line=$(lvs --noheadings --separator '|' -o lv_attr,snap_percent vg0/overflow 2>/dev/null)
+echo "LVS-OVERFLOW $line"
+echo "$line" | grep -q '^ *s...I'; check l3-invalid-attr $? "lv_attr state I (invalid snapshot)"
+lvremove -q -f vg0/overflow >/dev/null 2>&1
 
 for v in vol1 vol2 thick1; do umount /mnt/$v; done
 vgchange -q -an vg0 >/dev/null 2>&1

@@ -581,11 +581,15 @@ impl Engine {
                 if state.finished {
                     // Aborted meanwhile (watchdog): this snapshot is void.
                     drop(state);
-                    self.delete_handles(std::slice::from_ref(&volume.plan.handle));
+                    self.delete_handles(std::slice::from_ref(&info.handle));
                     return Some("aborted while cutting".into());
                 }
-                state.made.insert(i, volume.plan.handle.clone());
-                statuses[i].snapshot_handle = Some(volume.plan.handle.to_string());
+                statuses[i].snapshot_handle = Some(info.handle.to_string());
+                // Journal what was made (btrfs adds the subvolume id/uuid) in place of the plan.
+                if let Some(planned) = state.entry.snapshots.get_mut(i) {
+                    *planned = info.handle.clone();
+                }
+                state.made.insert(i, info.handle);
                 statuses[i].size_bytes = i64::try_from(info.size_bytes).ok();
                 statuses[i].cut_time = Some(now());
                 None
@@ -821,12 +825,14 @@ impl Engine {
                 statuses.push(status);
                 continue;
             }
-            let name = backend::snapshot_name(
+            let plan = match backend::snapshot_name(
                 &req.namespace,
                 &req.group_snapshot,
                 &request.persistent_volume,
-            );
-            let plan = match backend::plan(&resolved, &name, &self.inner.config.backend) {
+                &req.key,
+            )
+            .and_then(|name| backend::plan(&resolved, &name, &req.key, &self.inner.config.backend))
+            {
                 Ok(p) => p,
                 Err(e) => {
                     status.reason = Some(e.to_string());

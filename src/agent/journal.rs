@@ -197,6 +197,7 @@ mod tests {
             snapshots: vec![SnapshotHandle::Lvm {
                 vg: "vg0".into(),
                 lv: "tandem.ns.g.pv".into(),
+                owner: "uid-1".into(),
             }],
             status: NodeSnapshotStatus::default(),
         };

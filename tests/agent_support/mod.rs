@@ -360,3 +360,16 @@ pub fn stats(mut v: Vec<std::time::Duration>) -> (f64, f64, f64) {
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
     (ms(v[0]), ms(v[v.len() / 2]), ms(v[v.len() - 1]))
 }
+
+impl Scratch {
+    /// Bind-mounts the file `src` over the file `dst` (undone on drop like any mount): the path
+    /// `dst` then shows another file than the one opened through it before, as a path can in
+    /// another mount namespace.
+    pub fn bind_file(&mut self, src: &Path, dst: &Path) {
+        sh(
+            "mount",
+            &["--bind", &src.to_string_lossy(), &dst.to_string_lossy()],
+        );
+        self.made.push(Made::Mount(dst.to_path_buf()));
+    }
+}

@@ -5,10 +5,41 @@
 //! without freeze holders (before about 6.6, so Debian 12's 6.1) that suspend fails with EBUSY when
 //! the filesystem is already frozen by FIFREEZE; this module detects that, removes whatever
 //! half-made snapshot LVM left behind, and says so ([`BackendError::FrozenOriginBusy`]).
+//!
+//! Every snapshot is tagged `tandem-owner-<owner>` at creation; `delete` removes only a logical
+//! volume carrying its handle's tag, and `create` never adopts an existing one.
 
 use super::{
-    BackendError, BackendKind, SnapshotHandle, SnapshotInfo, SnapshotPlan, SnapshotSource, run_tool,
+    BackendError, BackendKind, Deleted, NAME_BUDGET, SnapshotHandle, SnapshotInfo, SnapshotPlan,
+    SnapshotSource, dm_escaped_len, fit_name, run_tool,
 };
+
+/// The tag that marks a snapshot as the cut `owner`'s.
+pub fn owner_tag(owner: &str) -> String {
+    format!("tandem-owner-{owner}")
+}
+
+/// The device-mapper name of a snapshot (`<vg>-<lv>`, each `-` doubled) plus the `-cow` suffix of a
+/// thick snapshot must stay below DM_NAME_LEN (128 bytes with its NUL).
+const DM_NAME_MAX: usize = 127;
+
+/// The LV name for a snapshot name in `vg`: shortened (see [`fit_name`]) so that
+/// `<vg>-<lv>-cow` fits a device-mapper name; returns the budget used and the name.
+pub fn fit_lv_name(vg: &str, name: &str) -> Result<(usize, String), BackendError> {
+    let budget = DM_NAME_MAX
+        .saturating_sub(dm_escaped_len(vg) + 1 + "-cow".len())
+        .min(NAME_BUDGET);
+    // Room for a start, the hash and the owner hash.
+    if budget < 40 {
+        return Err(BackendError::Unsupported {
+            device: format!("/dev/{vg}").into(),
+            why: format!(
+                "the volume group name {vg:?} is too long to leave room for a snapshot name in a device-mapper name"
+            ),
+        });
+    }
+    Ok((budget, fit_name(name, budget)))
+}
 
 /// One row of `lvs --reportformat json`.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -20,7 +51,13 @@ struct LvRow {
     #[serde(default)]
     lv_size: String,
     #[serde(default)]
-    origin: String,
+    lv_tags: String,
+}
+
+impl LvRow {
+    fn has_tag(&self, tag: &str) -> bool {
+        self.lv_tags.split(',').any(|t| t == tag)
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -46,7 +83,7 @@ fn lv(vg: &str, lv: &str) -> Result<Option<LvRow>, BackendError> {
             "b",
             "--nosuffix",
             "-o",
-            "lv_name,segtype,lv_size,origin",
+            "lv_name,segtype,lv_size,lv_tags",
             &target,
         ],
     ) {
@@ -69,8 +106,10 @@ fn lv(vg: &str, lv: &str) -> Result<Option<LvRow>, BackendError> {
         .find(|row| row.lv_name == lv))
 }
 
-/// Plans a snapshot of `vg/lv`: thin when the origin is a thin volume, thick otherwise.
-pub fn plan(vg: &str, origin: &str, name: &str) -> Result<SnapshotPlan, BackendError> {
+/// Plans a snapshot of `vg/lv` for the cut `owner`: thin when the origin is a thin volume, thick
+/// otherwise.
+pub fn plan(vg: &str, origin: &str, name: &str, owner: &str) -> Result<SnapshotPlan, BackendError> {
+    let (_, snap) = fit_lv_name(vg, name)?;
     let row = lv(vg, origin)?.ok_or_else(|| BackendError::Unsupported {
         device: format!("/dev/{vg}/{origin}").into(),
         why: "LVM does not know this logical volume".into(),
@@ -89,12 +128,14 @@ pub fn plan(vg: &str, origin: &str, name: &str) -> Result<SnapshotPlan, BackendE
         backend,
         handle: SnapshotHandle::Lvm {
             vg: vg.into(),
-            lv: name.into(),
+            lv: snap,
+            owner: owner.into(),
         },
         source: SnapshotSource::LogicalVolume {
             vg: vg.into(),
             lv: origin.into(),
         },
+        owner: owner.into(),
     })
 }
 
@@ -108,27 +149,38 @@ pub fn is_frozen_origin_busy(stderr: &str) -> bool {
         && (stderr.contains("suspend") || stderr.contains("Suspend"))
 }
 
-/// `lvcreate -s` of `vg/origin` named `snap` (kept if it already exists and is a snapshot of origin).
+/// `lvcreate -s` of `vg/origin` named `snap`, tagged with its owner. An existing logical volume of
+/// that name is [`BackendError::AlreadyExists`].
 pub fn create(
     vg: &str,
     origin: &str,
     snap: &str,
+    owner: &str,
     backend: BackendKind,
     thick_cow_size: &str,
 ) -> Result<SnapshotInfo, BackendError> {
-    if let Some(existing) = lv(vg, snap)? {
-        if existing.origin == origin {
-            return Ok(SnapshotInfo {
-                size_bytes: size_of(&existing),
-            });
-        }
-        return Err(BackendError::Unsupported {
-            device: format!("/dev/{vg}/{snap}").into(),
-            why: format!("a logical volume named {snap} exists and is not a snapshot of {origin}"),
+    let handle = SnapshotHandle::Lvm {
+        vg: vg.into(),
+        lv: snap.into(),
+        owner: owner.into(),
+    };
+    if lv(vg, snap)?.is_some() {
+        return Err(BackendError::AlreadyExists {
+            what: format!("logical volume {vg}/{snap}"),
         });
     }
     let origin_path = format!("{vg}/{origin}");
-    let mut args = vec!["-q", "-s", "-n", snap, "--addtag", "tandem-snapshot"];
+    let tag = owner_tag(owner);
+    let mut args = vec![
+        "-q",
+        "-s",
+        "-n",
+        snap,
+        "--addtag",
+        "tandem-snapshot",
+        "--addtag",
+        &tag,
+    ];
     if backend == BackendKind::LvmThick {
         args.extend(["-L", thick_cow_size]);
     }
@@ -140,9 +192,13 @@ pub fn create(
             command,
             status,
         }) => {
-            // LVM can leave an inactive half-made snapshot behind ("Manual intervention required").
-            if let Err(e) = delete(vg, snap) {
-                tracing::warn!(vg, snap, error = %e, "could not remove a half-made snapshot");
+            // LVM can leave an inactive half-made snapshot behind ("Manual intervention required");
+            // it carries the owner tag, and nothing without it is removed.
+            match delete(vg, snap, owner) {
+                Ok(_) | Err(BackendError::NotOurs { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(vg, snap, error = %e, "could not remove a half-made snapshot")
+                }
             }
             if is_frozen_origin_busy(&stderr) {
                 return Err(BackendError::FrozenOriginBusy {
@@ -161,15 +217,100 @@ pub fn create(
     let origin_row = lv(vg, origin)?;
     Ok(SnapshotInfo {
         size_bytes: origin_row.as_ref().map(size_of).unwrap_or(0),
+        handle,
     })
 }
 
-/// `lvremove` of the snapshot (nothing to do when it does not exist).
-pub fn delete(vg: &str, snap: &str) -> Result<(), BackendError> {
-    if lv(vg, snap)?.is_none() {
+/// Whether a logical volume may be removed as `owner`'s snapshot: it carries the owner tag.
+fn check_owner_tag(vg: &str, row: &LvRow, owner: &str) -> Result<(), BackendError> {
+    if !owner.is_empty() && row.has_tag(&owner_tag(owner)) {
         return Ok(());
     }
-    run_tool("lvremove", &["-q", "-f", &format!("{vg}/{snap}")]).map(|_| ())
+    Err(BackendError::NotOurs {
+        what: format!("logical volume {vg}/{}", row.lv_name),
+        why: format!(
+            "its tags are [{}], without {}",
+            row.lv_tags,
+            owner_tag(owner)
+        ),
+    })
+}
+
+/// `lvremove` of the snapshot if it carries `owner`'s tag (nothing to do when it does not exist).
+pub fn delete(vg: &str, snap: &str, owner: &str) -> Result<Deleted, BackendError> {
+    let Some(row) = lv(vg, snap)? else {
+        return Ok(Deleted::Absent);
+    };
+    check_owner_tag(vg, &row, owner)?;
+    // `@tag` would select every LV with it; the name selects this one, just checked.
+    run_tool("lvremove", &["-q", "-f", &format!("{vg}/{snap}")]).map(|_| Deleted::Removed)
+}
+
+/// What `lvs -o lv_attr,snap_percent` says about a thick snapshot (L3).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SnapshotHealth {
+    /// Usable; `used_percent` of its copy-on-write space is taken (None for thin snapshots).
+    Valid { used_percent: Option<f64> },
+    /// LVM invalidated it (its copy-on-write space overflowed, or a merge failed): its data is gone.
+    Invalid,
+}
+
+/// Reads a snapshot's `lv_attr` (5th character: the state) and `snap_percent` (L3). A thick
+/// snapshot whose copy-on-write space overflowed is invalid (state `I`, or 100% used).
+pub fn parse_health(lv_attr: &str, snap_percent: &str) -> Result<SnapshotHealth, BackendError> {
+    let parse_err = |why: String| BackendError::Parse {
+        command: "lvs -o lv_attr,snap_percent".into(),
+        why,
+    };
+    let attr = lv_attr.trim();
+    let state = attr
+        .chars()
+        .nth(4)
+        .ok_or_else(|| parse_err(format!("lv_attr {attr:?} is too short")))?;
+    // I: invalid snapshot; S: invalid suspended snapshot; m/M: snapshot merge failed.
+    if matches!(state, 'I' | 'S' | 'm' | 'M') {
+        return Ok(SnapshotHealth::Invalid);
+    }
+    let percent = snap_percent.trim();
+    if percent.is_empty() {
+        return Ok(SnapshotHealth::Valid { used_percent: None });
+    }
+    let used: f64 = percent
+        .parse()
+        .map_err(|_| parse_err(format!("snap_percent {percent:?} is not a number")))?;
+    if used >= 100.0 {
+        return Ok(SnapshotHealth::Invalid);
+    }
+    Ok(SnapshotHealth::Valid {
+        used_percent: Some(used),
+    })
+}
+
+/// The health of the snapshot `vg/snap` (None when it does not exist).
+pub fn health(vg: &str, snap: &str) -> Result<Option<SnapshotHealth>, BackendError> {
+    let target = format!("{vg}/{snap}");
+    let out = match run_tool(
+        "lvs",
+        &[
+            "--noheadings",
+            "--separator",
+            "|",
+            "-o",
+            "lv_attr,snap_percent",
+            &target,
+        ],
+    ) {
+        Ok(out) => out,
+        Err(BackendError::Command { stderr, .. })
+            if stderr.contains("Failed to find logical volume") =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let line = out.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let (attr, percent) = line.split_once('|').unwrap_or((line, ""));
+    parse_health(attr, percent).map(Some)
 }
 
 #[cfg(test)]
@@ -194,7 +335,7 @@ mod tests {
       "report": [
           {
               "lv": [
-                  {"lv_name":"vol1", "segtype":"thin", "lv_size":"1073741824", "origin":""}
+                  {"lv_name":"vol1", "segtype":"thin", "lv_size":"1073741824", "lv_tags":"tandem-snapshot,tandem-owner-uid-1"}
               ]
           }
       ]
@@ -203,5 +344,37 @@ mod tests {
         let row = &r.report[0].lv[0];
         assert_eq!(row.segtype, "thin");
         assert_eq!(size_of(row), 1 << 30);
+        assert!(check_owner_tag("vg0", row, "uid-1").is_ok());
+        for other in ["uid-2", "uid", ""] {
+            assert!(matches!(
+                check_owner_tag("vg0", row, other),
+                Err(BackendError::NotOurs { .. })
+            ));
+        }
+    }
+
+    /// L3: lvs output of a valid, a filling and an overflowed thick snapshot, and a thin one.
+    #[test]
+    fn tells_invalid_snapshots() {
+        assert_eq!(
+            parse_health("  swi-a-s---", "  12.50").unwrap(),
+            SnapshotHealth::Valid {
+                used_percent: Some(12.5)
+            }
+        );
+        assert_eq!(
+            parse_health("  swi-I-s---", "100.00").unwrap(),
+            SnapshotHealth::Invalid
+        );
+        assert_eq!(
+            parse_health("swi-a-s---", "100.00").unwrap(),
+            SnapshotHealth::Invalid
+        );
+        assert_eq!(
+            parse_health("Vwi---tz-k", "").unwrap(),
+            SnapshotHealth::Valid { used_percent: None }
+        );
+        assert!(parse_health("sw", "1").is_err());
+        assert!(parse_health("swi-a-s---", "lots").is_err());
     }
 }

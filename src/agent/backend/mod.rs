@@ -7,18 +7,22 @@
 //! | LVM linear/striped volume                     | `lvm-thick` | `lvcreate -s -L <cow size>`                     |
 //! | btrfs subvolume (not on a reflink loop image) | `btrfs`     | read-only subvolume snapshot                    |
 //!
-//! Every snapshot is named after the GroupSnapshot and the volume
-//! (`tandem.<namespace>.<groupsnapshot>.<pv>`), its handle says how to find and delete it again,
-//! and create and delete are idempotent: a restarted agent neither makes a second snapshot nor
-//! leaks one.
+//! Every snapshot carries the identity of the cut that made it (its owner, the NodeSnapshot uid):
+//! in its name (`tandem.<namespace>.<groupsnapshot>.<pv>.<owner hash>`) and as a mark on the
+//! object (an xattr on a reflink clone and on a btrfs snapshot, an LVM tag; btrfs handles also
+//! record the subvolume id and uuid). `create` never adopts an object it finds at the planned place
+//! ([`BackendError::AlreadyExists`]), and `delete` removes nothing whose mark is not its owner's
+//! ([`BackendError::NotOurs`]); a snapshot that is already gone is [`Deleted::Absent`].
 
 pub mod btrfs;
 pub mod lvm;
 pub mod reflink;
 
-use std::path::PathBuf;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use rustix::fs::XattrFlags;
 use sha2::{Digest, Sha256};
 
 use super::discovery::{DeviceKind, ResolvedVolume};
@@ -54,50 +58,104 @@ impl BackendKind {
     }
 }
 
-/// Where a snapshot is and how to delete it; serialised into the status `snapshotHandle` as
-/// `reflink:<clone path>`, `lvm:<vg>/<lv>` or `btrfs:<device>:<path below the top-level subvolume>`.
+/// Where a snapshot is, whose it is and how to delete it; serialised into the status
+/// `snapshotHandle` as `reflink:<clone path>`, `lvm:<vg>/<lv>` or
+/// `btrfs:<device>:<path below the top-level subvolume>` (the owner is not shown).
+///
+/// `owner` defaults to empty for handles journaled before identities existed: such a handle
+/// matches no mark, so its object is reported [`BackendError::NotOurs`] and kept, never deleted.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SnapshotHandle {
-    Reflink { clone: PathBuf },
-    Lvm { vg: String, lv: String },
-    Btrfs { device: PathBuf, path: String },
+    Reflink {
+        clone: PathBuf,
+        #[serde(default)]
+        owner: String,
+    },
+    Lvm {
+        vg: String,
+        lv: String,
+        #[serde(default)]
+        owner: String,
+    },
+    Btrfs {
+        device: PathBuf,
+        path: String,
+        #[serde(default)]
+        owner: String,
+        /// The subvolume `create` made (None in a planned handle).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subvolume: Option<SubvolumeId>,
+    },
+}
+
+/// A btrfs subvolume's identity: its id (tree objectid) and uuid.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SubvolumeId {
+    pub id: u64,
+    pub uuid: String,
+}
+
+impl SnapshotHandle {
+    /// The cut that made (or plans) this snapshot.
+    pub fn owner(&self) -> &str {
+        match self {
+            SnapshotHandle::Reflink { owner, .. }
+            | SnapshotHandle::Lvm { owner, .. }
+            | SnapshotHandle::Btrfs { owner, .. } => owner,
+        }
+    }
 }
 
 impl std::fmt::Display for SnapshotHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SnapshotHandle::Reflink { clone } => write!(f, "reflink:{}", clone.display()),
-            SnapshotHandle::Lvm { vg, lv } => write!(f, "lvm:{vg}/{lv}"),
-            SnapshotHandle::Btrfs { device, path } => {
+            SnapshotHandle::Reflink { clone, .. } => write!(f, "reflink:{}", clone.display()),
+            SnapshotHandle::Lvm { vg, lv, .. } => write!(f, "lvm:{vg}/{lv}"),
+            SnapshotHandle::Btrfs { device, path, .. } => {
                 write!(f, "btrfs:{}:{path}", device.display())
             }
         }
     }
 }
 
-/// A snapshot to cut: which backend, from what, to what.
+/// A snapshot to cut: which backend, from what, to what, for which cut.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SnapshotPlan {
     pub backend: BackendKind,
     pub handle: SnapshotHandle,
     pub source: SnapshotSource,
+    pub owner: String,
 }
 
 /// What is snapshotted.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SnapshotSource {
-    /// The loop device's image file.
-    Image { image: PathBuf },
+    /// The loop device's image file (checked to be the loop device's backing file when cloned).
+    Image {
+        image: PathBuf,
+        #[serde(default)]
+        loop_device: PathBuf,
+    },
     /// The origin logical volume.
     LogicalVolume { vg: String, lv: String },
     /// The subvolume (its path below the btrfs top-level subvolume) on a device.
     Subvolume { device: PathBuf, subvol: String },
 }
 
-/// What a cut snapshot is.
+/// What a cut snapshot is: its size and the handle to journal (btrfs adds the subvolume it made).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotInfo {
     pub size_bytes: u64,
+    pub handle: SnapshotHandle,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    /// The snapshot was there, carried its owner's mark, and was removed.
+    Removed,
+    /// Nothing was there (never made, or already deleted).
+    Absent,
 }
 
 /// Options an operator sets on the agent.
@@ -133,42 +191,192 @@ pub enum BackendError {
     FrozenOriginBusy { origin: String, stderr: String },
     #[error("unexpected output of `{command}`: {why}")]
     Parse { command: String, why: String },
+    /// Something is already where this cut's snapshot would go; tandem never adopts it.
+    #[error(
+        "{what} already exists; it was not made by this cut, so tandem neither reports nor replaces it"
+    )]
+    AlreadyExists { what: String },
+    /// The object at a handle's place does not carry the handle's owner mark; it is left alone.
+    #[error("{what} is not this cut's snapshot ({why}); left untouched")]
+    NotOurs { what: String, why: String },
+    #[error("cannot name a snapshot after {field} {value:?}: {why}")]
+    InvalidName {
+        field: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    /// The loop device's image path (read from sysfs, a host path) does not exist in the agent's
+    /// mount namespace: the agent pod does not mount the directory holding it.
+    #[error(
+        "the image {image} of loop device {device} is not visible to the agent: mount the host directory {host_dir} into the agent pod (add it to the Helm value agent.extraHostPaths)"
+    )]
+    ImageNotVisible {
+        image: PathBuf,
+        device: PathBuf,
+        host_dir: PathBuf,
+    },
+    /// The file at the image path is not the loop device's backing file (replaced, or another
+    /// file at that path in the agent's mount namespace).
+    #[error(
+        "{image} is not the backing file of {device} (the loop device reads inode {expected}, the path holds inode {found}): refusing to clone another file"
+    )]
+    NotTheBackingFile {
+        image: PathBuf,
+        device: PathBuf,
+        expected: String,
+        found: String,
+    },
 }
 
-/// Builds the snapshot name `tandem.<namespace>.<groupsnapshot>.<pv>`; names too long for LVM (127)
-/// keep their start and get a hash of the whole name, so they stay unique and traceable.
-pub fn snapshot_name(namespace: &str, group_snapshot: &str, pv: &str) -> String {
-    let full = format!("tandem.{namespace}.{group_snapshot}.{pv}");
-    const MAX: usize = 120;
-    if full.len() <= MAX {
-        return full;
-    }
-    let digest = Sha256::digest(full.as_bytes());
-    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
-    let keep = MAX - hex.len() - 1;
-    let mut cut = full[..keep].to_string();
-    while !full.is_char_boundary(cut.len()) {
-        cut.pop();
-    }
-    format!("{cut}.{hex}")
+/// The budget for a snapshot name, in bytes after LVM's device-mapper escaping (each `-` doubled).
+/// A dm name is `<vg>-<lv>` plus `-cow` for a thick snapshot and must stay below DM_NAME_LEN (128
+/// with its NUL): 96 leaves room for volume groups of up to 26 escaped bytes, and [`lvm::plan`]
+/// shortens further for longer ones.
+pub const NAME_BUDGET: usize = 96;
+
+/// The length of `name` in a device-mapper name (LVM doubles every `-`).
+pub fn dm_escaped_len(name: &str) -> usize {
+    name.len() + name.bytes().filter(|&b| b == b'-').count()
 }
 
-/// Chooses the backend from what the device is, and plans the snapshot.
+/// The 8 hex characters of an owner in its snapshots' names.
+fn owner_tag(owner: &str) -> String {
+    hex(&Sha256::digest(owner.as_bytes())[..4])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn invalid(field: &'static str, value: &str, why: &'static str) -> BackendError {
+    BackendError::InvalidName {
+        field,
+        value: value.into(),
+        why,
+    }
+}
+
+/// A namespace or GroupSnapshot name: a DNS label (so it has no `.`, which keeps the parts of a
+/// snapshot name apart).
+fn check_label(field: &'static str, value: &str) -> Result<(), BackendError> {
+    if value.is_empty() || value.len() > 63 {
+        return Err(invalid(field, value, "must be 1 to 63 characters"));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(invalid(field, value, "may hold only a-z, 0-9 and '-'"));
+    }
+    if value.starts_with('-') {
+        return Err(invalid(field, value, "must not start with '-'"));
+    }
+    Ok(())
+}
+
+/// A PersistentVolume name: a DNS subdomain (no `/`, no `..`).
+fn check_subdomain(field: &'static str, value: &str) -> Result<(), BackendError> {
+    if value.is_empty() || value.len() > 253 {
+        return Err(invalid(field, value, "must be 1 to 253 characters"));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        return Err(invalid(field, value, "may hold only a-z, 0-9, '-' and '.'"));
+    }
+    if value.starts_with(['.', '-']) || value.ends_with('.') || value.contains("..") {
+        return Err(invalid(
+            field,
+            value,
+            "must not start with '.' or '-', end with '.' or hold '..'",
+        ));
+    }
+    Ok(())
+}
+
+/// An owner (a Kubernetes uid): also used in LVM tags and xattr values.
+pub(crate) fn check_owner(owner: &str) -> Result<(), BackendError> {
+    // A uid is 36 characters; the one-shot mode's keys are `oneshot-<namespace>-<name>`.
+    if owner.is_empty() || owner.len() > 200 {
+        return Err(invalid("owner", owner, "must be 1 to 200 characters"));
+    }
+    if !owner
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(invalid(
+            "owner",
+            owner,
+            "may hold only A-Z, a-z, 0-9 and '-'",
+        ));
+    }
+    Ok(())
+}
+
+/// Builds the snapshot name `tandem.<namespace>.<groupsnapshot>.<pv>.<owner hash>` of the cut
+/// `owner` (the NodeSnapshot uid), so two cuts never share a name even when the three names repeat
+/// over time. Names over [`NAME_BUDGET`] keep their start and get a hash of the whole name.
+pub fn snapshot_name(
+    namespace: &str,
+    group_snapshot: &str,
+    pv: &str,
+    owner: &str,
+) -> Result<String, BackendError> {
+    check_label("namespace", namespace)?;
+    check_label("group snapshot", group_snapshot)?;
+    check_subdomain("persistent volume", pv)?;
+    check_owner(owner)?;
+    let full = format!(
+        "tandem.{namespace}.{group_snapshot}.{pv}.{}",
+        owner_tag(owner)
+    );
+    Ok(fit_name(&full, NAME_BUDGET))
+}
+
+/// Shortens a snapshot name to `budget` escaped bytes (see [`dm_escaped_len`]): the longest start
+/// that fits, then a hash of the whole name and the name's last part (the owner hash). Names that
+/// fit are returned unchanged. `budget` must leave room for the 18-byte suffix.
+pub fn fit_name(name: &str, budget: usize) -> String {
+    if dm_escaped_len(name) <= budget {
+        return name.to_string();
+    }
+    let tag = name.rsplit('.').next().unwrap_or_default();
+    let suffix = format!(".{}.{tag}", hex(&Sha256::digest(name.as_bytes())[..4]));
+    let room = budget.saturating_sub(dm_escaped_len(&suffix));
+    let mut used = 0;
+    let mut end = 0;
+    for (i, c) in name.char_indices() {
+        used += if c == '-' { 2 } else { c.len_utf8() };
+        if used > room {
+            break;
+        }
+        end = i + c.len_utf8();
+    }
+    let start = name[..end].trim_end_matches(['.', '-']);
+    format!("{start}{suffix}")
+}
+
+/// Chooses the backend from what the device is, and plans the snapshot of the cut `owner`.
 pub fn plan(
     volume: &ResolvedVolume,
     name: &str,
+    owner: &str,
     options: &BackendOptions,
 ) -> Result<SnapshotPlan, BackendError> {
+    check_owner(owner)?;
     let is_btrfs = volume.fs_type() == Some("btrfs");
     match &volume.kind {
         // A loop image on a reflink pool is cloned whole, whatever filesystem is inside it; a
         // btrfs inside an image on a pool without reflink still has its own snapshots.
-        DeviceKind::Loop { backing_file } => match reflink::plan(backing_file, name) {
-            Err(_) if is_btrfs => plan_btrfs(volume, name, options),
-            other => other,
-        },
-        DeviceKind::LvmVolume { vg, lv, .. } => lvm::plan(vg, lv, name),
-        _ if is_btrfs => plan_btrfs(volume, name, options),
+        DeviceKind::Loop { backing_file } => {
+            match reflink::plan(&volume.device, backing_file, name, owner) {
+                Err(_) if is_btrfs => plan_btrfs(volume, name, owner, options),
+                other => other,
+            }
+        }
+        DeviceKind::LvmVolume { vg, lv, .. } => lvm::plan(vg, lv, name, owner),
+        _ if is_btrfs => plan_btrfs(volume, name, owner, options),
         DeviceKind::OtherDeviceMapper { dm_name } => Err(BackendError::Unsupported {
             device: volume.device.clone(),
             why: format!("device-mapper device {dm_name} is not an LVM logical volume"),
@@ -184,6 +392,7 @@ pub fn plan(
 fn plan_btrfs(
     volume: &ResolvedVolume,
     name: &str,
+    owner: &str,
     options: &BackendOptions,
 ) -> Result<SnapshotPlan, BackendError> {
     let mount = volume
@@ -193,37 +402,57 @@ fn plan_btrfs(
             device: volume.device.clone(),
             why: "btrfs without a mount".into(),
         })?;
-    btrfs::plan(&volume.device, &mount.root, name, options)
+    btrfs::plan(&volume.device, &mount.root, name, owner, options)
 }
 
-/// Cuts the snapshot (idempotent: an existing snapshot of that name is kept and reported).
+/// Cuts the snapshot and marks it with its owner. Whatever already exists at the planned place is
+/// [`BackendError::AlreadyExists`]; a failed create removes what it half-made itself.
 pub fn create(plan: &SnapshotPlan, options: &BackendOptions) -> Result<SnapshotInfo, BackendError> {
+    let mismatch = || BackendError::Parse {
+        command: "plan".into(),
+        why: format!(
+            "source {:?} does not match handle {} of owner {:?}",
+            plan.source,
+            plan.handle,
+            plan.handle.owner()
+        ),
+    };
+    if plan.handle.owner() != plan.owner {
+        return Err(mismatch());
+    }
+    check_owner(&plan.owner)?;
     match (&plan.source, &plan.handle) {
-        (SnapshotSource::Image { image }, SnapshotHandle::Reflink { clone }) => {
-            reflink::create(image, clone)
-        }
-        (SnapshotSource::LogicalVolume { vg, lv }, SnapshotHandle::Lvm { lv: snap, .. }) => {
-            lvm::create(vg, lv, snap, plan.backend, &options.thick_cow_size)
-        }
-        (SnapshotSource::Subvolume { device, subvol }, SnapshotHandle::Btrfs { path, .. }) => {
-            btrfs::create(device, subvol, path, options)
-        }
-        _ => Err(BackendError::Parse {
-            command: "plan".into(),
-            why: format!(
-                "source {:?} does not match handle {}",
-                plan.source, plan.handle
-            ),
-        }),
+        (
+            SnapshotSource::Image { image, loop_device },
+            SnapshotHandle::Reflink { clone, owner },
+        ) => reflink::create(loop_device, image, clone, owner),
+        (
+            SnapshotSource::LogicalVolume { vg, lv },
+            SnapshotHandle::Lvm {
+                lv: snap, owner, ..
+            },
+        ) => lvm::create(vg, lv, snap, owner, plan.backend, &options.thick_cow_size),
+        (
+            SnapshotSource::Subvolume { device, subvol },
+            SnapshotHandle::Btrfs { path, owner, .. },
+        ) => btrfs::create(device, subvol, path, owner, options),
+        _ => Err(mismatch()),
     }
 }
 
-/// Deletes a snapshot by its handle (idempotent: an absent snapshot is not an error).
-pub fn delete(handle: &SnapshotHandle, options: &BackendOptions) -> Result<(), BackendError> {
+/// Deletes a snapshot by its handle, after checking that the object there carries the handle's
+/// owner mark ([`BackendError::NotOurs`] otherwise, and nothing is touched). A snapshot that is not
+/// there is [`Deleted::Absent`], so planned handles of snapshots never made can be deleted too.
+pub fn delete(handle: &SnapshotHandle, options: &BackendOptions) -> Result<Deleted, BackendError> {
     match handle {
-        SnapshotHandle::Reflink { clone } => reflink::delete(clone),
-        SnapshotHandle::Lvm { vg, lv } => lvm::delete(vg, lv),
-        SnapshotHandle::Btrfs { device, path } => btrfs::delete(device, path, options),
+        SnapshotHandle::Reflink { clone, owner } => reflink::delete(clone, owner),
+        SnapshotHandle::Lvm { vg, lv, owner } => lvm::delete(vg, lv, owner),
+        SnapshotHandle::Btrfs {
+            device,
+            path,
+            owner,
+            subvolume,
+        } => btrfs::delete(device, path, owner, subvolume.as_ref(), options),
     }
 }
 
@@ -231,8 +460,39 @@ pub fn delete(handle: &SnapshotHandle, options: &BackendOptions) -> Result<(), B
 /// the thaw so it is not paid inside the frozen window.
 pub fn persist(handle: &SnapshotHandle) -> Result<(), BackendError> {
     match handle {
-        SnapshotHandle::Reflink { clone } => reflink::persist(clone),
+        SnapshotHandle::Reflink { clone, .. } => reflink::persist(clone),
         SnapshotHandle::Lvm { .. } | SnapshotHandle::Btrfs { .. } => Ok(()),
+    }
+}
+
+/// The xattr that marks a reflink clone or a btrfs snapshot with its owner. A `trusted.` xattr
+/// needs CAP_SYS_ADMIN to set or read, so a tenant cannot forge it.
+pub const OWNER_XATTR: &str = "trusted.tandem.owner";
+
+/// Marks a file or directory with its owner.
+pub(crate) fn set_mark(fd: impl AsFd, owner: &str, what: &Path) -> Result<(), BackendError> {
+    rustix::fs::fsetxattr(fd, OWNER_XATTR, owner.as_bytes(), XattrFlags::empty()).map_err(|e| {
+        BackendError::Io {
+            what: format!("mark {} with its owner ({OWNER_XATTR})", what.display()),
+            source: e.into(),
+        }
+    })
+}
+
+/// Why the object open at `fd` is not `owner`'s, or None when its mark says it is.
+pub(crate) fn mark_mismatch(fd: impl AsFd, owner: &str) -> Option<String> {
+    let mut buf = [0u8; 256];
+    match rustix::fs::fgetxattr(fd, OWNER_XATTR, &mut buf[..]) {
+        Ok(len) => {
+            let found = String::from_utf8_lossy(&buf[..len]);
+            if !owner.is_empty() && found == owner {
+                None
+            } else {
+                Some(format!("its owner mark is {found:?}, not {owner:?}"))
+            }
+        }
+        Err(rustix::io::Errno::NODATA) => Some(format!("it has no owner mark ({OWNER_XATTR})")),
+        Err(e) => Some(format!("its owner mark cannot be read: {e}")),
     }
 }
 
@@ -262,35 +522,152 @@ pub(crate) fn run_tool(program: &str, args: &[&str]) -> Result<String, BackendEr
 mod tests {
     use super::*;
 
+    const UID: &str = "3f9a8b7c-1d2e-4f5a-8b9c-0d1e2f3a4b5c";
+
     #[test]
-    fn names_trace_back_and_stay_short() {
-        assert_eq!(
-            snapshot_name("shop", "orders-2026", "pv-1"),
-            "tandem.shop.orders-2026.pv-1"
+    fn names_carry_the_owner_and_trace_back() {
+        let name = snapshot_name("shop", "orders-2026", "pv-1", UID).unwrap();
+        assert!(name.starts_with("tandem.shop.orders-2026.pv-1."), "{name}");
+        let tag = name.rsplit('.').next().unwrap();
+        assert_eq!(tag.len(), 8);
+        assert!(tag.bytes().all(|b| b.is_ascii_hexdigit()));
+        // Same names, another cut: another snapshot name. Same cut: the same name.
+        assert_ne!(
+            name,
+            snapshot_name("shop", "orders-2026", "pv-1", "other-uid").unwrap()
         );
-        let long = snapshot_name(&"n".repeat(63), &"g".repeat(63), &"p".repeat(200));
-        assert!(long.len() <= 120);
-        assert!(long.starts_with("tandem.nnn"));
-        let other = snapshot_name(&"n".repeat(63), &"g".repeat(63), &"p".repeat(201));
-        assert_ne!(long, other);
+        assert_eq!(
+            name,
+            snapshot_name("shop", "orders-2026", "pv-1", UID).unwrap()
+        );
     }
 
     #[test]
-    fn handles_render() {
+    fn long_names_are_shortened_and_stay_unique() {
+        let long = snapshot_name(&"n".repeat(63), &"g".repeat(63), &"p".repeat(200), UID).unwrap();
+        assert!(dm_escaped_len(&long) <= NAME_BUDGET, "{long}");
+        assert!(long.starts_with("tandem.nnn"));
+        assert!(long.ends_with(&format!(".{}", owner_tag(UID))));
+        let other = snapshot_name(&"n".repeat(63), &"g".repeat(63), &"p".repeat(201), UID).unwrap();
+        assert_ne!(long, other);
+    }
+
+    /// L2: the worst case for LVM is a name made of '-' (each doubled in the dm name); with the
+    /// longest VG name that keeps NAME_BUDGET unchanged, `<vg>-<lv>-cow` stays below 128 bytes.
+    #[test]
+    fn the_worst_case_dm_name_stays_below_dm_name_len() {
+        let worst_label = format!("a{}", "-".repeat(62));
+        let worst_pv = format!("a{}", "-".repeat(252));
+        let name = snapshot_name(&worst_label, &worst_label, &worst_pv, UID).unwrap();
+        assert!(dm_escaped_len(&name) <= NAME_BUDGET, "{name}");
+        // The review's realistic name: 110 characters, 130 in a dm name before this fix.
+        let real = snapshot_name(
+            "team-payments-prod-eu-west-1",
+            "orders-db-nightly-2026-11-21-0300",
+            "pvc-3f9a8b7c-1d2e-4f5a-8b9c-0d1e2f3a4b5c",
+            UID,
+        )
+        .unwrap();
+        for name in [name, real] {
+            let vg = "vg-data-0";
+            let (budget, lv) = lvm::fit_lv_name(vg, &name).unwrap();
+            assert!(budget <= NAME_BUDGET);
+            let dm = format!("{}-{}-cow", vg.replace('-', "--"), lv.replace('-', "--"));
+            assert!(dm.len() < 128, "{} bytes: {dm}", dm.len());
+        }
+        // A long VG name shortens further, and a VG name that leaves no room is refused.
+        let vg = "v".repeat(60);
+        let (_, lv) =
+            lvm::fit_lv_name(&vg, &snapshot_name("a", "b", &worst_pv, UID).unwrap()).unwrap();
+        assert!(vg.len() + 1 + dm_escaped_len(&lv) + 4 < 128, "{lv}");
+        assert!(lvm::fit_lv_name(&"v".repeat(100), "tandem.a.b.c.d").is_err());
+    }
+
+    /// L4: inputs are validated, and nothing slices inside a character.
+    #[test]
+    fn names_refuse_paths_and_non_ascii() {
+        for (ns, g, pv) in [
+            ("ns", "../../x", "pv"),
+            ("ns", "a/b", "pv"),
+            ("ns", "g", "../pv"),
+            ("ns", "g", "a/b"),
+            ("ns", "g", "a..b"),
+            ("ns", "g", ".pv"),
+            ("n.s", "g", "pv"),
+            ("ns", "g.x", "pv"),
+            ("ns", "", "pv"),
+            ("ns", "g", ""),
+            ("ns", "grüße", "pv"),
+            ("ns", "g", "pv-é"),
+            ("ns", "G", "pv"),
+        ] {
+            assert!(
+                matches!(
+                    snapshot_name(ns, g, pv, UID),
+                    Err(BackendError::InvalidName { .. })
+                ),
+                "{ns}/{g}/{pv} accepted"
+            );
+        }
+        for owner in ["", "a/b", "ü", "a b", &"u".repeat(201)] {
+            assert!(snapshot_name("ns", "g", "pv", owner).is_err(), "{owner:?}");
+        }
+        // fit_name never panics on multi-byte input (it is only ever given validated ASCII).
+        let cut = fit_name(&format!("{}.deadbeef", "ü".repeat(100)), 40);
+        assert!(cut.len() <= 40, "{cut}");
+    }
+
+    #[test]
+    fn handles_render_without_their_owner() {
         assert_eq!(
             SnapshotHandle::Lvm {
                 vg: "vg0".into(),
-                lv: "s".into()
+                lv: "s".into(),
+                owner: UID.into(),
             }
             .to_string(),
             "lvm:vg0/s"
         );
         assert_eq!(
             SnapshotHandle::Reflink {
-                clone: "/p/.tandem-snapshots/x.img".into()
+                clone: "/p/.tandem-snapshots/x.img".into(),
+                owner: UID.into(),
             }
             .to_string(),
             "reflink:/p/.tandem-snapshots/x.img"
         );
+        assert_eq!(
+            SnapshotHandle::Btrfs {
+                device: "/dev/loop3".into(),
+                path: "/.tandem-snapshots/x".into(),
+                owner: UID.into(),
+                subvolume: Some(SubvolumeId {
+                    id: 257,
+                    uuid: "u".into()
+                }),
+            }
+            .to_string(),
+            "btrfs:/dev/loop3:/.tandem-snapshots/x"
+        );
+    }
+
+    /// Handles journaled before identities existed still load; their owner is empty, which
+    /// matches no mark.
+    #[test]
+    fn old_journal_handles_load_with_no_owner() {
+        let h: SnapshotHandle =
+            serde_json::from_str(r#"{"Lvm":{"vg":"vg0","lv":"tandem.ns.g.pv"}}"#).unwrap();
+        assert_eq!(h.owner(), "");
+        let h: SnapshotHandle = serde_json::from_str(
+            r#"{"Btrfs":{"device":"/dev/loop1","path":"/.tandem-snapshots/x"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            h,
+            SnapshotHandle::Btrfs {
+                subvolume: None,
+                ..
+            }
+        ));
     }
 }
