@@ -780,3 +780,52 @@ fn node_filesystems_found_through_the_host_root_are_never_frozen() {
         .unwrap();
     assert_eq!(st.phase, NodePhase::Released, "{:?}", st.message);
 }
+
+/// btrfs snapshots a whole subvolume: a volume that shows only a directory inside one is shared.
+#[test]
+fn a_directory_inside_a_btrfs_subvolume_is_a_shared_filesystem() {
+    require_root!();
+    let mut s = Scratch::new();
+    let img = s.path("btrfs.img");
+    s.image(&img, 1 << 30);
+    let dev = s.attach(&img, false);
+    s.mkfs(&dev, "btrfs");
+    let top = s.path("btrfs-top");
+    s.mount(&dev, &top, &[]);
+    let subvolume = top.join("vol1");
+    agent_support::sh(
+        "btrfs",
+        &["-q", "subvolume", "create", &subvolume.to_string_lossy()],
+    );
+    std::fs::create_dir(subvolume.join("tenant-a")).unwrap();
+    let inside = s.path("tenant-a");
+    s.mount(
+        &subvolume.join("tenant-a").to_string_lossy(),
+        &inside,
+        &["bind"],
+    );
+    s.assert_owned(&inside);
+    let e = engine(&s);
+    let st = e
+        .cut(
+            &request(
+                "inside",
+                &[("pv-a", &inside)],
+                FreezePolicy::BestEffort,
+                true,
+            ),
+            None,
+        )
+        .unwrap();
+    assert_eq!(st.phase, NodePhase::Failed, "{:?}", st.message);
+    let message = st.message.as_deref().unwrap_or("");
+    assert!(message.contains("shared filesystem"), "{message}");
+    assert!(
+        message.contains("inside the btrfs subvolume /vol1"),
+        "{message}"
+    );
+    assert!(
+        !top.join(".tandem-snapshots/tandem.ns1.inside.pv-a")
+            .exists()
+    );
+}
