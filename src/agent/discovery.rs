@@ -700,8 +700,10 @@ mod tests {
             persistent_volume: pv.into(),
             mount_point: mount_point.into(),
         };
+        // (what, mountinfo, host root, the volume's mount point, its PV, the decision)
+        type Case<'a> = (&'a str, String, &'a str, &'a str, &'a str, Option<Sharing>);
         #[rustfmt::skip]
-        let cases: Vec<(&str, String, &str, &str, &str, Option<Sharing>)> = vec![
+        let cases: Vec<Case> = vec![
             ("a whole filesystem, mounted once",
              format!("{root}40 1 7:1 / /mnt/disks/vol1 rw - ext4 /dev/loop1 rw\n"),
              "/", "/mnt/disks/vol1", "pv-1", None),
@@ -788,10 +790,10 @@ mod tests {
              "/host", "/mnt/disks/vol1", "pv-1",
              Some(other_volume("pv-2", format!("/host{kubelet_pods}/volumes/kubernetes.io~local-volume/pv-2")))),
             ("in the DaemonSet: the shared-disk source is seen only through /host",
-             format!("1 0 0:50 / / rw - overlay overlay rw\n\
+             "1 0 0:50 / / rw - overlay overlay rw\n\
                       2 1 254:0 / /host ro - ext4 /dev/vda rw\n\
                       5 1 7:1 / /mnt/disk-src rw - ext4 /dev/loop1 rw\n\
-                      6 2 7:1 /vol2 /host/mnt/disks/vol2 rw - ext4 /dev/loop1 rw\n"),
+                      6 2 7:1 /vol2 /host/mnt/disks/vol2 rw - ext4 /dev/loop1 rw\n".to_string(),
              "/host", "/mnt/disk-src", "pv-src", Some(view("/host/mnt/disks/vol2", "/vol2"))),
         ];
         for (name, table, host_root, volume_at, pv, expected) in cases {
