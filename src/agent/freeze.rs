@@ -270,7 +270,13 @@ impl Guardrails {
         if let Ok(real) = std::fs::canonicalize(&paths.layout.host_root) {
             resolved.layout.host_root = real;
         }
+        if !resolved.layout.host_root.is_dir() {
+            tracing::warn!(host_root = %resolved.layout.host_root.display(), "the host root folder is missing: only the filesystems the agent sees at its own paths are guarded");
+        }
         let protected = protected_filesystems(mounts, &resolved, |p| p.exists());
+        for p in &protected {
+            tracing::info!(what = ?p.what, dir = %p.dir.display(), superblock = %p.superblock, "never freezing this filesystem");
+        }
         Ok(Guardrails {
             protected,
             state_dir: state_dir.into(),
