@@ -84,6 +84,7 @@ fn main() {
                                 claim: format!("c{i}"),
                                 persistent_volume: format!("pv{i}"),
                                 path: v.mount.clone(),
+                                allow_shared_filesystem: false,
                             })
                             .collect(),
                     };

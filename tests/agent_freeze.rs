@@ -37,6 +37,7 @@ fn request(
                 claim: format!("claim-{pv}"),
                 persistent_volume: pv.to_string(),
                 path: path.to_path_buf(),
+                allow_shared_filesystem: false,
             })
             .collect(),
     }
@@ -622,4 +623,207 @@ fn an_agent_killed_while_frozen_is_thawed_by_its_restart() {
         .unwrap();
     assert_eq!(again.phase, NodePhase::Aborted);
     assert!(!is_frozen(&v.mount));
+}
+
+/// Waits up to `limit` for `done`; says whether it turned true.
+fn done_within(done: &AtomicBool, limit: Duration) -> bool {
+    let until = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < until {
+        if done.load(Ordering::SeqCst) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    done.load(Ordering::SeqCst)
+}
+
+/// The shared-disk recipe of the local static provisioner: one filesystem, subdirectories of it
+/// bind-mounted as separate volumes. A cut of one of them must not freeze the others.
+#[test]
+fn a_bind_of_a_subdirectory_is_a_shared_filesystem_and_is_never_frozen() {
+    require_root!();
+    let mut s = Scratch::new();
+    let pool = s.pool("xfs");
+    let image = pool.join("disk.img");
+    s.image(&image, 256 << 20);
+    let dev = s.attach(&image, false);
+    s.mkfs(&dev, "ext4");
+    let disk = s.path("disk");
+    s.mount(&dev, &disk, &[]);
+    for dir in ["a", "b"] {
+        std::fs::create_dir(disk.join(dir)).unwrap();
+    }
+    let (m1, m2) = (s.path("m1"), s.path("m2"));
+    s.mount(&disk.join("a").to_string_lossy(), &m1, &["bind"]);
+    s.mount(&disk.join("b").to_string_lossy(), &m2, &["bind"]);
+    for m in [&disk, &m1, &m2] {
+        s.assert_owned(m);
+    }
+    let e = engine(&s);
+
+    let mut hold = request("shared", &[("pv-1", &m1)], FreezePolicy::Required, false);
+    hold.freeze_timeout = Duration::from_secs(5); // belt and braces: the watchdog would thaw
+    let st = e.cut(&hold, None).unwrap();
+    let (writer, done, _tid) = start_writer(&m2, "other-tenant.txt");
+    let writer_ran = done_within(&done, Duration::from_secs(2));
+    if st.phase == NodePhase::Cut {
+        e.abort("shared", "test cleanup").unwrap();
+    }
+    writer.join().unwrap();
+    assert_eq!(st.phase, NodePhase::Failed, "{:?}", st.message);
+    let message = st.message.as_deref().unwrap_or("");
+    assert!(message.contains("shared filesystem"), "{message}");
+    assert!(
+        message.contains("tandem.dev/shared-filesystem"),
+        "{message}"
+    );
+    assert!(st.freeze_start.is_none(), "nothing was frozen");
+    assert!(
+        writer_ran,
+        "a writer on another bind of the disk was blocked"
+    );
+    assert!(!is_frozen(&disk));
+
+    // The whole disk is shared too while parts of it are bound elsewhere.
+    let st = e
+        .cut(
+            &request("whole", &[("pv-disk", &disk)], FreezePolicy::Required, true),
+            None,
+        )
+        .unwrap();
+    assert_eq!(st.phase, NodePhase::Failed, "{:?}", st.message);
+    assert!(
+        st.message
+            .as_deref()
+            .unwrap()
+            .contains("also shows the directory /a"),
+        "{:?}",
+        st.message
+    );
+
+    // An administrator's opt-in on the PersistentVolume lets the cut through.
+    let mut allowed = request("allowed", &[("pv-1", &m1)], FreezePolicy::Required, true);
+    allowed.volumes[0].allow_shared_filesystem = true;
+    let st = e.cut(&allowed, None).unwrap();
+    assert_eq!(st.phase, NodePhase::Released, "{:?}", st.message);
+    assert!(st.volumes[0].frozen);
+    e.finalize("allowed", false).unwrap();
+}
+
+/// The guard rails found from the host side: a scratch filesystem stands for the host's root,
+/// with the kubelet folder on it and a container runtime filesystem mounted below it. Volumes
+/// that are (binds of) those filesystems are refused; an ordinary volume is not.
+#[test]
+fn node_filesystems_found_through_the_host_root_are_never_frozen() {
+    require_root!();
+    let mut s = Scratch::new();
+    let pool = s.pool("xfs");
+    let host = s.volume(&pool, "host", "ext4", 128 << 20);
+    let host_root = host.mount.clone();
+    std::fs::create_dir_all(host_root.join("var/lib/kubelet")).unwrap();
+    std::fs::create_dir_all(host_root.join("var/lib/containerd")).unwrap();
+    let runtime_image = pool.join("containerd.img");
+    s.image(&runtime_image, 64 << 20);
+    let runtime_dev = s.attach(&runtime_image, false);
+    s.mkfs(&runtime_dev, "ext4");
+    s.mount(&runtime_dev, &host_root.join("var/lib/containerd"), &[]);
+    let kubelet_view = s.path("kubelet-view");
+    s.mount(
+        &host_root.join("var/lib/kubelet").to_string_lossy(),
+        &kubelet_view,
+        &["bind"],
+    );
+    let runtime_view = s.path("runtime-view");
+    s.mount(
+        &host_root.join("var/lib/containerd").to_string_lossy(),
+        &runtime_view,
+        &["bind"],
+    );
+    let ordinary = s.volume(&pool, "ordinary", "ext4", 64 << 20);
+    for m in [&host_root, &kubelet_view, &runtime_view, &ordinary.mount] {
+        s.assert_owned(m);
+    }
+    let mut config = EngineConfig::new(s.path("state"));
+    config.guard.layout.host_root = host_root.clone();
+    let e = Engine::start(config).expect("engine").0;
+
+    for (key, path, expected) in [
+        ("host-root", &host_root, "node's root filesystem"),
+        ("kubelet", &kubelet_view, "node's root filesystem"),
+        ("runtime", &runtime_view, "/var/lib/containerd"),
+    ] {
+        let mut req = request(key, &[("pv-node", path)], FreezePolicy::Required, false);
+        req.freeze_timeout = Duration::from_secs(5);
+        let st = e.cut(&req, None).unwrap();
+        if st.phase == NodePhase::Cut {
+            e.abort(key, "test cleanup").unwrap();
+        }
+        assert_eq!(st.phase, NodePhase::Failed, "{key}: {:?}", st.message);
+        let message = st.message.as_deref().unwrap_or("");
+        assert!(message.contains(expected), "{key}: {message}");
+        assert!(st.freeze_start.is_none(), "{key}: nothing was frozen");
+    }
+    assert!(!is_frozen(&host_root));
+    assert!(!is_frozen(&runtime_view));
+    let st = e
+        .cut(
+            &request(
+                "ordinary",
+                &[("pv-o", &ordinary.mount)],
+                FreezePolicy::Required,
+                true,
+            ),
+            None,
+        )
+        .unwrap();
+    assert_eq!(st.phase, NodePhase::Released, "{:?}", st.message);
+}
+
+/// btrfs snapshots a whole subvolume: a volume that shows only a directory inside one is shared.
+#[test]
+fn a_directory_inside_a_btrfs_subvolume_is_a_shared_filesystem() {
+    require_root!();
+    let mut s = Scratch::new();
+    let img = s.path("btrfs.img");
+    s.image(&img, 1 << 30);
+    let dev = s.attach(&img, false);
+    s.mkfs(&dev, "btrfs");
+    let top = s.path("btrfs-top");
+    s.mount(&dev, &top, &[]);
+    let subvolume = top.join("vol1");
+    agent_support::sh(
+        "btrfs",
+        &["-q", "subvolume", "create", &subvolume.to_string_lossy()],
+    );
+    std::fs::create_dir(subvolume.join("tenant-a")).unwrap();
+    let inside = s.path("tenant-a");
+    s.mount(
+        &subvolume.join("tenant-a").to_string_lossy(),
+        &inside,
+        &["bind"],
+    );
+    s.assert_owned(&inside);
+    let e = engine(&s);
+    let st = e
+        .cut(
+            &request(
+                "inside",
+                &[("pv-a", &inside)],
+                FreezePolicy::BestEffort,
+                true,
+            ),
+            None,
+        )
+        .unwrap();
+    assert_eq!(st.phase, NodePhase::Failed, "{:?}", st.message);
+    let message = st.message.as_deref().unwrap_or("");
+    assert!(message.contains("shared filesystem"), "{message}");
+    assert!(
+        message.contains("inside the btrfs subvolume /vol1"),
+        "{message}"
+    );
+    assert!(
+        !top.join(".tandem-snapshots/tandem.ns1.inside.pv-a")
+            .exists()
+    );
 }

@@ -347,6 +347,196 @@ pub fn superblock_of(path: &Path, mounts: &[MountInfo]) -> Result<DevId, Discove
     Ok(mount_of(path, mounts)?.dev)
 }
 
+/// The PersistentVolume annotation by which an administrator lets tandem freeze and snapshot a
+/// filesystem that other mounts (other volumes) share, with the value [`SHARED_FILESYSTEM_ALLOW`].
+/// PersistentVolumes are cluster-scoped, so a tenant cannot set it.
+pub const SHARED_FILESYSTEM_ANNOTATION: &str = "tandem.dev/shared-filesystem";
+/// The value of [`SHARED_FILESYSTEM_ANNOTATION`] that opts in.
+pub const SHARED_FILESYSTEM_ALLOW: &str = "allow";
+
+/// Whether a PersistentVolume's annotations opt in to a shared filesystem.
+pub fn allows_shared_filesystem(annotations: &std::collections::BTreeMap<String, String>) -> bool {
+    annotations
+        .get(SHARED_FILESYSTEM_ANNOTATION)
+        .is_some_and(|v| v == SHARED_FILESYSTEM_ALLOW)
+}
+
+/// Where the node's own directories are, as the agent sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeLayout {
+    /// Where the host's `/` is visible to the agent: `/` when the agent runs on the host, the
+    /// chart's read-only hostPath (`/host`) in the DaemonSet.
+    pub host_root: PathBuf,
+    /// The kubelet's root directory, as a host path.
+    pub kubelet_dir: PathBuf,
+}
+
+impl NodeLayout {
+    /// A mount point as a host path: the agent sees the host's mounts both at their own paths
+    /// (its hostPath mounts) and under `host_root`.
+    fn host_path<'p>(&self, mount_point: &'p Path) -> std::borrow::Cow<'p, Path> {
+        if self.host_root != Path::new("/")
+            && let Ok(rest) = mount_point.strip_prefix(&self.host_root)
+        {
+            return Path::new("/").join(rest).into();
+        }
+        mount_point.into()
+    }
+
+    /// What the kubelet made at a host path, if it is one of its volume mounts.
+    fn kubelet_mount<'p>(&self, host_path: &'p Path) -> Option<KubeletMount<'p>> {
+        let rest = host_path.strip_prefix(&self.kubelet_dir).ok()?;
+        let parts: Vec<&str> = rest.iter().filter_map(|c| c.to_str()).collect();
+        Some(match parts.as_slice() {
+            ["pods", _, "volume-subpaths", ..] => KubeletMount::SubPath,
+            ["pods", _, "volumes", plugin, name, ..] => KubeletMount::PodVolume { plugin, name },
+            _ => KubeletMount::Other,
+        })
+    }
+}
+
+/// A mount the kubelet makes for pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KubeletMount<'p> {
+    /// `pods/<uid>/volume-subpaths/<volume>/<container>/<n>`: a `subPath` of a pod's volume.
+    SubPath,
+    /// `pods/<uid>/volumes/<plugin>/<name>`: a pod's volume; for persistent volumes `name` is the
+    /// PersistentVolume's name.
+    PodVolume { plugin: &'p str, name: &'p str },
+    /// Anything else under the kubelet's directory (CSI staging mounts, plugin folders).
+    Other,
+}
+
+/// The volume plugins whose pod mount directories are named after the PersistentVolume.
+const PV_NAMED_PLUGINS: [&str; 2] = ["kubernetes.io~local-volume", "kubernetes.io~csi"];
+
+/// Why a filesystem volume is not a filesystem of its own: freezing it would freeze, and
+/// snapshotting it would copy, data that other mounts (other tenants' volumes) show.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Sharing {
+    #[error("the mount shows the directory {root} of its filesystem, not the whole filesystem")]
+    SubdirectoryBind { root: String },
+    #[error(
+        "the mount shows the directory {root} inside the btrfs subvolume {subvolume}, not the whole subvolume"
+    )]
+    InsideSubvolume { root: String, subvolume: String },
+    #[error("{} also shows the directory {root} of the same filesystem", mount_point.display())]
+    OtherView { mount_point: PathBuf, root: String },
+    #[error(
+        "the kubelet mounted the same filesystem at {} for the PersistentVolume {persistent_volume}",
+        mount_point.display()
+    )]
+    OtherVolume {
+        persistent_volume: String,
+        mount_point: PathBuf,
+    },
+}
+
+/// What a mount of a filesystem is a view of: the superblock, and on btrfs the subvolume (a
+/// btrfs snapshot copies one subvolume, not the superblock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Unit<'m> {
+    dev: DevId,
+    subvolume: Option<(&'m str, &'m str)>,
+}
+
+impl<'m> Unit<'m> {
+    fn of(mount: &'m MountInfo) -> Self {
+        let subvolume = (mount.fs_type == "btrfs")
+            .then(|| {
+                let option = |key: &str| {
+                    mount
+                        .super_options
+                        .split(',')
+                        .find_map(|o| o.strip_prefix(key))
+                };
+                option("subvolid=").zip(option("subvol="))
+            })
+            .flatten();
+        Unit {
+            dev: mount.dev,
+            subvolume,
+        }
+    }
+
+    /// The directory of the filesystem a mount must show to be the whole unit.
+    fn root(&self) -> &'m str {
+        self.subvolume.map_or("/", |(_, path)| path)
+    }
+}
+
+/// Whether `path` is `dir` or below it, comparing whole components.
+fn is_within(path: &str, dir: &str) -> bool {
+    Path::new(path).starts_with(dir)
+}
+
+/// Decides whether the filesystem mounted at `volume` is dedicated to the PersistentVolume
+/// `persistent_volume`, from the mount table alone.
+///
+/// A volume must show the whole filesystem (mountinfo root `/`; on btrfs the root of the mounted
+/// subvolume). No other mount may show another part of it, except the kubelet's `subPath` mounts
+/// of this volume. Mounts with the same root show exactly this volume's data (the kubelet's own
+/// binds of it into pods, the agent's view through the host root) and are fine, unless the
+/// kubelet made one for another PersistentVolume.
+pub fn sharing(
+    volume: &MountInfo,
+    mounts: &[MountInfo],
+    layout: &NodeLayout,
+    persistent_volume: &str,
+) -> Option<Sharing> {
+    let unit = Unit::of(volume);
+    if volume.root != unit.root() {
+        return Some(match unit.subvolume {
+            Some((_, subvolume)) => Sharing::InsideSubvolume {
+                root: volume.root.clone(),
+                subvolume: subvolume.to_string(),
+            },
+            None => Sharing::SubdirectoryBind {
+                root: volume.root.clone(),
+            },
+        });
+    }
+    for other in mounts {
+        if other.mount_id == volume.mount_id || Unit::of(other) != unit {
+            continue;
+        }
+        let host_path = layout.host_path(&other.mount_point);
+        let made_by_kubelet = layout.kubelet_mount(&host_path);
+        if other.root == volume.root {
+            if let Some(KubeletMount::PodVolume { plugin, name }) = made_by_kubelet
+                && PV_NAMED_PLUGINS.contains(&plugin)
+                && name != persistent_volume
+            {
+                return Some(Sharing::OtherVolume {
+                    persistent_volume: name.to_string(),
+                    mount_point: other.mount_point.clone(),
+                });
+            }
+            continue;
+        }
+        let sub_path_of_this_volume =
+            made_by_kubelet == Some(KubeletMount::SubPath) && is_within(&other.root, &volume.root);
+        if !sub_path_of_this_volume {
+            return Some(Sharing::OtherView {
+                mount_point: other.mount_point.clone(),
+                root: other.root.clone(),
+            });
+        }
+    }
+    None
+}
+
+/// The mount whose mount point is the deepest ancestor of `path` (the last one listed if mounts
+/// are stacked): the mount `path` lives on, found from the table alone.
+pub fn mount_containing<'m>(path: &Path, mounts: &'m [MountInfo]) -> Option<&'m MountInfo> {
+    mounts
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| path.starts_with(&m.mount_point))
+        .max_by_key(|(i, m)| (m.mount_point.components().count(), *i))
+        .map(|(_, m)| m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,6 +670,164 @@ mod tests {
         fs::create_dir_all(&m).unwrap();
         assert_eq!(csi_pod_mounts(dir.path(), "pv-a"), vec![m]);
         assert!(csi_pod_mounts(dir.path(), "pv-b").is_empty());
+    }
+
+    fn layout(host_root: &str) -> NodeLayout {
+        NodeLayout {
+            host_root: host_root.into(),
+            kubelet_dir: "/var/lib/kubelet".into(),
+        }
+    }
+
+    fn sharing_of(table: &str, host_root: &str, volume_at: &str, pv: &str) -> Option<Sharing> {
+        let mounts = parse_mountinfo(table).unwrap();
+        let volume = mounts
+            .iter()
+            .find(|m| m.mount_point == Path::new(volume_at))
+            .unwrap_or_else(|| panic!("no mount at {volume_at}"));
+        sharing(volume, &mounts, &layout(host_root), pv)
+    }
+
+    #[test]
+    fn sharing_is_decided_from_the_mount_table() {
+        let root = "1 0 254:0 / / rw - ext4 /dev/vda rw\n";
+        let kubelet_pods = "/var/lib/kubelet/pods/5e1";
+        let view = |mount_point: &str, root: &str| Sharing::OtherView {
+            mount_point: mount_point.into(),
+            root: root.into(),
+        };
+        let other_volume = |pv: &str, mount_point: String| Sharing::OtherVolume {
+            persistent_volume: pv.into(),
+            mount_point: mount_point.into(),
+        };
+        // (what, mountinfo, host root, the volume's mount point, its PV, the decision)
+        type Case<'a> = (&'a str, String, &'a str, &'a str, &'a str, Option<Sharing>);
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            ("a whole filesystem, mounted once",
+             format!("{root}40 1 7:1 / /mnt/disks/vol1 rw - ext4 /dev/loop1 rw\n"),
+             "/", "/mnt/disks/vol1", "pv-1", None),
+            ("a bind of a subdirectory (the shared-disk recipe)",
+             format!("{root}40 1 7:1 / /mnt/disk-src rw - ext4 /dev/loop1 rw\n\
+                      41 1 7:1 /vol1 /mnt/disks/vol1 rw - ext4 /dev/loop1 rw\n"),
+             "/", "/mnt/disks/vol1", "pv-1",
+             Some(Sharing::SubdirectoryBind { root: "/vol1".into() })),
+            ("the whole disk, while a subdirectory of it is bound elsewhere",
+             format!("{root}40 1 7:1 / /mnt/disk-src rw - ext4 /dev/loop1 rw\n\
+                      41 1 7:1 /vol1 /mnt/disks/vol1 rw - ext4 /dev/loop1 rw\n"),
+             "/", "/mnt/disk-src", "pv-src", Some(view("/mnt/disks/vol1", "/vol1"))),
+            ("the kubelet's bind of this local volume into a pod",
+             format!("{root}40 1 7:1 / /mnt/disks/vol1 rw - ext4 /dev/loop1 rw\n\
+                      41 1 7:1 / {kubelet_pods}/volumes/kubernetes.io~local-volume/pv-1 rw - ext4 /dev/loop1 rw\n"),
+             "/", "/mnt/disks/vol1", "pv-1", None),
+            ("the kubelet's bind of the same filesystem for another local volume",
+             format!("{root}40 1 7:1 / /mnt/disks/vol1 rw - ext4 /dev/loop1 rw\n\
+                      41 1 7:1 / {kubelet_pods}/volumes/kubernetes.io~local-volume/pv-2 rw - ext4 /dev/loop1 rw\n"),
+             "/", "/mnt/disks/vol1", "pv-1",
+             Some(other_volume("pv-2", format!("{kubelet_pods}/volumes/kubernetes.io~local-volume/pv-2")))),
+            ("a CSI staging mount and its pod mount",
+             format!("{root}40 1 253:4 / /var/lib/kubelet/plugins/kubernetes.io/csi/d/ab12/globalmount rw - xfs /dev/dm-4 rw\n\
+                      41 1 253:4 / {kubelet_pods}/volumes/kubernetes.io~csi/pv-1/mount rw - xfs /dev/dm-4 rw\n"),
+             "/", "/var/lib/kubelet/plugins/kubernetes.io/csi/d/ab12/globalmount", "pv-1", None),
+            ("a CSI filesystem the kubelet also mounted for another volume",
+             format!("{root}40 1 253:4 / /var/lib/kubelet/plugins/kubernetes.io/csi/d/ab12/globalmount rw - xfs /dev/dm-4 rw\n\
+                      41 1 253:4 / {kubelet_pods}/volumes/kubernetes.io~csi/pv-2/mount rw - xfs /dev/dm-4 rw\n"),
+             "/", "/var/lib/kubelet/plugins/kubernetes.io/csi/d/ab12/globalmount", "pv-1",
+             Some(other_volume("pv-2", format!("{kubelet_pods}/volumes/kubernetes.io~csi/pv-2/mount")))),
+            ("a CSI driver that binds subdirectories of one filesystem into pods",
+             format!("{root}40 1 253:4 /pvc-a {kubelet_pods}/volumes/kubernetes.io~csi/pv-a/mount rw - xfs /dev/dm-4 rw\n"),
+             "/", "/var/lib/kubelet/pods/5e1/volumes/kubernetes.io~csi/pv-a/mount", "pv-a",
+             Some(Sharing::SubdirectoryBind { root: "/pvc-a".into() })),
+            ("a kubelet subPath mount of this volume",
+             format!("{root}40 1 7:1 / /mnt/disks/vol1 rw - ext4 /dev/loop1 rw\n\
+                      41 1 7:1 /data {kubelet_pods}/volume-subpaths/pv-1/app/0 rw - ext4 /dev/loop1 rw\n"),
+             "/", "/mnt/disks/vol1", "pv-1", None),
+            ("a subPath-like folder outside the kubelet's directory",
+             format!("{root}40 1 7:1 / /mnt/disks/vol1 rw - ext4 /dev/loop1 rw\n\
+                      41 1 7:1 /data /srv/pods/5e1/volume-subpaths/pv-1/app/0 rw - ext4 /dev/loop1 rw\n"),
+             "/", "/mnt/disks/vol1", "pv-1", Some(view("/srv/pods/5e1/volume-subpaths/pv-1/app/0", "/data"))),
+            ("another filesystem's subdirectory bind does not matter",
+             format!("{root}40 1 7:1 / /mnt/disks/vol1 rw - ext4 /dev/loop1 rw\n\
+                      41 1 7:2 /x /mnt/disks/vol2 rw - ext4 /dev/loop2 rw\n"),
+             "/", "/mnt/disks/vol1", "pv-1", None),
+            ("btrfs: a subvolume mounted at its root, beside the top level and another subvolume",
+             format!("{root}45 1 0:39 /pv1 /mnt/pv1 rw - btrfs /dev/loop2 rw,space_cache=v2,subvolid=256,subvol=/pv1\n\
+                      46 1 0:39 / /var/lib/tandem/btrfs/x rw - btrfs /dev/loop2 rw,space_cache=v2,subvolid=5,subvol=/\n\
+                      47 1 0:39 /pv2 /mnt/pv2 rw - btrfs /dev/loop2 rw,space_cache=v2,subvolid=257,subvol=/pv2\n"),
+             "/", "/mnt/pv1", "pv-1", None),
+            ("btrfs: a directory inside a subvolume",
+             format!("{root}45 1 0:39 /pv1/data /mnt/pv1 rw - btrfs /dev/loop2 rw,subvolid=256,subvol=/pv1\n"),
+             "/", "/mnt/pv1", "pv-1",
+             Some(Sharing::InsideSubvolume { root: "/pv1/data".into(), subvolume: "/pv1".into() })),
+            ("btrfs: the subvolume is not dedicated (a directory of it is bound elsewhere)",
+             format!("{root}45 1 0:39 /pv1 /mnt/pv1 rw - btrfs /dev/loop2 rw,subvolid=256,subvol=/pv1\n\
+                      46 1 0:39 /pv1/b /mnt/other rw - btrfs /dev/loop2 rw,subvolid=256,subvol=/pv1\n"),
+             "/", "/mnt/pv1", "pv-1", Some(view("/mnt/other", "/pv1/b"))),
+            ("btrfs: a nested subvolume mounted elsewhere is not part of this one's snapshot",
+             format!("{root}45 1 0:39 /pv1 /mnt/pv1 rw - btrfs /dev/loop2 rw,subvolid=256,subvol=/pv1\n\
+                      46 1 0:39 /pv1/nested /mnt/nested rw - btrfs /dev/loop2 rw,subvolid=300,subvol=/pv1/nested\n"),
+             "/", "/mnt/pv1", "pv-1", None),
+            ("btrfs: the top level, while a subdirectory of it is bound elsewhere",
+             format!("{root}45 1 0:39 / /mnt/top rw - btrfs /dev/loop2 rw,subvolid=5,subvol=/\n\
+                      46 1 0:39 /dir /mnt/other rw - btrfs /dev/loop2 rw,subvolid=5,subvol=/\n"),
+             "/", "/mnt/top", "pv-top", Some(view("/mnt/other", "/dir"))),
+            ("in the DaemonSet: the same volume through the agent's hostPath and through /host",
+             format!("1 0 0:50 / / rw - overlay overlay rw\n\
+                      2 1 254:0 / /host ro - ext4 /dev/vda rw\n\
+                      3 1 254:0 /var/lib/kubelet /var/lib/kubelet rw - ext4 /dev/vda rw\n\
+                      4 1 254:0 /mnt/disks /mnt/disks rw - ext4 /dev/vda rw\n\
+                      5 4 7:1 / /mnt/disks/vol1 rw - ext4 /dev/loop1 rw\n\
+                      6 2 7:1 / /host/mnt/disks/vol1 rw - ext4 /dev/loop1 rw\n\
+                      7 2 7:1 /data /host{kubelet_pods}/volume-subpaths/pv-1/app/0 rw - ext4 /dev/loop1 rw\n\
+                      8 3 7:1 /data {kubelet_pods}/volume-subpaths/pv-1/app/0 rw - ext4 /dev/loop1 rw\n\
+                      9 2 7:1 / /host{kubelet_pods}/volumes/kubernetes.io~local-volume/pv-1 rw - ext4 /dev/loop1 rw\n"),
+             "/host", "/mnt/disks/vol1", "pv-1", None),
+            ("in the DaemonSet: another volume's pod mount, seen only through /host",
+             format!("1 0 0:50 / / rw - overlay overlay rw\n\
+                      2 1 254:0 / /host ro - ext4 /dev/vda rw\n\
+                      5 1 7:1 / /mnt/disks/vol1 rw - ext4 /dev/loop1 rw\n\
+                      9 2 7:1 / /host{kubelet_pods}/volumes/kubernetes.io~local-volume/pv-2 rw - ext4 /dev/loop1 rw\n"),
+             "/host", "/mnt/disks/vol1", "pv-1",
+             Some(other_volume("pv-2", format!("/host{kubelet_pods}/volumes/kubernetes.io~local-volume/pv-2")))),
+            ("in the DaemonSet: the shared-disk source is seen only through /host",
+             "1 0 0:50 / / rw - overlay overlay rw\n\
+                      2 1 254:0 / /host ro - ext4 /dev/vda rw\n\
+                      5 1 7:1 / /mnt/disk-src rw - ext4 /dev/loop1 rw\n\
+                      6 2 7:1 /vol2 /host/mnt/disks/vol2 rw - ext4 /dev/loop1 rw\n".to_string(),
+             "/host", "/mnt/disk-src", "pv-src", Some(view("/host/mnt/disks/vol2", "/vol2"))),
+        ];
+        for (name, table, host_root, volume_at, pv, expected) in cases {
+            assert_eq!(
+                sharing_of(&table, host_root, volume_at, pv),
+                expected,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn finds_the_mount_a_path_lives_on_from_the_table() {
+        let mounts = parse_mountinfo(
+            "1 0 0:50 / / rw - overlay overlay rw\n\
+             2 1 254:0 /var/lib/kubelet /var/lib/kubelet rw - ext4 /dev/vda rw\n\
+             3 1 254:0 /var/lib/kubelet-old /var/lib/kubelet rw - ext4 /dev/vda rw\n\
+             4 1 254:1 / /var/lib rw - ext4 /dev/vdb rw\n",
+        )
+        .unwrap();
+        let at = |p: &str| mount_containing(Path::new(p), &mounts).map(|m| m.mount_id);
+        assert_eq!(at("/var/lib/kubelet/pods"), Some(3), "the top of a stack");
+        assert_eq!(at("/var/lib/kubeletx"), Some(4), "whole components only");
+        assert_eq!(at("/etc"), Some(1));
+    }
+
+    #[test]
+    fn only_the_allow_value_of_the_annotation_opts_in() {
+        let with = |v: &str| {
+            std::collections::BTreeMap::from([(SHARED_FILESYSTEM_ANNOTATION.to_string(), v.into())])
+        };
+        assert!(allows_shared_filesystem(&with("allow")));
+        assert!(!allows_shared_filesystem(&with("true")));
+        assert!(!allows_shared_filesystem(&Default::default()));
     }
 
     #[test]

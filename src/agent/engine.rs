@@ -20,7 +20,7 @@ use super::backend::{
     self, BackendError, BackendKind, BackendOptions, SnapshotHandle, SnapshotPlan,
 };
 use super::discovery::{self, DevId, MountInfo, ResolvedVolume};
-use super::freeze::{self, FreezeError, Guardrails, Thawed};
+use super::freeze::{self, FreezeError, GuardPaths, Guardrails, Thawed};
 use super::journal::{FrozenRecord, Journal, JournalEntry, JournalError, Stage};
 use super::watchdog;
 
@@ -31,6 +31,9 @@ pub struct VolumeRequest {
     pub persistent_volume: String,
     /// The volume's mount point (or block device node in block mode) on this node.
     pub path: PathBuf,
+    /// The PersistentVolume allows a filesystem shared with other mounts (its annotation
+    /// `tandem.dev/shared-filesystem: allow`).
+    pub allow_shared_filesystem: bool,
 }
 
 /// One NodeSnapshot's request.
@@ -71,6 +74,8 @@ pub struct EngineConfig {
     pub backend: BackendOptions,
     /// /sys/dev/block (a parameter so unit tests can point elsewhere).
     pub sysfs_block: PathBuf,
+    /// Where the node's own filesystems are found (the guard rails).
+    pub guard: GuardPaths,
 }
 
 impl EngineConfig {
@@ -83,6 +88,7 @@ impl EngineConfig {
                 btrfs_mount_dir: state_dir.join("btrfs"),
             },
             sysfs_block: "/sys/dev/block".into(),
+            guard: GuardPaths::default(),
             state_dir,
         }
     }
@@ -165,11 +171,7 @@ impl Engine {
         })?;
         let journal = Journal::open(&config.state_dir)?;
         let mounts = discovery::read_mountinfo()?;
-        let guard = Guardrails {
-            root_fs: discovery::superblock_of(Path::new("/"), &mounts)?,
-            state_dir: config.state_dir.clone(),
-            state_dir_fs: discovery::superblock_of(&config.state_dir, &mounts)?,
-        };
+        let guard = Guardrails::discover(&config.guard, &config.state_dir, &mounts)?;
         let engine = Engine {
             inner: Arc::new(Inner {
                 journal,
@@ -818,7 +820,13 @@ impl Engine {
             status.filesystem = resolved.fs_type().map(str::to_string);
             // Refuse the node's own filesystems before anything else is considered.
             if let Some(mount) = &resolved.mount
-                && let Err(refusal) = self.inner.guard.check(&request.path, mount.dev)
+                && let Err(refusal) = self.inner.guard.check_volume(
+                    &request.path,
+                    mount,
+                    &mounts,
+                    &request.persistent_volume,
+                    request.allow_shared_filesystem,
+                )
             {
                 status.reason = Some(refusal.to_string());
                 problems.push(format!("{who}: {refusal}"));

@@ -39,6 +39,12 @@ pub struct AgentArgs {
     #[arg(long, env = "TANDEM_KUBELET_DIR", default_value = "/var/lib/kubelet")]
     pub kubelet_dir: PathBuf,
 
+    /// Where the host's `/` is visible to the agent (read-only), to find the host's root, kubelet,
+    /// container runtime and log filesystems, which are never frozen. `/` when the agent runs on
+    /// the host; the chart mounts it at `/host`.
+    #[arg(long, env = "TANDEM_HOST_ROOT", default_value = "/")]
+    pub host_root: PathBuf,
+
     /// Copy-on-write space of a thick LVM snapshot (`lvcreate -L`, e.g. `1G`).
     #[arg(long, env = "TANDEM_THICK_COW_SIZE", default_value = "1G")]
     pub thick_cow_size: String,
@@ -97,6 +103,8 @@ pub enum AgentError {
 pub fn engine_config(args: &AgentArgs) -> EngineConfig {
     let mut config = EngineConfig::new(&args.state_dir);
     config.backend.thick_cow_size = args.thick_cow_size.clone();
+    config.guard.layout.host_root = args.host_root.clone();
+    config.guard.layout.kubelet_dir = args.kubelet_dir.clone();
     config
 }
 
@@ -158,6 +166,7 @@ fn oneshot(engine: &Engine, args: &AgentArgs) -> Result<(), AgentError> {
                     claim: name.clone(),
                     persistent_volume: name,
                     path: p.clone(),
+                    allow_shared_filesystem: false,
                 }
             })
             .collect(),

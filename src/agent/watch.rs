@@ -258,6 +258,7 @@ async fn validate(
                 claim: v.claim.clone(),
                 persistent_volume: v.persistent_volume.clone(),
                 path,
+                allow_shared_filesystem: discovery::allows_shared_filesystem(pv.annotations()),
             }),
             Err(why) => problems.push(format!("{who}: {why}")),
         }
