@@ -37,6 +37,7 @@ fn request(
             claim: format!("claim-{pv}"),
             persistent_volume: pv.into(),
             path: path.to_path_buf(),
+            allow_shared_filesystem: false,
         }],
     }
 }
