@@ -9,6 +9,7 @@
 //! - [`watch`]: the NodeSnapshot watch loop that drives the engine.
 
 pub mod backend;
+pub mod cut;
 pub mod discovery;
 pub mod engine;
 pub mod freeze;

@@ -1,0 +1,3 @@
+//! The agent's cut: a pure lifecycle and the I/O around it.
+
+pub mod lifecycle;
