@@ -1,0 +1,1 @@
+//! Unit tests of the cut with injected syscalls (no root needed).
