@@ -250,8 +250,14 @@ fn a_hung_fifreeze_does_not_keep_its_sibling_frozen_past_the_timeout() {
         let engine = engine.clone();
         std::thread::spawn(move || engine.cut(&req, None))
     };
-    // A gets frozen (B is stuck in its FIFREEZE).
-    wait_for("A to be frozen", Duration::from_secs(5), || is_frozen(&a.mount));
+    // A gets frozen (B is stuck in its FIFREEZE). A probe freeze racing the agent's own would
+    // make the agent's fail with EBUSY, so probe only well after the intent was journaled.
+    let journal = Journal::open(&s.path("state")).unwrap();
+    wait_for("the intent to be journaled", Duration::from_secs(5), || {
+        journal.get("hung").ok().flatten().is_some()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(is_frozen(&a.mount), "A was frozen");
     // By the timeout + 1 s the watchdog has thawed A although B's freeze has not returned.
     let bound = timeout + Duration::from_secs(1);
     while start.elapsed() < bound && is_frozen(&a.mount) {
@@ -268,7 +274,6 @@ fn a_hung_fifreeze_does_not_keep_its_sibling_frozen_past_the_timeout() {
     let st = engine.status("hung").unwrap().unwrap();
     assert_ne!(st.phase, NodePhase::Aborted, "{st:?}");
     assert_ne!(st.phase, NodePhase::Released, "{st:?}");
-    let journal = Journal::open(&s.path("state")).unwrap();
     assert!(journal.get("hung").unwrap().unwrap().stage.may_be_frozen());
 
     // 3x the timeout in, the writer goes on, B's FIFREEZE returns, and B is thawed at once.
@@ -327,7 +332,10 @@ fn a_second_agent_on_the_same_state_dir_refuses_to_start() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("another tandem agent"), "{stderr}");
-    assert!(is_frozen(&v.mount), "the first agent's freeze was left alone");
+    assert!(
+        is_frozen(&v.mount),
+        "the first agent's freeze was left alone"
+    );
     assert!(clone.exists(), "the first agent's snapshot was left alone");
     let released = first.release("m1").unwrap().unwrap();
     assert_eq!(released.phase, NodePhase::Released);
@@ -383,7 +391,10 @@ fn released_is_published_only_once_journaled() {
     }
 
     let st = engine.release("m2").unwrap().unwrap();
-    assert!(!is_frozen(&v.mount), "the thaw does not wait for the journal");
+    assert!(
+        !is_frozen(&v.mount),
+        "the thaw does not wait for the journal"
+    );
     assert_ne!(
         st.phase,
         NodePhase::Released,
@@ -420,6 +431,8 @@ fn released_is_published_only_once_journaled() {
 /// filesystem, which this test made) while the volume is frozen.
 struct StallStateDisk {
     state_fs: PathBuf,
+    stalling: std::sync::atomic::AtomicBool,
+    /// Set once the volume and then the state disk are frozen.
     stalled: std::sync::atomic::AtomicBool,
 }
 
@@ -432,8 +445,13 @@ impl FreezeOps for StallStateDisk {
     }
     fn freeze(&self, fd: &OwnedFd, path: &Path) -> Result<(), FreezeError> {
         KernelOps.freeze(fd, path)?;
-        if !self.stalled.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if !self
+            .stalling
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
             freeze::freeze(freeze::open_dir(&self.state_fs)?, &self.state_fs)?;
+            self.stalled
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         Ok(())
     }
@@ -456,10 +474,12 @@ fn a_stalled_state_disk_does_not_delay_the_watchdog() {
     s.assert_owned(&v.mount);
     let statefs = state_fs(&mut s, 32 << 20);
     let mut config = EngineConfig::new(statefs.join("tandem"));
-    config.freeze_ops = Arc::new(StallStateDisk {
+    let ops = Arc::new(StallStateDisk {
         state_fs: statefs.clone(),
+        stalling: Default::default(),
         stalled: Default::default(),
     });
+    config.freeze_ops = ops.clone();
     let (engine, _) = Engine::start(config).unwrap();
     let timeout = Duration::from_secs(2);
     let start = Instant::now();
@@ -474,9 +494,12 @@ fn a_stalled_state_disk_does_not_delay_the_watchdog() {
         );
         std::thread::spawn(move || engine.cut(&req, None))
     };
-    wait_for("the volume to be frozen", Duration::from_secs(5), || {
-        is_frozen(&v.mount)
-    });
+    wait_for(
+        "the volume and the state disk to be frozen",
+        Duration::from_secs(5),
+        || ops.stalled.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    assert!(is_frozen(&v.mount));
     let bound = timeout + Duration::from_secs(1);
     while start.elapsed() < bound && is_frozen(&v.mount) {
         std::thread::sleep(Duration::from_millis(50));
