@@ -684,6 +684,7 @@ impl Engine {
         };
         let targets = prepared.freeze_targets();
         self.freeze_and_cut(req, cut, &prepared, &targets);
+        self.changed(&req.key);
     }
 
     /// Steps 2-6 of a cut, from a plan.
