@@ -687,3 +687,189 @@ fn release_thaws_inline_when_no_thread_can_be_started() {
     assert!(!is_frozen(&a.mount), "A thawed");
     assert!(!is_frozen(&b.mount), "B thawed");
 }
+
+/// L9: a volume whose filesystem another cut holds is refused without naming that cut (its
+/// NodeSnapshot uid) or its mount, which may belong to another tenant.
+#[test]
+fn the_busy_filesystem_message_does_not_name_the_other_cut() {
+    require_root!();
+    let mut s = Scratch::new();
+    let pool = s.pool("xfs");
+    let v = s.volume(&pool, "l9", "ext4", 64 << 20);
+    s.assert_owned(&v.mount);
+    // The same filesystem at a second place (as another tenant's volume would be).
+    let other = s.path("other-tenant");
+    s.mount(&v.mount.to_string_lossy(), &other, &["bind"]);
+    let (engine, _) = Engine::start(EngineConfig::new(s.path("state"))).unwrap();
+    let held = engine
+        .cut(
+            &request(
+                "uid-of-tenant-a-4f2c",
+                &[("pv-a", &v.mount)],
+                FreezePolicy::Required,
+                false,
+                Duration::from_secs(30),
+            ),
+            None,
+        )
+        .unwrap();
+    assert_eq!(held.phase, NodePhase::Cut, "{held:?}");
+    let refused = engine
+        .cut(
+            &request(
+                "b",
+                &[("pv-b", &other)],
+                FreezePolicy::Required,
+                true,
+                Duration::from_secs(30),
+            ),
+            None,
+        )
+        .unwrap();
+    engine.release("uid-of-tenant-a-4f2c").unwrap();
+    assert_eq!(refused.phase, NodePhase::Failed);
+    let message = refused.message.unwrap_or_default();
+    assert!(!message.contains("uid-of-tenant-a-4f2c"), "{message}");
+    assert!(!message.contains(&*v.mount.to_string_lossy()), "{message}");
+}
+
+/// C1 (engine side): a cut that failed before it made anything deletes nothing on finalize, not
+/// even an object at the name it planned (an earlier, retained snapshot of a same-named
+/// GroupSnapshot lives there).
+#[test]
+fn finalize_deletes_only_what_the_cut_made() {
+    require_root!();
+    let mut s = Scratch::new();
+    let pool = s.pool("xfs");
+    let v = s.volume(&pool, "c1", "ext4", 64 << 20);
+    let busy = s.volume(&pool, "c1busy", "ext4", 64 << 20);
+    s.assert_owned(&v.mount);
+    s.assert_owned(&busy.mount);
+    let retained = pool.join(".tandem-snapshots/tandem.ns1.daily.pv-v.img");
+    std::fs::create_dir_all(retained.parent().unwrap()).unwrap();
+    std::fs::write(&retained, b"yesterday's retained snapshot").unwrap();
+    let (engine, _) = Engine::start(EngineConfig::new(s.path("state"))).unwrap();
+    // Someone else's freeze makes the cut fail under Required before any snapshot is made.
+    let fd = freeze::open_dir(&busy.mount).unwrap();
+    freeze::freeze(&fd, &busy.mount).unwrap();
+    let mut req = request(
+        "daily",
+        &[("pv-v", &v.mount), ("pv-busy", &busy.mount)],
+        FreezePolicy::Required,
+        true,
+        Duration::from_secs(30),
+    );
+    req.group_snapshot = "daily".into();
+    let st = engine.cut(&req, None);
+    freeze::thaw(&fd, &busy.mount).unwrap();
+    let st = st.unwrap();
+    assert_eq!(st.phase, NodePhase::Failed, "{st:?}");
+    engine.finalize("daily", false).unwrap();
+    assert!(
+        retained.exists(),
+        "finalize of a failed cut deleted an object it never made"
+    );
+}
+
+/// The safety record is read on its own: an entry whose other fields no longer parse is still
+/// thawed from its `frozen` list on start, then set aside.
+#[test]
+fn recovery_thaws_from_an_entry_that_does_not_parse() {
+    require_root!();
+    let mut s = Scratch::new();
+    let pool = s.pool("xfs");
+    let v = s.volume(&pool, "dmg", "ext4", 64 << 20);
+    s.assert_owned(&v.mount);
+    let state = s.path("state");
+    let dev = std::fs::metadata(&v.mount).unwrap();
+    let dev = std::os::unix::fs::MetadataExt::dev(&dev);
+    let entry = serde_json::json!({
+        "version": 1, "key": "dmg", "namespace": "ns1", "name": "n", "group_snapshot": "g",
+        "stage": "Freezing",
+        "frozen": [{
+            "mount_point": v.mount,
+            "superblock": {"major": rustix::fs::major(dev), "minor": rustix::fs::minor(dev)}
+        }],
+        "snapshots": [{"SomeFutureBackend": {"id": 7}}],
+    });
+    let journal = Journal::open(&state).unwrap();
+    std::fs::write(
+        journal.dir().join("dmg.json"),
+        serde_json::to_vec(&entry).unwrap(),
+    )
+    .unwrap();
+    let fd = freeze::open_dir(&v.mount).unwrap();
+    freeze::freeze(&fd, &v.mount).unwrap();
+    let started = Engine::start(EngineConfig::new(&state));
+    let frozen = is_frozen(&v.mount);
+    let _ = freeze::thaw(&fd, &v.mount);
+    started.unwrap();
+    assert!(
+        !frozen,
+        "the damaged entry's filesystem was thawed on start"
+    );
+    assert!(journal.dir().join("dmg.json.damaged").exists());
+    assert!(!journal.dir().join("dmg.json").exists());
+}
+
+/// L8: recovery thaws only the filesystem it recorded: not another one that now has the same
+/// device number (another uuid), and nothing recorded in an earlier boot.
+#[test]
+fn recovery_skips_records_whose_filesystem_changed() {
+    require_root!();
+    let mut s = Scratch::new();
+    let pool = s.pool("xfs");
+    let v = s.volume(&pool, "idn", "ext4", 64 << 20);
+    s.assert_owned(&v.mount);
+    let state = s.path("state");
+    let fd = freeze::open_dir(&v.mount).unwrap();
+    let identity = tandem::agent::engine::identity_of(&fd).expect("identity");
+    let uuid = identity
+        .uuid
+        .clone()
+        .expect("this kernel reports filesystem uuids");
+    let dev = std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(&v.mount).unwrap());
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap()
+        .trim()
+        .to_string();
+    let entry = |key: &str, uuid: &str, boot: &str| {
+        serde_json::json!({
+            "version": 1, "key": key, "namespace": "ns1", "name": key, "group_snapshot": "g",
+            "boot_id": boot, "stage": "Freezing",
+            "frozen": [{
+                "mount_point": v.mount,
+                "superblock": {"major": rustix::fs::major(dev), "minor": rustix::fs::minor(dev)},
+                "identity": {"uuid": uuid, "root_dev": identity.root_dev, "root_ino": identity.root_ino}
+            }],
+            "snapshots": [],
+        })
+    };
+    let journal = Journal::open(&state).unwrap();
+    let mut frozen_after = Vec::new();
+    for (key, uuid, boot) in [
+        (
+            "other-fs",
+            "00000000000000000000000000000000",
+            boot.as_str(),
+        ),
+        ("other-boot", uuid.as_str(), "a-boot-before-the-last-reboot"),
+        ("same", uuid.as_str(), boot.as_str()),
+    ] {
+        std::fs::write(
+            journal.dir().join(format!("{key}.json")),
+            serde_json::to_vec(&entry(key, uuid, boot)).unwrap(),
+        )
+        .unwrap();
+        freeze::freeze(&fd, &v.mount).unwrap();
+        let started = start_again(&state);
+        frozen_after.push((key, is_frozen(&v.mount)));
+        let _ = freeze::thaw(&fd, &v.mount);
+        drop(started);
+        std::fs::remove_file(journal.dir().join(format!("{key}.json"))).unwrap();
+    }
+    assert_eq!(
+        frozen_after,
+        [("other-fs", true), ("other-boot", true), ("same", false)]
+    );
+}
