@@ -873,3 +873,62 @@ fn recovery_skips_records_whose_filesystem_changed() {
         [("other-fs", true), ("other-boot", true), ("same", false)]
     );
 }
+
+/// M7 on abort: a void snapshot that cannot be deleted is shown (DeleteFailed), kept journaled
+/// and deleted by a later retry.
+#[test]
+fn an_abort_that_cannot_delete_retries_the_delete() {
+    require_root!();
+    let mut s = Scratch::new();
+    let pool = s.pool("xfs");
+    let v = s.volume(&pool, "m7a", "ext4", 64 << 20);
+    s.assert_owned(&v.mount);
+    let state = s.path("state");
+    let (engine, _) = Engine::start(EngineConfig::new(&state)).unwrap();
+    let st = engine
+        .cut(
+            &request(
+                "m7a",
+                &[("pv", &v.mount)],
+                FreezePolicy::Required,
+                false,
+                Duration::from_secs(30),
+            ),
+            None,
+        )
+        .unwrap();
+    assert_eq!(st.phase, NodePhase::Cut, "{st:?}");
+    let clone = clone_path(&st, 0);
+    let c = clone.to_string_lossy().into_owned();
+    sh("chattr", &["+i", &c]);
+    let aborted = engine.abort("m7a", "test abort").unwrap().unwrap();
+    let frozen = is_frozen(&v.mount);
+    let kept = Journal::open(&state).unwrap().get("m7a").unwrap().unwrap();
+    let needs_retry = engine.needs_retry("m7a");
+    sh("chattr", &["-i", &c]);
+    assert!(!frozen, "the abort thawed although the delete failed");
+    assert_eq!(aborted.phase, NodePhase::Aborted);
+    assert!(
+        has_condition(&aborted, CONDITION_DELETE_FAILED),
+        "{aborted:?}"
+    );
+    assert!(clone.exists());
+    assert_eq!(kept.made.len(), 1, "{kept:?}");
+    assert!(needs_retry);
+    let retried = engine.retry("m7a").unwrap().unwrap();
+    assert!(!clone.exists(), "the retry deleted it");
+    assert!(
+        !has_condition(&retried, CONDITION_DELETE_FAILED),
+        "{retried:?}"
+    );
+    assert!(!engine.needs_retry("m7a"));
+    assert!(
+        Journal::open(&state)
+            .unwrap()
+            .get("m7a")
+            .unwrap()
+            .unwrap()
+            .made
+            .is_empty()
+    );
+}

@@ -435,8 +435,15 @@ impl CutState {
             CutPhase::Settling { outcome } => outcome.phase().published(),
             p => p.published(),
         };
-        entry.report =
-            Some(report_phase.map_or_else(|| self.published.clone(), |p| self.render(p)));
+        let mut report = report_phase.map_or_else(|| self.published.clone(), |p| self.render(p));
+        // Problems other than the journal's own stay on record (a restart retries them).
+        report.conditions.extend(
+            self.problems
+                .iter()
+                .filter(|(t, _)| **t != CONDITION_JOURNAL_FAILED)
+                .map(|(_, c)| c.clone()),
+        );
+        entry.report = Some(report);
         Some(entry)
     }
 
@@ -612,6 +619,8 @@ impl Engine {
                 state.phase,
                 CutPhase::Thawing { .. } | CutPhase::Settling { .. }
             )
+            || (matches!(state.phase, CutPhase::Aborted | CutPhase::Failed)
+                && !state.made.is_empty())
     }
 
     /// Retries what failed of a cut's end: thaws, snapshot deletes, the journal write.
@@ -1196,8 +1205,26 @@ impl Engine {
                 };
                 (state.phase, void)
             };
-            let CutPhase::Settling { outcome } = phase else {
-                break;
+            let outcome = match phase {
+                CutPhase::Settling { outcome } => outcome,
+                // An ended cut whose void snapshots could not all be deleted: retry, and journal
+                // what is left.
+                CutPhase::Aborted | CutPhase::Failed => {
+                    let left: Vec<(usize, SnapshotHandle)> = lock(&cut.state)
+                        .made
+                        .iter()
+                        .map(|(i, h)| (*i, h.clone()))
+                        .collect();
+                    if !left.is_empty() {
+                        self.delete_void(cut, left);
+                        if let Some(entry) = lock(&cut.state).entry_to_write() {
+                            self.inner.journal.write(&entry)?;
+                        }
+                        notify = true;
+                    }
+                    break;
+                }
+                _ => break,
             };
             if !void.is_empty() {
                 self.delete_void(cut, void);
@@ -1363,10 +1390,7 @@ impl Engine {
     pub fn abort_all_held(&self, message: &str) {
         let held: Vec<String> = lock(&self.inner.cuts)
             .iter()
-            .filter(|(_, c)| {
-                let p = lock(&c.state).phase;
-                p.may_be_frozen() || matches!(p, CutPhase::Settling { .. })
-            })
+            .filter(|(_, c)| lock(&c.state).phase.may_be_frozen())
             .map(|(k, _)| k.clone())
             .collect();
         for key in held {
