@@ -19,33 +19,37 @@
 
 pub mod lifecycle;
 
+mod end;
 mod executor;
 mod plan;
 mod recovery;
+mod snapshots;
+mod state;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 
 use crate::api::{CONDITION_READY, FreezePolicy, NodePhase, NodeSnapshotStatus, VolumeStatus};
 
-use super::backend::{self, BackendError, BackendKind, BackendOptions, SnapshotHandle};
+use super::backend::BackendOptions;
 use super::discovery::{self, DevId};
-use super::freeze::{Guardrails, Thawed};
+use super::freeze::Guardrails;
 use super::journal::{FrozenRecord, Journal, JournalEntry, JournalError, Stage};
 use super::watchdog::{self, ThawSignal};
 
 pub use executor::{FreezeOps, KernelOps, Spawner, identity_of};
 use executor::{FreezeSink, NotFrozen};
-use lifecycle::{Consistency, CutEvent, CutPhase, Outcome};
+use lifecycle::{Consistency, CutEvent, CutPhase};
 use plan::{FreezeTarget, Prepared};
+use state::{CutState, Frozen, FrozenFs};
 
 /// Condition: a FITHAW failed; the agent retries it.
 pub const CONDITION_THAW_FAILED: &str = "ThawFailed";
@@ -180,280 +184,6 @@ pub(crate) struct Cut {
     thawed: Arc<ThawSignal>,
 }
 
-/// A filesystem this cut froze.
-struct FrozenFs {
-    target: usize,
-    superblock: DevId,
-    mount_point: PathBuf,
-    fd: OwnedFd,
-}
-
-struct Frozen {
-    fs: Arc<FrozenFs>,
-    /// A thread is thawing it right now (so it is thawed once, and stays listed until it is).
-    thawing: bool,
-}
-
-struct CutState {
-    phase: CutPhase,
-    /// The safety record (its stage is derived from `phase` when written).
-    entry: JournalEntry,
-    generation: Option<i64>,
-    release_after_cut: bool,
-    volumes: Vec<VolumeStatus>,
-    /// Per freeze target: the volumes on it.
-    target_volumes: Vec<Vec<usize>>,
-    consistency: Option<Consistency>,
-    /// Why the cut ended (the first decision's words).
-    end_message: Option<String>,
-    frozen: Vec<Frozen>,
-    /// Per freeze target: None while its call is in flight, then whether it froze.
-    freezes: Vec<Option<Result<(), String>>>,
-    in_flight: usize,
-    /// Snapshots made and not deleted, by volume index.
-    made: BTreeMap<usize, SnapshotHandle>,
-    first_freeze: Option<Instant>,
-    freeze_start: Option<MicroTime>,
-    window: Option<Duration>,
-    deadline: Option<Instant>,
-    /// The status backed by the journal (what may be shown).
-    published: NodeSnapshotStatus,
-    /// Conditions of problems being retried, by type.
-    problems: BTreeMap<&'static str, Condition>,
-}
-
-fn now() -> Time {
-    Time(jiff::Timestamp::now())
-}
-
-/// Locks, ignoring poisoning: a panicked thread must never keep the agent from thawing.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A condition whose lastTransitionTime moves only when its status does (like the controller's
-/// `conditions::condition`, which is private to the controller).
-fn condition(
-    previous: &[Condition],
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: String,
-    observed_generation: Option<i64>,
-) -> Condition {
-    let status = if status { "True" } else { "False" }.to_string();
-    let last_transition_time = previous
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(now);
-    Condition {
-        type_: type_.to_string(),
-        status,
-        reason: reason.to_string(),
-        message,
-        observed_generation,
-        last_transition_time,
-    }
-}
-
-impl CutState {
-    fn new(req: &CutRequest, generation: Option<i64>, boot_id: Option<String>) -> Self {
-        CutState {
-            phase: CutPhase::Planned,
-            entry: JournalEntry {
-                version: super::journal::JOURNAL_VERSION,
-                key: req.key.clone(),
-                namespace: req.namespace.clone(),
-                name: req.name.clone(),
-                group_snapshot: req.group_snapshot.clone(),
-                boot_id,
-                stage: Stage::Failed,
-                frozen: Vec::new(),
-                snapshots: Vec::new(),
-                made: Vec::new(),
-                report: None,
-            },
-            generation,
-            release_after_cut: req.release_after_cut,
-            volumes: Vec::new(),
-            target_volumes: Vec::new(),
-            consistency: None,
-            end_message: None,
-            frozen: Vec::new(),
-            freezes: Vec::new(),
-            in_flight: 0,
-            made: BTreeMap::new(),
-            first_freeze: None,
-            freeze_start: None,
-            window: None,
-            deadline: None,
-            published: NodeSnapshotStatus {
-                observed_generation: generation,
-                ..Default::default()
-            },
-            problems: BTreeMap::new(),
-        }
-    }
-
-    /// A cut known only from the journal (an earlier run's, or after a restart).
-    fn from_journal(entry: JournalEntry) -> Self {
-        let phase = lifecycle::recovered(entry.stage);
-        let report = entry.report.clone().unwrap_or_default();
-        // Entries of the first agents list only what they planned.
-        let made_list = if entry.version == 0 {
-            entry.snapshots.clone()
-        } else {
-            entry.made.clone()
-        };
-        let mut state = CutState {
-            phase,
-            generation: report.observed_generation,
-            release_after_cut: false,
-            volumes: report.volumes.clone(),
-            target_volumes: Vec::new(),
-            consistency: None,
-            end_message: report.message.clone(),
-            frozen: Vec::new(),
-            freezes: Vec::new(),
-            in_flight: 0,
-            made: made_list.into_iter().enumerate().collect(),
-            first_freeze: None,
-            freeze_start: report.freeze_start.clone(),
-            window: None,
-            deadline: None,
-            published: report,
-            problems: BTreeMap::new(),
-            entry,
-        };
-        if let Some(p) = phase.published() {
-            state.published.phase = p;
-        }
-        for c in state.published.conditions.clone() {
-            if c.type_ == CONDITION_DELETE_FAILED {
-                state.problems.insert(CONDITION_DELETE_FAILED, c);
-            }
-        }
-        state
-            .published
-            .conditions
-            .retain(|c| c.type_ == CONDITION_READY);
-        state
-    }
-
-    /// Applies an event; an illegal one is a bug, logged and ignored.
-    fn apply(&mut self, event: CutEvent) -> bool {
-        match lifecycle::on(self.phase, event) {
-            Ok(next) => {
-                let changed = next != self.phase;
-                self.phase = next;
-                changed
-            }
-            Err(illegal) => {
-                tracing::error!(key = %self.entry.key, %illegal, "ignored an event the cut's lifecycle does not allow");
-                false
-            }
-        }
-    }
-
-    fn problem(&mut self, type_: &'static str, reason: &str, message: String) {
-        let previous: Vec<Condition> = self.problems.values().cloned().collect();
-        let c = condition(&previous, type_, true, reason, message, self.generation);
-        self.problems.insert(type_, c);
-    }
-
-    fn solved(&mut self, type_: &str) {
-        self.problems.remove(type_);
-    }
-
-    /// The status for `phase` from what the cut knows now.
-    fn render(&self, phase: NodePhase) -> NodeSnapshotStatus {
-        let consistency = self
-            .consistency
-            .map(Consistency::describe)
-            .unwrap_or("nothing was cut");
-        let message = match phase {
-            NodePhase::Pending => None,
-            NodePhase::Cut => Some(format!(
-                "snapshots cut, freeze held until release; {consistency}"
-            )),
-            NodePhase::Released if self.release_after_cut => {
-                Some(format!("cut and released on this node; {consistency}"))
-            }
-            NodePhase::Released => Some(format!("released; {consistency}")),
-            NodePhase::Aborted => self.end_message.clone(),
-            NodePhase::Failed => self.end_message.as_ref().map(|m| {
-                if m.contains("every volume is thawed") {
-                    m.clone()
-                } else {
-                    format!("{m}; every volume is thawed and no snapshot is kept")
-                }
-            }),
-        };
-        let mut volumes = self.volumes.clone();
-        if matches!(phase, NodePhase::Aborted | NodePhase::Failed) {
-            for v in &mut volumes {
-                v.snapshot_handle = None;
-                if phase == NodePhase::Failed {
-                    v.cut_time = None;
-                }
-            }
-        }
-        let ready = condition(
-            &self.published.conditions,
-            CONDITION_READY,
-            phase == NodePhase::Released,
-            &format!("{phase:?}"),
-            message.clone().unwrap_or_default(),
-            self.generation,
-        );
-        NodeSnapshotStatus {
-            observed_generation: self.generation,
-            phase,
-            volumes,
-            freeze_start: self.freeze_start.clone(),
-            freeze_window_millis: self.window.and_then(|w| i64::try_from(w.as_millis()).ok()),
-            message,
-            conditions: vec![ready],
-        }
-    }
-
-    /// Publishes what the current (journaled) phase justifies.
-    fn publish(&mut self) {
-        if let Some(phase) = self.phase.published() {
-            self.published = self.render(phase);
-        }
-    }
-
-    /// The journal entry for a write in the current phase, with the report it would publish.
-    fn entry_to_write(&self) -> Option<JournalEntry> {
-        let stage = self.phase.journal_stage()?;
-        let mut entry = self.entry.clone();
-        entry.stage = stage;
-        entry.made = self.made.values().cloned().collect();
-        let report_phase = match self.phase {
-            CutPhase::Settling { outcome } => outcome.phase().published(),
-            p => p.published(),
-        };
-        let mut report = report_phase.map_or_else(|| self.published.clone(), |p| self.render(p));
-        // Problems other than the journal's own stay on record (a restart retries them).
-        report.conditions.extend(
-            self.problems
-                .iter()
-                .filter(|(t, _)| **t != CONDITION_JOURNAL_FAILED)
-                .map(|(_, c)| c.clone()),
-        );
-        entry.report = Some(report);
-        Some(entry)
-    }
-
-    fn status(&self) -> NodeSnapshotStatus {
-        let mut s = self.published.clone();
-        s.conditions.extend(self.problems.values().cloned());
-        s
-    }
-}
-
 /// Reads the boot id: no freeze survives a reboot, so an entry of another boot froze nothing
 /// that is still frozen.
 fn boot_id() -> Option<String> {
@@ -497,6 +227,11 @@ fn lock_state_dir(state_dir: &Path) -> Result<File, EngineError> {
     let _ = file.rewind();
     let _ = write!(file, "{}", std::process::id());
     Ok(file)
+}
+
+/// Locks, ignoring poisoning: a panicked thread must never keep the agent from thawing.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What [`Engine::begin`] found.
@@ -550,7 +285,7 @@ impl Engine {
         *lock(&self.inner.on_change) = Some(notifier);
     }
 
-    fn changed(&self, key: &str) {
+    pub(super) fn changed(&self, key: &str) {
         if let Some(notify) = lock(&self.inner.on_change).as_ref() {
             notify(key);
         }
@@ -562,7 +297,7 @@ impl Engine {
     }
 
     /// A cut by key: in memory, or loaded from the journal.
-    fn find(&self, key: &str) -> Result<Option<Arc<Cut>>, EngineError> {
+    pub(super) fn find(&self, key: &str) -> Result<Option<Arc<Cut>>, EngineError> {
         if let Some(cut) = lock(&self.inner.cuts).get(key).cloned() {
             return Ok(Some(cut));
         }
@@ -697,7 +432,7 @@ impl Engine {
     }
 
     /// Steps 2-6 of a cut, from a plan.
-    fn freeze_and_cut(
+    pub(super) fn freeze_and_cut(
         &self,
         req: &CutRequest,
         cut: &Arc<Cut>,
@@ -900,7 +635,7 @@ impl Engine {
         self.end(cut);
     }
 
-    fn write_intent_update(&self, cut: &Arc<Cut>) {
+    pub(super) fn write_intent_update(&self, cut: &Arc<Cut>) {
         let _one = lock(&cut.settling);
         let Some(entry) = lock(&cut.state).entry_to_write() else {
             return;
@@ -911,7 +646,7 @@ impl Engine {
     }
 
     /// Reserves the superblocks of `targets` for `key`; returns a superblock held by another cut.
-    fn reserve(&self, key: &str, targets: &[FreezeTarget]) -> Option<DevId> {
+    pub(super) fn reserve(&self, key: &str, targets: &[FreezeTarget]) -> Option<DevId> {
         let mut held = lock(&self.inner.held);
         if let Some(t) = targets
             .iter()
@@ -925,579 +660,8 @@ impl Engine {
         None
     }
 
-    fn release_superblocks(&self, key: &str) {
+    pub(super) fn release_superblocks(&self, key: &str) {
         lock(&self.inner.held).retain(|_, owner| owner != key);
-    }
-
-    /// Cuts every planned snapshot; records each one made. Returns the reason to fail, if any.
-    fn cut_snapshots(
-        &self,
-        req: &CutRequest,
-        cut: &Arc<Cut>,
-        prepared: &Prepared,
-    ) -> Result<(), String> {
-        let options = &self.inner.config.backend;
-        let spawner = &self.inner.config.spawner;
-        // Reflink clones are independent ioctls: run them in parallel. LVM serialises on its VG
-        // lock and btrfs snapshots commit the filesystem: run those one after another.
-        let (parallel, serial): (Vec<usize>, Vec<usize>) = (0..prepared.volumes.len())
-            .partition(|&i| prepared.volumes[i].plan.backend == BackendKind::Reflink);
-        let parallel_results: Vec<(usize, Result<backend::SnapshotInfo, BackendError>)> =
-            std::thread::scope(|s| {
-                let handles: Vec<_> = parallel
-                    .iter()
-                    .map(|&i| {
-                        let plan = &prepared.volumes[i].plan;
-                        let started = spawner
-                            .scoped(s, "tandem-clone", move || backend::create(plan, options));
-                        (i, started)
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|(i, h)| {
-                        let result = match h {
-                            Ok(h) => h.join().unwrap_or_else(|_| {
-                                Err(BackendError::Parse {
-                                    command: "clone thread".into(),
-                                    why: "panicked".into(),
-                                })
-                            }),
-                            // No thread: clone inline instead.
-                            Err(_) => backend::create(&prepared.volumes[i].plan, options),
-                        };
-                        (i, result)
-                    })
-                    .collect()
-            });
-        let mut failure = None;
-        for (i, result) in parallel_results {
-            if let Some(msg) = self.record_snapshot(cut, prepared, i, result) {
-                failure.get_or_insert(msg);
-            }
-        }
-        if let Some(msg) = failure {
-            return Err(msg);
-        }
-        for i in serial {
-            let plan = &prepared.volumes[i].plan;
-            let mut result = backend::create(plan, options);
-            if let Err(BackendError::FrozenOriginBusy { .. }) = &result
-                && req.freeze == FreezePolicy::BestEffort
-            {
-                // Degrade honestly: thaw this filesystem, let LVM suspend it itself, and say so.
-                let sb = prepared.volumes[i].superblock;
-                let why = result
-                    .as_ref()
-                    .err()
-                    .map(|e| e.to_string())
-                    .unwrap_or_default();
-                self.thaw_one(cut, sb);
-                result = backend::create(plan, options);
-                let mut state = lock(&cut.state);
-                for (j, v) in prepared.volumes.iter().enumerate() {
-                    if v.superblock == sb && state.volumes[j].frozen {
-                        state.volumes[j].frozen = false;
-                        state.volumes[j].reason = Some(format!(
-                            "thawed before its snapshot and snapshotted with LVM's own suspend, consistent on its own only: {why}"
-                        ));
-                    }
-                }
-            }
-            if let Some(msg) = self.record_snapshot(cut, prepared, i, result) {
-                return Err(msg);
-            }
-        }
-        Ok(())
-    }
-
-    /// Records one snapshot result; returns a failure message.
-    fn record_snapshot(
-        &self,
-        cut: &Arc<Cut>,
-        prepared: &Prepared,
-        i: usize,
-        result: Result<backend::SnapshotInfo, BackendError>,
-    ) -> Option<String> {
-        let Some(volume) = prepared.volumes.get(i) else {
-            return Some("a snapshot thread failed".into());
-        };
-        let mut state = lock(&cut.state);
-        match result {
-            Ok(info) => {
-                // What the create made is journaled as made, whatever happens next.
-                state.made.insert(i, volume.plan.handle.clone());
-                if state.phase.is_over() {
-                    // Aborted meanwhile (watchdog): this snapshot is void; the end deletes it.
-                    return Some("aborted while cutting".into());
-                }
-                let v = &mut state.volumes[i];
-                v.snapshot_handle = Some(volume.plan.handle.to_string());
-                v.size_bytes = i64::try_from(info.size_bytes).ok();
-                v.cut_time = Some(now());
-                None
-            }
-            Err(e) => {
-                state.volumes[i].reason = Some(e.to_string());
-                Some(format!(
-                    "snapshot of volume {} (claim {}) failed: {e}",
-                    volume.request.persistent_volume, volume.request.claim
-                ))
-            }
-        }
-    }
-
-    /// Thaws one filesystem of a cut early (the LVM EBUSY degradation).
-    fn thaw_one(&self, cut: &Arc<Cut>, superblock: DevId) {
-        let claimed: Vec<Arc<FrozenFs>> = {
-            let mut state = lock(&cut.state);
-            state
-                .frozen
-                .iter_mut()
-                .filter(|f| f.fs.superblock == superblock && !f.thawing)
-                .map(|f| {
-                    f.thawing = true;
-                    f.fs.clone()
-                })
-                .collect()
-        };
-        self.thaw_claimed(cut, claimed);
-    }
-
-    /// A failure before anything was frozen.
-    fn fail_planned(&self, cut: &Arc<Cut>, volumes: Vec<VolumeStatus>, message: String) {
-        {
-            let mut state = lock(&cut.state);
-            state.volumes = volumes;
-            if state.end_message.is_none() {
-                state.end_message = Some(message);
-            }
-            state.apply(CutEvent::Fail);
-        }
-        self.end(cut);
-    }
-
-    /// Thaw everything, delete the snapshots, phase Failed.
-    fn fail(&self, cut: &Arc<Cut>, message: String) {
-        {
-            let mut state = lock(&cut.state);
-            if !state.phase.is_over() {
-                state.end_message = Some(message);
-            }
-            state.apply(CutEvent::Fail);
-        }
-        self.end(cut);
-    }
-
-    /// Drives a cut that is over to its durable end, logging (and keeping as conditions) what
-    /// has to be retried.
-    fn end(&self, cut: &Arc<Cut>) {
-        if let Err(e) = self.settle(cut) {
-            tracing::warn!(key = %cut.key, error = %e, "the cut's end is not durable yet; retrying later");
-        }
-    }
-
-    /// Thaws what is claimed here and takes each entry off the frozen list once its own thaw
-    /// returned; a failed thaw stays listed (and is retried).
-    fn thaw_claimed(&self, cut: &Arc<Cut>, claimed: Vec<Arc<FrozenFs>>) {
-        if claimed.is_empty() {
-            return;
-        }
-        let ops = self.inner.config.freeze_ops.as_ref();
-        let results = executor::thaw_all(
-            &claimed,
-            |f| (&f.fd, f.mount_point.as_path()),
-            ops,
-            &self.inner.config.spawner,
-        );
-        let mut state = lock(&cut.state);
-        let mut failed = Vec::new();
-        for (fs, result) in claimed.iter().zip(results) {
-            match result {
-                Ok(how) => {
-                    if how == Thawed::WasNotFrozen {
-                        tracing::warn!(mount = %fs.mount_point.display(), "was not frozen any more when thawed (someone else thawed it)");
-                    }
-                    state.frozen.retain(|f| !Arc::ptr_eq(&f.fs, fs));
-                }
-                Err(e) => {
-                    tracing::error!(mount = %fs.mount_point.display(), error = %e, "THAW FAILED; retrying");
-                    failed.push(format!("{}: {e}", fs.mount_point.display()));
-                    for f in state.frozen.iter_mut().filter(|f| Arc::ptr_eq(&f.fs, fs)) {
-                        f.thawing = false;
-                    }
-                }
-            }
-        }
-        if failed.is_empty() {
-            if state.frozen.iter().all(|f| f.thawing) {
-                state.solved(CONDITION_THAW_FAILED);
-            }
-        } else {
-            state.problem(
-                CONDITION_THAW_FAILED,
-                "ThawFailed",
-                format!(
-                    "cannot thaw {}; the agent keeps retrying",
-                    failed.join("; ")
-                ),
-            );
-        }
-        if state.frozen.is_empty()
-            && let Some(start) = state.first_freeze
-        {
-            state.window = Some(start.elapsed());
-        }
-    }
-
-    /// Claims and thaws every frozen filesystem not being thawed already.
-    fn thaw_everything(&self, cut: &Arc<Cut>) {
-        let claimed: Vec<Arc<FrozenFs>> = {
-            let mut state = lock(&cut.state);
-            if !matches!(state.phase, CutPhase::Thawing { .. }) {
-                return;
-            }
-            state
-                .frozen
-                .iter_mut()
-                .filter(|f| !f.thawing)
-                .map(|f| {
-                    f.thawing = true;
-                    f.fs.clone()
-                })
-                .collect()
-        };
-        self.thaw_claimed(cut, claimed);
-    }
-
-    /// Moves a cut that is over towards its durable end: thaw (retried a few times), delete void
-    /// snapshots, make kept ones durable, journal the end, publish it. Safe to call from any
-    /// thread, any number of times; the thaw never waits for another thread's journal write.
-    fn settle(&self, cut: &Arc<Cut>) -> Result<(), EngineError> {
-        // Thaw first, without the settling lock: a stalled journal write elsewhere must not hold
-        // up a thaw.
-        for attempt in 0..3u32 {
-            self.thaw_everything(cut);
-            let retry = {
-                let state = lock(&cut.state);
-                state.problems.contains_key(CONDITION_THAW_FAILED)
-                    && matches!(state.phase, CutPhase::Thawing { .. })
-            };
-            if !retry {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50 << attempt));
-        }
-        self.note_thawed(cut);
-
-        let _one = lock(&cut.settling);
-        let mut notify = false;
-        loop {
-            self.thaw_everything(cut);
-            self.note_thawed(cut);
-            let (phase, void) = {
-                let state = lock(&cut.state);
-                let void: Vec<(usize, SnapshotHandle)> = match state.phase {
-                    CutPhase::Settling {
-                        outcome: Outcome::Aborted | Outcome::Failed,
-                    } => state.made.iter().map(|(i, h)| (*i, h.clone())).collect(),
-                    _ => Vec::new(),
-                };
-                (state.phase, void)
-            };
-            let outcome = match phase {
-                CutPhase::Settling { outcome } => outcome,
-                // An ended cut whose void snapshots could not all be deleted: retry, and journal
-                // what is left.
-                CutPhase::Aborted | CutPhase::Failed => {
-                    let left: Vec<(usize, SnapshotHandle)> = lock(&cut.state)
-                        .made
-                        .iter()
-                        .map(|(i, h)| (*i, h.clone()))
-                        .collect();
-                    if !left.is_empty() {
-                        self.delete_void(cut, left);
-                        if let Some(entry) = lock(&cut.state).entry_to_write() {
-                            self.inner.journal.write(&entry)?;
-                        }
-                        notify = true;
-                    }
-                    break;
-                }
-                _ => break,
-            };
-            if !void.is_empty() {
-                self.delete_void(cut, void);
-            }
-            if outcome == Outcome::Released {
-                let kept: Vec<SnapshotHandle> = lock(&cut.state).made.values().cloned().collect();
-                for h in &kept {
-                    if let Err(e) = backend::persist(h) {
-                        tracing::warn!(handle = %h, error = %e, "could not make a snapshot durable");
-                    }
-                }
-            }
-            let Some(entry) = lock(&cut.state).entry_to_write() else {
-                break;
-            };
-            match self.inner.journal.write(&entry) {
-                Ok(()) => {
-                    let mut state = lock(&cut.state);
-                    state.solved(CONDITION_JOURNAL_FAILED);
-                    if state.phase == phase {
-                        state.entry = entry;
-                        state.apply(CutEvent::EndJournaled);
-                        state.publish();
-                        notify = true;
-                    }
-                    // Otherwise the phase moved on while writing (an abort): write again.
-                }
-                Err(e) => {
-                    let mut state = lock(&cut.state);
-                    state.problem(
-                        CONDITION_JOURNAL_FAILED,
-                        "JournalWriteFailed",
-                        format!(
-                            "the volumes are thawed, but the agent cannot record it in its journal ({e}); the status is updated once it can"
-                        ),
-                    );
-                    drop(state);
-                    self.changed(&cut.key);
-                    return Err(e.into());
-                }
-            }
-        }
-        if notify {
-            self.changed(&cut.key);
-        }
-        Ok(())
-    }
-
-    /// Once nothing can be frozen any more: the lifecycle's AllThawed, the watchdog told, the
-    /// superblocks free for other cuts.
-    fn note_thawed(&self, cut: &Arc<Cut>) {
-        let mut state = lock(&cut.state);
-        let in_flight = state.in_flight > 0;
-        if let CutPhase::Thawing {
-            freezes_in_flight: true,
-            ..
-        } = state.phase
-        {
-            let mounts: Vec<String> = state
-                .freezes
-                .iter()
-                .zip(&state.entry.frozen)
-                .filter(|(r, _)| r.is_none())
-                .map(|(_, rec)| rec.mount_point.display().to_string())
-                .collect();
-            let message = format!(
-                "the cut is over, but FIFREEZE of {} has not returned yet; it is thawed the moment it does",
-                mounts.join(", ")
-            );
-            state.problem(CONDITION_FREEZE_IN_FLIGHT, "FreezeInFlight", message);
-        }
-        if !in_flight {
-            state.solved(CONDITION_FREEZE_IN_FLIGHT);
-        }
-        let thawed = matches!(
-            state.phase,
-            CutPhase::Thawing {
-                freezes_in_flight: false,
-                ..
-            }
-        ) && state.frozen.is_empty()
-            && state.apply(CutEvent::AllThawed);
-        let over = !state.phase.may_be_frozen();
-        drop(state);
-        if thawed || over {
-            cut.thawed.set();
-            self.release_superblocks(&cut.key);
-        }
-    }
-
-    /// Deletes void snapshots; each leaves `made` only once its delete succeeded.
-    fn delete_void(&self, cut: &Arc<Cut>, void: Vec<(usize, SnapshotHandle)>) {
-        let mut failed = Vec::new();
-        let mut deleted = Vec::new();
-        for (i, h) in void {
-            match backend::delete(&h, &self.inner.config.backend) {
-                Ok(()) => deleted.push(i),
-                Err(e) => {
-                    tracing::error!(handle = %h, error = %e, "could not delete a void snapshot; retrying later");
-                    failed.push(format!("{h}: {e}"));
-                }
-            }
-        }
-        let mut state = lock(&cut.state);
-        for i in deleted {
-            state.made.remove(&i);
-        }
-        if failed.is_empty() {
-            state.solved(CONDITION_DELETE_FAILED);
-        } else {
-            state.problem(
-                CONDITION_DELETE_FAILED,
-                "DeleteFailed",
-                format!(
-                    "cannot delete {}; the agent keeps them journaled and retries",
-                    failed.join("; ")
-                ),
-            );
-        }
-    }
-
-    /// Thaws a held cut and keeps its snapshots (`Release`).
-    pub fn release(&self, key: &str) -> Result<Option<NodeSnapshotStatus>, EngineError> {
-        let Some(cut) = self.find(key)? else {
-            return Ok(None);
-        };
-        {
-            let mut state = lock(&cut.state);
-            if state.phase == CutPhase::Held {
-                state.apply(CutEvent::Release);
-            }
-        }
-        self.end(&cut);
-        Ok(Some(lock(&cut.state).status()))
-    }
-
-    /// Thaws (if held) and deletes the snapshots (`Abort`, the watchdog, or a failure elsewhere in
-    /// the group). Also turns a released cut into an aborted one.
-    pub fn abort(
-        &self,
-        key: &str,
-        message: &str,
-    ) -> Result<Option<NodeSnapshotStatus>, EngineError> {
-        let Some(cut) = self.find(key)? else {
-            return Ok(None);
-        };
-        {
-            let mut state = lock(&cut.state);
-            let before = state.phase.outcome();
-            state.apply(CutEvent::Abort);
-            if before != Some(Outcome::Aborted)
-                && before != Some(Outcome::Failed)
-                && state.phase.outcome() == Some(Outcome::Aborted)
-            {
-                state.end_message = Some(message.to_string());
-            }
-        }
-        self.end(&cut);
-        Ok(Some(lock(&cut.state).status()))
-    }
-
-    /// Aborts every cut that still holds a freeze (on shutdown).
-    pub fn abort_all_held(&self, message: &str) {
-        let held: Vec<String> = lock(&self.inner.cuts)
-            .iter()
-            .filter(|(_, c)| lock(&c.state).phase.may_be_frozen())
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in held {
-            if let Err(e) = self.abort(&key, message) {
-                tracing::error!(key, error = %e, "abort on shutdown could not update the journal");
-            }
-        }
-    }
-
-    /// Called by the watchdog at the deadline.
-    fn watchdog_fired(&self, key: &str, timeout: Duration) {
-        let message = format!(
-            "the freeze lasted freezeTimeoutSeconds ({}s) without a release: the agent's watchdog thawed the volumes and deleted the snapshots",
-            timeout.as_secs()
-        );
-        match self.abort(key, &message) {
-            Ok(_) => tracing::warn!(key, "watchdog thawed a freeze that was held too long"),
-            Err(e) => {
-                tracing::error!(key, error = %e, "watchdog abort could not update the journal (volumes are thawed)")
-            }
-        }
-        self.changed(key);
-        if let Some(notify) = lock(&self.inner.notifier).as_ref() {
-            notify(key);
-        }
-    }
-
-    /// The NodeSnapshot is going away: thaw if held, delete the snapshots unless `retain`, and
-    /// forget the cut. A delete that fails keeps the cut journaled (and the caller keeps its
-    /// finalizer): the error says what to retry.
-    pub fn finalize(&self, key: &str, retain: bool) -> Result<(), EngineError> {
-        let Some(cut) = self.find(key)? else {
-            return Ok(());
-        };
-        if !lock(&cut.state).phase.is_over() {
-            self.abort(
-                key,
-                "the NodeSnapshot was deleted while its freeze was held",
-            )?;
-        }
-        self.settle(&cut)?;
-        let void: Vec<(usize, SnapshotHandle)> = {
-            let mut state = lock(&cut.state);
-            if !matches!(
-                state.phase,
-                CutPhase::Released
-                    | CutPhase::Aborted
-                    | CutPhase::Failed
-                    | CutPhase::Deleting { .. }
-            ) {
-                let why: Vec<String> = state.problems.values().map(|c| c.message.clone()).collect();
-                return Err(EngineError::NotSettled {
-                    key: key.into(),
-                    why: if why.is_empty() {
-                        format!("{:?}", state.phase)
-                    } else {
-                        why.join("; ")
-                    },
-                });
-            }
-            state.apply(CutEvent::Finalize { retain });
-            match state.phase {
-                CutPhase::Deleting { keep: false } => {
-                    state.made.iter().map(|(i, h)| (*i, h.clone())).collect()
-                }
-                _ => Vec::new(),
-            }
-        };
-        if !void.is_empty() {
-            self.delete_void(&cut, void);
-        }
-        let remaining = {
-            let state = lock(&cut.state);
-            match state.phase {
-                CutPhase::Deleting { keep: false } if !state.made.is_empty() => state
-                    .problems
-                    .get(CONDITION_DELETE_FAILED)
-                    .map(|c| c.message.clone()),
-                _ => None,
-            }
-        };
-        if let Some(problems) = remaining {
-            // Keep what is left journaled for the retry (and for a restart).
-            let entry = {
-                let state = lock(&cut.state);
-                let mut entry = state.entry.clone();
-                entry.made = state.made.values().cloned().collect();
-                let mut report = state.status();
-                report
-                    .conditions
-                    .retain(|c| c.type_ != CONDITION_JOURNAL_FAILED);
-                entry.report = Some(report);
-                entry
-            };
-            if let Err(e) = self.inner.journal.write(&entry) {
-                tracing::warn!(key, error = %e, "cannot journal the snapshots left to delete");
-            }
-            self.changed(key);
-            return Err(EngineError::DeleteFailed {
-                key: key.into(),
-                problems,
-            });
-        }
-        self.inner.journal.remove(key)?;
-        lock(&cut.state).apply(CutEvent::Deleted);
-        lock(&self.inner.cuts).remove(key);
-        Ok(())
     }
 }
 

@@ -12,9 +12,9 @@ use crate::agent::discovery::MountInfo;
 use crate::agent::freeze::{self, Thawed};
 use crate::agent::journal::{FrozenRecord, JournalEntry, Loaded, Stage};
 
+use super::state::condition;
 use super::{
-    CONDITION_DELETE_FAILED, CONDITION_READY, Engine, EngineError, FreezeOps, condition,
-    identity_of,
+    CONDITION_DELETE_FAILED, CONDITION_READY, Engine, EngineError, FreezeOps, identity_of,
 };
 
 /// What became of one record.
