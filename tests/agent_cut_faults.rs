@@ -6,6 +6,7 @@
 //! and removed by `Scratch` even when a test fails.
 
 mod agent_support;
+mod support;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -931,4 +932,184 @@ fn an_abort_that_cannot_delete_retries_the_delete() {
             .made
             .is_empty()
     );
+}
+
+// ---- the watch loop, against a real API server and the real agent binary ----
+
+/// The agent binary as a child process; killed when dropped.
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn node_snapshot(
+    name: &str,
+    timeout: i32,
+    release_after_cut: bool,
+    volumes: &[(&str, &str)],
+) -> tandem::api::NodeSnapshot {
+    let volumes: Vec<serde_json::Value> = volumes
+        .iter()
+        .map(|(claim, pv)| serde_json::json!({"claim": claim, "persistentVolume": pv}))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "tandem.dev/v1alpha1",
+        "kind": "NodeSnapshot",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeName": "node-a",
+            "groupSnapshot": name,
+            "action": "Cut",
+            "releaseAfterCut": release_after_cut,
+            "freeze": "Required",
+            "freezeTimeoutSeconds": timeout,
+            "deletionPolicy": "Delete",
+            "volumes": volumes,
+        }
+    }))
+    .expect("NodeSnapshot")
+}
+
+/// H1 and M7 through the watch loop: while a member's FIFREEZE hangs, the NodeSnapshot's status
+/// still comes from the agent's state (the watchdog's thaw is shown as FreezeInFlight, not as a
+/// thaw that did not happen), and it turns Aborted the moment the freeze returns. A NodeSnapshot
+/// whose snapshot cannot be deleted keeps the agent's finalizer, shows DeleteFailed with a
+/// Warning event, and goes once the delete succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_loop_reports_from_engine_state_and_keeps_undeletable_snapshots() {
+    use kube::api::{DeleteParams, ListParams, PostParams};
+    require_root!();
+    let mut s = Scratch::new();
+    let pool = s.pool("xfs");
+    let a = s.volume(&pool, "wa", "ext4", 64 << 20);
+    let b = s.volume(&pool, "wb", "ext4", 64 << 20);
+    s.assert_owned(&a.mount);
+    s.assert_owned(&b.mount);
+    let env = support::TestEnv::new("agent-cut-faults").await;
+    let ns = env.namespace.clone();
+    let (pva, pvb) = (format!("{ns}-pva"), format!("{ns}-pvb"));
+    let pvs: kube::Api<k8s_openapi::api::core::v1::PersistentVolume> =
+        kube::Api::all(env.client.clone());
+    for (pv, v, claim) in [(&pva, &a, "data"), (&pvb, &b, "wal")] {
+        let obj = support::objects::local_volume(
+            pv,
+            &v.mount.to_string_lossy(),
+            "node-a",
+            &ns,
+            claim,
+            &[],
+        );
+        pvs.create(&PostParams::default(), &obj).await.expect("PV");
+    }
+    let log = std::fs::File::create(s.path("agent.log")).unwrap();
+    let _agent = Agent(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["agent", "--node-name", "node-a", "--state-dir"])
+            .arg(s.path("state"))
+            .env("KUBECONFIG", &env.plane.kubeconfig)
+            .env("RUST_LOG", "info,tandem=debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("agent"),
+    );
+    let api: kube::Api<tandem::api::NodeSnapshot> = env.api();
+
+    // A hung FIFREEZE of B, 2 s timeout.
+    let mut writer = tokio::task::spawn_blocking({
+        let m = b.mount.clone();
+        move || ParkedWriter::park(&m)
+    })
+    .await
+    .unwrap();
+    api.create(
+        &PostParams::default(),
+        &node_snapshot("hung", 2, false, &[("data", &pva), ("wal", &pvb)]),
+    )
+    .await
+    .unwrap();
+    let in_flight = support::eventually(
+        Duration::from_secs(30),
+        "the status to show the freeze still in flight",
+        || async {
+            let o = api.get("hung").await.ok()?;
+            let st = o.status?;
+            has_condition(&st, tandem::agent::engine::CONDITION_FREEZE_IN_FLIGHT).then_some(st)
+        },
+    )
+    .await;
+    assert_ne!(in_flight.phase, NodePhase::Aborted, "{in_flight:?}");
+    assert!(!is_frozen(&a.mount), "the watchdog thawed A");
+    tokio::task::spawn_blocking(move || writer.release())
+        .await
+        .unwrap();
+    support::eventually(Duration::from_secs(30), "hung to be Aborted", || async {
+        let o = api.get("hung").await.ok()?;
+        (o.status?.phase == NodePhase::Aborted).then_some(())
+    })
+    .await;
+    assert!(!is_frozen(&b.mount));
+
+    // A snapshot that cannot be deleted keeps the NodeSnapshot (and its finalizer).
+    api.create(
+        &PostParams::default(),
+        &node_snapshot("kept", 30, true, &[("data", &pva)]),
+    )
+    .await
+    .unwrap();
+    let released = support::eventually(Duration::from_secs(30), "kept Released", || async {
+        let o = api.get("kept").await.ok()?;
+        (o.status.as_ref()?.phase == NodePhase::Released).then_some(o)
+    })
+    .await;
+    let clone = clone_path(released.status.as_ref().unwrap(), 0);
+    let c = clone.to_string_lossy().into_owned();
+    sh("chattr", &["+i", &c]);
+    api.delete("kept", &DeleteParams::default()).await.unwrap();
+    let stuck = support::eventually(Duration::from_secs(30), "DeleteFailed shown", || async {
+        let o = api.get("kept").await.ok()?;
+        has_condition(o.status.as_ref()?, CONDITION_DELETE_FAILED).then_some(o)
+    })
+    .await;
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(env.client.clone(), &ns);
+    let warned = support::eventually(Duration::from_secs(30), "a DeleteFailed event", || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("DeleteFailed"))
+    })
+    .await;
+    let still_there = clone.exists();
+    sh("chattr", &["-i", &c]);
+    assert!(still_there);
+    assert!(
+        stuck
+            .metadata
+            .finalizers
+            .unwrap_or_default()
+            .iter()
+            .any(|f| f == "tandem.dev/agent")
+    );
+    assert_eq!(warned.type_.as_deref(), Some("Warning"));
+    support::eventually(
+        Duration::from_secs(90),
+        "kept gone after the retry",
+        || async { api.get_opt("kept").await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    assert!(!clone.exists());
+
+    let _ = api.delete("hung", &DeleteParams::default()).await;
+    support::eventually(Duration::from_secs(60), "hung gone", || async {
+        api.get_opt("hung").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    for pv in [&pva, &pvb] {
+        let _ = pvs.delete(pv, &DeleteParams::default()).await;
+    }
 }
