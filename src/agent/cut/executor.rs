@@ -155,16 +155,15 @@ impl Spawner {
         if let Some(refuse) = &self.refuse
             && refuse(name)
         {
-            return Err(std::io::Error::from_raw_os_error(libc_eagain()));
+            // What the kernel answers when a thread cannot be created.
+            return Err(std::io::Error::from_raw_os_error(
+                Errno::AGAIN.raw_os_error(),
+            ));
         }
         std::thread::Builder::new()
             .name(name.into())
             .spawn_scoped(scope, f)
     }
-}
-
-fn libc_eagain() -> i32 {
-    Errno::AGAIN.raw_os_error()
 }
 
 /// Counts down the targets that have flushed (or will never flush), so every freeze starts

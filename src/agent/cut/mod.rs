@@ -1,11 +1,12 @@
 //! The cut / release / abort engine: everything the agent does to volumes, as a plain blocking Rust
 //! API that the watch loop (and the one-shot mode, and the tests) drive.
 //!
-//! A cut: resolve every volume and plan its snapshot (fail before freezing anything, [`plan`]),
+//! A cut: resolve every volume and plan its snapshot (fail before freezing anything: `plan`),
 //! arm the watchdog, journal the intent, `syncfs` every filesystem in parallel while writes still
-//! flow, FIFREEZE them all in parallel ([`executor`]), cut the snapshots, then either thaw at once
-//! (`releaseAfterCut`) or hold the freeze until [`Engine::release`] / [`Engine::abort`] or the
-//! watchdog's deadline.
+//! flow, FIFREEZE them all in parallel (`executor`), cut the snapshots (`snapshots`), then either
+//! thaw at once (`releaseAfterCut`) or hold the freeze until [`Engine::release`] /
+//! [`Engine::abort`] or the watchdog's deadline; every end goes through `end`. `state` holds a
+//! cut's bookkeeping and renders its status, `recovery` thaws what a dead agent left frozen.
 //!
 //! Where a cut stands is one [`lifecycle::CutPhase`], moved only by [`lifecycle::on`]. The rules
 //! of the shell around it:
@@ -108,9 +109,10 @@ pub enum EngineError {
     NotSettled { key: String, why: String },
 }
 
-/// Called (from the watchdog's thread) with a cut's key after the watchdog aborted it; also the
-/// type of the change notifier.
-pub type AbortNotifier = Box<dyn Fn(&str) + Send + Sync>;
+/// Called from any engine thread with a cut's key (see [`Engine::set_change_notifier`]).
+pub type Notifier = Box<dyn Fn(&str) + Send + Sync>;
+/// Called (from the watchdog's thread) with a cut's key after the watchdog aborted it.
+pub type AbortNotifier = Notifier;
 
 /// The engine's configuration.
 #[derive(Clone)]
@@ -170,7 +172,7 @@ struct Inner {
     held: Mutex<HashMap<DevId, String>>,
     cuts: Mutex<HashMap<String, Arc<Cut>>>,
     notifier: Mutex<Option<AbortNotifier>>,
-    on_change: Mutex<Option<AbortNotifier>>,
+    on_change: Mutex<Option<Notifier>>,
 }
 
 /// A cut in memory.
@@ -281,7 +283,7 @@ impl Engine {
 
     /// Registers the function called (from any thread, with the cut's key) whenever a cut's status
     /// changes without a call of the caller's own: the watchdog, a late freeze, a retry.
-    pub fn set_change_notifier(&self, notifier: AbortNotifier) {
+    pub fn set_change_notifier(&self, notifier: Notifier) {
         *lock(&self.inner.on_change) = Some(notifier);
     }
 

@@ -107,7 +107,8 @@ impl Engine {
         let mut state = lock(&cut.state);
         match result {
             Ok(info) => {
-                // What the create made is journaled as made, whatever happens next.
+                // What the create made is journaled as made, whatever happens next. (With the
+                // identity-checked backend API, journal the handle `create` returns instead.)
                 state.made.insert(i, volume.plan.handle.clone());
                 if state.phase.is_over() {
                     // Aborted meanwhile (watchdog): this snapshot is void; the end deletes it.
