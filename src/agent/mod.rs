@@ -5,16 +5,18 @@
 //! - [`backend`]: the snapshot backends (reflink, lvm-thin, lvm-thick, btrfs).
 //! - [`journal`]: what is about to be frozen, on the host, so a restart thaws it.
 //! - [`watchdog`]: thaws on the agent's own clock after `freezeTimeoutSeconds`.
-//! - [`engine`]: cut / release / abort as a plain blocking API.
+//! - [`cut`]: cut / release / abort as a plain blocking API around a pure lifecycle
+//!   ([`cut::lifecycle`]); [`engine`] is the same API under its first name.
 //! - [`watch`]: the NodeSnapshot watch loop that drives the engine.
 
 pub mod backend;
+pub mod cut;
 pub mod discovery;
 pub mod engine;
 pub mod freeze;
 pub mod journal;
 pub mod watch;
-mod watchdog;
+pub mod watchdog;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,24 +1,35 @@
 //! The watch loop: NodeSnapshots of this node only (field selector on `spec.nodeName`), each
 //! validated against its PersistentVolumes and driven through the [`Engine`]. Status is written with
 //! server-side apply (field manager `tandem-agent`).
+//!
+//! The status always comes from the engine's state, never from the return of a call: a cut runs on
+//! its own thread, and whatever the engine does on its own (the watchdog, a late freeze, a retry)
+//! triggers a reconcile through its change notifier. A failed thaw, journal write or delete is
+//! shown as a condition and a Warning event and retried with backoff; a failed delete keeps the
+//! agent's finalizer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, PersistentVolume};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::api::{DeletionPolicy, NodeAction, NodePhase, NodeSnapshot, NodeSnapshotStatus};
 use crate::finalizer;
 
 use super::discovery;
-use super::engine::{CutRequest, Engine, VolumeRequest};
+use super::engine::{
+    Begun, CONDITION_DELETE_FAILED, CONDITION_FREEZE_IN_FLIGHT, CONDITION_JOURNAL_FAILED,
+    CONDITION_THAW_FAILED, CutRequest, Engine, VolumeRequest,
+};
 use super::{AgentArgs, AgentError};
 
 /// The finalizer the agent puts on a NodeSnapshot whose snapshots it may have to delete.
@@ -26,11 +37,24 @@ pub const FINALIZER: &str = "tandem.dev/agent";
 /// The field manager of the agent's status writes.
 pub const FIELD_MANAGER: &str = "tandem-agent";
 
+/// How long a reconcile waits for an engine call before it reports the engine's state as it
+/// stands (the call goes on; its end triggers another reconcile through the change notifier).
+const ENGINE_WAIT: Duration = Duration::from_secs(2);
+
 struct Ctx {
     client: Client,
     engine: Engine,
     node: String,
     kubelet_dir: PathBuf,
+    recorder: Recorder,
+    /// NodeSnapshots by uid (the engine's key), so an engine change can trigger their reconcile.
+    refs: Arc<Mutex<HashMap<String, ObjectRef<NodeSnapshot>>>>,
+    /// Consecutive retries per uid, for the backoff.
+    retries: Mutex<HashMap<String, u32>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Watches this node's NodeSnapshots until a shutdown signal; on shutdown thaws whatever it holds.
@@ -38,13 +62,40 @@ pub async fn run(client: Client, engine: Engine, args: AgentArgs) -> Result<(), 
     let api: Api<NodeSnapshot> = Api::all(client.clone());
     let selector = format!("spec.nodeName={}", args.node_name);
     tracing::info!(node = %args.node_name, "agent watching NodeSnapshots");
+    let refs: Arc<Mutex<HashMap<String, ObjectRef<NodeSnapshot>>>> = Arc::default();
+    // Whatever the engine does on its own (the watchdog, a late freeze, a retry) is reported
+    // through a reconcile of that NodeSnapshot, not by the call that started the cut.
+    let (changes, changed) = tokio::sync::mpsc::unbounded_channel::<ObjectRef<NodeSnapshot>>();
+    {
+        let refs = refs.clone();
+        engine.set_change_notifier(Box::new(move |key| {
+            if let Some(r) = lock(&refs).get(key) {
+                let _ = changes.send(r.clone());
+            }
+        }));
+    }
+    let changed =
+        futures::stream::unfold(
+            changed,
+            |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
+        );
     let ctx = Arc::new(Ctx {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(args.node_name.clone()),
+            },
+        ),
         client,
         engine: engine.clone(),
         node: args.node_name.clone(),
         kubelet_dir: args.kubelet_dir.clone(),
+        refs,
+        retries: Mutex::default(),
     });
     Controller::new(api, watcher::Config::default().fields(&selector))
+        .reconcile_on(changed)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -65,6 +116,83 @@ fn error_policy(_obj: Arc<NodeSnapshot>, err: &AgentError, _ctx: Arc<Ctx>) -> Ac
     Action::requeue(Duration::from_secs(2))
 }
 
+/// Runs a blocking engine call without making the reconcile depend on its end: waits up to
+/// [`ENGINE_WAIT`], then lets it go on (its end notifies a change).
+async fn drive<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<Option<T>, AgentError> {
+    let call = tokio::task::spawn_blocking(f);
+    match tokio::time::timeout(ENGINE_WAIT, call).await {
+        Ok(done) => Ok(Some(done?)),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The next retry of a problem, backing off per object: 1 s, 2 s, 4 s, ... up to a minute.
+fn backoff(ctx: &Ctx, uid: &str) -> Duration {
+    let mut retries = lock(&ctx.retries);
+    let n = retries.entry(uid.to_string()).or_insert(0);
+    *n = n.saturating_add(1);
+    Duration::from_secs(1u64 << (*n - 1).min(6)).min(Duration::from_secs(60))
+}
+
+/// A Warning event for every problem condition the object did not show yet.
+async fn publish_new_problems(ctx: &Ctx, obj: &NodeSnapshot, status: &NodeSnapshotStatus) {
+    let shown = obj
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or(&[]);
+    for c in &status.conditions {
+        let problem = [
+            CONDITION_DELETE_FAILED,
+            CONDITION_THAW_FAILED,
+            CONDITION_JOURNAL_FAILED,
+            CONDITION_FREEZE_IN_FLIGHT,
+        ]
+        .contains(&c.type_.as_str());
+        if !problem
+            || shown
+                .iter()
+                .any(|s| s.type_ == c.type_ && s.status == c.status)
+        {
+            continue;
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason: c.reason.clone(),
+            note: Some(c.message.clone()),
+            action: "Snapshot".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, "cannot publish event");
+        }
+    }
+}
+
+async fn write_status(
+    api: &Api<NodeSnapshot>,
+    obj: &NodeSnapshot,
+    mut status: NodeSnapshotStatus,
+) -> Result<(), AgentError> {
+    status.observed_generation = obj.metadata.generation;
+    if obj.status.as_ref() != Some(&status) {
+        let patch = serde_json::json!({
+            "apiVersion": NodeSnapshot::api_version(&()),
+            "kind": NodeSnapshot::kind(&()),
+            "status": status,
+        });
+        api.patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, AgentError> {
     if obj.spec.node_name != ctx.node {
         // The field selector should make this impossible; never act on another node's object.
@@ -75,6 +203,7 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
     let Some(uid) = obj.uid() else {
         return Ok(Action::await_change());
     };
+    lock(&ctx.refs).insert(uid.clone(), ObjectRef::from_obj(obj.as_ref()));
     let api: Api<NodeSnapshot> = Api::namespaced(ctx.client.clone(), &namespace);
 
     if obj.metadata.deletion_timestamp.is_some() {
@@ -85,8 +214,25 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
             let retain = obj.spec.deletion_policy == DeletionPolicy::Retain;
             let engine = ctx.engine.clone();
             let key = uid.clone();
-            tokio::task::spawn_blocking(move || engine.finalize(&key, retain)).await??;
+            let finalized =
+                tokio::task::spawn_blocking(move || engine.finalize(&key, retain)).await?;
+            if let Err(e) = finalized {
+                // Keep the finalizer: the snapshots (or their record) are still there. Show why,
+                // and retry with backoff.
+                tracing::warn!(%namespace, %name, error = %e, "cannot finalize the snapshots; retrying");
+                let engine = ctx.engine.clone();
+                let key = uid.clone();
+                if let Some(status) =
+                    tokio::task::spawn_blocking(move || engine.status(&key)).await??
+                {
+                    publish_new_problems(&ctx, &obj, &status).await;
+                    write_status(&api, &obj, status).await?;
+                }
+                return Ok(Action::requeue(backoff(&ctx, &uid)));
+            }
             api.patch(&name, &PatchParams::default(), &patch).await?;
+            lock(&ctx.refs).remove(&uid);
+            lock(&ctx.retries).remove(&uid);
             tracing::info!(%namespace, %name, retain, "snapshots finalized");
         }
         return Ok(Action::await_change());
@@ -126,11 +272,28 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
                         release_after_cut: obj.spec.release_after_cut,
                         volumes,
                     };
+                    // Register the cut, then run it on its own thread: the status comes from
+                    // the engine, so a freeze that hangs can never wedge this object.
                     let engine = ctx.engine.clone();
-                    let status =
-                        tokio::task::spawn_blocking(move || engine.cut(&req, generation)).await??;
-                    tracing::info!(%namespace, %name, phase = ?status.phase, window_ms = ?status.freeze_window_millis, "cut");
-                    Some(status)
+                    let begun = tokio::task::spawn_blocking(move || {
+                        engine.begin(&req, generation).map(|b| (b, req))
+                    })
+                    .await??;
+                    match begun {
+                        (Begun::Known(status), _) => Some(status),
+                        (Begun::New(cut), req) => {
+                            let engine = ctx.engine.clone();
+                            drive(move || engine.run(&req, &cut)).await?;
+                            let engine = ctx.engine.clone();
+                            let key = uid.clone();
+                            let status =
+                                tokio::task::spawn_blocking(move || engine.status(&key)).await??;
+                            if let Some(s) = &status {
+                                tracing::info!(%namespace, %name, phase = ?s.phase, window_ms = ?s.freeze_window_millis, "cut");
+                            }
+                            status
+                        }
+                    }
                 }
             },
         },
@@ -138,7 +301,10 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
             Some(status) if status.phase == NodePhase::Cut => {
                 let engine = ctx.engine.clone();
                 let key = uid.clone();
-                tokio::task::spawn_blocking(move || engine.release(&key)).await??
+                drive(move || engine.release(&key)).await?;
+                let engine = ctx.engine.clone();
+                let key = uid.clone();
+                tokio::task::spawn_blocking(move || engine.status(&key)).await??
             }
             Some(status) => Some(status),
             None if current.phase == NodePhase::Pending || current.phase == NodePhase::Cut => Some(
@@ -149,13 +315,16 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
         NodeAction::Abort => {
             let engine = ctx.engine.clone();
             let key = uid.clone();
-            let aborted = tokio::task::spawn_blocking(move || {
+            drive(move || {
                 engine.abort(
                     &key,
                     "aborted by the controller: volumes thawed, snapshots deleted",
                 )
             })
-            .await??;
+            .await?;
+            let engine = ctx.engine.clone();
+            let key = uid.clone();
+            let aborted = tokio::task::spawn_blocking(move || engine.status(&key)).await??;
             match aborted {
                 Some(status) => Some(status),
                 None if current.phase == NodePhase::Aborted => None,
@@ -172,22 +341,19 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
         }
     };
 
-    if let Some(mut status) = desired {
-        status.observed_generation = generation;
-        if obj.status.as_ref() != Some(&status) {
-            let patch = serde_json::json!({
-                "apiVersion": "tandem.dev/v1alpha1",
-                "kind": "NodeSnapshot",
-                "status": status,
-            });
-            api.patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await?;
-        }
+    if let Some(status) = desired {
+        publish_new_problems(&ctx, &obj, &status).await;
+        write_status(&api, &obj, status).await?;
     }
+
+    // A thaw, journal write or delete that failed is retried with backoff.
+    if ctx.engine.needs_retry(&uid) {
+        let engine = ctx.engine.clone();
+        let key = uid.clone();
+        drive(move || engine.retry(&key)).await?;
+        return Ok(Action::requeue(backoff(&ctx, &uid)));
+    }
+    lock(&ctx.retries).remove(&uid);
 
     // While a freeze is held, look again right after the watchdog's deadline to report its abort.
     Ok(match ctx.engine.deadline(&uid) {
