@@ -295,6 +295,12 @@ impl Engine {
         for (i, h) in void {
             match backend::delete(&h, &self.inner.config.backend) {
                 Ok(_) => deleted.push(i),
+                // What is at the handle's place now is not what this cut made (the mark or the
+                // btrfs uuid differ): ours is gone, and the other object is never ours to delete.
+                Err(e @ backend::BackendError::NotOurs { .. }) => {
+                    tracing::warn!(handle = %h, error = %e, "the snapshot this cut made was replaced; left the replacement alone");
+                    deleted.push(i);
+                }
                 Err(e) => {
                     tracing::error!(handle = %h, error = %e, "could not delete a void snapshot; retrying later");
                     failed.push(format!("{h}: {e}"));

@@ -97,7 +97,8 @@ pub(super) fn recover(
                 Ok(_) => {}
                 // A planned name the cut never made, taken by an object of someone else: not
                 // this cut's to delete, and not a problem to retry.
-                Err(backend::BackendError::NotOurs { .. }) if !entry.made.contains(&handle) => {}
+                // (For a handle it made, the object there was replaced: ours is gone either way.)
+                Err(backend::BackendError::NotOurs { .. }) => {}
                 Err(e) => {
                     delete_problems.push(format!("cannot delete snapshot {handle}: {e}"));
                     left.push(handle);
