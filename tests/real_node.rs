@@ -493,6 +493,85 @@ async fn the_chart_on_a_real_node_snapshots_local_volumes() {
         assert_eq!(n.status.expect("status").phase, NodePhase::Released);
     }
 
+    // The agent's real projected token is bound to its node: the chart's admission policy lets it
+    // write its own node's NodeSnapshots and refuses another node's.
+    let own = nodes
+        .list(&ListParams::default())
+        .await
+        .expect("nsnaps")
+        .items[0]
+        .metadata
+        .name
+        .clone()
+        .expect("name");
+    with_cluster(|c| {
+        let agent_pod = c
+            .kubectl(&[
+                "-n",
+                RELEASE_NAMESPACE,
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/component=agent",
+                "-o",
+                "jsonpath={.items[0].metadata.name}",
+            ])
+            .expect("agent pod");
+        let token = c
+            .kubectl_timeout(
+                &[
+                    "-n",
+                    RELEASE_NAMESPACE,
+                    "exec",
+                    &agent_pod,
+                    "--",
+                    "cat",
+                    "/var/run/secrets/kubernetes.io/serviceaccount/token",
+                ],
+                EXEC_TIMEOUT,
+            )
+            .expect("the agent's token");
+        apply(
+            c,
+            &format!("{ns}-foreign"),
+            &json!({"apiVersion": "tandem.dev/v1alpha1", "kind": "NodeSnapshot",
+                "metadata": {"name": "foreign", "namespace": ns},
+                "spec": {"nodeName": "elsewhere", "groupSnapshot": "none", "freezeTimeoutSeconds": 10}}),
+        );
+        let denied = c
+            .kubectl_with_token(
+                &token,
+                &[
+                    "-n",
+                    &ns,
+                    "annotate",
+                    "nodesnapshot",
+                    "foreign",
+                    "probe=agent",
+                ],
+            )
+            .expect_err("the agent's token wrote another node's NodeSnapshot");
+        assert!(
+            denied.contains(&format!("of node elsewhere")),
+            "not refused by the node restriction: {denied}"
+        );
+        c.kubectl_with_token(
+            &token,
+            &["-n", &ns, "annotate", "nodesnapshot", &own, "probe=agent"],
+        )
+        .unwrap_or_else(|e| {
+            panic!("the agent's token may not write its own node's NodeSnapshot: {e}")
+        });
+        let _ = c.kubectl(&[
+            "-n",
+            &ns,
+            "delete",
+            "nodesnapshot",
+            "foreign",
+            "--wait=false",
+        ]);
+    });
+
     // Thawed: the writer goes on (an exec with a host-side timeout reads its progress twice).
     let count = |file: &str| {
         with_cluster(|c| {

@@ -628,6 +628,19 @@ impl Cluster {
         )
     }
 
+    /// kubectl with a bearer token (a pod's service-account token) instead of the admin's.
+    pub fn kubectl_with_token(&self, token: &str, args: &[&str]) -> Result<String, String> {
+        run(Command::new(tools_bin().join("kubectl"))
+            .env_remove("KUBECONFIG")
+            .arg(format!("--server={}", self.plane.server))
+            .arg(format!(
+                "--certificate-authority={}",
+                self.root.join("ca.crt").display()
+            ))
+            .arg(format!("--token={}", token.trim()))
+            .args(args))
+    }
+
     /// helm as cluster admin, its caches in the cluster folder.
     pub fn helm(&self, args: &[&str]) -> Result<String, String> {
         run(Command::new(kube_tool("helm"))
