@@ -552,7 +552,7 @@ async fn the_chart_on_a_real_node_snapshots_local_volumes() {
             )
             .expect_err("the agent's token wrote another node's NodeSnapshot");
         assert!(
-            denied.contains(&format!("of node elsewhere")),
+            denied.contains("of node elsewhere"),
             "not refused by the node restriction: {denied}"
         );
         c.kubectl_with_token(
