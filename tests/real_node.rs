@@ -723,3 +723,410 @@ async fn the_chart_on_a_real_node_snapshots_local_volumes() {
             .await;
     }
 }
+
+/// Publishes mounted volumes as local PVs on the node, with claims bound to them.
+async fn publish(
+    client: &kube::Client,
+    ns: &str,
+    node_name: &str,
+    volumes: &[(&str, &Path, &[(&str, &str)])],
+) {
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    for (name, mount, labels) in volumes {
+        let pv = format!("{ns}-{name}");
+        pvs.create(
+            &PostParams::default(),
+            &local_volume(&pv, &mount.to_string_lossy(), node_name, ns, name, &[]),
+        )
+        .await
+        .expect("PV");
+        claims
+            .create(&PostParams::default(), &claim(name, Some(&pv), labels))
+            .await
+            .expect("PVC");
+    }
+}
+
+/// A PostgreSQL pod with its data directory on claim `data` and its WAL on claim `wal`
+/// (initdb --waldir, a symlink across the two volumes). `init` makes a new cluster; otherwise it
+/// starts on what the volumes hold (a restore: crash recovery from the WAL).
+fn postgres_pod(ns: &str, name: &str, data: &str, wal: &str, init: bool) -> serde_json::Value {
+    let bin = "/usr/lib/postgresql/15/bin";
+    let start = if init {
+        format!(
+            "chown postgres:postgres /data /wal && runuser -u postgres -- {bin}/initdb -D /data/pg -X /wal/pg --auth=trust -U postgres >/dev/null && echo 'host all all 0.0.0.0/0 trust' >> /data/pg/pg_hba.conf"
+        )
+    } else {
+        "rm -f /data/pg/postmaster.pid".to_string()
+    };
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "securityContext": {"runAsUser": 0},
+            "containers": [{"name": "postgres", "image": "localhost/tandem/postgres:15",
+                "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c", format!(
+                    "set -e; {start}; exec runuser -u postgres -- {bin}/postgres -D /data/pg -c listen_addresses='*' -c unix_socket_directories=/tmp"
+                )],
+                "readinessProbe": {"exec": {"command": ["pg_isready", "-h", "/tmp", "-U", "postgres"]},
+                                   "periodSeconds": 1},
+                "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                                 {"name": "wal", "mountPath": "/wal"}]}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": data}},
+                        {"name": "wal", "persistentVolumeClaim": {"claimName": wal}}]
+        }
+    })
+}
+
+/// SQL run in a pod with psql over its socket, behind a host-side timeout.
+fn psql(ns: &str, pod: &str, sql: &str) -> Result<String, String> {
+    with_cluster(|c| {
+        c.kubectl_timeout(
+            &[
+                "-n", ns, "exec", pod, "--", "psql", "-qAt", "-h", "/tmp", "-U", "postgres", "-c",
+                sql,
+            ],
+            EXEC_TIMEOUT,
+        )
+    })
+}
+
+/// pgbench's invariant: every transaction moves the same delta through an account, a teller and a
+/// branch, and records it in the history, all at once.
+const PGBENCH_BALANCED: &str = "select (select sum(abalance) from pgbench_accounts) = (select sum(bbalance) from pgbench_branches) and (select sum(bbalance) from pgbench_branches) = (select sum(tbalance) from pgbench_tellers) and (select sum(tbalance) from pgbench_tellers) = (select coalesce(sum(delta), 0) from pgbench_history)";
+
+/// PostgreSQL in a pod with data and WAL on two local volumes, pgbench writing from another pod;
+/// a GroupSnapshot under that load is Ready with FilesystemFrozen, and PostgreSQL started on the
+/// snapshot pair (in a pod, on claims of the clones) recovers with pgbench's balances intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_under_pgbench_snapshot_recovers_balanced() {
+    if !require_root() {
+        return;
+    }
+    let cluster = tokio::task::spawn_blocking(shared_cluster)
+        .await
+        .expect("cluster");
+    tokio::task::spawn_blocking(install_chart)
+        .await
+        .expect("chart");
+    tokio::task::spawn_blocking(|| {
+        let started = std::time::Instant::now();
+        with_cluster(|c| c.nodes[0].import(&images()["postgres"]));
+        eprintln!(
+            "[pg] PostgreSQL image imported in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    })
+    .await
+    .expect("postgres image");
+    let client = client_for(&cluster.kubeconfig).await;
+    let node_name = cluster.nodes[0].clone();
+    let disks_dir = with_cluster(|c| c.nodes[0].disks_dir.clone());
+
+    let ns = format!("rn-pg-{}", std::process::id());
+    let mut scratch = agent_support::Scratch::new();
+    let disks = disks_dir.join(&ns);
+    let pool_image = scratch.path("pool.img");
+    scratch.image(&pool_image, 2 << 30);
+    let pool_dev = scratch.attach(&pool_image, false);
+    scratch.mkfs(&pool_dev, "xfs");
+    let pool = disks.join("pool");
+    scratch.mount(&pool_dev, &pool, &[]);
+    let data = volume(&mut scratch, &pool, &disks.join("pgdata"), "xfs");
+    let wal = volume(&mut scratch, &pool, &disks.join("pgwal"), "ext4");
+    let _thaw = ThawOnDrop(vec![data.mount.clone(), wal.mount.clone()]);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns"),
+        )
+        .await
+        .expect("namespace");
+    publish(
+        &client,
+        &ns,
+        &node_name,
+        &[
+            ("pgdata", &data.mount, &[("app", "pg")]),
+            ("pgwal", &wal.mount, &[("app", "pg")]),
+        ],
+    )
+    .await;
+
+    let pg_ip = with_cluster(|c| {
+        apply(
+            c,
+            &format!("{ns}-pg"),
+            &postgres_pod(&ns, "pg", "pgdata", "pgwal", true),
+        );
+        c.kubectl_timeout(
+            &[
+                "-n",
+                &ns,
+                "wait",
+                "--for=condition=Ready",
+                "pod/pg",
+                "--timeout=90s",
+            ],
+            Duration::from_secs(100),
+        )
+        .unwrap_or_else(|e| panic!("PostgreSQL Ready: {e}"));
+        c.kubectl(&[
+            "-n",
+            &ns,
+            "get",
+            "pod",
+            "pg",
+            "-o",
+            "jsonpath={.status.podIP}",
+        ])
+        .expect("pod IP")
+    });
+    // pgbench from its own pod, over the pod network.
+    with_cluster(|c| {
+        apply(
+            c,
+            &format!("{ns}-bench"),
+            &json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "pgbench", "namespace": ns},
+                "spec": {
+                    "terminationGracePeriodSeconds": 0,
+                    "containers": [{"name": "pgbench", "image": "localhost/tandem/postgres:15",
+                        "imagePullPolicy": "Never",
+                        "command": ["/bin/sh", "-c", format!(
+                            "pgbench -i -s 2 -h {pg_ip} -U postgres postgres && touch /tmp/initialized && exec pgbench -n -c 4 -j 2 -T 3600 -h {pg_ip} -U postgres postgres"
+                        )]}]
+                }
+            }),
+        );
+    });
+    let history = |pod: &'static str| {
+        let ns = ns.clone();
+        move || {
+            psql(&ns, pod, "select count(*) from pgbench_history")
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        }
+    };
+    let load = history("pg");
+    eventually(WAIT, "pgbench running", || {
+        let load = load.clone();
+        async move {
+            tokio::task::spawn_blocking(load)
+                .await
+                .ok()?
+                .filter(|n| *n > 50)
+        }
+    })
+    .await;
+
+    let groups: Api<tandem::api::ConsistencyGroup> = Api::namespaced(client.clone(), &ns);
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "pg"},
+                "spec": {"selector": {"matchLabels": {"app": "pg"}}, "freezeTimeoutSeconds": 20}}))
+            .expect("group"),
+        )
+        .await
+        .expect("group");
+    eventually(WAIT, "group Ready", || {
+        let groups = groups.clone();
+        async move {
+            let status = groups.get("pg").await.ok()?.status?;
+            (status.members.len() == 2
+                && status.members.iter().all(|m| m.supported)
+                && status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True"))
+            .then_some(())
+        }
+    })
+    .await;
+    let snapshots: Api<GroupSnapshot> = Api::namespaced(client.clone(), &ns);
+    snapshots
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "pg-1"},
+                "spec": {"groupName": "pg", "deletionPolicy": "Delete"}}))
+            .expect("snapshot"),
+        )
+        .await
+        .expect("snapshot");
+    let status = eventually(WAIT, "GroupSnapshot Ready", || {
+        let snapshots = snapshots.clone();
+        async move {
+            let status = snapshots.get("pg-1").await.ok()?.status?;
+            assert_ne!(status.phase, GroupSnapshotPhase::Failed, "{status:?}");
+            (status.phase == GroupSnapshotPhase::Ready).then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(
+        status.consistency,
+        Some(Consistency::FilesystemFrozen),
+        "{status:?}"
+    );
+    assert!(status.members.iter().all(|m| m.frozen), "{status:?}");
+    let at_snapshot = tokio::task::spawn_blocking(history("pg"))
+        .await
+        .expect("count")
+        .expect("history");
+    // The load goes on after the thaw.
+    eventually(WAIT, "pgbench goes on after the snapshot", || {
+        let load = load.clone();
+        async move {
+            tokio::task::spawn_blocking(load)
+                .await
+                .ok()?
+                .filter(|n| *n > at_snapshot + 50)
+        }
+    })
+    .await;
+
+    // The restore: the two clones, on loop devices, published as claims, PostgreSQL in a pod.
+    let mut restored = Vec::new();
+    for (claim_name, fs, mount) in [
+        ("pgdata", "xfs", "restored-data"),
+        ("pgwal", "ext4", "restored-wal"),
+    ] {
+        let member = status
+            .members
+            .iter()
+            .find(|m| m.claim == claim_name)
+            .expect("member");
+        let handle = member.snapshot_handle.as_deref().expect("handle");
+        let clone = PathBuf::from(handle.strip_prefix("reflink:").expect("reflink handle"));
+        // A copy of the clone, so the snapshot itself stays untouched (and deletable).
+        let copy = pool.join(format!("{mount}.img"));
+        agent_support::sh(
+            "cp",
+            &[
+                "--reflink=always",
+                &clone.to_string_lossy(),
+                &copy.to_string_lossy(),
+            ],
+        );
+        let device = scratch.attach(&copy, false);
+        let dir = disks.join(mount);
+        // The clone of an XFS carries the origin's UUID, which is mounted too.
+        let options: &[&str] = if fs == "xfs" { &["nouuid"] } else { &[] };
+        scratch.mount(&device, &dir, options);
+        restored.push((claim_name.replace("pg", "restored-"), dir));
+    }
+    publish(
+        &client,
+        &ns,
+        &node_name,
+        &[
+            (&restored[0].0, &restored[0].1, &[]),
+            (&restored[1].0, &restored[1].1, &[]),
+        ],
+    )
+    .await;
+    let _thaw_restored = ThawOnDrop(restored.iter().map(|(_, d)| d.clone()).collect());
+    with_cluster(|c| {
+        apply(
+            c,
+            &format!("{ns}-restored"),
+            &postgres_pod(&ns, "restored", &restored[0].0, &restored[1].0, false),
+        );
+        c.kubectl_timeout(
+            &[
+                "-n",
+                &ns,
+                "wait",
+                "--for=condition=Ready",
+                "pod/restored",
+                "--timeout=90s",
+            ],
+            Duration::from_secs(100),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL on the snapshot did not start: {e}\n{}",
+                c.kubectl(&["-n", &ns, "logs", "restored"])
+                    .unwrap_or_default()
+            )
+        });
+    });
+    let recovered = tokio::task::spawn_blocking(history("restored"))
+        .await
+        .expect("count")
+        .expect("history of the restored database");
+    assert!(
+        recovered > 0,
+        "the restored database has no pgbench history"
+    );
+    let balanced = psql(&ns, "restored", PGBENCH_BALANCED).expect("balance check");
+    assert_eq!(
+        balanced.trim(),
+        "t",
+        "pgbench's balances do not add up in the restored database"
+    );
+    eprintln!(
+        "[pg] snapshot under load: {at_snapshot} transactions in history around the cut, {recovered} recovered, balances intact; freeze window {:?} ms",
+        status.freeze_window_millis
+    );
+
+    // Pods first (the kubelet's bind mounts hold the loop devices), then the snapshot.
+    with_cluster(|c| {
+        let _ = c.kubectl_timeout(
+            &[
+                "-n",
+                &ns,
+                "delete",
+                "pod",
+                "--all",
+                "--grace-period=0",
+                "--force",
+                "--wait=true",
+            ],
+            Duration::from_secs(60),
+        );
+    });
+    snapshots
+        .delete("pg-1", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually(WAIT, "GroupSnapshot gone", || {
+        let snapshots = snapshots.clone();
+        async move {
+            snapshots
+                .get_opt("pg-1")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    let pods_dir = with_cluster(|c| format!("{}/pods/", c.nodes[0].kubelet_dir.display()));
+    eventually(WAIT, "the kubelet unmounted the pods' volumes", || {
+        let pods_dir = pods_dir.clone();
+        let ns = ns.clone();
+        async move {
+            let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+            let held = info.lines().any(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|m| m.starts_with(&pods_dir) && m.contains(&ns))
+            });
+            (!held).then_some(())
+        }
+    })
+    .await;
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    for name in ["pgdata", "pgwal", "restored-data", "restored-wal"] {
+        let _ = pvs
+            .delete(&format!("{ns}-{name}"), &DeleteParams::default())
+            .await;
+    }
+}
