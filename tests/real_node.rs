@@ -724,12 +724,15 @@ async fn the_chart_on_a_real_node_snapshots_local_volumes() {
     }
 }
 
+/// A claim's name, the mount its local PV points at, and the claim's labels.
+type Published<'a> = (&'a str, &'a Path, &'a [(&'a str, &'a str)]);
+
 /// Publishes mounted volumes as local PVs on the node, with claims bound to them.
 async fn publish(
     client: &kube::Client,
     ns: &str,
     node_name: &str,
-    volumes: &[(&str, &Path, &[(&str, &str)])],
+    volumes: &[Published<'_>],
 ) {
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
