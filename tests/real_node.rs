@@ -13,7 +13,9 @@ use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeCl
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use serde_json::json;
-use support::node::{self, images, shared_cluster, with_cluster};
+use support::node::{
+    self, PGBENCH_BALANCED, images, pgbench_pod, postgres_pod, shared_cluster, with_cluster,
+};
 use support::objects::{claim, local_volume};
 use support::{client_for, eventually, repo_root};
 use tandem::api::{Consistency, GroupSnapshot, GroupSnapshotPhase, NodePhase, NodeSnapshot};
@@ -728,12 +730,7 @@ async fn the_chart_on_a_real_node_snapshots_local_volumes() {
 type Published<'a> = (&'a str, &'a Path, &'a [(&'a str, &'a str)]);
 
 /// Publishes mounted volumes as local PVs on the node, with claims bound to them.
-async fn publish(
-    client: &kube::Client,
-    ns: &str,
-    node_name: &str,
-    volumes: &[Published<'_>],
-) {
+async fn publish(client: &kube::Client, ns: &str, node_name: &str, volumes: &[Published<'_>]) {
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     for (name, mount, labels) in volumes {
@@ -751,39 +748,6 @@ async fn publish(
     }
 }
 
-/// A PostgreSQL pod with its data directory on claim `data` and its WAL on claim `wal`
-/// (initdb --waldir, a symlink across the two volumes). `init` makes a new cluster; otherwise it
-/// starts on what the volumes hold (a restore: crash recovery from the WAL).
-fn postgres_pod(ns: &str, name: &str, data: &str, wal: &str, init: bool) -> serde_json::Value {
-    let bin = "/usr/lib/postgresql/15/bin";
-    let start = if init {
-        format!(
-            "chown postgres:postgres /data /wal && runuser -u postgres -- {bin}/initdb -D /data/pg -X /wal/pg --auth=trust -U postgres >/dev/null && echo 'host all all 0.0.0.0/0 trust' >> /data/pg/pg_hba.conf"
-        )
-    } else {
-        "rm -f /data/pg/postmaster.pid".to_string()
-    };
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
-        "spec": {
-            "terminationGracePeriodSeconds": 0,
-            "securityContext": {"runAsUser": 0},
-            "containers": [{"name": "postgres", "image": "localhost/tandem/postgres:15",
-                "imagePullPolicy": "Never",
-                "command": ["/bin/sh", "-c", format!(
-                    "set -e; {start}; exec runuser -u postgres -- {bin}/postgres -D /data/pg -c listen_addresses='*' -c unix_socket_directories=/tmp"
-                )],
-                "readinessProbe": {"exec": {"command": ["pg_isready", "-h", "/tmp", "-U", "postgres"]},
-                                   "periodSeconds": 1},
-                "volumeMounts": [{"name": "data", "mountPath": "/data"},
-                                 {"name": "wal", "mountPath": "/wal"}]}],
-            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": data}},
-                        {"name": "wal", "persistentVolumeClaim": {"claimName": wal}}]
-        }
-    })
-}
-
 /// SQL run in a pod with psql over its socket, behind a host-side timeout.
 fn psql(ns: &str, pod: &str, sql: &str) -> Result<String, String> {
     with_cluster(|c| {
@@ -796,10 +760,6 @@ fn psql(ns: &str, pod: &str, sql: &str) -> Result<String, String> {
         )
     })
 }
-
-/// pgbench's invariant: every transaction moves the same delta through an account, a teller and a
-/// branch, and records it in the history, all at once.
-const PGBENCH_BALANCED: &str = "select (select sum(abalance) from pgbench_accounts) = (select sum(bbalance) from pgbench_branches) and (select sum(bbalance) from pgbench_branches) = (select sum(tbalance) from pgbench_tellers) and (select sum(tbalance) from pgbench_tellers) = (select coalesce(sum(delta), 0) from pgbench_history)";
 
 /// PostgreSQL in a pod with data and WAL on two local volumes, pgbench writing from another pod;
 /// a GroupSnapshot under that load is Ready with FilesystemFrozen, and PostgreSQL started on the
@@ -891,22 +851,7 @@ async fn postgres_under_pgbench_snapshot_recovers_balanced() {
     });
     // pgbench from its own pod, over the pod network.
     with_cluster(|c| {
-        apply(
-            c,
-            &format!("{ns}-bench"),
-            &json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": "pgbench", "namespace": ns},
-                "spec": {
-                    "terminationGracePeriodSeconds": 0,
-                    "containers": [{"name": "pgbench", "image": "localhost/tandem/postgres:15",
-                        "imagePullPolicy": "Never",
-                        "command": ["/bin/sh", "-c", format!(
-                            "pgbench -i -s 2 -h {pg_ip} -U postgres postgres && touch /tmp/initialized && exec pgbench -n -c 4 -j 2 -T 3600 -h {pg_ip} -U postgres postgres"
-                        )]}]
-                }
-            }),
-        );
+        apply(c, &format!("{ns}-bench"), &pgbench_pod(&ns, &pg_ip));
     });
     let history = |pod: &'static str| {
         let ns = ns.clone();

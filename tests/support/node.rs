@@ -23,6 +23,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+
 use super::control_plane::{ControlPlane, PlaneOptions, tools_bin};
 use super::repo_root;
 
@@ -119,9 +121,15 @@ pub fn can_run_nodes() -> bool {
 pub fn images() -> &'static BTreeMap<String, String> {
     static IMAGES: OnceLock<BTreeMap<String, String>> = OnceLock::new();
     IMAGES.get_or_init(|| {
+        // Tests get the binary cargo built for them; the demo (an example) the debug build.
         let binary = option_env!("CARGO_BIN_EXE_tandem")
             .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("target/debug/tandem"));
+            .unwrap_or_else(|| {
+                std::env::var_os("CARGO_TARGET_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| repo_root().join("target"))
+                    .join("debug/tandem")
+            });
         let started = Instant::now();
         let out = run(Command::new(repo_root().join("hack/image/build.sh"))
             .arg("--postgres")
@@ -859,3 +867,57 @@ pub fn with_cluster<T>(f: impl FnOnce(&Cluster) -> T) -> T {
     let guard = SHARED_CLUSTER.lock().expect("cluster lock");
     f(guard.as_ref().expect("cluster started"))
 }
+
+/// A PostgreSQL pod with its data directory on claim `data` and its WAL on claim `wal`
+/// (initdb --waldir, a symlink across the two volumes). `init` makes a new cluster; otherwise it
+/// starts on what the volumes hold (a restore: crash recovery from the WAL).
+pub fn postgres_pod(ns: &str, name: &str, data: &str, wal: &str, init: bool) -> serde_json::Value {
+    let bin = "/usr/lib/postgresql/15/bin";
+    let start = if init {
+        format!(
+            "chown postgres:postgres /data /wal && runuser -u postgres -- {bin}/initdb -D /data/pg -X /wal/pg --auth=trust -U postgres >/dev/null && echo 'host all all 0.0.0.0/0 trust' >> /data/pg/pg_hba.conf"
+        )
+    } else {
+        "rm -f /data/pg/postmaster.pid".to_string()
+    };
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "securityContext": {"runAsUser": 0},
+            "containers": [{"name": "postgres", "image": "localhost/tandem/postgres:15",
+                "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c", format!(
+                    "set -e; {start}; exec runuser -u postgres -- {bin}/postgres -D /data/pg -c listen_addresses='*' -c unix_socket_directories=/tmp"
+                )],
+                "readinessProbe": {"exec": {"command": ["pg_isready", "-h", "/tmp", "-U", "postgres"]},
+                                   "periodSeconds": 1},
+                "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                                 {"name": "wal", "mountPath": "/wal"}]}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": data}},
+                        {"name": "wal", "persistentVolumeClaim": {"claimName": wal}}]
+        }
+    })
+}
+
+/// pgbench in a pod of its own: initializes (scale 2), then runs 4 clients for an hour against
+/// PostgreSQL at `address`.
+pub fn pgbench_pod(ns: &str, address: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "pgbench", "namespace": ns},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "pgbench", "image": "localhost/tandem/postgres:15",
+                "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c", format!(
+                    "pgbench -i -s 2 -h {address} -U postgres postgres && exec pgbench -n -c 4 -j 2 -T 3600 -h {address} -U postgres postgres"
+                )]}]
+        }
+    })
+}
+
+/// pgbench's invariant: every transaction moves the same delta through an account, a teller and a
+/// branch, and records it in the history, all at once.
+pub const PGBENCH_BALANCED: &str = "select (select sum(abalance) from pgbench_accounts) = (select sum(bbalance) from pgbench_branches) and (select sum(bbalance) from pgbench_branches) = (select sum(tbalance) from pgbench_tellers) and (select sum(tbalance) from pgbench_tellers) = (select coalesce(sum(delta), 0) from pgbench_history)";
