@@ -1078,3 +1078,59 @@ async fn postgres_under_pgbench_snapshot_recovers_balanced() {
             .await;
     }
 }
+
+/// More than one real node: each Ready, each running a pod the scheduler put there, and the API
+/// server reaching each kubelet (exec) through that node's own network namespace.
+#[test]
+fn two_real_nodes_run_pods_of_their_own() {
+    if !require_root() {
+        return;
+    }
+    let image = images()["tandem_ref"].clone();
+    // Its own cluster, in this thread (its processes die with it).
+    let cluster = node::Cluster::start(2);
+    for n in &cluster.nodes {
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("on-{}", n.name), "namespace": "default"},
+            "spec": {
+                "terminationGracePeriodSeconds": 0,
+                "nodeSelector": {"kubernetes.io/hostname": n.name},
+                "containers": [{"name": "c", "image": image, "imagePullPolicy": "Never",
+                                "command": ["/bin/sh", "-c", "sleep 3600"]}]
+            }
+        });
+        apply(&cluster, &format!("on-{}", n.name), &pod);
+    }
+    for n in &cluster.nodes {
+        let pod = format!("on-{}", n.name);
+        cluster
+            .kubectl_timeout(
+                &[
+                    "wait",
+                    "--for=condition=Ready",
+                    &format!("pod/{pod}"),
+                    "--timeout=60s",
+                ],
+                Duration::from_secs(70),
+            )
+            .unwrap_or_else(|e| panic!("{pod} Ready: {e}"));
+        let placed = cluster
+            .kubectl(&[
+                "get",
+                "pod",
+                &pod,
+                "-o",
+                "jsonpath={.spec.nodeName} {.status.hostIP}",
+            ])
+            .expect("pod");
+        assert_eq!(placed, format!("{} {}", n.name, n.address));
+        let out = cluster
+            .kubectl_timeout(
+                &["exec", &pod, "--", "cat", "/etc/debian_version"],
+                EXEC_TIMEOUT,
+            )
+            .unwrap_or_else(|e| panic!("exec into {pod}: {e}"));
+        assert!(out.starts_with("12."), "{out}");
+    }
+}

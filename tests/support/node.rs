@@ -20,6 +20,7 @@ use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
@@ -263,8 +264,8 @@ fn make_shared(dir: &Path) {
     must("mount", &["--make-rshared", &d]);
 }
 
-fn cgroup_root(pid: u32, index: usize) -> String {
-    format!("tandem-{pid}-n{index}")
+fn cgroup_root(id: &str, index: usize) -> String {
+    format!("tandem-{id}-n{index}")
 }
 
 /// Creates the node's cgroup in every hierarchy (the kubelet refuses a cgroupRoot that does
@@ -289,7 +290,7 @@ fn make_cgroups(name: &str) {
 }
 
 /// The script that removes one cluster, whatever state it is in. Idempotent.
-fn cleanup_script(root: &Path, pid: u32, netns: &[String]) -> String {
+fn cleanup_script(root: &Path, id: &str, netns: &[String]) -> String {
     let r = root.display();
     format!(
         r#"#!/bin/sh
@@ -310,7 +311,7 @@ sockets=$(for ns in {netns}; do nsenter --net=/run/netns/$ns cat /proc/net/unix 
 # Processes: kubelet, containerd and shims name the folder; containers live in the cgroups.
 for i in 1 2 3 4 5 6 7 8 9 10; do
   pids=$(grep -l -a -F "$R/" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3 | grep -vx "$$")
-  for d in /sys/fs/cgroup/pids/tandem-{pid}-n*; do
+  for d in /sys/fs/cgroup/pids/tandem-{id}-n*; do
     [ -d "$d" ] && pids="$pids $(find "$d" -name cgroup.procs -exec cat {{}} + 2>/dev/null)"
   done
   [ -z "$(echo $pids)" ] && break
@@ -326,10 +327,10 @@ for i in 1 2 3 4 5; do
   sleep 0.5
 done
 for ns in {netns}; do ip netns delete "$ns" 2>/dev/null; done
-for d in /sys/fs/cgroup/*/tandem-{pid}-n*; do [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {{}} \; 2>/dev/null; done
+for d in /sys/fs/cgroup/*/tandem-{id}-n*; do [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {{}} \; 2>/dev/null; done
 # What the kubelet, CNI and containerd write outside their folders.
 find /var/log/containers -maxdepth 1 -lname "$R/*" -delete 2>/dev/null
-rm -f /var/lib/cni/results/tandem-{pid}-n* $sockets 2>/dev/null
+rm -f /var/lib/cni/results/tandem-{id}-n* $sockets 2>/dev/null
 for id in $(ls "$R"/n*/containerd/root/io.containerd.grpc.v1.cri/sandboxes 2>/dev/null); do rm -f /var/lib/cni/results/*-"$id"-*; done
 rmdir /var/lib/cni/results /var/lib/cni /var/log/containers /run/containerd/s /run/containerd 2>/dev/null
 # Only when nothing of ours is mounted any more (rm must never walk into a host mount).
@@ -379,15 +380,21 @@ impl Cluster {
         clean_dead_clusters();
         let images = images();
 
+        // One id per cluster (a process may run several): names of folders, namespaces, cgroups.
+        static SEQUENCE: AtomicU32 = AtomicU32::new(0);
         let pid = std::process::id();
+        let id = format!("{pid}c{}", SEQUENCE.fetch_add(1, Ordering::Relaxed));
         fs::create_dir_all(CLUSTERS_DIR).expect("clusters dir");
-        let root = PathBuf::from(CLUSTERS_DIR).join(format!("{pid}"));
+        let root = PathBuf::from(CLUSTERS_DIR).join(&id);
         assert!(!root.exists(), "{} exists already", root.display());
         fs::create_dir_all(&root).expect("cluster dir");
+        // Two clusters of this process must not pick the same range at once.
+        static NETWORK: Mutex<()> = Mutex::new(());
+        let network = NETWORK.lock().unwrap_or_else(|e| e.into_inner());
         let octet = free_octet();
-        let netns: Vec<String> = (0..count).map(|i| format!("tandem-{pid}-n{i}")).collect();
+        let netns: Vec<String> = (0..count).map(|i| format!("tandem-{id}-n{i}")).collect();
         let script = root.join("cleanup.sh");
-        write(&script, &cleanup_script(&root, pid, &netns));
+        write(&script, &cleanup_script(&root, &id, &netns));
         write(&root.join("owner"), &pid.to_string());
         // The reaper: its own session, not a child that dies with us; it cleans up after a kill.
         let reaper = Command::new("setsid")
@@ -402,8 +409,8 @@ impl Cluster {
 
         // Networks first: the API server binds the host end of node 0's pair.
         for (i, ns) in netns.iter().enumerate() {
-            let host_if = format!("tnd{pid}h{i}");
-            let host_if: String = host_if.chars().take(15).collect();
+            let host_if = format!("t{id}h{i}");
+            assert!(host_if.len() <= 15, "interface name {host_if} too long");
             must("ip", &["netns", "add", ns]);
             must(
                 "ip",
@@ -457,6 +464,7 @@ impl Cluster {
                 );
             }
         }
+        drop(network);
         let api_address = format!("10.{octet}.0.1");
         let plane = ControlPlane::start_with(
             &repo_root().join("crds"),
@@ -557,7 +565,7 @@ impl Cluster {
                     .plane
                     .kubeconfig_for(&format!("system:node:{}", node.name), &["system:nodes"]),
             );
-            let cgroup = cgroup_root(pid, i);
+            let cgroup = cgroup_root(&id, i);
             make_cgroups(&cgroup);
             let config = node.dir.join("kubelet.yaml");
             write(&config, &kubelet_config(&node, &ca, &cgroup));
@@ -667,6 +675,7 @@ impl Cluster {
             return;
         }
         self.cleaned = true;
+        let started = Instant::now();
         for node in &mut self.nodes {
             for (_, child) in node.processes.iter_mut().rev() {
                 let _ = child.kill();
@@ -679,6 +688,11 @@ impl Cluster {
         // The cleanup ended the reaper (its command line names the folder); collect it.
         let _ = self.reaper.kill();
         let _ = self.reaper.wait();
+        eprintln!(
+            "[node] cluster {} removed in {:.1} s",
+            self.root.display(),
+            started.elapsed().as_secs_f64()
+        );
         self.plane.stop();
     }
 }
