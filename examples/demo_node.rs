@@ -142,7 +142,7 @@ fn main() {
     show(&cluster, &["create", "namespace", ns]);
     step("volumes: loop devices over images in a reflink XFS pool, published as local PVs");
     let mut scratch = agent_support::Scratch::new();
-    let pool_image = scratch.path("pool.img");
+    let pool_image = node.images_dir().join("pool.img");
     scratch.image(&pool_image, 2 << 30);
     let pool_device = scratch.attach(&pool_image, false);
     scratch.mkfs(&pool_device, "xfs");

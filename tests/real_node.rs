@@ -357,7 +357,7 @@ async fn the_chart_on_a_real_node_snapshots_local_volumes() {
     let ns = format!("rn-gs-{}", std::process::id());
     let mut scratch = agent_support::Scratch::new();
     let disks = PathBuf::from(&disks_dir).join(&ns);
-    let pool_image = scratch.path("pool.img");
+    let pool_image = with_cluster(|c| c.nodes[0].images_dir()).join(format!("{ns}-pool.img"));
     scratch.image(&pool_image, 2 << 30);
     let pool_dev = scratch.attach(&pool_image, false);
     scratch.mkfs(&pool_dev, "xfs");
@@ -792,7 +792,7 @@ async fn postgres_under_pgbench_snapshot_recovers_balanced() {
     let ns = format!("rn-pg-{}", std::process::id());
     let mut scratch = agent_support::Scratch::new();
     let disks = disks_dir.join(&ns);
-    let pool_image = scratch.path("pool.img");
+    let pool_image = with_cluster(|c| c.nodes[0].images_dir()).join(format!("{ns}-pool.img"));
     scratch.image(&pool_image, 2 << 30);
     let pool_dev = scratch.attach(&pool_image, false);
     scratch.mkfs(&pool_dev, "xfs");

@@ -182,6 +182,14 @@ impl Node {
             .unwrap_or_else(|e| panic!("import {archive}: {e}"));
     }
 
+    /// A folder of this node for a test's image files (a pool's image goes here, not in a
+    /// scratch folder: the cluster's cleanup then detaches its loop device even after a kill).
+    pub fn images_dir(&self) -> PathBuf {
+        let dir = self.dir.join("images");
+        fs::create_dir_all(&dir).expect("images dir");
+        dir
+    }
+
     /// The last lines a process of this node logged.
     pub fn log_tail(&self, name: &str, lines: usize) -> String {
         let text =
@@ -319,13 +327,29 @@ for i in 1 2 3 4 5 6 7 8 9 10; do
   sleep 0.3
 done
 for m in $(mounts); do fsfreeze -u "$m" 2>/dev/null; done
-# Mounts (deepest first) and loop devices whose image is ours, until nothing is left.
-for i in 1 2 3 4 5; do
-  for m in $(mounts); do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null; done
-  losetup -l -n -O NAME,BACK-FILE | awk -v r="$R/" 'index($2, r) == 1 {{print $1}}' | xargs -r -n1 losetup -d 2>/dev/null
-  [ -z "$(mounts)" ] && [ -z "$(losetup -l -n -O BACK-FILE | grep "^$R/")" ] && break
+# Our loop devices: an image under $R, or an image on a filesystem of one of ours (a volume in a
+# pool), however deep.
+our_loops() {{
+  losetup -l -n -O NAME,MAJ:MIN,BACK-MAJ:MIN,BACK-FILE | awk -v r="$R/" '
+    {{ name[NR] = $1; dev[NR] = $2; back[NR] = $3; file[NR] = $4 }}
+    END {{
+      for (i = 1; i <= NR; i++) if (index(file[i], r) == 1) ours[dev[i]] = 1
+      do {{ added = 0
+        for (i = 1; i <= NR; i++) if (!(dev[i] in ours) && (back[i] in ours)) {{ ours[dev[i]] = 1; added = 1 }}
+      }} while (added)
+      for (i = 1; i <= NR; i++) if (dev[i] in ours) print name[i]
+    }}'
+}}
+# Mounts (deepest first) and loop devices, until nothing is left. A pool stays busy until the loop
+# devices of its images are gone, so lazy unmounts only at the very end (they would hide the pool
+# and the images' paths).
+for i in 1 2 3 4 5 6; do
+  for m in $(mounts); do umount "$m" 2>/dev/null; done
+  for l in $(our_loops); do losetup -d "$l" 2>/dev/null; done
+  [ -z "$(mounts)" ] && [ -z "$(our_loops)" ] && break
   sleep 0.5
 done
+for m in $(mounts); do umount -l "$m" 2>/dev/null; done
 for ns in {netns}; do ip netns delete "$ns" 2>/dev/null; done
 for d in /sys/fs/cgroup/*/tandem-{id}-n*; do [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {{}} \; 2>/dev/null; done
 # What the kubelet, CNI and containerd write outside their folders.
