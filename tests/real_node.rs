@@ -113,6 +113,13 @@ fn the_dockerfile_and_the_local_image_agree() {
         dockerfile.contains("hack/image/configure-rootfs.sh"),
         "the Dockerfile must configure its rootfs with hack/image/configure-rootfs.sh"
     );
+    let ignored = fs::read_to_string(repo_root().join(".dockerignore")).expect(".dockerignore");
+    assert!(
+        ignored
+            .lines()
+            .any(|l| l.trim() == "!hack/image/configure-rootfs.sh"),
+        ".dockerignore must let hack/image/configure-rootfs.sh into the build context"
+    );
     if !require_root() {
         return;
     }
