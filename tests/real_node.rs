@@ -1141,3 +1141,124 @@ fn two_real_nodes_run_pods_of_their_own() {
         assert!(out.starts_with("12."), "{out}");
     }
 }
+
+/// The issue's first fault: a local volume whose loop image lives where the agent pod cannot see
+/// it (`agent.extraHostPaths` lists where the volumes are mounted, not the pool holding their
+/// images). Today the group says every member is supported and the snapshot then fails with
+/// `statfs <image>: No such file or directory`; the user must be told which value to set.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fails until the agent names agent.extraHostPaths when a volume's image is out of its sight (issue 14)"]
+async fn a_volume_whose_image_the_agent_cannot_see_names_the_value_to_set() {
+    if !require_root() {
+        return;
+    }
+    let cluster = tokio::task::spawn_blocking(shared_cluster)
+        .await
+        .expect("cluster");
+    tokio::task::spawn_blocking(install_chart)
+        .await
+        .expect("chart");
+    let client = client_for(&cluster.kubeconfig).await;
+    let node_name = cluster.nodes[0].clone();
+    let (node_dir, disks_dir, images_dir) = with_cluster(|c| {
+        let n = &c.nodes[0];
+        (n.dir.clone(), n.disks_dir.clone(), n.images_dir())
+    });
+    let ns = format!("rn-hidden-{}", std::process::id());
+    let mut scratch = agent_support::Scratch::new();
+    // The pool is mounted on the host only: not under the chart's host paths.
+    let pool_image = images_dir.join(format!("{ns}-pool.img"));
+    scratch.image(&pool_image, 1 << 30);
+    let pool_dev = scratch.attach(&pool_image, false);
+    scratch.mkfs(&pool_dev, "xfs");
+    let pool = node_dir.join("hidden").join(&ns);
+    scratch.mount(&pool_dev, &pool, &[]);
+    let data = volume(
+        &mut scratch,
+        &pool,
+        &disks_dir.join(&ns).join("data"),
+        "xfs",
+    );
+    let _thaw = ThawOnDrop(vec![data.mount.clone()]);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns"),
+        )
+        .await
+        .expect("namespace");
+    publish(
+        &client,
+        &ns,
+        &node_name,
+        &[("data", &data.mount, &[("app", "hidden")])],
+    )
+    .await;
+    let groups: Api<tandem::api::ConsistencyGroup> = Api::namespaced(client.clone(), &ns);
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "hidden"},
+                "spec": {"selector": {"matchLabels": {"app": "hidden"}}, "freezeTimeoutSeconds": 10}}))
+            .expect("group"),
+        )
+        .await
+        .expect("group");
+    let member_supported = eventually(WAIT, "the group's member resolved", || {
+        let groups = groups.clone();
+        async move {
+            let status = groups.get("hidden").await.ok()?.status?;
+            let member = status.members.first()?;
+            (member.node.is_some() || !member.supported).then_some(member.supported)
+        }
+    })
+    .await;
+    let snapshots: Api<GroupSnapshot> = Api::namespaced(client.clone(), &ns);
+    let mut said = String::new();
+    if member_supported {
+        snapshots
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "hidden-1"},
+                    "spec": {"groupName": "hidden", "deletionPolicy": "Delete"}}))
+                .expect("snapshot"),
+            )
+            .await
+            .expect("snapshot");
+        let status = eventually(WAIT, "the GroupSnapshot ended", || {
+            let snapshots = snapshots.clone();
+            async move {
+                let status = snapshots.get("hidden-1").await.ok()?.status?;
+                matches!(
+                    status.phase,
+                    GroupSnapshotPhase::Ready | GroupSnapshotPhase::Failed
+                )
+                .then_some(status)
+            }
+        })
+        .await;
+        said.push_str(&serde_json::to_string(&status).expect("json"));
+        let nodes: Api<NodeSnapshot> = Api::namespaced(client.clone(), &ns);
+        for n in nodes
+            .list(&ListParams::default())
+            .await
+            .expect("nsnaps")
+            .items
+        {
+            said.push_str(&serde_json::to_string(&n.status).expect("json"));
+        }
+        let _ = snapshots.delete("hidden-1", &DeleteParams::default()).await;
+    }
+    let group = groups.get("hidden").await.expect("group");
+    said.push_str(&serde_json::to_string(&group.status).expect("json"));
+    assert!(
+        said.contains("extraHostPaths"),
+        "nothing tells the user to add the pool's folder to agent.extraHostPaths:\n{said}"
+    );
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let _ = pvs
+        .delete(&format!("{ns}-data"), &DeleteParams::default())
+        .await;
+}
