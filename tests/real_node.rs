@@ -1142,6 +1142,36 @@ fn two_real_nodes_run_pods_of_their_own() {
     }
 }
 
+/// Whether the one member of a group is supported: the group becomes Ready, or (given 20 s once
+/// its claim is bound) its member stays refused with a reason.
+async fn member_supported(groups: &Api<tandem::api::ConsistencyGroup>, name: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = groups.get(name).await.ok().and_then(|g| g.status) {
+            if status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+            {
+                return true;
+            }
+            let refused = status
+                .members
+                .first()
+                .and_then(|m| m.reason.as_deref())
+                .is_some_and(|r| r != "ClaimNotBound");
+            if refused && tokio::time::Instant::now() > deadline {
+                return false;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline + WAIT,
+            "group {name} never resolved its member"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The first fault: a local volume whose loop image lives where the agent pod cannot see
 /// it (`agent.extraHostPaths` lists where the volumes are mounted, not the pool holding their
 /// images). Today the group says every member is supported and the snapshot then fails with
@@ -1205,15 +1235,7 @@ async fn a_volume_whose_image_the_agent_cannot_see_names_the_value_to_set() {
         )
         .await
         .expect("group");
-    let member_supported = eventually(WAIT, "the group's member resolved", || {
-        let groups = groups.clone();
-        async move {
-            let status = groups.get("hidden").await.ok()?.status?;
-            let member = status.members.first()?;
-            (member.node.is_some() || !member.supported).then_some(member.supported)
-        }
-    })
-    .await;
+    let member_supported = member_supported(&groups, "hidden").await;
     let snapshots: Api<GroupSnapshot> = Api::namespaced(client.clone(), &ns);
     let mut said = String::new();
     if member_supported {
@@ -1260,5 +1282,100 @@ async fn a_volume_whose_image_the_agent_cannot_see_names_the_value_to_set() {
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
     let _ = pvs
         .delete(&format!("{ns}-data"), &DeleteParams::default())
+        .await;
+}
+
+/// M3: in the agent's container `/` is an overlay, so guarding "the root filesystem" there
+/// protects nothing on the host. A local PV at the kubelet's own folder (here a test-made
+/// filesystem, in a pool the agent can see, so nothing else stops the cut) must be refused, and
+/// the kubelet's filesystem never frozen.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fails until the agent guards the kubelet's filesystem as seen from the host (M3)"]
+async fn the_kubelets_filesystem_is_never_frozen() {
+    if !require_root() {
+        return;
+    }
+    let cluster = tokio::task::spawn_blocking(shared_cluster)
+        .await
+        .expect("cluster");
+    tokio::task::spawn_blocking(install_chart)
+        .await
+        .expect("chart");
+    let client = client_for(&cluster.kubeconfig).await;
+    let node_name = cluster.nodes[0].clone();
+    let kubelet_dir = with_cluster(|c| c.nodes[0].kubelet_dir.clone());
+    let _thaw = ThawOnDrop(vec![kubelet_dir.clone()]);
+    let ns = format!("rn-m3-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns"),
+        )
+        .await
+        .expect("namespace");
+    publish(
+        &client,
+        &ns,
+        &node_name,
+        &[("kubelet", &kubelet_dir, &[("app", "m3")])],
+    )
+    .await;
+    let groups: Api<tandem::api::ConsistencyGroup> = Api::namespaced(client.clone(), &ns);
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "m3"},
+                "spec": {"selector": {"matchLabels": {"app": "m3"}}, "freezeTimeoutSeconds": 10}}))
+            .expect("group"),
+        )
+        .await
+        .expect("group");
+    let supported = member_supported(&groups, "m3").await;
+    if supported {
+        let snapshots: Api<GroupSnapshot> = Api::namespaced(client.clone(), &ns);
+        snapshots
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "m3-1"},
+                    "spec": {"groupName": "m3", "deletionPolicy": "Delete"}}))
+                .expect("snapshot"),
+            )
+            .await
+            .expect("snapshot");
+        let status = eventually(WAIT, "the GroupSnapshot ended", || {
+            let snapshots = snapshots.clone();
+            async move {
+                let status = snapshots.get("m3-1").await.ok()?.status?;
+                matches!(
+                    status.phase,
+                    GroupSnapshotPhase::Ready | GroupSnapshotPhase::Failed
+                )
+                .then_some(status)
+            }
+        })
+        .await;
+        let _ = snapshots.delete("m3-1", &DeleteParams::default()).await;
+        eventually(WAIT, "GroupSnapshot gone", || {
+            let snapshots = snapshots.clone();
+            async move {
+                snapshots
+                    .get_opt("m3-1")
+                    .await
+                    .ok()?
+                    .is_none()
+                    .then_some(())
+            }
+        })
+        .await;
+        assert!(
+            status.phase == GroupSnapshotPhase::Failed && status.members.iter().all(|m| !m.frozen),
+            "the agent froze (or cut) the kubelet's filesystem: {status:?}"
+        );
+    }
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let _ = pvs
+        .delete(&format!("{ns}-kubelet"), &DeleteParams::default())
         .await;
 }

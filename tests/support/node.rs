@@ -156,7 +156,8 @@ pub struct Node {
     pub netns: String,
     /// The node's address (its end of the veth pair); the kubelet serves there.
     pub address: String,
-    /// The kubelet's root folder, a shared mount (Bidirectional volume mounts need one).
+    /// The kubelet's root folder: a filesystem of its own (loop-backed XFS, its image in the
+    /// reflink pool `disks_dir/.node-pool`), a shared mount (Bidirectional mounts need one).
     pub kubelet_dir: PathBuf,
     /// A shared mount for tests' local volumes and their pools (the chart's `extraHostPaths`).
     pub disks_dir: PathBuf,
@@ -270,6 +271,23 @@ fn make_shared(dir: &Path) {
     let d = dir.to_string_lossy();
     must("mount", &["--bind", &d, &d]);
     must("mount", &["--make-rshared", &d]);
+}
+
+/// Attaches an image to a free loop device (losetup allocates atomically; retried when another
+/// process raced for the same number).
+fn attach_loop(image: &Path) -> String {
+    let mut last = String::new();
+    for _ in 0..10 {
+        match run(Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(image))
+        {
+            Ok(out) => return out.trim().to_string(),
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("losetup {}: {last}", image.display());
 }
 
 fn cgroup_root(id: &str, index: usize) -> String {
@@ -532,9 +550,34 @@ impl Cluster {
                 processes: Vec::new(),
             };
             fs::create_dir_all(node.dir.join("logs")).expect("logs");
-            // Before the kubelet starts: binding over live pod mounts would hide them.
-            make_shared(&node.kubelet_dir);
+            // The kubelet's root is a filesystem of its own: a test-made XFS on a loop device over
+            // an image in a reflink pool under the shared folder, so the agent could snapshot it
+            // like any local volume. A test offers it to the agent, which must refuse it (M3);
+            // if it does not, only this test-made filesystem is frozen, never the host's.
+            // Shared mounts are made before the kubelet starts (binding over live pod mounts
+            // would hide them).
             make_shared(&node.disks_dir);
+            let pool = node.disks_dir.join(".node-pool");
+            let pool_image = node.dir.join("node-pool.img");
+            fs::File::create(&pool_image)
+                .and_then(|f| f.set_len(8 << 30))
+                .expect("node pool image");
+            let device = attach_loop(&pool_image);
+            must("mkfs.xfs", &["-q", "-f", "-m", "reflink=1", &device]);
+            fs::create_dir_all(&pool).expect("node pool dir");
+            must("mount", &[&device, &pool.to_string_lossy()]);
+            let image = pool.join("kubelet.img");
+            fs::File::create(&image)
+                .and_then(|f| f.set_len(4 << 30))
+                .expect("kubelet image");
+            let device = attach_loop(&image);
+            must("mkfs.xfs", &["-q", "-f", &device]);
+            fs::create_dir_all(&node.kubelet_dir).expect("kubelet dir");
+            must("mount", &[&device, &node.kubelet_dir.to_string_lossy()]);
+            must(
+                "mount",
+                &["--make-rshared", &node.kubelet_dir.to_string_lossy()],
+            );
             let in_ns = |args: &[&str]| {
                 let net = format!("--net=/run/netns/{ns}");
                 let mut all = vec![net.as_str(), "--"];
