@@ -1,5 +1,5 @@
 # tandem: the two things a fresh machine needs (see README.md), and their parts.
-.PHONY: test demo deps tools lint unit lvm-qemu crds bench
+.PHONY: test demo demo-node deps tools lint unit lvm-qemu crds bench
 
 ## Everything CI runs: system packages, the test control plane, lint, every test.
 test: deps tools lint unit lvm-qemu
@@ -30,6 +30,14 @@ crds:
 demo: deps tools
 	cargo build --bin tandem --example demo
 	target/debug/examples/demo
+
+## The same story the way users run tandem (root): tandem's image built with no registry, a
+## control plane and a real node (kubelet + containerd), helm install of the chart, PostgreSQL with
+## pgbench in pods, a GroupSnapshot under load, and a clean-up.
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+demo-node: deps tools
+	cargo build --bin tandem --example demo_node
+	$(TARGET_DIR)/debug/examples/demo_node
 
 .PHONY: chart-crds deploy
 

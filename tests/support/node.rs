@@ -20,8 +20,11 @@ use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
+
+use serde_json::json;
 
 use super::control_plane::{ControlPlane, PlaneOptions, tools_bin};
 use super::repo_root;
@@ -119,9 +122,15 @@ pub fn can_run_nodes() -> bool {
 pub fn images() -> &'static BTreeMap<String, String> {
     static IMAGES: OnceLock<BTreeMap<String, String>> = OnceLock::new();
     IMAGES.get_or_init(|| {
+        // Tests get the binary cargo built for them; the demo (an example) the debug build.
         let binary = option_env!("CARGO_BIN_EXE_tandem")
             .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("target/debug/tandem"));
+            .unwrap_or_else(|| {
+                std::env::var_os("CARGO_TARGET_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| repo_root().join("target"))
+                    .join("debug/tandem")
+            });
         let started = Instant::now();
         let out = run(Command::new(repo_root().join("hack/image/build.sh"))
             .arg("--postgres")
@@ -147,7 +156,8 @@ pub struct Node {
     pub netns: String,
     /// The node's address (its end of the veth pair); the kubelet serves there.
     pub address: String,
-    /// The kubelet's root folder, a shared mount (Bidirectional volume mounts need one).
+    /// The kubelet's root folder: a filesystem of its own (loop-backed XFS, its image in the
+    /// reflink pool `disks_dir/.node-pool`), a shared mount (Bidirectional mounts need one).
     pub kubelet_dir: PathBuf,
     /// A shared mount for tests' local volumes and their pools (the chart's `extraHostPaths`).
     pub disks_dir: PathBuf,
@@ -171,6 +181,14 @@ impl Node {
     pub fn import(&self, archive: &str) {
         self.ctr(&["images", "import", archive])
             .unwrap_or_else(|e| panic!("import {archive}: {e}"));
+    }
+
+    /// A folder of this node for a test's image files (a pool's image goes here, not in a
+    /// scratch folder: the cluster's cleanup then detaches its loop device even after a kill).
+    pub fn images_dir(&self) -> PathBuf {
+        let dir = self.dir.join("images");
+        fs::create_dir_all(&dir).expect("images dir");
+        dir
     }
 
     /// The last lines a process of this node logged.
@@ -255,8 +273,25 @@ fn make_shared(dir: &Path) {
     must("mount", &["--make-rshared", &d]);
 }
 
-fn cgroup_root(pid: u32, index: usize) -> String {
-    format!("tandem-{pid}-n{index}")
+/// Attaches an image to a free loop device (losetup allocates atomically; retried when another
+/// process raced for the same number).
+fn attach_loop(image: &Path) -> String {
+    let mut last = String::new();
+    for _ in 0..10 {
+        match run(Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(image))
+        {
+            Ok(out) => return out.trim().to_string(),
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("losetup {}: {last}", image.display());
+}
+
+fn cgroup_root(id: &str, index: usize) -> String {
+    format!("tandem-{id}-n{index}")
 }
 
 /// Creates the node's cgroup in every hierarchy (the kubelet refuses a cgroupRoot that does
@@ -281,7 +316,7 @@ fn make_cgroups(name: &str) {
 }
 
 /// The script that removes one cluster, whatever state it is in. Idempotent.
-fn cleanup_script(root: &Path, pid: u32, netns: &[String]) -> String {
+fn cleanup_script(root: &Path, id: &str, netns: &[String]) -> String {
     let r = root.display();
     format!(
         r#"#!/bin/sh
@@ -302,7 +337,7 @@ sockets=$(for ns in {netns}; do nsenter --net=/run/netns/$ns cat /proc/net/unix 
 # Processes: kubelet, containerd and shims name the folder; containers live in the cgroups.
 for i in 1 2 3 4 5 6 7 8 9 10; do
   pids=$(grep -l -a -F "$R/" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3 | grep -vx "$$")
-  for d in /sys/fs/cgroup/pids/tandem-{pid}-n*; do
+  for d in /sys/fs/cgroup/pids/tandem-{id}-n*; do
     [ -d "$d" ] && pids="$pids $(find "$d" -name cgroup.procs -exec cat {{}} + 2>/dev/null)"
   done
   [ -z "$(echo $pids)" ] && break
@@ -310,18 +345,34 @@ for i in 1 2 3 4 5 6 7 8 9 10; do
   sleep 0.3
 done
 for m in $(mounts); do fsfreeze -u "$m" 2>/dev/null; done
-# Mounts (deepest first) and loop devices whose image is ours, until nothing is left.
-for i in 1 2 3 4 5; do
-  for m in $(mounts); do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null; done
-  losetup -l -n -O NAME,BACK-FILE | awk -v r="$R/" 'index($2, r) == 1 {{print $1}}' | xargs -r -n1 losetup -d 2>/dev/null
-  [ -z "$(mounts)" ] && [ -z "$(losetup -l -n -O BACK-FILE | grep "^$R/")" ] && break
+# Our loop devices: an image under $R, or an image on a filesystem of one of ours (a volume in a
+# pool), however deep.
+our_loops() {{
+  losetup -l -n -O NAME,MAJ:MIN,BACK-MAJ:MIN,BACK-FILE | awk -v r="$R/" '
+    {{ name[NR] = $1; dev[NR] = $2; back[NR] = $3; file[NR] = $4 }}
+    END {{
+      for (i = 1; i <= NR; i++) if (index(file[i], r) == 1) ours[dev[i]] = 1
+      do {{ added = 0
+        for (i = 1; i <= NR; i++) if (!(dev[i] in ours) && (back[i] in ours)) {{ ours[dev[i]] = 1; added = 1 }}
+      }} while (added)
+      for (i = 1; i <= NR; i++) if (dev[i] in ours) print name[i]
+    }}'
+}}
+# Mounts (deepest first) and loop devices, until nothing is left. A pool stays busy until the loop
+# devices of its images are gone, so lazy unmounts only at the very end (they would hide the pool
+# and the images' paths).
+for i in 1 2 3 4 5 6; do
+  for m in $(mounts); do umount "$m" 2>/dev/null; done
+  for l in $(our_loops); do losetup -d "$l" 2>/dev/null; done
+  [ -z "$(mounts)" ] && [ -z "$(our_loops)" ] && break
   sleep 0.5
 done
+for m in $(mounts); do umount -l "$m" 2>/dev/null; done
 for ns in {netns}; do ip netns delete "$ns" 2>/dev/null; done
-for d in /sys/fs/cgroup/*/tandem-{pid}-n*; do [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {{}} \; 2>/dev/null; done
+for d in /sys/fs/cgroup/*/tandem-{id}-n*; do [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {{}} \; 2>/dev/null; done
 # What the kubelet, CNI and containerd write outside their folders.
 find /var/log/containers -maxdepth 1 -lname "$R/*" -delete 2>/dev/null
-rm -f /var/lib/cni/results/tandem-{pid}-n* $sockets 2>/dev/null
+rm -f /var/lib/cni/results/tandem-{id}-n* $sockets 2>/dev/null
 for id in $(ls "$R"/n*/containerd/root/io.containerd.grpc.v1.cri/sandboxes 2>/dev/null); do rm -f /var/lib/cni/results/*-"$id"-*; done
 rmdir /var/lib/cni/results /var/lib/cni /var/log/containers /run/containerd/s /run/containerd 2>/dev/null
 # Only when nothing of ours is mounted any more (rm must never walk into a host mount).
@@ -371,15 +422,21 @@ impl Cluster {
         clean_dead_clusters();
         let images = images();
 
+        // One id per cluster (a process may run several): names of folders, namespaces, cgroups.
+        static SEQUENCE: AtomicU32 = AtomicU32::new(0);
         let pid = std::process::id();
+        let id = format!("{pid}c{}", SEQUENCE.fetch_add(1, Ordering::Relaxed));
         fs::create_dir_all(CLUSTERS_DIR).expect("clusters dir");
-        let root = PathBuf::from(CLUSTERS_DIR).join(format!("{pid}"));
+        let root = PathBuf::from(CLUSTERS_DIR).join(&id);
         assert!(!root.exists(), "{} exists already", root.display());
         fs::create_dir_all(&root).expect("cluster dir");
+        // Two clusters of this process must not pick the same range at once.
+        static NETWORK: Mutex<()> = Mutex::new(());
+        let network = NETWORK.lock().unwrap_or_else(|e| e.into_inner());
         let octet = free_octet();
-        let netns: Vec<String> = (0..count).map(|i| format!("tandem-{pid}-n{i}")).collect();
+        let netns: Vec<String> = (0..count).map(|i| format!("tandem-{id}-n{i}")).collect();
         let script = root.join("cleanup.sh");
-        write(&script, &cleanup_script(&root, pid, &netns));
+        write(&script, &cleanup_script(&root, &id, &netns));
         write(&root.join("owner"), &pid.to_string());
         // The reaper: its own session, not a child that dies with us; it cleans up after a kill.
         let reaper = Command::new("setsid")
@@ -394,8 +451,8 @@ impl Cluster {
 
         // Networks first: the API server binds the host end of node 0's pair.
         for (i, ns) in netns.iter().enumerate() {
-            let host_if = format!("tnd{pid}h{i}");
-            let host_if: String = host_if.chars().take(15).collect();
+            let host_if = format!("t{id}h{i}");
+            assert!(host_if.len() <= 15, "interface name {host_if} too long");
             must("ip", &["netns", "add", ns]);
             must(
                 "ip",
@@ -449,6 +506,7 @@ impl Cluster {
                 );
             }
         }
+        drop(network);
         let api_address = format!("10.{octet}.0.1");
         let plane = ControlPlane::start_with(
             &repo_root().join("crds"),
@@ -492,9 +550,34 @@ impl Cluster {
                 processes: Vec::new(),
             };
             fs::create_dir_all(node.dir.join("logs")).expect("logs");
-            // Before the kubelet starts: binding over live pod mounts would hide them.
-            make_shared(&node.kubelet_dir);
+            // The kubelet's root is a filesystem of its own: a test-made XFS on a loop device over
+            // an image in a reflink pool under the shared folder, so the agent could snapshot it
+            // like any local volume. A test offers it to the agent, which must refuse it (M3);
+            // if it does not, only this test-made filesystem is frozen, never the host's.
+            // Shared mounts are made before the kubelet starts (binding over live pod mounts
+            // would hide them).
             make_shared(&node.disks_dir);
+            let pool = node.disks_dir.join(".node-pool");
+            let pool_image = node.dir.join("node-pool.img");
+            fs::File::create(&pool_image)
+                .and_then(|f| f.set_len(8 << 30))
+                .expect("node pool image");
+            let device = attach_loop(&pool_image);
+            must("mkfs.xfs", &["-q", "-f", "-m", "reflink=1", &device]);
+            fs::create_dir_all(&pool).expect("node pool dir");
+            must("mount", &[&device, &pool.to_string_lossy()]);
+            let image = pool.join("kubelet.img");
+            fs::File::create(&image)
+                .and_then(|f| f.set_len(4 << 30))
+                .expect("kubelet image");
+            let device = attach_loop(&image);
+            must("mkfs.xfs", &["-q", "-f", &device]);
+            fs::create_dir_all(&node.kubelet_dir).expect("kubelet dir");
+            must("mount", &[&device, &node.kubelet_dir.to_string_lossy()]);
+            must(
+                "mount",
+                &["--make-rshared", &node.kubelet_dir.to_string_lossy()],
+            );
             let in_ns = |args: &[&str]| {
                 let net = format!("--net=/run/netns/{ns}");
                 let mut all = vec![net.as_str(), "--"];
@@ -549,7 +632,7 @@ impl Cluster {
                     .plane
                     .kubeconfig_for(&format!("system:node:{}", node.name), &["system:nodes"]),
             );
-            let cgroup = cgroup_root(pid, i);
+            let cgroup = cgroup_root(&id, i);
             make_cgroups(&cgroup);
             let config = node.dir.join("kubelet.yaml");
             write(&config, &kubelet_config(&node, &ca, &cgroup));
@@ -628,6 +711,19 @@ impl Cluster {
         )
     }
 
+    /// kubectl with a bearer token (a pod's service-account token) instead of the admin's.
+    pub fn kubectl_with_token(&self, token: &str, args: &[&str]) -> Result<String, String> {
+        run(Command::new(tools_bin().join("kubectl"))
+            .env_remove("KUBECONFIG")
+            .arg(format!("--server={}", self.plane.server))
+            .arg(format!(
+                "--certificate-authority={}",
+                self.root.join("ca.crt").display()
+            ))
+            .arg(format!("--token={}", token.trim()))
+            .args(args))
+    }
+
     /// helm as cluster admin, its caches in the cluster folder.
     pub fn helm(&self, args: &[&str]) -> Result<String, String> {
         run(Command::new(kube_tool("helm"))
@@ -646,6 +742,7 @@ impl Cluster {
             return;
         }
         self.cleaned = true;
+        let started = Instant::now();
         for node in &mut self.nodes {
             for (_, child) in node.processes.iter_mut().rev() {
                 let _ = child.kill();
@@ -658,6 +755,11 @@ impl Cluster {
         // The cleanup ended the reaper (its command line names the folder); collect it.
         let _ = self.reaper.kill();
         let _ = self.reaper.wait();
+        eprintln!(
+            "[node] cluster {} removed in {:.1} s",
+            self.root.display(),
+            started.elapsed().as_secs_f64()
+        );
         self.plane.stop();
     }
 }
@@ -846,3 +948,57 @@ pub fn with_cluster<T>(f: impl FnOnce(&Cluster) -> T) -> T {
     let guard = SHARED_CLUSTER.lock().expect("cluster lock");
     f(guard.as_ref().expect("cluster started"))
 }
+
+/// A PostgreSQL pod with its data directory on claim `data` and its WAL on claim `wal`
+/// (initdb --waldir, a symlink across the two volumes). `init` makes a new cluster; otherwise it
+/// starts on what the volumes hold (a restore: crash recovery from the WAL).
+pub fn postgres_pod(ns: &str, name: &str, data: &str, wal: &str, init: bool) -> serde_json::Value {
+    let bin = "/usr/lib/postgresql/15/bin";
+    let start = if init {
+        format!(
+            "chown postgres:postgres /data /wal && runuser -u postgres -- {bin}/initdb -D /data/pg -X /wal/pg --auth=trust -U postgres >/dev/null && echo 'host all all 0.0.0.0/0 trust' >> /data/pg/pg_hba.conf"
+        )
+    } else {
+        "rm -f /data/pg/postmaster.pid".to_string()
+    };
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "securityContext": {"runAsUser": 0},
+            "containers": [{"name": "postgres", "image": "localhost/tandem/postgres:15",
+                "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c", format!(
+                    "set -e; {start}; exec runuser -u postgres -- {bin}/postgres -D /data/pg -c listen_addresses='*' -c unix_socket_directories=/tmp"
+                )],
+                "readinessProbe": {"exec": {"command": ["pg_isready", "-h", "/tmp", "-U", "postgres"]},
+                                   "periodSeconds": 1},
+                "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                                 {"name": "wal", "mountPath": "/wal"}]}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": data}},
+                        {"name": "wal", "persistentVolumeClaim": {"claimName": wal}}]
+        }
+    })
+}
+
+/// pgbench in a pod of its own: initializes (scale 2), then runs 4 clients for an hour against
+/// PostgreSQL at `address`.
+pub fn pgbench_pod(ns: &str, address: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "pgbench", "namespace": ns},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "pgbench", "image": "localhost/tandem/postgres:15",
+                "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c", format!(
+                    "pgbench -i -s 2 -h {address} -U postgres postgres && exec pgbench -n -c 4 -j 2 -T 3600 -h {address} -U postgres postgres"
+                )]}]
+        }
+    })
+}
+
+/// pgbench's invariant: every transaction moves the same delta through an account, a teller and a
+/// branch, and records it in the history, all at once.
+pub const PGBENCH_BALANCED: &str = "select (select sum(abalance) from pgbench_accounts) = (select sum(bbalance) from pgbench_branches) and (select sum(bbalance) from pgbench_branches) = (select sum(tbalance) from pgbench_tellers) and (select sum(tbalance) from pgbench_tellers) = (select coalesce(sum(delta), 0) from pgbench_history)";
