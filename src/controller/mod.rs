@@ -101,6 +101,8 @@ pub struct Context {
     pub node_snapshots_changed: Arc<tokio::sync::Notify>,
     /// Whether the caches are synced (served on /readyz).
     pub ready: Arc<AtomicBool>,
+    /// When this process started reconciling.
+    pub started: std::time::Instant,
 }
 
 impl Context {
@@ -278,6 +280,7 @@ async fn run_controllers(
         wake,
         node_snapshots_changed,
         ready,
+        started: std::time::Instant::now(),
     });
     let readiness = async {
         // However long the first lists take: each attempt waits a bounded time.

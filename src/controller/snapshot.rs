@@ -222,7 +222,8 @@ async fn start(
         .unwrap_or_default();
     // GitOps may apply a group, its claims and a snapshot at once: give them a moment to settle
     // before calling the snapshot failed.
-    let settling = age < GROUP_GRACE;
+    // So does a controller that just started: its groups may not be resolved again yet.
+    let settling = age < GROUP_GRACE || ctx.started.elapsed() < GROUP_GRACE;
     let wait = |status: &mut GroupSnapshotStatus, message: String| {
         let changed = status.message.as_deref() != Some(message.as_str());
         status.message = Some(message);
