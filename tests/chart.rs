@@ -788,7 +788,7 @@ async fn kubectl_apply_of_deploy_twice_changes_nothing() {
     let first = kubectl_admin(&["apply", "-f", &deploy]);
     assert!(first.contains("daemonset.apps/tandem-agent"), "{first}");
     let before = live_objects(&[&deploy]);
-    assert_eq!(before.len(), 19, "every object of deploy/ exists");
+    assert_eq!(before.len(), 21, "every object of deploy/ exists");
     // The API server accepted them as they are: the pod template really reaches a Pod.
     let deploy_ok = kubectl_admin(&[
         "-n",
@@ -842,7 +842,7 @@ async fn kubectl_apply_of_deploy_twice_changes_nothing() {
     let before = live_objects(&[&file]);
     kubectl_admin(&ssa);
     let after = live_objects(&[&file]);
-    assert_eq!(before.len(), 15);
+    assert_eq!(before.len(), 17);
     assert_eq!(before, after, "a second server-side apply changed objects");
 
     // Leave the cluster-wide objects of deploy/ behind for no one (CRDs stay: other tests use them).
@@ -875,10 +875,10 @@ async fn helm_install_upgrade_and_uninstall_in_the_control_plane() {
     assert!(out.contains("crds.install is false"), "NOTES: {out}");
     let manifest = helm_ok(&["get", "manifest", "tandem-it", "-n", ns]);
     let objects = parse_objects(&manifest);
-    assert_eq!(objects.len(), 15, "{:?}", kinds_and_names(&objects));
+    assert_eq!(objects.len(), 17, "{:?}", kinds_and_names(&objects));
     let (_dir, file) = temp_file("manifest.yaml", &manifest);
     let live = live_objects(&[file.to_str().unwrap()]);
-    assert_eq!(live.len(), 15, "every object is in the API server");
+    assert_eq!(live.len(), 17, "every object is in the API server");
     // The Deployment's pod template is a valid Pod: kube-controller-manager made one.
     let pods = env
         .kubectl(&[
@@ -1088,6 +1088,10 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         ns,
         "--set",
         "crds.install=false",
+        // The guard is cluster-wide and lets only its own release's controller through: it
+        // stays behind with this test's cluster-wide objects, so only its own test installs it.
+        "--set",
+        "controller.finalizerGuard.enabled=false",
     ]);
     env.kubectl(&["create", "serviceaccount", "nobody"])
         .expect("baseline account");
@@ -1158,6 +1162,8 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "delete nodesnapshots.tandem.dev",
         "list persistentvolumes",
         "watch persistentvolumeclaims -A",
+        "list nodes",
+        "watch nodes",
         "create events.events.k8s.io",
         "create leases.coordination.k8s.io",
         "get leases.coordination.k8s.io/tandem-controller",
@@ -1285,6 +1291,7 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
             "leases.coordination.k8s.io [] [tandem-controller] [get update patch]",
             "leases.coordination.k8s.io [] [] [create]",
             "nodesnapshots.tandem.dev [] [] [get list watch create patch delete]",
+            "nodes [] [] [list watch]",
             "persistentvolumeclaims [] [] [get list watch]",
             "persistentvolumes [] [] [get list watch]",
         ])
@@ -1352,6 +1359,10 @@ async fn agent_tokens_write_only_the_nodesnapshots_of_their_own_node() {
         ns,
         "--set",
         "crds.install=false",
+        // The guard is cluster-wide and lets only its own release's controller through: it
+        // stays behind with this test's cluster-wide objects, so only its own test installs it.
+        "--set",
+        "controller.finalizerGuard.enabled=false",
     ]);
     let sa = "tandem-vap-agent";
     let suffix = std::process::id();
@@ -1386,7 +1397,6 @@ async fn agent_tokens_write_only_the_nodesnapshots_of_their_own_node() {
     let (_a, agent_a) = token_file(&token(ns, sa, Some("agent-a")));
     let (_b, agent_b) = token_file(&token(ns, sa, Some("agent-b")));
     let (_u, unbound) = token_file(&token(ns, sa, None));
-    let (_c, controller) = token_file(&token(ns, "tandem-vap-controller", None));
 
     // The token really carries its node (Kubernetes >= 1.32 puts it there).
     let whoami: Value = serde_json::from_str(
@@ -1473,9 +1483,13 @@ async fn agent_tokens_write_only_the_nodesnapshots_of_their_own_node() {
         "{denied}"
     );
 
-    // Other identities are not the policy's business: the controller writes both nodes' objects.
-    patch_status(&controller, ns, "snap-a", "Cut").expect("controller, node A");
-    patch_status(&controller, ns, "snap-b", "Cut").expect("controller, node B");
+    // Other identities are not the policy's business: an admin writes both nodes' objects.
+    let (_m, admin) = temp_file(
+        "admin.kubeconfig",
+        &with_plane(|p| p.kubeconfig_for("vap-admin", &["system:masters"])),
+    );
+    patch_status(&admin, ns, "snap-a", "Cut").expect("admin, node A");
+    patch_status(&admin, ns, "snap-b", "Cut").expect("admin, node B");
 
     // Let the namespace go.
     env.kubectl(&[
@@ -1538,7 +1552,8 @@ fn remove_finalizers(kubeconfig: &Path, ns: &str, name: &str) -> Result<String, 
 
 #[tokio::test]
 async fn only_the_controller_removes_the_finalizer_of_a_started_group_snapshot() {
-    let _crds = CRD_LOCK.read().await;
+    // Alone: a release's guard is cluster-wide and lets only its own controller through.
+    let _crds = CRD_LOCK.write().await;
     let env = TestEnv::new("helm-fin").await;
     let ns = env.namespace.as_str();
     let chart = chart_dir().display().to_string();

@@ -952,3 +952,146 @@ async fn leader_election_runs_one_controller_and_hands_over() {
         .expect("patch group");
     wait_members(&env, "g", &[("data", true), ("wal", true)]).await;
 }
+
+#[tokio::test]
+async fn a_snapshot_of_a_group_whose_members_never_resolve_fails_with_a_message() {
+    let env = TestEnv::new("cg-unresolved").await;
+    let ns = env.namespace.clone();
+    // Something (here a policy of the test's) keeps the controller from writing the group's
+    // status, so its members are never resolved for its current generation.
+    let policy = format!("deny-status-{ns}");
+    let objects = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+         "metadata": {"name": policy},
+         "spec": {"failurePolicy": "Fail",
+                  "matchConstraints": {"resourceRules": [{"apiGroups": ["tandem.dev"], "apiVersions": ["*"],
+                      "operations": ["UPDATE", "CREATE"], "resources": ["consistencygroups/status"]}]},
+                  "validations": [{"expression": "false", "message": "status writes are blocked by the test"}]}},
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+         "metadata": {"name": policy},
+         "spec": {"policyName": policy, "validationActions": ["Deny"],
+                  "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}}}
+    ]});
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("policy.json");
+    std::fs::write(&file, objects.to_string()).expect("write");
+    let file = file.to_str().unwrap().to_string();
+    env.kubectl(&["create", "-f", &file]).expect("policy");
+    publish_volume(&env, "data", "node-a", &[], &[]).await;
+    let groups: Api<ConsistencyGroup> = env.api();
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(group("stuck", json!({"claims": ["data"]}))).expect("group"),
+        )
+        .await
+        .expect("create group");
+    // Wait until the policy is in force (a status write is refused).
+    eventually(WAIT, "the status policy", || {
+        let groups = groups.clone();
+        async move {
+            groups
+                .patch_status(
+                    "stuck",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": {"readyMembers": 0}})),
+                )
+                .await
+                .err()
+        }
+    })
+    .await;
+    let controller = start_controller(&env);
+    let snapshots: Api<GroupSnapshot> = env.api();
+    snapshots
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "stuck-1"}, "spec": {"groupName": "stuck"}}),
+            )
+            .expect("snapshot"),
+        )
+        .await
+        .expect("create snapshot");
+    let status = eventually(Duration::from_secs(25), "the snapshot to fail", || {
+        let snapshots = snapshots.clone();
+        async move {
+            let status = snapshots.get("stuck-1").await.ok()?.status?;
+            (status.phase == tandem::api::GroupSnapshotPhase::Failed).then_some(status)
+        }
+    })
+    .await;
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.contains("has not resolved its members"),
+        "{message}"
+    );
+    assert_eq!(status.conditions[0].reason, "GroupNotResolved");
+    controller.abort();
+    let _ = with_plane_delete(&file);
+}
+
+fn with_plane_delete(file: &str) -> Result<String, String> {
+    support::with_plane(|p| p.kubectl(&["delete", "-f", file, "--wait=false"]))
+}
+
+/// A TCP proxy to `upstream` that holds every connection made before `until` until then: a slow
+/// API server, as the first lists of a large cluster are. Returns its port.
+fn holding_proxy(upstream: String, until: std::time::Instant) -> u16 {
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for inbound in listener.incoming().flatten() {
+            let upstream = upstream.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+                let Ok(outbound) = TcpStream::connect(&upstream) else {
+                    return;
+                };
+                let (Ok(mut in_r), Ok(mut out_w)) = (inbound.try_clone(), outbound.try_clone())
+                else {
+                    return;
+                };
+                let (mut out_r, mut in_w) = (outbound, inbound);
+                std::thread::spawn(move || std::io::copy(&mut in_r, &mut out_w));
+                let _ = std::io::copy(&mut out_r, &mut in_w);
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn readiness_waits_as_long_as_the_first_lists_take() {
+    use support::process::Daemon;
+    let env = TestEnv::new("cg-ready").await;
+    let upstream = env
+        .plane
+        .server
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_string();
+    // Every request of the first 8 s waits until then: longer than one 5 s cache wait.
+    let port = holding_proxy(
+        upstream.clone(),
+        std::time::Instant::now() + Duration::from_secs(8),
+    );
+    let kubeconfig = std::fs::read_to_string(&env.plane.kubeconfig)
+        .expect("kubeconfig")
+        .replace(&upstream, &format!("127.0.0.1:{port}"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("slow.kubeconfig");
+    std::fs::write(&file, kubeconfig).expect("write");
+    let http = support::control_plane::free_port();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"));
+    cmd.args(["controller", "--namespace", &env.namespace])
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .env("KUBECONFIG", &file);
+    let mut controller = Daemon::spawn("slow-controller", &mut cmd, dir.path());
+    eventually(WAIT, "the controller ready", || async move {
+        (http_get(http, "/readyz")?.0 == 200).then_some(())
+    })
+    .await;
+    assert!(controller.is_running());
+}

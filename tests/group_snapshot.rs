@@ -244,26 +244,31 @@ async fn single_node_snapshot_with_retain_keeps_the_clones() {
         .await
         .expect("delete");
     let nodes_api: Api<NodeSnapshot> = w.env.api();
-    eventually(WAIT, "GroupSnapshot gone", || {
+    // The GroupSnapshot goes; its NodeSnapshot stays as the record of the kept clones.
+    let kept = eventually(WAIT, "GroupSnapshot gone, NodeSnapshot kept", || {
         let snapshots = snapshots.clone();
         let nodes_api = nodes_api.clone();
         async move {
-            let gone = snapshots.get_opt("solo-1").await.ok()?.is_none()
-                && nodes_api
-                    .list(&ListParams::default())
-                    .await
-                    .ok()?
-                    .items
-                    .is_empty();
-            gone.then_some(())
+            let gone = snapshots.get_opt("solo-1").await.ok()?.is_none();
+            let nodes = nodes_api.list(&ListParams::default()).await.ok()?.items;
+            match nodes.as_slice() {
+                [kept] if gone && kept.owner_references().is_empty() => Some(kept.clone()),
+                _ => None,
+            }
         }
     })
     .await;
     assert_eq!(w.snapshot_files().len(), 2, "Retain must keep the clones");
     w.assert_nothing_frozen();
-    for file in w.snapshot_files() {
-        std::fs::remove_file(file).expect("remove retained clone");
-    }
+    // Deleting the kept NodeSnapshot deletes the clones.
+    nodes_api
+        .delete(&kept.name_any(), &DeleteParams::default())
+        .await
+        .expect("delete kept");
+    eventually(WAIT, "kept clones deleted", || async {
+        w.snapshot_files().is_empty().then_some(())
+    })
+    .await;
 }
 
 /// NodeSnapshots kept by a `Retain` deletion (no owner, label tandem.dev/retained).
@@ -297,7 +302,23 @@ async fn retained_snapshots_stay_counted_as_nodesnapshots_and_the_quota_bounds_t
         w.create_snapshot(&name, "g", "Retain").await;
         let ready = w.wait_phase(&name, GroupSnapshotPhase::Ready).await;
         let clone = World::member_clone(&ready, "one");
-        w.delete_snapshot(&name).await;
+        if round == 1 {
+            w.delete_snapshot(&name).await;
+        } else {
+            // GitOps tools delete in the foreground: the garbage collector deletes the
+            // NodeSnapshots first. What they keep must stay all the same.
+            let snapshots: Api<GroupSnapshot> = w.env.api();
+            snapshots
+                .delete(&name, &DeleteParams::foreground())
+                .await
+                .expect("delete in the foreground");
+            eventually(WAIT, "the GroupSnapshot gone", || {
+                let snapshots = snapshots.clone();
+                let name = name.clone();
+                async move { snapshots.get_opt(&name).await.ok()?.is_none().then_some(()) }
+            })
+            .await;
+        }
         // The snapshot stays, and so does an object that accounts for it.
         assert!(clone.exists(), "round {round}: the retained clone is gone");
         let kept = kept_node_snapshots(&w).await;
@@ -319,12 +340,16 @@ async fn retained_snapshots_stay_counted_as_nodesnapshots_and_the_quota_bounds_t
             mine.spec.deletion_policy,
             tandem::api::DeletionPolicy::Delete
         );
-        assert!(
-            !mine
-                .finalizers()
+        // Released to be deleted by whoever deletes it; one that was already being deleted keeps
+        // the controller's finalizer as its hold.
+        assert_eq!(
+            mine.finalizers()
                 .iter()
-                .any(|f| f == "tandem.dev/group-snapshot")
+                .any(|f| f == "tandem.dev/group-snapshot"),
+            round == 2,
+            "{mine:?}"
         );
+        assert_eq!(mine.metadata.deletion_timestamp.is_some(), round == 2);
     }
     // The Event says where the data is.
     let events: Api<k8s_openapi::api::events::v1::Event> = w.env.api();
@@ -358,8 +383,12 @@ async fn retained_snapshots_stay_counted_as_nodesnapshots_and_the_quota_bounds_t
 
     // Deleting a kept NodeSnapshot deletes its snapshot.
     let nodes: Api<NodeSnapshot> = w.env.api();
-    let first = kept_node_snapshots(&w).await.remove(0);
-    let first_name = first.name_any();
+    let kept = kept_node_snapshots(&w).await;
+    let (terminating, live): (Vec<_>, Vec<_>) = kept
+        .into_iter()
+        .partition(|n| n.metadata.deletion_timestamp.is_some());
+    assert_eq!((terminating.len(), live.len()), (1, 1));
+    let first_name = live[0].name_any();
     nodes
         .delete(&first_name, &DeleteParams::default())
         .await
@@ -372,6 +401,19 @@ async fn retained_snapshots_stay_counted_as_nodesnapshots_and_the_quota_bounds_t
             let gone = nodes.get_opt(&first_name).await.ok()?.is_none();
             (gone && w.snapshot_files().len() == 1).then_some(())
         }
+    })
+    .await;
+    // The one kept from a foreground deletion goes when its finalizer is removed.
+    nodes
+        .patch(
+            &terminating[0].name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": ["tandem.dev/agent"]}})),
+        )
+        .await
+        .expect("release the terminating one");
+    eventually(WAIT, "its clone gone", || async {
+        w.snapshot_files().is_empty().then_some(())
     })
     .await;
     for file in w.snapshot_files() {

@@ -17,7 +17,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::conditions::condition;
-use super::membership::resolve_members;
+use super::membership::{HOSTNAME_LABEL, name_nodes, nodes_by_hostname, resolve_members};
 use super::{CONTROLLER_NAME, Context, Error, caches_ready, publish_event};
 use crate::api::{CONDITION_READY, ConsistencyGroup, ConsistencyGroupStatus, GroupMember};
 
@@ -89,7 +89,17 @@ async fn reconcile(group: Arc<ConsistencyGroup>, ctx: Arc<Context>) -> Result<Ac
         claims.iter().map(Arc::as_ref),
         volumes.iter().map(Arc::as_ref),
     ) {
-        Ok(members) => summarize(members, &previous, generation),
+        Ok(mut members) => {
+            let nodes = ctx.nodes.state();
+            let by_hostname = nodes_by_hostname(nodes.iter().map(|n| {
+                (
+                    n.metadata.name.as_deref().unwrap_or_default(),
+                    n.labels().get(HOSTNAME_LABEL).map(String::as_str),
+                )
+            }));
+            name_nodes(&mut members, &by_hostname);
+            summarize(members, &previous, generation)
+        }
         Err(e) => ConsistencyGroupStatus {
             observed_generation: generation,
             conditions: vec![condition(

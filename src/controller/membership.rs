@@ -35,6 +35,37 @@ impl SelectorError {
     }
 }
 
+/// Node names by their hostname label, from `(node name, hostname label)` pairs. A label value
+/// that several Nodes carry is left out (ambiguous).
+pub fn nodes_by_hostname<'a>(
+    nodes: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+) -> BTreeMap<String, String> {
+    let mut by_label: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for (name, label) in nodes {
+        let Some(label) = label else { continue };
+        by_label
+            .entry(label.to_string())
+            .and_modify(|seen| *seen = None)
+            .or_insert_with(|| Some(name.to_string()));
+    }
+    by_label
+        .into_iter()
+        .filter_map(|(label, name)| Some((label, name?)))
+        .collect()
+}
+
+/// Replaces each member's node, the hostname label value its volume is pinned to, with the name
+/// of the Node that carries that label (they differ with `--hostname-override`, or FQDN against
+/// short names); agents and their tokens know their Node by name. A value no Node carries is
+/// kept as it is.
+pub fn name_nodes(members: &mut [GroupMember], by_hostname: &BTreeMap<String, String>) {
+    for member in members {
+        if let Some(name) = member.node.as_ref().and_then(|n| by_hostname.get(n)) {
+            member.node = Some(name.clone());
+        }
+    }
+}
+
 /// Resolves the members of a group in `namespace`.
 ///
 /// `claims` may hold claims of any namespace and `volumes` any volume; both are filtered here.
@@ -527,6 +558,34 @@ mod tests {
                 .len(),
             MAX_MEMBERS
         );
+    }
+
+    #[test]
+    fn members_live_on_the_node_whose_hostname_label_their_volume_names() {
+        let claims = [claim("a", "data", &[], Some("pv1"))];
+        let volumes = [volume("pv1", ("a", "data"), Some("node-a.example"), &[])];
+        let spec = ConsistencyGroupSpec {
+            claims: Some(vec!["data".into()]),
+            ..Default::default()
+        };
+        let mut members = resolve_members("a", &spec, &claims, &volumes).unwrap();
+        let nodes = nodes_by_hostname([
+            ("node-a", Some("node-a.example")),
+            ("node-b", Some("node-b")),
+            ("twin-1", Some("twin")),
+            ("twin-2", Some("twin")),
+            ("bare", None),
+        ]);
+        name_nodes(&mut members, &nodes);
+        assert_eq!(members[0].node.as_deref(), Some("node-a"));
+        // Ambiguous labels are not guessed; a label no Node carries stays as it is.
+        assert!(!nodes.contains_key("twin"));
+        let mut lonely = vec![GroupMember {
+            node: Some("gone".into()),
+            ..Default::default()
+        }];
+        name_nodes(&mut lonely, &nodes);
+        assert_eq!(lonely[0].node.as_deref(), Some("gone"));
     }
 
     #[test]

@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -85,6 +86,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub claims: Store<PersistentVolumeClaim>,
     pub volumes: Store<PersistentVolume>,
+    /// Node metadata: a volume's hostname label is mapped to its Node's name.
+    pub nodes: Store<PartialObjectMeta<Node>>,
     pub node_snapshots: Store<crate::api::NodeSnapshot>,
     pub metrics: Arc<Metrics>,
     /// Per namespace: serializes the start of group snapshots, so two never claim the same volume
@@ -98,6 +101,8 @@ pub struct Context {
     pub node_snapshots_changed: Arc<tokio::sync::Notify>,
     /// Whether the caches are synced (served on /readyz).
     pub ready: Arc<AtomicBool>,
+    /// When this process started reconciling.
+    pub started: std::time::Instant,
 }
 
 impl Context {
@@ -203,6 +208,16 @@ async fn run_controllers(
     };
     let volumes_api: Api<PersistentVolume> = Api::all(client.clone());
 
+    let (nodes, nodes_writer) = reflector::store();
+    let node_events = reflector(
+        nodes_writer,
+        watcher(
+            Api::<PartialObjectMeta<Node>>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
     let (claims, claims_writer) = reflector::store();
     let (volumes, volumes_writer) = reflector::store();
     let claim_events = reflector(
@@ -231,6 +246,8 @@ async fn run_controllers(
     .default_backoff()
     .touched_objects();
     let node_snapshots_changed = Arc::new(tokio::sync::Notify::new());
+    // Node changes need no reconcile of their own (a relabelled node is rare); the cache is enough.
+    tokio::spawn(node_events.for_each(|_| async {}));
     let claim_events = drive_in_background("claims", claim_events, None);
     let volume_events = drive_in_background("volumes", volume_events, None);
     let node_snapshot_events = drive_in_background(
@@ -255,6 +272,7 @@ async fn run_controllers(
         client,
         claims,
         volumes,
+        nodes,
         node_snapshots,
         metrics,
         start_locks: Mutex::default(),
@@ -262,6 +280,7 @@ async fn run_controllers(
         wake,
         node_snapshots_changed,
         ready,
+        started: std::time::Instant::now(),
     });
     let readiness = async {
         // However long the first lists take: each attempt waits a bounded time.
@@ -323,6 +342,7 @@ fn drive_in_background<T: Send + 'static>(
 /// computed from half a world; the reconcile is retried when they are not ready yet.
 async fn caches_ready(ctx: &Context) -> Result<(), Error> {
     cache_ready(&ctx.claims, "PersistentVolumeClaims").await?;
+    cache_ready(&ctx.nodes, "Nodes").await?;
     cache_ready(&ctx.volumes, "PersistentVolumes").await
 }
 

@@ -12,7 +12,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::snapshot::FINALIZER;
+use super::snapshot::{FINALIZER, RETAINED_FROM_UID_ANNOTATION};
 use super::{Context, Error, cache_ready, publish_event};
 use crate::api::{DeletionPolicy, GroupSnapshot, NodeSnapshot};
 
@@ -46,9 +46,14 @@ pub async fn sweep(ctx: Arc<Context>) {
     }
 }
 
-/// Only a NodeSnapshot being deleted that still has the controller's finalizer can be stuck.
+/// Only a NodeSnapshot being deleted that still has the controller's finalizer can be stuck; one
+/// kept by a `Retain` deletion holds it on purpose (it is the record of the kept snapshots).
 fn may_be_orphan(node: &NodeSnapshot) -> bool {
-    node.metadata.deletion_timestamp.is_some() && crate::finalizer::has(node, FINALIZER)
+    node.metadata.deletion_timestamp.is_some()
+        && crate::finalizer::has(node, FINALIZER)
+        && !node
+            .annotations()
+            .contains_key(RETAINED_FROM_UID_ANNOTATION)
 }
 
 /// The GroupSnapshot (name, uid) that controls a NodeSnapshot.
@@ -154,6 +159,14 @@ mod tests {
             true,
             Some("u")
         )));
+    }
+
+    #[test]
+    fn a_kept_nodesnapshot_is_no_orphan() {
+        let mut kept = node(&[FINALIZER], true, None);
+        kept.metadata.annotations =
+            Some([(RETAINED_FROM_UID_ANNOTATION.to_string(), "u".to_string())].into());
+        assert!(!may_be_orphan(&kept));
     }
 
     #[test]

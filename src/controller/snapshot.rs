@@ -222,7 +222,8 @@ async fn start(
         .unwrap_or_default();
     // GitOps may apply a group, its claims and a snapshot at once: give them a moment to settle
     // before calling the snapshot failed.
-    let settling = age < GROUP_GRACE;
+    // So does a controller that just started: its groups may not be resolved again yet.
+    let settling = age < GROUP_GRACE || ctx.started.elapsed() < GROUP_GRACE;
     let wait = |status: &mut GroupSnapshotStatus, message: String| {
         let changed = status.message.as_deref() != Some(message.as_str());
         status.message = Some(message);
@@ -493,7 +494,13 @@ fn is_ours(
     node.namespace().as_deref() == Some(namespace)
         && controller_uid(node) == Some(snapshot_uid)
         && nodes.contains(node.spec.node_name.as_str())
-        && node.name_any() == node_snapshot_name(snapshot, snapshot_uid, &node.spec.node_name)
+        && {
+            let name = node.name_any();
+            // Or the `<snapshot>-<node>` of earlier controllers, for a cut in flight across
+            // an upgrade (the owner uid already proves whose it is).
+            name == node_snapshot_name(snapshot, snapshot_uid, &node.spec.node_name)
+                || name == format!("{snapshot}-{}", node.spec.node_name)
+        }
 }
 
 fn node_snapshot_for(
@@ -903,7 +910,10 @@ fn fill_members(status: &mut GroupSnapshotStatus, nodes: &BTreeMap<String, NodeS
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Disposal {
     /// Kept as an object of its own (no owner, `deletionPolicy: Delete`): the snapshots stay on
-    /// the node, counted by the namespace's NodeSnapshot quota, until someone deletes it.
+    /// the node, counted by the namespace's NodeSnapshot quota, until someone deletes it. One
+    /// already being deleted (a foreground deletion of the GroupSnapshot deletes its dependents
+    /// first) keeps the controller's finalizer and stays Terminating as the record, until someone
+    /// removes that finalizer.
     Keep,
     /// Deleted: its agent deletes the snapshots.
     Delete,
@@ -916,11 +926,7 @@ fn disposal(policy: DeletionPolicy, was_ready: bool, node: &NodeSnapshot) -> Dis
         .status
         .as_ref()
         .is_some_and(|s| s.phase == NodePhase::Released);
-    if policy == DeletionPolicy::Retain
-        && was_ready
-        && released
-        && node.metadata.deletion_timestamp.is_none()
-    {
+    if policy == DeletionPolicy::Retain && was_ready && released {
         Disposal::Keep
     } else {
         Disposal::Delete
@@ -974,10 +980,11 @@ fn deletion_message(deleting: usize, kept: &[String], failures: &[String]) -> St
 /// it), no controller finalizer, and `deletionPolicy: Delete` so deleting it deletes its
 /// snapshots. Guarded by its resourceVersion.
 fn keeping_patch(node: &NodeSnapshot, from_uid: &str) -> Patch<serde_json::Value> {
+    let terminating = node.metadata.deletion_timestamp.is_some();
     let finalizers: Vec<&String> = node
         .finalizers()
         .iter()
-        .filter(|f| *f != FINALIZER)
+        .filter(|f| terminating || *f != FINALIZER)
         .collect();
     Patch::Merge(json!({
         "metadata": {
@@ -1095,11 +1102,22 @@ async fn cleanup(
         }
     }
     if !newly_kept.is_empty() {
-        let note = format!(
+        let terminating: Vec<String> = plan
+            .iter()
+            .filter(|(n, d)| *d == Disposal::Keep && n.metadata.deletion_timestamp.is_some())
+            .map(|(n, _)| n.name_any())
+            .collect();
+        let mut note = format!(
             "kept the member snapshots of {} node(s) as NodeSnapshot(s) {}; they count against the namespace's count/nodesnapshots.tandem.dev quota, and deleting one deletes its snapshots",
             newly_kept.len(),
             newly_kept.join(", ")
         );
+        if !terminating.is_empty() {
+            note.push_str(&format!(
+                "; {} were already being deleted (foreground deletion) and stay Terminating: remove their finalizer {FINALIZER} to delete their snapshots",
+                terminating.join(", ")
+            ));
+        }
         info!(snapshot = %name, kept = ?newly_kept, "member snapshots kept");
         publish(ctx, snapshot, EventType::Normal, "Retained", note).await;
     }
@@ -1359,8 +1377,14 @@ mod tests {
             s.phase = NodePhase::Cut;
         }
         assert_eq!(disposal(Retain, true, &cut), Disposal::Delete);
-        // Already being deleted: it can no longer be kept as an object.
-        assert_eq!(disposal(Retain, true, &released(true)), Disposal::Delete);
+        // Already being deleted (foreground): kept all the same, as a Terminating record.
+        assert_eq!(disposal(Retain, true, &released(true)), Disposal::Keep);
+        let mut terminating = released(true);
+        terminating.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        let Patch::Merge(body) = keeping_patch(&terminating, "u") else {
+            panic!("a merge patch")
+        };
+        assert_eq!(body["metadata"]["finalizers"], json!([FINALIZER]));
     }
 
     #[test]
