@@ -1177,7 +1177,6 @@ async fn member_supported(groups: &Api<tandem::api::ConsistencyGroup>, name: &st
 /// images). Today the group says every member is supported and the snapshot then fails with
 /// `statfs <image>: No such file or directory`; the user must be told which value to set.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fails until the agent names agent.extraHostPaths when a volume's image is out of its sight (issue 14)"]
 async fn a_volume_whose_image_the_agent_cannot_see_names_the_value_to_set() {
     if !require_root() {
         return;
@@ -1290,7 +1289,6 @@ async fn a_volume_whose_image_the_agent_cannot_see_names_the_value_to_set() {
 /// filesystem, in a pool the agent can see, so nothing else stops the cut) must be refused, and
 /// the kubelet's filesystem never frozen.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fails until the agent guards the kubelet's filesystem as seen from the host (M3)"]
 async fn the_kubelets_filesystem_is_never_frozen() {
     if !require_root() {
         return;
