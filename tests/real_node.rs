@@ -1370,6 +1370,12 @@ async fn the_kubelets_filesystem_is_never_frozen() {
             status.phase == GroupSnapshotPhase::Failed && status.members.iter().all(|m| !m.frozen),
             "the agent froze (or cut) the kubelet's filesystem: {status:?}"
         );
+        // Failed because the agent refused, not because no agent answered.
+        let message = status.message.clone().unwrap_or_default();
+        assert!(
+            message.contains("refusing to freeze") && message.contains("kubelet"),
+            "the snapshot failed for another reason than the kubelet guard: {message}"
+        );
     }
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
