@@ -18,15 +18,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && strip /usr/local/bin/tandem \
  && /usr/local/bin/tandem --version
 
-# Runtime: the agent runs lvs/lvcreate/lvremove (LVM backends) and btrfs (the btrfs backend still
-# shells out for subvolume snapshot/delete); everything else it does with syscalls (FIFREEZE/FITHAW,
-# FICLONE, mount). The controller needs only the binary. The packages are hack/image/packages and
+# Runtime: the agent runs lvs/lvcreate/lvremove (LVM backends); everything else it does with
+# syscalls (FIFREEZE/FITHAW, FICLONE, btrfs snapshot ioctls, mount). The controller needs only the binary. The packages are hack/image/packages and
 # the configuration hack/image/configure-rootfs.sh (LVM without udev), the same as the image
 # hack/image/build.sh makes with no registry (tests/real_node.rs checks that both agree).
 FROM docker.io/library/debian:bookworm-slim
 RUN --mount=type=bind,source=hack/image/configure-rootfs.sh,target=/configure-rootfs.sh \
     apt-get update \
- && apt-get install -y --no-install-recommends lvm2 btrfs-progs ca-certificates \
+ && apt-get install -y --no-install-recommends lvm2 ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && sh /configure-rootfs.sh /
 COPY --from=build /usr/local/bin/tandem /usr/local/bin/tandem
