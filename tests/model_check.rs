@@ -44,6 +44,9 @@ struct Rules {
     /// `watch::reconcile` finalizes without looking at the action: see
     /// `finalizing_without_the_pending_abort_keeps_a_failed_cut`.)
     aborts_before_finalizing: bool,
+    /// A filesystem is registered for thawing the moment its own FIFREEZE returns (not once
+    /// every sibling's has).
+    registers_each_freeze_at_once: bool,
 }
 
 impl Default for Rules {
@@ -56,6 +59,7 @@ impl Default for Rules {
             adopts_existing_name: false,
             delete_checks_identity: true,
             aborts_before_finalizing: true,
+            registers_each_freeze_at_once: true,
         }
     }
 }
@@ -332,7 +336,9 @@ impl Tandem {
             else {
                 return;
             };
-            for fs in node.fs.iter_mut() {
+            let registered =
+                self.rules.registers_each_freeze_at_once || !node.fs.contains(&Fs::FreezeInFlight);
+            for fs in node.fs.iter_mut().filter(|_| registered) {
                 if *fs == Fs::Frozen {
                     *fs = Fs::Thawed;
                 }
@@ -1318,5 +1324,46 @@ fn retain_keeps_half_of_a_group_that_never_became_ready() {
             ..ONE_GENERATION
         },
         KEPT_ONLY_FROM_READY,
+    );
+}
+
+fn ready_when_all_cut(nodes: &[NodeView], deadline: bool, give_up: bool) -> Step {
+    let all_cut = nodes
+        .iter()
+        .all(|n| matches!(n.phase, NodePhase::Cut | NodePhase::Released));
+    let aborting = nodes.iter().any(|n| n.action == NodeAction::Abort);
+    if all_cut && !aborting {
+        return Step::Ready;
+    }
+    barrier::next_step(nodes, deadline, give_up)
+}
+
+#[test]
+fn mutant_barrier_ready_before_every_node_released_is_caught() {
+    assert_caught(
+        Rules {
+            next_step: ready_when_all_cut,
+            ..Rules::default()
+        },
+        Bounds {
+            crashes: 0,
+            ..ONE_GENERATION
+        },
+        READY_IS_ONE_CUT,
+    );
+}
+
+#[test]
+fn mutant_engine_registering_freezes_only_once_all_returned_is_caught() {
+    assert_caught(
+        Rules {
+            registers_each_freeze_at_once: false,
+            ..Rules::default()
+        },
+        Bounds {
+            crashes: 0,
+            ..TWO_VOLUMES
+        },
+        FREEZE_BOUNDED,
     );
 }
