@@ -1,10 +1,12 @@
 //! The freeze barrier (controller) and the agents' cuts with their watchdogs, model-checked with
-//! stateright over every interleaving of: node reports reaching the controller late (the API
-//! object and the controller's cache each lag), releases and aborts, the controller's deadline and
-//! give-up, watchdog firings, agent crashes and restarts (the journal and the kernel survive, the
-//! process's memory does not), FIFREEZE calls in flight, snapshot creates that fail (with or
-//! without leaving an object behind), and GroupSnapshot deletion with Delete and Retain, over two
-//! generations of a GroupSnapshot with the same name (so a reused name is tried).
+//! stateright over every interleaving of: node reports reaching the controller late (through a
+//! per-node cache that lags the API server), releases and aborts (also overwritten by a stale
+//! decision), the controller's deadline and give-up, watchdog firings, agent crashes and restarts
+//! (the journal, the kernel's freezes and the snapshot objects survive, the process's memory does
+//! not; a FIFREEZE in flight completes in the kernel), FIFREEZE calls in flight while the cut ends,
+//! failing freezes, snapshot creates that fail (cleanly or leaving an object behind), refused
+//! plans, and GroupSnapshot deletion with Delete and Retain at any moment, over two generations of
+//! a GroupSnapshot with the same name (so a reused name meets a retained snapshot).
 //!
 //! Every controller decision is `barrier::next_step`, every agent phase change is
 //! `lifecycle::on`, a restart is `lifecycle::recovered`, and the derived views (`accepts_freezes`,
@@ -14,9 +16,17 @@
 //! (the real ones by default); the `mutant_*` tests pass broken rules into the same model and
 //! assert that the checker finds the counterexample.
 //!
-//! The model is deliberately harsher than the design in one place: every generation names a
-//! volume's snapshot the same, so a name collision is always possible and identity (the owner
-//! recorded on the object) must be checked rather than assumed.
+//! Where the model is harsher than the design: every generation names a volume's snapshot the
+//! same, so a name collision is always possible and identity (the owner recorded on the object)
+//! must be checked rather than assumed; the controller's clock is free (its deadline and give-up
+//! may pass at any moment, taken where they change the barrier's answer).
+//!
+//! Where it merges steps (a crash or another node's step in between would change nothing the
+//! properties see): an agent's status write follows its journal write at once (a crash in between
+//! is recovered by republishing the journal); a thaw happens under the cut's lock with the decision
+//! to end it; void snapshots are deleted just before the end is journaled; a finalized cut deletes,
+//! drops its journal entry and its finalizer in one step; the controller's cleanup follows the
+//! user's delete. A failing delete or journal write is the step not happening yet (retried).
 
 use std::time::Instant;
 
@@ -26,8 +36,9 @@ use tandem::agent::journal::Stage;
 use tandem::api::{NodeAction, NodePhase};
 use tandem::controller::barrier::{self, NodeView, Step};
 
-/// The rules under test. The pure functions are the crate's; the three flags stand for engine and
-/// backend rules that are not pure functions in the crate (yet), modelled as the design states them.
+/// The rules under test. The pure functions are the crate's; the flags stand for engine and
+/// backend rules that are not pure functions in the crate (yet), modelled as the design states
+/// them (where today's code differs, the flag's comment says so).
 #[derive(Clone, Copy)]
 struct Rules {
     next_step: fn(&[NodeView], bool, bool) -> Step,
@@ -1030,6 +1041,16 @@ impl Model for Tandem {
                         .all(|o| o.owner != w.generation)
             }),
             Property::always(RETAINED_IS_KEPT, |_, w: &World| !w.retained_deleted),
+            Property::always(THAW_REPORTED_TRUTHFULLY, |_, w: &World| {
+                w.nodes.iter().all(|n| {
+                    !n.api.is_some_and(|a| {
+                        matches!(
+                            a.phase,
+                            NodePhase::Released | NodePhase::Aborted | NodePhase::Failed
+                        )
+                    }) || n.fs.iter().all(|f| *f == Fs::Thawed)
+                })
+            }),
             Property::always(EVENTS_ARE_LEGAL, |_, w: &World| {
                 w.unexpected_illegal.is_none()
             }),
@@ -1117,6 +1138,8 @@ const RETAINED_IS_KEPT: &str = "a retained snapshot is never deleted";
 const REUSED_NAME_MEETS_RETAINED: &str =
     "a retained snapshot outlives its GroupSnapshot and meets the next one of that name";
 const KEPT_ONLY_FROM_READY: &str = "Retain keeps only the snapshots of a Ready GroupSnapshot";
+const THAW_REPORTED_TRUTHFULLY: &str =
+    "a node reports Released, Aborted or Failed only once nothing is frozen or being frozen";
 const EVENTS_ARE_LEGAL: &str = "the engine never sends the lifecycle an event it refuses";
 
 /// Checks every property over every reachable state (BFS: a counterexample is a shortest one).
@@ -1268,6 +1291,17 @@ fn mutant_lifecycle_thawed_while_a_freeze_is_in_flight_is_caught() {
         },
         ONE_GENERATION,
         FREEZE_BOUNDED,
+    );
+    assert_caught(
+        Rules {
+            on: all_thawed_despite_freezes_in_flight,
+            ..Rules::default()
+        },
+        Bounds {
+            crashes: 0,
+            ..ONE_GENERATION
+        },
+        THAW_REPORTED_TRUTHFULLY,
     );
 }
 
