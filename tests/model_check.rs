@@ -932,7 +932,10 @@ impl Model for Tandem {
                             })
                         };
                         let now = step(group.deadline_passed, group.give_up);
-                        if !group.deadline_passed && step(true, group.give_up) != now {
+                        // (The deadline also passes where only the give-up after it matters.)
+                        if !group.deadline_passed
+                            && (step(true, false) != now || step(true, true) != now)
+                        {
                             out.push(Action::ControllerDeadline);
                         } else if group.deadline_passed && !group.give_up && step(true, true) != now
                         {
@@ -1051,6 +1054,25 @@ impl Model for Tandem {
                     }) || n.fs.iter().all(|f| *f == Fs::Thawed)
                 })
             }),
+            Property::always(BARRIER_ENDS, |m: &Tandem, w: &World| {
+                let driving = w.group.is_some_and(|g| {
+                    !g.deleting && matches!(g.phase, GroupPhase::Cutting | GroupPhase::Releasing)
+                });
+                if !driving {
+                    return true;
+                }
+                let mut actions = Vec::new();
+                m.actions(w, &mut actions);
+                actions
+                    .into_iter()
+                    .filter(|a| {
+                        !matches!(
+                            a,
+                            Action::DeleteGroupSnapshot | Action::Crash(_) | Action::Restart(_)
+                        )
+                    })
+                    .any(|a| m.next_state(w, a).is_some())
+            }),
             Property::always(EVENTS_ARE_LEGAL, |_, w: &World| {
                 w.unexpected_illegal.is_none()
             }),
@@ -1140,6 +1162,8 @@ const REUSED_NAME_MEETS_RETAINED: &str =
 const KEPT_ONLY_FROM_READY: &str = "Retain keeps only the snapshots of a Ready GroupSnapshot";
 const THAW_REPORTED_TRUTHFULLY: &str =
     "a node reports Released, Aborted or Failed only once nothing is frozen or being frozen";
+const BARRIER_ENDS: &str =
+    "a group snapshot being cut can always move on without the user or an agent's restart";
 const EVENTS_ARE_LEGAL: &str = "the engine never sends the lifecycle an event it refuses";
 
 /// Checks every property over every reachable state (BFS: a counterexample is a shortest one).
@@ -1419,5 +1443,26 @@ fn mutant_engine_registering_freezes_only_once_all_returned_is_caught() {
             ..TWO_VOLUMES
         },
         FREEZE_BOUNDED,
+    );
+}
+
+/// The barrier as it was before the model check found that a release which a node never
+/// confirms kept the GroupSnapshot Releasing forever (give-up covered only the abort path).
+fn barrier_without_a_release_deadline(nodes: &[NodeView], deadline: bool, give_up: bool) -> Step {
+    let releasing = nodes.iter().all(|n| {
+        matches!(n.phase, NodePhase::Cut | NodePhase::Released) && n.action != NodeAction::Abort
+    });
+    barrier::next_step(nodes, deadline, give_up && !releasing)
+}
+
+#[test]
+fn mutant_barrier_without_a_release_deadline_is_caught() {
+    assert_caught(
+        Rules {
+            next_step: barrier_without_a_release_deadline,
+            ..Rules::default()
+        },
+        ONE_GENERATION,
+        BARRIER_ENDS,
     );
 }
