@@ -1,5 +1,5 @@
 # tandem: the two things a fresh machine needs (see README.md), and their parts.
-.PHONY: test demo demo-node deps tools lint unit lvm-qemu crds bench
+.PHONY: test demo demo-node deps tools lint unit model lvm-qemu crds bench
 
 ## Everything CI runs: system packages, the test control plane, lint, every test.
 test: deps tools lint unit lvm-qemu
@@ -16,6 +16,10 @@ lint:
 
 unit:
 	cargo test --lib --bins --tests
+
+## The model check of the barrier and the agents' cuts alone (it also runs in `unit`).
+model:
+	cargo test --test model_check -- --nocapture
 
 ## LVM thin and thick for real, inside QEMU guests (Debian 6.12 and 6.1 kernels).
 lvm-qemu:

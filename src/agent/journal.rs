@@ -41,7 +41,7 @@ pub enum JournalError {
 }
 
 /// How far a cut got, as journaled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Stage {
     /// About to freeze (or frozen, or cutting): everything listed may be frozen and may exist.
     Freezing,

@@ -96,7 +96,7 @@ pub struct NodeSnapshotSpec {
 
 /// What the controller asks of an agent.
 #[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema,
 )]
 pub enum NodeAction {
     /// Freeze the volumes, cut their snapshots and hold the freeze.
@@ -128,7 +128,7 @@ pub struct NodeVolume {
 
 /// Where a node's part stands.
 #[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema,
 )]
 pub enum NodePhase {
     /// The agent has not acted yet.

@@ -48,7 +48,10 @@ pub fn next_step(nodes: &[NodeView], deadline_passed: bool, give_up: bool) -> St
     if all_released && !aborting {
         return Step::Ready;
     }
-    if any_failed || aborting || (deadline_passed && !all_cut) {
+    // A release that a node never confirms (its agent died and did not return) must not hold
+    // the snapshot forever either: once the controller gives up, the group is aborted.
+    let release_unconfirmed = give_up && !all_released;
+    if any_failed || aborting || (deadline_passed && !all_cut) || release_unconfirmed {
         let to_abort: Vec<String> = nodes
             .iter()
             .filter(|n| n.action != NodeAction::Abort && !is_terminal_failure(n.phase))
@@ -112,7 +115,7 @@ fn failure_message(nodes: &[NodeView], deadline_passed: bool, unanswered: &[&str
             .map(|n| n.node.as_str())
             .collect();
         parts.push(if slow.is_empty() {
-            "the nodes did not all cut within freezeTimeoutSeconds".to_string()
+            "the nodes did not all cut and release within freezeTimeoutSeconds".to_string()
         } else {
             format!(
                 "node(s) {} did not cut within freezeTimeoutSeconds (is the tandem agent running there?)",
@@ -238,6 +241,32 @@ mod tests {
         assert_eq!(next_step(&stuck, true, false), Step::Wait);
         match next_step(&stuck, true, true) {
             Step::Failed(message) => assert!(message.contains("b"), "{message}"),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    }
+
+    /// Found by the model check (tests/model_check.rs): a node that was released and whose agent
+    /// died before confirming kept the GroupSnapshot Releasing forever.
+    #[test]
+    fn a_release_never_confirmed_fails_once_the_controller_gives_up() {
+        let releasing = [
+            node("a", NodeAction::Release, NodePhase::Released),
+            node("b", NodeAction::Release, NodePhase::Cut),
+        ];
+        assert_eq!(next_step(&releasing, true, false), Step::Wait);
+        assert_eq!(
+            next_step(&releasing, true, true),
+            Step::Abort(vec!["a".into(), "b".into()])
+        );
+        let aborting = [
+            node("a", NodeAction::Abort, NodePhase::Aborted),
+            node("b", NodeAction::Abort, NodePhase::Cut),
+        ];
+        match next_step(&aborting, true, true) {
+            Step::Failed(message) => {
+                assert!(message.contains("did not all cut and release"), "{message}");
+                assert!(message.contains("node(s) b did not confirm"), "{message}");
+            }
             other => panic!("expected Failed, got {other:?}"),
         }
     }
