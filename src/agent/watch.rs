@@ -211,7 +211,10 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
         // GroupSnapshot itself is deleted, so a member snapshot is never deleted on its own.
         let only_ours = obj.finalizers().iter().all(|f| f == FINALIZER);
         if let Some(patch) = finalizer::removing(obj.as_ref(), FINALIZER).filter(|_| only_ours) {
-            let retain = obj.spec.deletion_policy == DeletionPolicy::Retain;
+            // A pending abort wins over Retain: the group did not complete, so nothing of it is
+            // kept (found by the model check).
+            let retain = obj.spec.deletion_policy == DeletionPolicy::Retain
+                && obj.spec.action != NodeAction::Abort;
             let engine = ctx.engine.clone();
             let key = uid.clone();
             let finalized =

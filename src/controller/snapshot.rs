@@ -739,7 +739,9 @@ async fn drive(
             status.phase = GroupSnapshotPhase::Releasing;
             fill_members(&mut status, &existing);
             write_status(api, &name, &status).await?;
-            Ok(Action::await_change())
+            // Wake up even if no node ever answers the release (its agent died with it), so the
+            // barrier can give up on it.
+            Ok(wake(deadline * 2 + AGENT_GRACE))
         }
         Step::Abort(nodes) => {
             set_action(nodes_api, &names_of(&existing, &nodes), NodeAction::Abort).await?;
