@@ -8,11 +8,29 @@
 //!
 //! Every snapshot is tagged `tandem-owner-<owner>` at creation; `delete` removes only a logical
 //! volume carrying its handle's tag, and `create` never adopts an existing one.
+//!
+//! LVM's default configuration scans every block device of the node, tenants' raw block volumes
+//! included: a fake header with the same VG name would make name-addressed commands refuse or
+//! pick the wrong VG (L11). So every command runs inside a [`VgScope`]: `--devices` lists only the
+//! VG's PVs, found under its active LVs in the kernel's device-mapper tables (sysfs), and every
+//! report is checked against the VG uuid those tables carry.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
 
 use super::{
     BackendError, BackendKind, Deleted, NAME_BUDGET, SnapshotHandle, SnapshotInfo, SnapshotPlan,
     SnapshotSource, dm_escaped_len, fit_name, run_tool,
 };
+use crate::agent::discovery::split_lvm_dm_name;
+
+/// Where the kernel lists block devices by number (each entry links to the device's directory).
+const SYSFS_BLOCK: &str = "/sys/dev/block";
+
+/// How deep device-mapper devices of one VG may stack (thin volume, pool, its data, a mirror leg…)
+/// before the walk gives up: a bound against a cycle in a corrupt or fake tree.
+const MAX_DM_DEPTH: usize = 16;
 
 /// The tag that marks a snapshot as the cut `owner`'s.
 pub fn owner_tag(owner: &str) -> String {
@@ -41,6 +59,285 @@ pub fn fit_lv_name(vg: &str, name: &str) -> Result<(usize, String), BackendError
     Ok((budget, fit_name(name, budget)))
 }
 
+/// One volume group as LVM commands of the agent may see it: only its PVs, and its uuid (L11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VgScope {
+    /// The VG's name.
+    pub vg: String,
+    /// The VG's uuid without dashes, as device-mapper uuids carry it.
+    pub uuid: String,
+    /// The device nodes of its PVs.
+    pub devices: BTreeSet<PathBuf>,
+}
+
+impl VgScope {
+    /// The arguments that restrict an LVM command to the scope's devices.
+    pub fn device_args(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .flat_map(|d| ["--devices".to_string(), d.display().to_string()])
+            .collect()
+    }
+
+    fn refuse(&self, lv: &str, why: String) -> BackendError {
+        BackendError::Unsupported {
+            device: format!("/dev/{}/{lv}", self.vg).into(),
+            why,
+        }
+    }
+}
+
+/// A device-mapper device as sysfs shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DmDevice {
+    /// Its directory (`<sysfs_block>/<maj:min>`).
+    dir: PathBuf,
+    name: String,
+    uuid: String,
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim_end_matches('\n').to_string())
+}
+
+/// The VG uuid in an LVM device-mapper uuid (`LVM-<32 vg><32 lv>`, hidden layers add `-<suffix>`).
+fn vg_uuid_of_dm(dm_uuid: &str) -> Option<&str> {
+    let rest = dm_uuid.strip_prefix("LVM-")?;
+    let vg = rest.get(..32)?;
+    (rest.len() >= 64 && vg.chars().all(|c| c.is_ascii_alphanumeric())).then_some(vg)
+}
+
+/// Every device-mapper device under `sysfs_block` (normally /sys/dev/block).
+fn dm_devices(sysfs_block: &Path) -> Vec<DmDevice> {
+    let Ok(entries) = fs::read_dir(sysfs_block) else {
+        return Vec::new();
+    };
+    let mut found: Vec<DmDevice> = entries
+        .flatten()
+        .filter_map(|e| {
+            let dir = e.path();
+            let name = read_trimmed(&dir.join("dm/name"))?;
+            let uuid = read_trimmed(&dir.join("dm/uuid")).unwrap_or_default();
+            Some(DmDevice { dir, name, uuid })
+        })
+        .collect();
+    found.sort_by(|a, b| a.dir.cmp(&b.dir));
+    found
+}
+
+/// The device node of a kernel block device name (`sda1`; `cciss!c0d0` is `/dev/cciss/c0d0`).
+fn device_node(kernel_name: &str) -> PathBuf {
+    PathBuf::from("/dev").join(kernel_name.replace('!', "/"))
+}
+
+/// Adds to `pvs` the devices directly under `dir` that are not LVs of the VG `vg_uuid`: its PVs
+/// (a disk, a partition, or a dm-crypt, multipath or other VG's device), walking down through the
+/// VG's own layers (thin pool, its data and metadata, a snapshot's origin…).
+fn collect_pvs(
+    dir: &Path,
+    vg_uuid: &str,
+    depth: usize,
+    pvs: &mut BTreeSet<PathBuf>,
+) -> Result<(), String> {
+    if depth > MAX_DM_DEPTH {
+        return Err(format!(
+            "{} stacks more than {MAX_DM_DEPTH} device-mapper layers",
+            dir.display()
+        ));
+    }
+    let slaves = dir.join("slaves");
+    let entries = fs::read_dir(&slaves).map_err(|e| format!("{}: {e}", slaves.display()))?;
+    for entry in entries.flatten() {
+        let kernel_name = entry.file_name().to_string_lossy().into_owned();
+        let slave = entry.path();
+        let uuid = read_trimmed(&slave.join("dm/uuid")).unwrap_or_default();
+        if vg_uuid_of_dm(&uuid) == Some(vg_uuid) {
+            collect_pvs(&slave, vg_uuid, depth + 1, pvs)?;
+        } else {
+            pvs.insert(device_node(&kernel_name));
+        }
+    }
+    Ok(())
+}
+
+/// The scope of the VG `vg_uuid` named `vg`: the PVs under all of its active LVs in `dms`.
+fn scope_of_uuid(vg: &str, vg_uuid: &str, dms: &[DmDevice]) -> Result<VgScope, String> {
+    let mut devices = BTreeSet::new();
+    for dm in dms
+        .iter()
+        .filter(|d| vg_uuid_of_dm(&d.uuid) == Some(vg_uuid))
+    {
+        collect_pvs(&dm.dir, vg_uuid, 0, &mut devices)?;
+    }
+    if devices.is_empty() {
+        return Err(format!(
+            "the kernel shows no physical volume under the active logical volumes of {vg}"
+        ));
+    }
+    Ok(VgScope {
+        vg: vg.into(),
+        uuid: vg_uuid.into(),
+        devices,
+    })
+}
+
+/// The device-mapper name LVM gives `vg/lv`.
+fn lvm_dm_name(vg: &str, lv: &str) -> String {
+    format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"))
+}
+
+/// The scope of the VG of `vg/lv`, which must be active: its dm uuid names the VG unambiguously,
+/// whatever other devices claim the name `vg`.
+pub fn scope_of_active_lv(sysfs_block: &Path, vg: &str, lv: &str) -> Result<VgScope, String> {
+    let dms = dm_devices(sysfs_block);
+    let name = lvm_dm_name(vg, lv);
+    let dm = dms
+        .iter()
+        .find(|d| d.name == name)
+        .ok_or_else(|| format!("{vg}/{lv} is not active (no device-mapper device {name})"))?;
+    let uuid = vg_uuid_of_dm(&dm.uuid).ok_or_else(|| {
+        format!(
+            "device-mapper device {name} has uuid {:?}, not an LVM one",
+            dm.uuid
+        )
+    })?;
+    scope_of_uuid(vg, uuid, &dms)
+}
+
+/// The scope of the VG named `vg` for an LV that may be inactive (a thin snapshot): by `lv`'s own
+/// dm device when it is active, else by the one VG of that name with active LVs. Two such VGs
+/// (a tenant's fake one activated on the node) are refused rather than guessed between.
+pub fn scope_of_vg_name(sysfs_block: &Path, vg: &str, lv: &str) -> Result<VgScope, String> {
+    if let Ok(scope) = scope_of_active_lv(sysfs_block, vg, lv) {
+        return Ok(scope);
+    }
+    let dms = dm_devices(sysfs_block);
+    let uuids: BTreeSet<&str> = dms
+        .iter()
+        .filter(|d| split_lvm_dm_name(&d.name).is_some_and(|(v, _)| v == vg))
+        .filter_map(|d| vg_uuid_of_dm(&d.uuid))
+        .collect();
+    match uuids.len() {
+        1 => scope_of_uuid(vg, uuids.into_iter().next().unwrap_or_default(), &dms),
+        0 => Err(format!(
+            "no logical volume of {vg} is active, so the kernel does not show which devices are its own"
+        )),
+        n => Err(format!(
+            "{n} active volume groups are named {vg} (uuids {}); refusing to guess",
+            uuids.into_iter().collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+/// A VG uuid as LVM reports it (`xxxxxx-xxxx-…`), without its dashes.
+fn undashed(uuid: &str) -> String {
+    uuid.trim().replace('-', "")
+}
+
+/// One row of `pvs --reportformat json`.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct PvRow {
+    #[serde(default)]
+    pv_name: String,
+    #[serde(default)]
+    pv_uuid: String,
+    #[serde(default)]
+    pv_missing: String,
+    #[serde(default)]
+    vg_uuid: String,
+}
+
+#[derive(serde::Deserialize)]
+struct PvReport {
+    report: Vec<ReportPvs>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReportPvs {
+    #[serde(default)]
+    pv: Vec<PvRow>,
+}
+
+fn parse_pvs(out: &str, command: &str) -> Result<Vec<PvRow>, BackendError> {
+    let report: PvReport = serde_json::from_str(out).map_err(|e| BackendError::Parse {
+        command: command.into(),
+        why: e.to_string(),
+    })?;
+    Ok(report.report.into_iter().flat_map(|r| r.pv).collect())
+}
+
+/// The devices of the PVs `missing` (by PV uuid) of the VG `vg_uuid`, among all PVs `seen` on the
+/// node. Each must be found exactly once, carrying that VG's uuid.
+fn find_missing_pvs(
+    missing: &BTreeSet<String>,
+    seen: &[PvRow],
+    vg_uuid: &str,
+) -> Result<BTreeSet<PathBuf>, String> {
+    let mut found: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for row in seen {
+        if missing.contains(&row.pv_uuid) && undashed(&row.vg_uuid) == vg_uuid {
+            found
+                .entry(row.pv_uuid.as_str())
+                .or_default()
+                .push(row.pv_name.as_str());
+        }
+    }
+    let mut devices = BTreeSet::new();
+    for pv in missing {
+        match found.get(pv.as_str()).map(Vec::as_slice) {
+            Some([one]) => {
+                devices.insert(PathBuf::from(one));
+            }
+            None | Some([]) => {
+                return Err(format!("no device carries its physical volume {pv}"));
+            }
+            Some(many) => {
+                return Err(format!(
+                    "its physical volume {pv} is claimed by {}; refusing to guess",
+                    many.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(devices)
+}
+
+/// Adds to `scope` the PVs of its VG that no active LV uses (the kernel does not show them): the
+/// VG's metadata, read from the devices already in scope, names their PV uuids, and a label scan
+/// finds the one device carrying each.
+fn admit_unused_pvs(scope: &mut VgScope, lv: &str) -> Result<(), BackendError> {
+    let mut args: Vec<String> = ["--reportformat", "json", "-o", "pv_uuid,pv_missing"]
+        .map(String::from)
+        .into();
+    args.extend(scope.device_args());
+    args.push(scope.vg.clone());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let command = format!("pvs {}", scope.vg);
+    let missing: BTreeSet<String> = parse_pvs(&run_tool("pvs", &refs)?, &command)?
+        .into_iter()
+        .filter(|r| !r.pv_missing.trim().is_empty())
+        .map(|r| r.pv_uuid)
+        .collect();
+    let all = [
+        "--reportformat",
+        "json",
+        "-o",
+        "pv_name,pv_uuid,vg_uuid",
+    ];
+    let seen = parse_pvs(&run_tool("pvs", &all)?, "pvs")?;
+    let more = find_missing_pvs(&missing, &seen, &scope.uuid).map_err(|why| {
+        scope.refuse(
+            lv,
+            format!("{} has physical volumes no active LV uses, and {why}", scope.vg),
+        )
+    })?;
+    tracing::info!(vg = scope.vg, devices = ?more, "admitting physical volumes no active LV uses");
+    scope.devices.extend(more);
+    Ok(())
+}
+
 /// One row of `lvs --reportformat json`.
 #[derive(Debug, Clone, serde::Deserialize)]
 struct LvRow {
@@ -52,11 +349,19 @@ struct LvRow {
     lv_size: String,
     #[serde(default)]
     lv_tags: String,
+    #[serde(default)]
+    vg_uuid: String,
+    #[serde(default)]
+    vg_missing_pv_count: String,
 }
 
 impl LvRow {
     fn has_tag(&self, tag: &str) -> bool {
         self.lv_tags.split(',').any(|t| t == tag)
+    }
+
+    fn missing_pvs(&self) -> u64 {
+        self.vg_missing_pv_count.trim().parse().unwrap_or(0)
     }
 }
 
@@ -71,22 +376,61 @@ struct ReportLvs {
     lv: Vec<LvRow>,
 }
 
-/// `lvs` of one LV, or None when LVM says it does not exist.
-fn lv(vg: &str, lv: &str) -> Result<Option<LvRow>, BackendError> {
-    let target = format!("{vg}/{lv}");
-    let out = match run_tool(
-        "lvs",
-        &[
-            "--reportformat",
-            "json",
-            "--units",
-            "b",
-            "--nosuffix",
-            "-o",
-            "lv_name,segtype,lv_size,lv_tags",
-            &target,
-        ],
-    ) {
+/// The LVM arguments of `lvs` of one LV in `scope`.
+pub fn lvs_args(scope: &VgScope, lv: &str) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--reportformat",
+        "json",
+        "--units",
+        "b",
+        "--nosuffix",
+        "-o",
+        "lv_name,segtype,lv_size,lv_tags,vg_uuid,vg_missing_pv_count",
+    ]
+    .map(String::from)
+    .into();
+    args.extend(scope.device_args());
+    args.push(format!("{}/{lv}", scope.vg));
+    args
+}
+
+/// `lvs` of one LV in `scope`, or None when LVM says it does not exist. The row must be of the
+/// scope's VG; PVs of it that no active LV uses are admitted to the scope once.
+fn lv(scope: &mut VgScope, lv: &str) -> Result<Option<LvRow>, BackendError> {
+    for attempt in 0..2 {
+        let Some(row) = lv_once(scope, lv)? else {
+            return Ok(None);
+        };
+        if undashed(&row.vg_uuid) != scope.uuid {
+            return Err(scope.refuse(
+                lv,
+                format!(
+                    "LVM reports VG uuid {:?}, the kernel's device-mapper tables {:?}",
+                    row.vg_uuid, scope.uuid
+                ),
+            ));
+        }
+        if row.missing_pvs() == 0 {
+            return Ok(Some(row));
+        }
+        if attempt == 0 {
+            admit_unused_pvs(scope, lv)?;
+        }
+    }
+    Err(scope.refuse(
+        lv,
+        format!(
+            "{} still misses physical volumes with {} admitted",
+            scope.vg,
+            scope.device_args().join(" ")
+        ),
+    ))
+}
+
+fn lv_once(scope: &VgScope, lv: &str) -> Result<Option<LvRow>, BackendError> {
+    let args = lvs_args(scope, lv);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = match run_tool("lvs", &refs) {
         Ok(out) => out,
         Err(BackendError::Command { stderr, .. })
             if stderr.contains("Failed to find logical volume") =>
@@ -96,7 +440,7 @@ fn lv(vg: &str, lv: &str) -> Result<Option<LvRow>, BackendError> {
         Err(e) => return Err(e),
     };
     let report: Report = serde_json::from_str(&out).map_err(|e| BackendError::Parse {
-        command: format!("lvs {target}"),
+        command: format!("lvs {}/{lv}", scope.vg),
         why: e.to_string(),
     })?;
     Ok(report
@@ -106,11 +450,30 @@ fn lv(vg: &str, lv: &str) -> Result<Option<LvRow>, BackendError> {
         .find(|row| row.lv_name == lv))
 }
 
+/// The scope of the origin `vg/origin` (active: it is a mounted or open volume).
+fn origin_scope(vg: &str, origin: &str) -> Result<VgScope, BackendError> {
+    scope_of_active_lv(Path::new(SYSFS_BLOCK), vg, origin).map_err(|why| {
+        BackendError::Unsupported {
+            device: format!("/dev/{vg}/{origin}").into(),
+            why,
+        }
+    })
+}
+
+/// The scope of the VG of the snapshot `vg/snap` (which may be inactive).
+fn snapshot_scope(vg: &str, snap: &str) -> Result<VgScope, BackendError> {
+    scope_of_vg_name(Path::new(SYSFS_BLOCK), vg, snap).map_err(|why| BackendError::Unsupported {
+        device: format!("/dev/{vg}/{snap}").into(),
+        why,
+    })
+}
+
 /// Plans a snapshot of `vg/lv` for the cut `owner`: thin when the origin is a thin volume, thick
 /// otherwise.
 pub fn plan(vg: &str, origin: &str, name: &str, owner: &str) -> Result<SnapshotPlan, BackendError> {
     let (_, snap) = fit_lv_name(vg, name)?;
-    let row = lv(vg, origin)?.ok_or_else(|| BackendError::Unsupported {
+    let mut scope = origin_scope(vg, origin)?;
+    let row = lv(&mut scope, origin)?.ok_or_else(|| BackendError::Unsupported {
         device: format!("/dev/{vg}/{origin}").into(),
         why: "LVM does not know this logical volume".into(),
     })?;
@@ -164,28 +527,21 @@ pub fn create(
         lv: snap.into(),
         owner: owner.into(),
     };
-    if lv(vg, snap)?.is_some() {
+    let mut scope = origin_scope(vg, origin)?;
+    // The origin first: it checks the VG and admits PVs no active LV uses before LVM allocates.
+    let origin_row = lv(&mut scope, origin)?.ok_or_else(|| BackendError::Unsupported {
+        device: format!("/dev/{vg}/{origin}").into(),
+        why: "LVM does not know this logical volume".into(),
+    })?;
+    if lv(&mut scope, snap)?.is_some() {
         return Err(BackendError::AlreadyExists {
             what: format!("logical volume {vg}/{snap}"),
         });
     }
     let origin_path = format!("{vg}/{origin}");
-    let tag = owner_tag(owner);
-    let mut args = vec![
-        "-q",
-        "-s",
-        "-n",
-        snap,
-        "--addtag",
-        "tandem-snapshot",
-        "--addtag",
-        &tag,
-    ];
-    if backend == BackendKind::LvmThick {
-        args.extend(["-L", thick_cow_size]);
-    }
-    args.push(&origin_path);
-    match run_tool("lvcreate", &args) {
+    let args = lvcreate_args(&scope, origin, snap, owner, backend, thick_cow_size);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    match run_tool("lvcreate", &refs) {
         Ok(_) => {}
         Err(BackendError::Command {
             stderr,
@@ -194,7 +550,7 @@ pub fn create(
         }) => {
             // LVM can leave an inactive half-made snapshot behind ("Manual intervention required");
             // it carries the owner tag, and nothing without it is removed.
-            match delete(vg, snap, owner) {
+            match delete_in(&mut scope, snap, owner) {
                 Ok(_) | Err(BackendError::NotOurs { .. }) => {}
                 Err(e) => {
                     tracing::warn!(vg, snap, error = %e, "could not remove a half-made snapshot")
@@ -214,11 +570,39 @@ pub fn create(
         }
         Err(e) => return Err(e),
     }
-    let origin_row = lv(vg, origin)?;
     Ok(SnapshotInfo {
-        size_bytes: origin_row.as_ref().map(size_of).unwrap_or(0),
+        size_bytes: size_of(&origin_row),
         handle,
     })
+}
+
+/// The LVM arguments of `lvcreate -s` of `origin` named `snap` in `scope`, tagged with its owner.
+pub fn lvcreate_args(
+    scope: &VgScope,
+    origin: &str,
+    snap: &str,
+    owner: &str,
+    backend: BackendKind,
+    thick_cow_size: &str,
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-q",
+        "-s",
+        "-n",
+        snap,
+        "--addtag",
+        "tandem-snapshot",
+        "--addtag",
+        &owner_tag(owner),
+    ]
+    .map(String::from)
+    .into();
+    if backend == BackendKind::LvmThick {
+        args.extend(["-L".to_string(), thick_cow_size.to_string()]);
+    }
+    args.extend(scope.device_args());
+    args.push(format!("{}/{origin}", scope.vg));
+    args
 }
 
 /// Whether a logical volume may be removed as `owner`'s snapshot: it carries the owner tag.
@@ -238,12 +622,26 @@ fn check_owner_tag(vg: &str, row: &LvRow, owner: &str) -> Result<(), BackendErro
 
 /// `lvremove` of the snapshot if it carries `owner`'s tag (nothing to do when it does not exist).
 pub fn delete(vg: &str, snap: &str, owner: &str) -> Result<Deleted, BackendError> {
-    let Some(row) = lv(vg, snap)? else {
+    delete_in(&mut snapshot_scope(vg, snap)?, snap, owner)
+}
+
+fn delete_in(scope: &mut VgScope, snap: &str, owner: &str) -> Result<Deleted, BackendError> {
+    let Some(row) = lv(scope, snap)? else {
         return Ok(Deleted::Absent);
     };
-    check_owner_tag(vg, &row, owner)?;
+    check_owner_tag(&scope.vg, &row, owner)?;
+    let args = lvremove_args(scope, snap);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_tool("lvremove", &refs).map(|_| Deleted::Removed)
+}
+
+/// The LVM arguments of `lvremove` of `snap` in `scope`.
+pub fn lvremove_args(scope: &VgScope, snap: &str) -> Vec<String> {
     // `@tag` would select every LV with it; the name selects this one, just checked.
-    run_tool("lvremove", &["-q", "-f", &format!("{vg}/{snap}")]).map(|_| Deleted::Removed)
+    let mut args: Vec<String> = vec!["-q".into(), "-f".into()];
+    args.extend(scope.device_args());
+    args.push(format!("{}/{snap}", scope.vg));
+    args
 }
 
 /// What `lvs -o lv_attr,snap_percent` says about a thick snapshot (L3).
@@ -288,18 +686,14 @@ pub fn parse_health(lv_attr: &str, snap_percent: &str) -> Result<SnapshotHealth,
 
 /// The health of the snapshot `vg/snap` (None when it does not exist).
 pub fn health(vg: &str, snap: &str) -> Result<Option<SnapshotHealth>, BackendError> {
-    let target = format!("{vg}/{snap}");
-    let out = match run_tool(
-        "lvs",
-        &[
-            "--noheadings",
-            "--separator",
-            "|",
-            "-o",
-            "lv_attr,snap_percent",
-            &target,
-        ],
-    ) {
+    let scope = snapshot_scope(vg, snap)?;
+    let mut args: Vec<String> = ["--noheadings", "--separator", "|", "-o", "lv_attr,snap_percent"]
+        .map(String::from)
+        .into();
+    args.extend(scope.device_args());
+    args.push(format!("{vg}/{snap}"));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = match run_tool("lvs", &refs) {
         Ok(out) => out,
         Err(BackendError::Command { stderr, .. })
             if stderr.contains("Failed to find logical volume") =>
