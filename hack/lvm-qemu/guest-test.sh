@@ -174,6 +174,9 @@ echo "== L11: a second disk carrying a fake vg0 (a tenant's raw block PV) is inv
 # Written the way a tenant would: LVM on that disk alone, an LV named like a real one, never active.
 on_fake() { "$@" --devices /dev/vdb; }
 on_real() { "$@" --devices /dev/vda; }
+# A thin snapshot cut before the fake appears (inactive: its delete finds the VG by name).
+out=$(agent --oneshot-volume /mnt/vol1 --oneshot-name predup --oneshot-freeze Disabled 2>/tmp/agent.err)
+[ "$(echo "$out" | json_field phase)" = Released ]; check fake-precut $? "a cut before the fake vg0 appears"
 # vgcreate refuses a name that exists under /dev: hide the real vg0's node directory meanwhile.
 mv /dev/vg0 /dev/vg0.hidden
 on_fake pvcreate -q /dev/vdb >/dev/null && on_fake vgcreate -q vg0 /dev/vdb >/dev/null \
@@ -193,9 +196,22 @@ done
 agent --oneshot-action delete --oneshot-name dup >/tmp/del.out 2>&1; rc=$?; tail -2 /tmp/del.out | sed 's/^/    | /'
 check fake-delete $rc "delete"
 [ "$(on_real lvs --noheadings -o lv_name vg0 2>/dev/null | grep -c tandem)" = 0 ]; check fake-deleted $? "the snapshots are gone from the real vg0"
-[ "$(on_real lvs --noheadings -o lv_name vg0 2>/dev/null | grep -cxE ' *(pool|vol1|vol2|thick1|long1)')" = 5 ]; check fake-real-kept $? "the real vg0's volumes are all there"
+agent --oneshot-action delete --oneshot-name predup >/tmp/del.out 2>&1; rc=$?; tail -2 /tmp/del.out | sed 's/^/    | /'
+[ $rc = 0 ] && ! on_real lvs "vg0/$(snap_name local predup vol1)" >/dev/null 2>&1
+check fake-predelete $? "the snapshot cut before the fake is deleted while it is there"
+[ "$(on_real lvs --noheadings -o lv_name vg0 2>/dev/null | tr -d ' ' | grep -cxE 'pool|vol1|vol2|thick1|long1')" = 5 ]; check fake-real-kept $? "the real vg0's volumes are all there"
 [ "$(on_fake lvs --noheadings -o lv_name vg0 2>/dev/null | tr -d ' ')" = thick1 ]; check fake-kept $? "the fake vg0 and its LV survived the delete"
 dd if=/dev/zero of=/dev/vdb bs=1M count=2 conv=fsync 2>/dev/null   # the fake is gone again
+
+echo "== L11: a PV of vg0 that no active LV uses is admitted by its PV uuid"
+vgextend -q vg0 /dev/vdb >/dev/null; check unused-pv-setup $? "vgextend vg0 /dev/vdb (no LV on it)"
+out=$(agent --oneshot-volume /mnt/thick1 --oneshot-volume /mnt/vol1 --oneshot-name unused --oneshot-freeze Disabled --thick-cow-size 32M 2>/tmp/agent.err)
+echo "AGENT unused $out" | cut -c1-400; grep -i "admitting" /tmp/agent.err | sed 's/^/    | /' | head -2
+[ "$(echo "$out" | json_field phase)" = Released ]; check unused-pv-released $? "the cut is Released"
+agent --oneshot-action delete --oneshot-name unused >/dev/null 2>&1
+[ "$(snaps)" = 0 ]; check unused-pv-deleted $? "delete"
+vgreduce -q vg0 /dev/vdb >/dev/null 2>&1
+
 
 for v in vol1 vol2 thick1; do umount /mnt/$v; done
 vgchange -q -an vg0 >/dev/null 2>&1

@@ -320,17 +320,15 @@ fn admit_unused_pvs(scope: &mut VgScope, lv: &str) -> Result<(), BackendError> {
         .filter(|r| !r.pv_missing.trim().is_empty())
         .map(|r| r.pv_uuid)
         .collect();
-    let all = [
-        "--reportformat",
-        "json",
-        "-o",
-        "pv_name,pv_uuid,vg_uuid",
-    ];
+    let all = ["--reportformat", "json", "-o", "pv_name,pv_uuid,vg_uuid"];
     let seen = parse_pvs(&run_tool("pvs", &all)?, "pvs")?;
     let more = find_missing_pvs(&missing, &seen, &scope.uuid).map_err(|why| {
         scope.refuse(
             lv,
-            format!("{} has physical volumes no active LV uses, and {why}", scope.vg),
+            format!(
+                "{} has physical volumes no active LV uses, and {why}",
+                scope.vg
+            ),
         )
     })?;
     tracing::info!(vg = scope.vg, devices = ?more, "admitting physical volumes no active LV uses");
@@ -687,9 +685,15 @@ pub fn parse_health(lv_attr: &str, snap_percent: &str) -> Result<SnapshotHealth,
 /// The health of the snapshot `vg/snap` (None when it does not exist).
 pub fn health(vg: &str, snap: &str) -> Result<Option<SnapshotHealth>, BackendError> {
     let scope = snapshot_scope(vg, snap)?;
-    let mut args: Vec<String> = ["--noheadings", "--separator", "|", "-o", "lv_attr,snap_percent"]
-        .map(String::from)
-        .into();
+    let mut args: Vec<String> = [
+        "--noheadings",
+        "--separator",
+        "|",
+        "-o",
+        "lv_attr,snap_percent",
+    ]
+    .map(String::from)
+    .into();
     args.extend(scope.device_args());
     args.push(format!("{vg}/{snap}"));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -711,6 +715,245 @@ pub fn health(vg: &str, snap: &str) -> Result<Option<SnapshotHealth>, BackendErr
 mod tests {
     use super::*;
 
+    const VG: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    const FAKE: &str = "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF";
+
+    fn lv_uuid(vg: &str, lv: char) -> String {
+        format!("LVM-{vg}{}", lv.to_string().repeat(32))
+    }
+
+    /// A fake /sys/dev/block: `devices` are (maj:min, kernel name, dm name and uuid, slaves), each
+    /// slave linked the way sysfs links it (`slaves/<kernel name>` to the slave's directory).
+    fn fake_sysfs(devices: &[(&str, &str, Option<(&str, &str)>, &[&str])]) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        let id_of = |name: &str| devices.iter().find(|d| d.1 == name).unwrap().0;
+        for (id, _, dm, _) in devices {
+            let dir = root.path().join(id);
+            fs::create_dir_all(&dir).unwrap();
+            if let Some((name, uuid)) = dm {
+                fs::create_dir_all(dir.join("dm")).unwrap();
+                fs::write(dir.join("dm/name"), format!("{name}\n")).unwrap();
+                fs::write(dir.join("dm/uuid"), format!("{uuid}\n")).unwrap();
+            }
+        }
+        for (id, _, _, slaves) in devices {
+            let dir = root.path().join(id).join("slaves");
+            fs::create_dir_all(&dir).unwrap();
+            for slave in *slaves {
+                std::os::unix::fs::symlink(
+                    root.path().join(id_of(slave)),
+                    dir.join(slave.replace('/', "!")),
+                )
+                .unwrap();
+            }
+        }
+        root
+    }
+
+    /// The real vg0: a thin volume in a pool whose data spans vda and vdb, a thick volume on a
+    /// dm-crypt PV over sda2, and a thick volume with a snapshot (origin, -real and -cow layers).
+    fn node(with_fake_active: bool) -> tempfile::TempDir {
+        let (a, b, c, d, e, f, g, h) = (
+            lv_uuid(VG, 'a'),
+            format!("{}-tpool", lv_uuid(VG, 'b')),
+            format!("{}-tmeta", lv_uuid(VG, 'b')),
+            format!("{}-tdata", lv_uuid(VG, 'b')),
+            lv_uuid(VG, 'c'),
+            lv_uuid(VG, 'd'),
+            format!("{}-real", lv_uuid(VG, 'd')),
+            format!("{}-cow", lv_uuid(VG, 'e')),
+        );
+        let snap = lv_uuid(VG, 'e');
+        let fake = lv_uuid(FAKE, 'a');
+        let mut devices: Vec<(&str, &str, Option<(&str, &str)>, &[&str])> = vec![
+            ("252:0", "vda", None, &[]),
+            ("252:16", "vdb", None, &[]),
+            ("252:32", "vdc", None, &[]),
+            ("8:2", "sda2", None, &[]),
+            ("253:0", "dm-0", Some(("vg0-vol1", &a)), &["dm-1"]),
+            (
+                "253:1",
+                "dm-1",
+                Some(("vg0-pool-tpool", &b)),
+                &["dm-2", "dm-3"],
+            ),
+            ("253:2", "dm-2", Some(("vg0-pool_tmeta", &c)), &["vda"]),
+            (
+                "253:3",
+                "dm-3",
+                Some(("vg0-pool_tdata", &d)),
+                &["vda", "vdb"],
+            ),
+            (
+                "253:4",
+                "dm-4",
+                Some(("luks-1", "CRYPT-LUKS2-1234-luks-1")),
+                &["sda2"],
+            ),
+            ("253:5", "dm-5", Some(("vg0-thick1", &e)), &["dm-4"]),
+            ("253:6", "dm-6", Some(("vg0-thick2", &f)), &["dm-7"]),
+            ("253:7", "dm-7", Some(("vg0-thick2-real", &g)), &["vdb"]),
+            (
+                "253:8",
+                "dm-8",
+                Some(("vg0-snap", &snap)),
+                &["dm-7", "dm-9"],
+            ),
+            ("253:9", "dm-9", Some(("vg0-snap-cow", &h)), &["vdb"]),
+        ];
+        if with_fake_active {
+            devices.push(("253:10", "dm-10", Some(("vg0-tenant", &fake)), &["vdc"]));
+        }
+        fake_sysfs(&devices)
+    }
+
+    fn paths(list: &[&str]) -> BTreeSet<PathBuf> {
+        list.iter().map(PathBuf::from).collect()
+    }
+
+    /// L11: the PVs come from the kernel's tables, through the VG's own layers only; a crypt
+    /// device is the PV (not the partition under it); a fake vg0 is never in scope.
+    #[test]
+    fn scopes_a_vg_to_the_devices_under_its_lvs() {
+        let sysfs = node(true);
+        let want = paths(&["/dev/dm-4", "/dev/vda", "/dev/vdb"]);
+        for lv in ["vol1", "thick1", "thick2", "snap"] {
+            let scope = scope_of_active_lv(sysfs.path(), "vg0", lv).unwrap();
+            assert_eq!(scope.uuid, VG, "{lv}");
+            assert_eq!(scope.devices, want, "{lv}");
+        }
+        let fake = scope_of_active_lv(sysfs.path(), "vg0", "tenant").unwrap();
+        assert_eq!(
+            (fake.uuid.as_str(), fake.devices),
+            (FAKE, paths(&["/dev/vdc"]))
+        );
+        let missing = scope_of_active_lv(sysfs.path(), "vg0", "gone").unwrap_err();
+        assert!(missing.contains("not active"), "{missing}");
+    }
+
+    /// L11: an inactive snapshot is scoped by the one active VG of its name; two are refused.
+    #[test]
+    fn scopes_an_inactive_snapshot_by_its_vg_name() {
+        let clean = node(false);
+        let scope = scope_of_vg_name(clean.path(), "vg0", "thin-snap").unwrap();
+        assert_eq!(scope.uuid, VG);
+        assert_eq!(scope.devices, paths(&["/dev/dm-4", "/dev/vda", "/dev/vdb"]));
+        let why = scope_of_vg_name(clean.path(), "vg1", "thin-snap").unwrap_err();
+        assert!(why.contains("no logical volume of vg1 is active"), "{why}");
+
+        let with_fake = node(true);
+        let why = scope_of_vg_name(with_fake.path(), "vg0", "thin-snap").unwrap_err();
+        assert!(
+            why.contains("2 active volume groups are named vg0"),
+            "{why}"
+        );
+        // An active snapshot names its VG itself.
+        let scope = scope_of_vg_name(with_fake.path(), "vg0", "snap").unwrap();
+        assert_eq!(scope.uuid, VG);
+    }
+
+    #[test]
+    fn refuses_a_cycle_and_odd_uuids() {
+        let a = lv_uuid(VG, 'a');
+        let b = lv_uuid(VG, 'b');
+        let cyclic = fake_sysfs(&[
+            ("253:0", "dm-0", Some(("vg0-a", &a)), &["dm-1"]),
+            ("253:1", "dm-1", Some(("vg0-b", &b)), &["dm-0"]),
+        ]);
+        let why = scope_of_active_lv(cyclic.path(), "vg0", "a").unwrap_err();
+        assert!(why.contains("device-mapper layers"), "{why}");
+        let not_lvm = fake_sysfs(&[("253:0", "dm-0", Some(("vg0-a", "CRYPT-x")), &[])]);
+        let why = scope_of_active_lv(not_lvm.path(), "vg0", "a").unwrap_err();
+        assert!(why.contains("not an LVM one"), "{why}");
+        assert_eq!(vg_uuid_of_dm(&a), Some(VG));
+        assert_eq!(vg_uuid_of_dm(&format!("{a}-cow")), Some(VG));
+        for odd in [
+            "LVM-short",
+            "CRYPT-LUKS2-x",
+            "",
+            &format!("LVM-{}", "-".repeat(64)),
+        ] {
+            assert_eq!(vg_uuid_of_dm(odd), None, "{odd}");
+        }
+        assert_eq!(device_node("cciss!c0d0"), PathBuf::from("/dev/cciss/c0d0"));
+        assert_eq!(lvm_dm_name("my-vg", "a-b"), "my--vg-a--b");
+    }
+
+    /// L11: what the agent passes to LVM.
+    #[test]
+    fn every_command_names_only_the_scope_devices() {
+        let scope = VgScope {
+            vg: "vg0".into(),
+            uuid: VG.into(),
+            devices: paths(&["/dev/vdb", "/dev/dm-4"]),
+        };
+        let devices = ["--devices", "/dev/dm-4", "--devices", "/dev/vdb"];
+        let thick = lvcreate_args(&scope, "thick1", "s1", "uid-1", BackendKind::LvmThick, "1G");
+        let mut want = vec![
+            "-q",
+            "-s",
+            "-n",
+            "s1",
+            "--addtag",
+            "tandem-snapshot",
+            "--addtag",
+            "tandem-owner-uid-1",
+            "-L",
+            "1G",
+        ];
+        want.extend(devices);
+        want.push("vg0/thick1");
+        assert_eq!(thick, want);
+        let thin = lvcreate_args(&scope, "vol1", "s1", "uid-1", BackendKind::LvmThin, "1G");
+        assert!(!thin.iter().any(|a| a == "-L"), "{thin:?}");
+        assert!(thin.ends_with(&["--devices", "/dev/vdb", "vg0/vol1"].map(String::from)));
+        let mut want = vec!["-q", "-f"];
+        want.extend(devices);
+        want.push("vg0/s1");
+        assert_eq!(lvremove_args(&scope, "s1"), want);
+        let lvs = lvs_args(&scope, "s1");
+        assert!(lvs.windows(4).any(|w| w == devices), "{lvs:?}");
+        assert_eq!(lvs.last().map(String::as_str), Some("vg0/s1"));
+        assert!(
+            lvs.iter()
+                .any(|a| a.contains("vg_uuid,vg_missing_pv_count"))
+        );
+    }
+
+    /// L11: PVs no active LV uses are admitted by PV uuid, exactly one device each, of the VG.
+    #[test]
+    fn admits_unused_pvs_by_their_uuid_only() {
+        let row = |name: &str, pv: &str, vg: &str| PvRow {
+            pv_name: name.into(),
+            pv_uuid: pv.into(),
+            pv_missing: String::new(),
+            vg_uuid: vg.into(),
+        };
+        let dashed = "AAAAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAAAA";
+        assert_eq!(undashed(dashed), VG);
+        let missing: BTreeSet<String> = ["pv-2".to_string()].into();
+        let seen = [
+            row("/dev/vda", "pv-1", dashed),
+            row("/dev/vdc", "pv-2", dashed),
+            row("/dev/vdd", "pv-2", "FFFFFF-FFFF-FFFF-FFFF-FFFF-FFFF-FFFFFF"),
+        ];
+        assert_eq!(
+            find_missing_pvs(&missing, &seen, VG).unwrap(),
+            paths(&["/dev/vdc"])
+        );
+        let why = find_missing_pvs(&missing, &seen[..1], VG).unwrap_err();
+        assert!(why.contains("no device carries"), "{why}");
+        let twice = [
+            row("/dev/vdc", "pv-2", dashed),
+            row("/dev/vde", "pv-2", dashed),
+        ];
+        let why = find_missing_pvs(&missing, &twice, VG).unwrap_err();
+        assert!(why.contains("claimed by /dev/vdc, /dev/vde"), "{why}");
+        let out = r#"{"report":[{"pv":[{"pv_uuid":"pv-2", "pv_missing":"missing"},{"pv_uuid":"pv-1", "pv_missing":""}]}]}"#;
+        let rows = parse_pvs(out, "pvs").unwrap();
+        assert_eq!(rows[0].pv_missing, "missing");
+    }
+
     #[test]
     fn recognises_the_61_suspend_failure() {
         // Recorded in a QEMU guest on Debian 12's 6.1 kernel.
@@ -729,7 +972,7 @@ mod tests {
       "report": [
           {
               "lv": [
-                  {"lv_name":"vol1", "segtype":"thin", "lv_size":"1073741824", "lv_tags":"tandem-snapshot,tandem-owner-uid-1"}
+                  {"lv_name":"vol1", "segtype":"thin", "lv_size":"1073741824", "lv_tags":"tandem-snapshot,tandem-owner-uid-1", "vg_uuid":"AAAAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAAAA", "vg_missing_pv_count":"1"}
               ]
           }
       ]
@@ -738,6 +981,8 @@ mod tests {
         let row = &r.report[0].lv[0];
         assert_eq!(row.segtype, "thin");
         assert_eq!(size_of(row), 1 << 30);
+        assert_eq!(undashed(&row.vg_uuid), VG);
+        assert_eq!(row.missing_pvs(), 1);
         assert!(check_owner_tag("vg0", row, "uid-1").is_ok());
         for other in ["uid-2", "uid", ""] {
             assert!(matches!(
