@@ -195,7 +195,7 @@ done
 [ "$(on_fake lvs --noheadings -o lv_name vg0 2>/dev/null | tr -d ' ')" = thick1 ]; check fake-untouched $? "the fake vg0 still holds only its thick1"
 agent --oneshot-action delete --oneshot-name dup >/tmp/del.out 2>&1; rc=$?; tail -2 /tmp/del.out | sed 's/^/    | /'
 check fake-delete $rc "delete"
-[ "$(on_real lvs --noheadings -o lv_name vg0 2>/dev/null | grep -c tandem)" = 0 ]; check fake-deleted $? "the snapshots are gone from the real vg0"
+[ "$(on_real lvs --noheadings -o lv_name vg0 2>/dev/null | grep -c tandem.local.dup)" = 0 ]; check fake-deleted $? "the snapshots are gone from the real vg0"
 agent --oneshot-action delete --oneshot-name predup >/tmp/del.out 2>&1; rc=$?; tail -2 /tmp/del.out | sed 's/^/    | /'
 [ $rc = 0 ] && ! on_real lvs "vg0/$(snap_name local predup vol1)" >/dev/null 2>&1
 check fake-predelete $? "the snapshot cut before the fake is deleted while it is there"
@@ -207,6 +207,7 @@ echo "== L11: a PV of vg0 that no active LV uses is admitted by its PV uuid"
 vgextend -q vg0 /dev/vdb >/dev/null; check unused-pv-setup $? "vgextend vg0 /dev/vdb (no LV on it)"
 out=$(agent --oneshot-volume /mnt/thick1 --oneshot-volume /mnt/vol1 --oneshot-name unused --oneshot-freeze Disabled --thick-cow-size 32M 2>/tmp/agent.err)
 echo "AGENT unused $out" | cut -c1-400; grep -i "admitting" /tmp/agent.err | sed 's/^/    | /' | head -2
+grep -q "admitting physical volumes" /tmp/agent.err; check unused-pv-admitted $? "the agent admitted /dev/vdb by its PV uuid"
 [ "$(echo "$out" | json_field phase)" = Released ]; check unused-pv-released $? "the cut is Released"
 agent --oneshot-action delete --oneshot-name unused >/dev/null 2>&1
 [ "$(snaps)" = 0 ]; check unused-pv-deleted $? "delete"
