@@ -308,16 +308,15 @@ fn find_missing_pvs(
 /// VG's metadata, read from the devices already in scope, names their PV uuids, and a label scan
 /// finds the one device carrying each.
 fn admit_unused_pvs(scope: &mut VgScope, lv: &str) -> Result<(), BackendError> {
-    let mut args: Vec<String> = ["--reportformat", "json", "-o", "pv_uuid,pv_missing"]
+    // pvs takes PVs, not a VG, as arguments: all PVs in scope, those of other VGs left out here.
+    let mut args: Vec<String> = ["--reportformat", "json", "-o", "pv_uuid,pv_missing,vg_uuid"]
         .map(String::from)
         .into();
     args.extend(scope.device_args());
-    args.push(scope.vg.clone());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let command = format!("pvs {}", scope.vg);
-    let missing: BTreeSet<String> = parse_pvs(&run_tool("pvs", &refs)?, &command)?
+    let missing: BTreeSet<String> = parse_pvs(&run_tool("pvs", &refs)?, "pvs")?
         .into_iter()
-        .filter(|r| !r.pv_missing.trim().is_empty())
+        .filter(|r| !r.pv_missing.trim().is_empty() && undashed(&r.vg_uuid) == scope.uuid)
         .map(|r| r.pv_uuid)
         .collect();
     let all = ["--reportformat", "json", "-o", "pv_name,pv_uuid,vg_uuid"];
@@ -722,9 +721,12 @@ mod tests {
         format!("LVM-{vg}{}", lv.to_string().repeat(32))
     }
 
-    /// A fake /sys/dev/block: `devices` are (maj:min, kernel name, dm name and uuid, slaves), each
-    /// slave linked the way sysfs links it (`slaves/<kernel name>` to the slave's directory).
-    fn fake_sysfs(devices: &[(&str, &str, Option<(&str, &str)>, &[&str])]) -> tempfile::TempDir {
+    /// One block device of a fake sysfs: maj:min, kernel name, dm name and uuid, slaves.
+    type FakeDevice<'a> = (&'a str, &'a str, Option<(&'a str, &'a str)>, &'a [&'a str]);
+
+    /// A fake /sys/dev/block, each slave linked the way sysfs links it (`slaves/<kernel name>` to
+    /// the slave's directory).
+    fn fake_sysfs(devices: &[FakeDevice]) -> tempfile::TempDir {
         let root = tempfile::tempdir().unwrap();
         let id_of = |name: &str| devices.iter().find(|d| d.1 == name).unwrap().0;
         for (id, _, dm, _) in devices {
@@ -765,7 +767,7 @@ mod tests {
         );
         let snap = lv_uuid(VG, 'e');
         let fake = lv_uuid(FAKE, 'a');
-        let mut devices: Vec<(&str, &str, Option<(&str, &str)>, &[&str])> = vec![
+        let mut devices: Vec<FakeDevice> = vec![
             ("252:0", "vda", None, &[]),
             ("252:16", "vdb", None, &[]),
             ("252:32", "vdc", None, &[]),
