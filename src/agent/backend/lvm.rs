@@ -13,7 +13,8 @@
 //! included: a fake header with the same VG name would make name-addressed commands refuse or
 //! pick the wrong VG (L11). So every command runs inside a [`VgScope`]: `--devices` lists only the
 //! VG's PVs, found under its active LVs in the kernel's device-mapper tables (sysfs), and every
-//! report is checked against the VG uuid those tables carry.
+//! report is checked against the VG uuid those tables carry. A PV that no active LV uses is
+//! admitted only by the PV uuid the VG's own metadata names (one read-only `pvs` label scan).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
