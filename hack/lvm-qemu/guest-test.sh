@@ -116,11 +116,14 @@ fi
 
 echo "== journal: an agent killed while holding the freeze is thawed by the next start"
 if [ "$THIN_HOLDS" = yes ]; then
-  agent --oneshot-volume /mnt/vol1 --oneshot-name held --oneshot-hold-ms 120000 --oneshot-freeze-timeout-seconds 300 >/tmp/held.out 2>&1 &
+  # Not through the agent function: $! must be tandem itself, not a subshell, for the kill below.
+  tandem agent --node-name guest --state-dir /run/tandem-state --oneshot-volume /mnt/vol1 --oneshot-name held --oneshot-hold-ms 120000 --oneshot-freeze-timeout-seconds 300 >/tmp/held.out 2>&1 &
   apid=$!
-  # Wait (bounded) until the agent has cut the snapshot and holds the freeze.
-  i=0; while ! grep -q '"stage": "Held"' /run/tandem-state/journal/oneshot-local-held.json 2>/dev/null && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done
-  grep -q '"stage": "Held"' /run/tandem-state/journal/oneshot-local-held.json 2>/dev/null; check held-cut $? "the agent cut and holds the freeze (journal stage Held)"
+  # Wait (bounded) until the agent has cut the snapshot (journaled Freezing: it holds the freeze).
+  held_lv=vg0/$(snap_name local held vol1)
+  i=0; while ! lvs "$held_lv" >/dev/null 2>&1 && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done
+  lvs "$held_lv" >/dev/null 2>&1 && grep -q '"stage": "Freezing"' /run/tandem-state/journal/oneshot-local-held.json 2>/dev/null
+  check held-cut $? "the agent cut and holds the freeze (snapshot made, journal stage Freezing)"
   lvs --noheadings -o lv_name vg0 | sed 's/^/    lv: /'
   sed 's/^/    agent: /' /tmp/held.out | tail -5
   kill -9 $apid; wait $apid 2>/dev/null
@@ -166,6 +169,50 @@ line=$(lvs --noheadings --separator '|' -o lv_attr,snap_percent vg0/overflow 2>/
 echo "LVS-OVERFLOW $line"
 echo "$line" | grep -q '^ *s...I'; check l3-invalid-attr $? "lv_attr state I (invalid snapshot)"
 lvremove -q -f vg0/overflow >/dev/null 2>&1
+
+echo "== L11: a second disk carrying a fake vg0 (a tenant's raw block PV) is invisible to the agent"
+# Written the way a tenant would: LVM on that disk alone, an LV named like a real one, never active.
+on_fake() { "$@" --devices /dev/vdb; }
+on_real() { "$@" --devices /dev/vda; }
+# A thin snapshot cut before the fake appears (inactive: its delete finds the VG by name).
+out=$(agent --oneshot-volume /mnt/vol1 --oneshot-name predup --oneshot-freeze Disabled 2>/tmp/agent.err)
+[ "$(echo "$out" | json_field phase)" = Released ]; check fake-precut $? "a cut before the fake vg0 appears"
+# vgcreate refuses a name that exists under /dev: hide the real vg0's node directory meanwhile.
+mv /dev/vg0 /dev/vg0.hidden
+on_fake pvcreate -q /dev/vdb >/dev/null && on_fake vgcreate -q vg0 /dev/vdb >/dev/null \
+  && on_fake lvcreate -q -an -Zn -L 8M -n thick1 vg0 >/dev/null 2>&1
+rc=$?; mv /dev/vg0.hidden /dev/vg0; [ $rc = 0 ]
+check fake-setup $? "fake vg0 with an LV thick1 on /dev/vdb"
+lvs vg0/thick1 >/tmp/lvs.out 2>&1; rc=$?; sed 's/^/    plain lvs: /' /tmp/lvs.out | head -3
+[ $rc != 0 ]; check fake-effective $? "a plain lvs vg0/thick1 now refuses (duplicate VG names)"
+out=$(agent --oneshot-volume /mnt/thick1 --oneshot-volume /mnt/vol1 --oneshot-name dup --oneshot-freeze Disabled --thick-cow-size 32M 2>/tmp/agent.err)
+echo "AGENT dup $out"; sed 's/^/    | /' /tmp/agent.err | tail -3
+[ "$(echo "$out" | json_field phase)" = Released ]; check fake-cut-released $? "the cut of the real vg0 is Released"
+for o in thick1 vol1; do
+  origin=$(on_real lvs --noheadings -o origin "vg0/$(snap_name local dup $o)" 2>/dev/null | tr -d ' ')
+  [ "$origin" = "$o" ]; check "fake-snapshot-$o" $? "the real vg0 has the snapshot of $o (origin: ${origin:-none})"
+done
+[ "$(on_fake lvs --noheadings -o lv_name vg0 2>/dev/null | tr -d ' ')" = thick1 ]; check fake-untouched $? "the fake vg0 still holds only its thick1"
+agent --oneshot-action delete --oneshot-name dup >/tmp/del.out 2>&1; rc=$?; tail -2 /tmp/del.out | sed 's/^/    | /'
+check fake-delete $rc "delete"
+[ "$(on_real lvs --noheadings -o lv_name vg0 2>/dev/null | grep -c tandem.local.dup)" = 0 ]; check fake-deleted $? "the snapshots are gone from the real vg0"
+agent --oneshot-action delete --oneshot-name predup >/tmp/del.out 2>&1; rc=$?; tail -2 /tmp/del.out | sed 's/^/    | /'
+[ $rc = 0 ] && ! on_real lvs "vg0/$(snap_name local predup vol1)" >/dev/null 2>&1
+check fake-predelete $? "the snapshot cut before the fake is deleted while it is there"
+[ "$(on_real lvs --noheadings -o lv_name vg0 2>/dev/null | tr -d ' ' | grep -cxE 'pool|vol1|vol2|thick1|long1')" = 5 ]; check fake-real-kept $? "the real vg0's volumes are all there"
+[ "$(on_fake lvs --noheadings -o lv_name vg0 2>/dev/null | tr -d ' ')" = thick1 ]; check fake-kept $? "the fake vg0 and its LV survived the delete"
+dd if=/dev/zero of=/dev/vdb bs=1M count=2 conv=fsync 2>/dev/null   # the fake is gone again
+
+echo "== L11: a PV of vg0 that no active LV uses is admitted by its PV uuid"
+vgextend -q vg0 /dev/vdb >/dev/null; check unused-pv-setup $? "vgextend vg0 /dev/vdb (no LV on it)"
+out=$(agent --oneshot-volume /mnt/thick1 --oneshot-volume /mnt/vol1 --oneshot-name unused --oneshot-freeze Disabled --thick-cow-size 32M 2>/tmp/agent.err)
+echo "AGENT unused $out" | cut -c1-400; grep -i "admitting" /tmp/agent.err | sed 's/^/    | /' | head -2
+grep -q "admitting physical volumes" /tmp/agent.err; check unused-pv-admitted $? "the agent admitted /dev/vdb by its PV uuid"
+[ "$(echo "$out" | json_field phase)" = Released ]; check unused-pv-released $? "the cut is Released"
+agent --oneshot-action delete --oneshot-name unused >/dev/null 2>&1
+[ "$(snaps)" = 0 ]; check unused-pv-deleted $? "delete"
+vgreduce -q vg0 /dev/vdb >/dev/null 2>&1
+
 
 for v in vol1 vol2 thick1; do umount /mnt/$v; done
 vgchange -q -an vg0 >/dev/null 2>&1

@@ -25,7 +25,7 @@ for b in $BINS; do
     mkdir -p "$R$(dirname "$l")"; cp -Ln "$l" "$R$l" 2>/dev/null || true
   done
 done
-for t in lvcreate lvremove lvs vgs pvs pvcreate vgcreate lvchange vgchange; do ln -sf lvm "$R/bin/$t"; done
+for t in lvcreate lvremove lvs vgs pvs pvcreate vgcreate vgextend vgreduce lvchange vgchange; do ln -sf lvm "$R/bin/$t"; done
 for t in thin_check thin_dump thin_repair thin_restore; do ln -sf pdata_tools "$R/bin/$t"; done
 ln -sf mke2fs "$R/bin/mkfs.ext4"; ln -sf e2fsck "$R/bin/fsck.ext4"
 for t in modprobe insmod lsmod depmod; do ln -sf kmod "$R/bin/$t"; done

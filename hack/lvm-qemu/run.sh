@@ -66,15 +66,19 @@ for series in $KERNELS; do
   t_ready=$(date +%s.%N)
   disk=$WORK/disk-$series.img
   truncate -s 4G "$disk"
+  # A second disk for L11: a tenant's raw block device carrying a fake vg0 header.
+  tenant_disk=$WORK/tenant-$series.img
+  truncate -s 64M "$tenant_disk"
   log=$WORK/console-$series.log
   set +e
   timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -m 1536 -smp 2 -nographic -no-reboot \
     -kernel "$vmlinuz" -initrd "$WORK/initrd-$series.gz" \
     -append "console=ttyS0 panic=-1 quiet loglevel=3" \
-    -drive file="$disk",if=virtio,format=raw,cache=unsafe >"$log" 2>&1
+    -drive file="$disk",if=virtio,format=raw,cache=unsafe \
+    -drive file="$tenant_disk",if=virtio,format=raw,cache=unsafe >"$log" 2>&1
   qrc=$?
   set -e
-  rm -f "$disk"
+  rm -f "$disk" "$tenant_disk"
   t_end=$(date +%s.%N)
   tr -d '\r' <"$log" | sed -n '/BOOT-DONE/,$p' >"$log.clean"
   echo "================ kernel $series ($pkg): console"

@@ -8,11 +8,30 @@
 //!
 //! Every snapshot is tagged `tandem-owner-<owner>` at creation; `delete` removes only a logical
 //! volume carrying its handle's tag, and `create` never adopts an existing one.
+//!
+//! LVM's default configuration scans every block device of the node, tenants' raw block volumes
+//! included: a fake header with the same VG name would make name-addressed commands refuse or
+//! pick the wrong VG (L11). So every command runs inside a [`VgScope`]: `--devices` lists only the
+//! VG's PVs, found under its active LVs in the kernel's device-mapper tables (sysfs), and every
+//! report is checked against the VG uuid those tables carry. A PV that no active LV uses is
+//! admitted only by the PV uuid the VG's own metadata names (one read-only `pvs` label scan).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
 
 use super::{
     BackendError, BackendKind, Deleted, NAME_BUDGET, SnapshotHandle, SnapshotInfo, SnapshotPlan,
     SnapshotSource, dm_escaped_len, fit_name, run_tool,
 };
+use crate::agent::discovery::split_lvm_dm_name;
+
+/// Where the kernel lists block devices by number (each entry links to the device's directory).
+const SYSFS_BLOCK: &str = "/sys/dev/block";
+
+/// How deep device-mapper devices of one VG may stack (thin volume, pool, its data, a mirror leg…)
+/// before the walk gives up: a bound against a cycle in a corrupt or fake tree.
+const MAX_DM_DEPTH: usize = 16;
 
 /// The tag that marks a snapshot as the cut `owner`'s.
 pub fn owner_tag(owner: &str) -> String {
@@ -41,6 +60,282 @@ pub fn fit_lv_name(vg: &str, name: &str) -> Result<(usize, String), BackendError
     Ok((budget, fit_name(name, budget)))
 }
 
+/// One volume group as LVM commands of the agent may see it: only its PVs, and its uuid (L11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VgScope {
+    /// The VG's name.
+    pub vg: String,
+    /// The VG's uuid without dashes, as device-mapper uuids carry it.
+    pub uuid: String,
+    /// The device nodes of its PVs.
+    pub devices: BTreeSet<PathBuf>,
+}
+
+impl VgScope {
+    /// The arguments that restrict an LVM command to the scope's devices.
+    pub fn device_args(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .flat_map(|d| ["--devices".to_string(), d.display().to_string()])
+            .collect()
+    }
+
+    fn refuse(&self, lv: &str, why: String) -> BackendError {
+        BackendError::Unsupported {
+            device: format!("/dev/{}/{lv}", self.vg).into(),
+            why,
+        }
+    }
+}
+
+/// A device-mapper device as sysfs shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DmDevice {
+    /// Its directory (`<sysfs_block>/<maj:min>`).
+    dir: PathBuf,
+    name: String,
+    uuid: String,
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim_end_matches('\n').to_string())
+}
+
+/// The VG uuid in an LVM device-mapper uuid (`LVM-<32 vg><32 lv>`, hidden layers add `-<suffix>`).
+fn vg_uuid_of_dm(dm_uuid: &str) -> Option<&str> {
+    let rest = dm_uuid.strip_prefix("LVM-")?;
+    let vg = rest.get(..32)?;
+    (rest.len() >= 64 && vg.chars().all(|c| c.is_ascii_alphanumeric())).then_some(vg)
+}
+
+/// Every device-mapper device under `sysfs_block` (normally /sys/dev/block).
+fn dm_devices(sysfs_block: &Path) -> Vec<DmDevice> {
+    let Ok(entries) = fs::read_dir(sysfs_block) else {
+        return Vec::new();
+    };
+    let mut found: Vec<DmDevice> = entries
+        .flatten()
+        .filter_map(|e| {
+            let dir = e.path();
+            let name = read_trimmed(&dir.join("dm/name"))?;
+            let uuid = read_trimmed(&dir.join("dm/uuid")).unwrap_or_default();
+            Some(DmDevice { dir, name, uuid })
+        })
+        .collect();
+    found.sort_by(|a, b| a.dir.cmp(&b.dir));
+    found
+}
+
+/// The device node of a kernel block device name (`sda1`; `cciss!c0d0` is `/dev/cciss/c0d0`).
+fn device_node(kernel_name: &str) -> PathBuf {
+    PathBuf::from("/dev").join(kernel_name.replace('!', "/"))
+}
+
+/// Adds to `pvs` the devices directly under `dir` that are not LVs of the VG `vg_uuid`: its PVs
+/// (a disk, a partition, or a dm-crypt, multipath or other VG's device), walking down through the
+/// VG's own layers (thin pool, its data and metadata, a snapshot's origin…).
+fn collect_pvs(
+    dir: &Path,
+    vg_uuid: &str,
+    depth: usize,
+    pvs: &mut BTreeSet<PathBuf>,
+) -> Result<(), String> {
+    if depth > MAX_DM_DEPTH {
+        return Err(format!(
+            "{} stacks more than {MAX_DM_DEPTH} device-mapper layers",
+            dir.display()
+        ));
+    }
+    let slaves = dir.join("slaves");
+    let entries = fs::read_dir(&slaves).map_err(|e| format!("{}: {e}", slaves.display()))?;
+    for entry in entries.flatten() {
+        let kernel_name = entry.file_name().to_string_lossy().into_owned();
+        let slave = entry.path();
+        let uuid = read_trimmed(&slave.join("dm/uuid")).unwrap_or_default();
+        if vg_uuid_of_dm(&uuid) == Some(vg_uuid) {
+            collect_pvs(&slave, vg_uuid, depth + 1, pvs)?;
+        } else {
+            pvs.insert(device_node(&kernel_name));
+        }
+    }
+    Ok(())
+}
+
+/// The scope of the VG `vg_uuid` named `vg`: the PVs under all of its active LVs in `dms`.
+fn scope_of_uuid(vg: &str, vg_uuid: &str, dms: &[DmDevice]) -> Result<VgScope, String> {
+    let mut devices = BTreeSet::new();
+    for dm in dms
+        .iter()
+        .filter(|d| vg_uuid_of_dm(&d.uuid) == Some(vg_uuid))
+    {
+        collect_pvs(&dm.dir, vg_uuid, 0, &mut devices)?;
+    }
+    if devices.is_empty() {
+        return Err(format!(
+            "the kernel shows no physical volume under the active logical volumes of {vg}"
+        ));
+    }
+    Ok(VgScope {
+        vg: vg.into(),
+        uuid: vg_uuid.into(),
+        devices,
+    })
+}
+
+/// The device-mapper name LVM gives `vg/lv`.
+fn lvm_dm_name(vg: &str, lv: &str) -> String {
+    format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"))
+}
+
+/// The scope of the VG of `vg/lv`, which must be active: its dm uuid names the VG unambiguously,
+/// whatever other devices claim the name `vg`.
+pub fn scope_of_active_lv(sysfs_block: &Path, vg: &str, lv: &str) -> Result<VgScope, String> {
+    let dms = dm_devices(sysfs_block);
+    let name = lvm_dm_name(vg, lv);
+    let dm = dms
+        .iter()
+        .find(|d| d.name == name)
+        .ok_or_else(|| format!("{vg}/{lv} is not active (no device-mapper device {name})"))?;
+    let uuid = vg_uuid_of_dm(&dm.uuid).ok_or_else(|| {
+        format!(
+            "device-mapper device {name} has uuid {:?}, not an LVM one",
+            dm.uuid
+        )
+    })?;
+    scope_of_uuid(vg, uuid, &dms)
+}
+
+/// The scope of the VG named `vg` for an LV that may be inactive (a thin snapshot): by `lv`'s own
+/// dm device when it is active, else by the one VG of that name with active LVs. Two such VGs
+/// (a tenant's fake one activated on the node) are refused rather than guessed between.
+pub fn scope_of_vg_name(sysfs_block: &Path, vg: &str, lv: &str) -> Result<VgScope, String> {
+    if let Ok(scope) = scope_of_active_lv(sysfs_block, vg, lv) {
+        return Ok(scope);
+    }
+    let dms = dm_devices(sysfs_block);
+    let uuids: BTreeSet<&str> = dms
+        .iter()
+        .filter(|d| split_lvm_dm_name(&d.name).is_some_and(|(v, _)| v == vg))
+        .filter_map(|d| vg_uuid_of_dm(&d.uuid))
+        .collect();
+    match uuids.len() {
+        1 => scope_of_uuid(vg, uuids.into_iter().next().unwrap_or_default(), &dms),
+        0 => Err(format!(
+            "no logical volume of {vg} is active, so the kernel does not show which devices are its own"
+        )),
+        n => Err(format!(
+            "{n} active volume groups are named {vg} (uuids {}); refusing to guess",
+            uuids.into_iter().collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+/// A VG uuid as LVM reports it (`xxxxxx-xxxx-…`), without its dashes.
+fn undashed(uuid: &str) -> String {
+    uuid.trim().replace('-', "")
+}
+
+/// One row of `pvs --reportformat json`.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct PvRow {
+    #[serde(default)]
+    pv_name: String,
+    #[serde(default)]
+    pv_uuid: String,
+    #[serde(default)]
+    pv_missing: String,
+    #[serde(default)]
+    vg_uuid: String,
+}
+
+#[derive(serde::Deserialize)]
+struct PvReport {
+    report: Vec<ReportPvs>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReportPvs {
+    #[serde(default)]
+    pv: Vec<PvRow>,
+}
+
+fn parse_pvs(out: &str, command: &str) -> Result<Vec<PvRow>, BackendError> {
+    let report: PvReport = serde_json::from_str(out).map_err(|e| BackendError::Parse {
+        command: command.into(),
+        why: e.to_string(),
+    })?;
+    Ok(report.report.into_iter().flat_map(|r| r.pv).collect())
+}
+
+/// The devices of the PVs `missing` (by PV uuid) of the VG `vg_uuid`, among all PVs `seen` on the
+/// node. Each must be found exactly once, carrying that VG's uuid.
+fn find_missing_pvs(
+    missing: &BTreeSet<String>,
+    seen: &[PvRow],
+    vg_uuid: &str,
+) -> Result<BTreeSet<PathBuf>, String> {
+    let mut found: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for row in seen {
+        if missing.contains(&row.pv_uuid) && undashed(&row.vg_uuid) == vg_uuid {
+            found
+                .entry(row.pv_uuid.as_str())
+                .or_default()
+                .push(row.pv_name.as_str());
+        }
+    }
+    let mut devices = BTreeSet::new();
+    for pv in missing {
+        match found.get(pv.as_str()).map(Vec::as_slice) {
+            Some([one]) => {
+                devices.insert(PathBuf::from(one));
+            }
+            None | Some([]) => {
+                return Err(format!("no device carries its physical volume {pv}"));
+            }
+            Some(many) => {
+                return Err(format!(
+                    "its physical volume {pv} is claimed by {}; refusing to guess",
+                    many.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(devices)
+}
+
+/// Adds to `scope` the PVs of its VG that no active LV uses (the kernel does not show them): the
+/// VG's metadata, read from the devices already in scope, names their PV uuids, and a label scan
+/// finds the one device carrying each.
+fn admit_unused_pvs(scope: &mut VgScope, lv: &str) -> Result<(), BackendError> {
+    // pvs takes PVs, not a VG, as arguments: all PVs in scope, those of other VGs left out here.
+    let mut args: Vec<String> = ["--reportformat", "json", "-o", "pv_uuid,pv_missing,vg_uuid"]
+        .map(String::from)
+        .into();
+    args.extend(scope.device_args());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let missing: BTreeSet<String> = parse_pvs(&run_tool("pvs", &refs)?, "pvs")?
+        .into_iter()
+        .filter(|r| !r.pv_missing.trim().is_empty() && undashed(&r.vg_uuid) == scope.uuid)
+        .map(|r| r.pv_uuid)
+        .collect();
+    let all = ["--reportformat", "json", "-o", "pv_name,pv_uuid,vg_uuid"];
+    let seen = parse_pvs(&run_tool("pvs", &all)?, "pvs")?;
+    let more = find_missing_pvs(&missing, &seen, &scope.uuid).map_err(|why| {
+        scope.refuse(
+            lv,
+            format!(
+                "{} has physical volumes no active LV uses, and {why}",
+                scope.vg
+            ),
+        )
+    })?;
+    tracing::info!(vg = scope.vg, devices = ?more, "admitting physical volumes no active LV uses");
+    scope.devices.extend(more);
+    Ok(())
+}
+
 /// One row of `lvs --reportformat json`.
 #[derive(Debug, Clone, serde::Deserialize)]
 struct LvRow {
@@ -52,11 +347,19 @@ struct LvRow {
     lv_size: String,
     #[serde(default)]
     lv_tags: String,
+    #[serde(default)]
+    vg_uuid: String,
+    #[serde(default)]
+    vg_missing_pv_count: String,
 }
 
 impl LvRow {
     fn has_tag(&self, tag: &str) -> bool {
         self.lv_tags.split(',').any(|t| t == tag)
+    }
+
+    fn missing_pvs(&self) -> u64 {
+        self.vg_missing_pv_count.trim().parse().unwrap_or(0)
     }
 }
 
@@ -71,22 +374,61 @@ struct ReportLvs {
     lv: Vec<LvRow>,
 }
 
-/// `lvs` of one LV, or None when LVM says it does not exist.
-fn lv(vg: &str, lv: &str) -> Result<Option<LvRow>, BackendError> {
-    let target = format!("{vg}/{lv}");
-    let out = match run_tool(
-        "lvs",
-        &[
-            "--reportformat",
-            "json",
-            "--units",
-            "b",
-            "--nosuffix",
-            "-o",
-            "lv_name,segtype,lv_size,lv_tags",
-            &target,
-        ],
-    ) {
+/// The LVM arguments of `lvs` of one LV in `scope`.
+pub fn lvs_args(scope: &VgScope, lv: &str) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--reportformat",
+        "json",
+        "--units",
+        "b",
+        "--nosuffix",
+        "-o",
+        "lv_name,segtype,lv_size,lv_tags,vg_uuid,vg_missing_pv_count",
+    ]
+    .map(String::from)
+    .into();
+    args.extend(scope.device_args());
+    args.push(format!("{}/{lv}", scope.vg));
+    args
+}
+
+/// `lvs` of one LV in `scope`, or None when LVM says it does not exist. The row must be of the
+/// scope's VG; PVs of it that no active LV uses are admitted to the scope once.
+fn lv(scope: &mut VgScope, lv: &str) -> Result<Option<LvRow>, BackendError> {
+    for attempt in 0..2 {
+        let Some(row) = lv_once(scope, lv)? else {
+            return Ok(None);
+        };
+        if undashed(&row.vg_uuid) != scope.uuid {
+            return Err(scope.refuse(
+                lv,
+                format!(
+                    "LVM reports VG uuid {:?}, the kernel's device-mapper tables {:?}",
+                    row.vg_uuid, scope.uuid
+                ),
+            ));
+        }
+        if row.missing_pvs() == 0 {
+            return Ok(Some(row));
+        }
+        if attempt == 0 {
+            admit_unused_pvs(scope, lv)?;
+        }
+    }
+    Err(scope.refuse(
+        lv,
+        format!(
+            "{} still misses physical volumes with {} admitted",
+            scope.vg,
+            scope.device_args().join(" ")
+        ),
+    ))
+}
+
+fn lv_once(scope: &VgScope, lv: &str) -> Result<Option<LvRow>, BackendError> {
+    let args = lvs_args(scope, lv);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = match run_tool("lvs", &refs) {
         Ok(out) => out,
         Err(BackendError::Command { stderr, .. })
             if stderr.contains("Failed to find logical volume") =>
@@ -96,7 +438,7 @@ fn lv(vg: &str, lv: &str) -> Result<Option<LvRow>, BackendError> {
         Err(e) => return Err(e),
     };
     let report: Report = serde_json::from_str(&out).map_err(|e| BackendError::Parse {
-        command: format!("lvs {target}"),
+        command: format!("lvs {}/{lv}", scope.vg),
         why: e.to_string(),
     })?;
     Ok(report
@@ -106,11 +448,30 @@ fn lv(vg: &str, lv: &str) -> Result<Option<LvRow>, BackendError> {
         .find(|row| row.lv_name == lv))
 }
 
+/// The scope of the origin `vg/origin` (active: it is a mounted or open volume).
+fn origin_scope(vg: &str, origin: &str) -> Result<VgScope, BackendError> {
+    scope_of_active_lv(Path::new(SYSFS_BLOCK), vg, origin).map_err(|why| {
+        BackendError::Unsupported {
+            device: format!("/dev/{vg}/{origin}").into(),
+            why,
+        }
+    })
+}
+
+/// The scope of the VG of the snapshot `vg/snap` (which may be inactive).
+fn snapshot_scope(vg: &str, snap: &str) -> Result<VgScope, BackendError> {
+    scope_of_vg_name(Path::new(SYSFS_BLOCK), vg, snap).map_err(|why| BackendError::Unsupported {
+        device: format!("/dev/{vg}/{snap}").into(),
+        why,
+    })
+}
+
 /// Plans a snapshot of `vg/lv` for the cut `owner`: thin when the origin is a thin volume, thick
 /// otherwise.
 pub fn plan(vg: &str, origin: &str, name: &str, owner: &str) -> Result<SnapshotPlan, BackendError> {
     let (_, snap) = fit_lv_name(vg, name)?;
-    let row = lv(vg, origin)?.ok_or_else(|| BackendError::Unsupported {
+    let mut scope = origin_scope(vg, origin)?;
+    let row = lv(&mut scope, origin)?.ok_or_else(|| BackendError::Unsupported {
         device: format!("/dev/{vg}/{origin}").into(),
         why: "LVM does not know this logical volume".into(),
     })?;
@@ -164,28 +525,21 @@ pub fn create(
         lv: snap.into(),
         owner: owner.into(),
     };
-    if lv(vg, snap)?.is_some() {
+    let mut scope = origin_scope(vg, origin)?;
+    // The origin first: it checks the VG and admits PVs no active LV uses before LVM allocates.
+    let origin_row = lv(&mut scope, origin)?.ok_or_else(|| BackendError::Unsupported {
+        device: format!("/dev/{vg}/{origin}").into(),
+        why: "LVM does not know this logical volume".into(),
+    })?;
+    if lv(&mut scope, snap)?.is_some() {
         return Err(BackendError::AlreadyExists {
             what: format!("logical volume {vg}/{snap}"),
         });
     }
     let origin_path = format!("{vg}/{origin}");
-    let tag = owner_tag(owner);
-    let mut args = vec![
-        "-q",
-        "-s",
-        "-n",
-        snap,
-        "--addtag",
-        "tandem-snapshot",
-        "--addtag",
-        &tag,
-    ];
-    if backend == BackendKind::LvmThick {
-        args.extend(["-L", thick_cow_size]);
-    }
-    args.push(&origin_path);
-    match run_tool("lvcreate", &args) {
+    let args = lvcreate_args(&scope, origin, snap, owner, backend, thick_cow_size);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    match run_tool("lvcreate", &refs) {
         Ok(_) => {}
         Err(BackendError::Command {
             stderr,
@@ -194,7 +548,7 @@ pub fn create(
         }) => {
             // LVM can leave an inactive half-made snapshot behind ("Manual intervention required");
             // it carries the owner tag, and nothing without it is removed.
-            match delete(vg, snap, owner) {
+            match delete_in(&mut scope, snap, owner) {
                 Ok(_) | Err(BackendError::NotOurs { .. }) => {}
                 Err(e) => {
                     tracing::warn!(vg, snap, error = %e, "could not remove a half-made snapshot")
@@ -214,11 +568,39 @@ pub fn create(
         }
         Err(e) => return Err(e),
     }
-    let origin_row = lv(vg, origin)?;
     Ok(SnapshotInfo {
-        size_bytes: origin_row.as_ref().map(size_of).unwrap_or(0),
+        size_bytes: size_of(&origin_row),
         handle,
     })
+}
+
+/// The LVM arguments of `lvcreate -s` of `origin` named `snap` in `scope`, tagged with its owner.
+pub fn lvcreate_args(
+    scope: &VgScope,
+    origin: &str,
+    snap: &str,
+    owner: &str,
+    backend: BackendKind,
+    thick_cow_size: &str,
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-q",
+        "-s",
+        "-n",
+        snap,
+        "--addtag",
+        "tandem-snapshot",
+        "--addtag",
+        &owner_tag(owner),
+    ]
+    .map(String::from)
+    .into();
+    if backend == BackendKind::LvmThick {
+        args.extend(["-L".to_string(), thick_cow_size.to_string()]);
+    }
+    args.extend(scope.device_args());
+    args.push(format!("{}/{origin}", scope.vg));
+    args
 }
 
 /// Whether a logical volume may be removed as `owner`'s snapshot: it carries the owner tag.
@@ -238,12 +620,26 @@ fn check_owner_tag(vg: &str, row: &LvRow, owner: &str) -> Result<(), BackendErro
 
 /// `lvremove` of the snapshot if it carries `owner`'s tag (nothing to do when it does not exist).
 pub fn delete(vg: &str, snap: &str, owner: &str) -> Result<Deleted, BackendError> {
-    let Some(row) = lv(vg, snap)? else {
+    delete_in(&mut snapshot_scope(vg, snap)?, snap, owner)
+}
+
+fn delete_in(scope: &mut VgScope, snap: &str, owner: &str) -> Result<Deleted, BackendError> {
+    let Some(row) = lv(scope, snap)? else {
         return Ok(Deleted::Absent);
     };
-    check_owner_tag(vg, &row, owner)?;
+    check_owner_tag(&scope.vg, &row, owner)?;
+    let args = lvremove_args(scope, snap);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_tool("lvremove", &refs).map(|_| Deleted::Removed)
+}
+
+/// The LVM arguments of `lvremove` of `snap` in `scope`.
+pub fn lvremove_args(scope: &VgScope, snap: &str) -> Vec<String> {
     // `@tag` would select every LV with it; the name selects this one, just checked.
-    run_tool("lvremove", &["-q", "-f", &format!("{vg}/{snap}")]).map(|_| Deleted::Removed)
+    let mut args: Vec<String> = vec!["-q".into(), "-f".into()];
+    args.extend(scope.device_args());
+    args.push(format!("{}/{snap}", scope.vg));
+    args
 }
 
 /// What `lvs -o lv_attr,snap_percent` says about a thick snapshot (L3).
@@ -288,18 +684,20 @@ pub fn parse_health(lv_attr: &str, snap_percent: &str) -> Result<SnapshotHealth,
 
 /// The health of the snapshot `vg/snap` (None when it does not exist).
 pub fn health(vg: &str, snap: &str) -> Result<Option<SnapshotHealth>, BackendError> {
-    let target = format!("{vg}/{snap}");
-    let out = match run_tool(
-        "lvs",
-        &[
-            "--noheadings",
-            "--separator",
-            "|",
-            "-o",
-            "lv_attr,snap_percent",
-            &target,
-        ],
-    ) {
+    let scope = snapshot_scope(vg, snap)?;
+    let mut args: Vec<String> = [
+        "--noheadings",
+        "--separator",
+        "|",
+        "-o",
+        "lv_attr,snap_percent",
+    ]
+    .map(String::from)
+    .into();
+    args.extend(scope.device_args());
+    args.push(format!("{vg}/{snap}"));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = match run_tool("lvs", &refs) {
         Ok(out) => out,
         Err(BackendError::Command { stderr, .. })
             if stderr.contains("Failed to find logical volume") =>
@@ -316,6 +714,248 @@ pub fn health(vg: &str, snap: &str) -> Result<Option<SnapshotHealth>, BackendErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const VG: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    const FAKE: &str = "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF";
+
+    fn lv_uuid(vg: &str, lv: char) -> String {
+        format!("LVM-{vg}{}", lv.to_string().repeat(32))
+    }
+
+    /// One block device of a fake sysfs: maj:min, kernel name, dm name and uuid, slaves.
+    type FakeDevice<'a> = (&'a str, &'a str, Option<(&'a str, &'a str)>, &'a [&'a str]);
+
+    /// A fake /sys/dev/block, each slave linked the way sysfs links it (`slaves/<kernel name>` to
+    /// the slave's directory).
+    fn fake_sysfs(devices: &[FakeDevice]) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        let id_of = |name: &str| devices.iter().find(|d| d.1 == name).unwrap().0;
+        for (id, _, dm, _) in devices {
+            let dir = root.path().join(id);
+            fs::create_dir_all(&dir).unwrap();
+            if let Some((name, uuid)) = dm {
+                fs::create_dir_all(dir.join("dm")).unwrap();
+                fs::write(dir.join("dm/name"), format!("{name}\n")).unwrap();
+                fs::write(dir.join("dm/uuid"), format!("{uuid}\n")).unwrap();
+            }
+        }
+        for (id, _, _, slaves) in devices {
+            let dir = root.path().join(id).join("slaves");
+            fs::create_dir_all(&dir).unwrap();
+            for slave in *slaves {
+                std::os::unix::fs::symlink(
+                    root.path().join(id_of(slave)),
+                    dir.join(slave.replace('/', "!")),
+                )
+                .unwrap();
+            }
+        }
+        root
+    }
+
+    /// The real vg0: a thin volume in a pool whose data spans vda and vdb, a thick volume on a
+    /// dm-crypt PV over sda2, and a thick volume with a snapshot (origin, -real and -cow layers).
+    fn node(with_fake_active: bool) -> tempfile::TempDir {
+        let (a, b, c, d, e, f, g, h) = (
+            lv_uuid(VG, 'a'),
+            format!("{}-tpool", lv_uuid(VG, 'b')),
+            format!("{}-tmeta", lv_uuid(VG, 'b')),
+            format!("{}-tdata", lv_uuid(VG, 'b')),
+            lv_uuid(VG, 'c'),
+            lv_uuid(VG, 'd'),
+            format!("{}-real", lv_uuid(VG, 'd')),
+            format!("{}-cow", lv_uuid(VG, 'e')),
+        );
+        let snap = lv_uuid(VG, 'e');
+        let fake = lv_uuid(FAKE, 'a');
+        let mut devices: Vec<FakeDevice> = vec![
+            ("252:0", "vda", None, &[]),
+            ("252:16", "vdb", None, &[]),
+            ("252:32", "vdc", None, &[]),
+            ("8:2", "sda2", None, &[]),
+            ("253:0", "dm-0", Some(("vg0-vol1", &a)), &["dm-1"]),
+            (
+                "253:1",
+                "dm-1",
+                Some(("vg0-pool-tpool", &b)),
+                &["dm-2", "dm-3"],
+            ),
+            ("253:2", "dm-2", Some(("vg0-pool_tmeta", &c)), &["vda"]),
+            (
+                "253:3",
+                "dm-3",
+                Some(("vg0-pool_tdata", &d)),
+                &["vda", "vdb"],
+            ),
+            (
+                "253:4",
+                "dm-4",
+                Some(("luks-1", "CRYPT-LUKS2-1234-luks-1")),
+                &["sda2"],
+            ),
+            ("253:5", "dm-5", Some(("vg0-thick1", &e)), &["dm-4"]),
+            ("253:6", "dm-6", Some(("vg0-thick2", &f)), &["dm-7"]),
+            ("253:7", "dm-7", Some(("vg0-thick2-real", &g)), &["vdb"]),
+            (
+                "253:8",
+                "dm-8",
+                Some(("vg0-snap", &snap)),
+                &["dm-7", "dm-9"],
+            ),
+            ("253:9", "dm-9", Some(("vg0-snap-cow", &h)), &["vdb"]),
+        ];
+        if with_fake_active {
+            devices.push(("253:10", "dm-10", Some(("vg0-tenant", &fake)), &["vdc"]));
+        }
+        fake_sysfs(&devices)
+    }
+
+    fn paths(list: &[&str]) -> BTreeSet<PathBuf> {
+        list.iter().map(PathBuf::from).collect()
+    }
+
+    /// L11: the PVs come from the kernel's tables, through the VG's own layers only; a crypt
+    /// device is the PV (not the partition under it); a fake vg0 is never in scope.
+    #[test]
+    fn scopes_a_vg_to_the_devices_under_its_lvs() {
+        let sysfs = node(true);
+        let want = paths(&["/dev/dm-4", "/dev/vda", "/dev/vdb"]);
+        for lv in ["vol1", "thick1", "thick2", "snap"] {
+            let scope = scope_of_active_lv(sysfs.path(), "vg0", lv).unwrap();
+            assert_eq!(scope.uuid, VG, "{lv}");
+            assert_eq!(scope.devices, want, "{lv}");
+        }
+        let fake = scope_of_active_lv(sysfs.path(), "vg0", "tenant").unwrap();
+        assert_eq!(
+            (fake.uuid.as_str(), fake.devices),
+            (FAKE, paths(&["/dev/vdc"]))
+        );
+        let missing = scope_of_active_lv(sysfs.path(), "vg0", "gone").unwrap_err();
+        assert!(missing.contains("not active"), "{missing}");
+    }
+
+    /// L11: an inactive snapshot is scoped by the one active VG of its name; two are refused.
+    #[test]
+    fn scopes_an_inactive_snapshot_by_its_vg_name() {
+        let clean = node(false);
+        let scope = scope_of_vg_name(clean.path(), "vg0", "thin-snap").unwrap();
+        assert_eq!(scope.uuid, VG);
+        assert_eq!(scope.devices, paths(&["/dev/dm-4", "/dev/vda", "/dev/vdb"]));
+        let why = scope_of_vg_name(clean.path(), "vg1", "thin-snap").unwrap_err();
+        assert!(why.contains("no logical volume of vg1 is active"), "{why}");
+
+        let with_fake = node(true);
+        let why = scope_of_vg_name(with_fake.path(), "vg0", "thin-snap").unwrap_err();
+        assert!(
+            why.contains("2 active volume groups are named vg0"),
+            "{why}"
+        );
+        // An active snapshot names its VG itself.
+        let scope = scope_of_vg_name(with_fake.path(), "vg0", "snap").unwrap();
+        assert_eq!(scope.uuid, VG);
+    }
+
+    #[test]
+    fn refuses_a_cycle_and_odd_uuids() {
+        let a = lv_uuid(VG, 'a');
+        let b = lv_uuid(VG, 'b');
+        let cyclic = fake_sysfs(&[
+            ("253:0", "dm-0", Some(("vg0-a", &a)), &["dm-1"]),
+            ("253:1", "dm-1", Some(("vg0-b", &b)), &["dm-0"]),
+        ]);
+        let why = scope_of_active_lv(cyclic.path(), "vg0", "a").unwrap_err();
+        assert!(why.contains("device-mapper layers"), "{why}");
+        let not_lvm = fake_sysfs(&[("253:0", "dm-0", Some(("vg0-a", "CRYPT-x")), &[])]);
+        let why = scope_of_active_lv(not_lvm.path(), "vg0", "a").unwrap_err();
+        assert!(why.contains("not an LVM one"), "{why}");
+        assert_eq!(vg_uuid_of_dm(&a), Some(VG));
+        assert_eq!(vg_uuid_of_dm(&format!("{a}-cow")), Some(VG));
+        for odd in [
+            "LVM-short",
+            "CRYPT-LUKS2-x",
+            "",
+            &format!("LVM-{}", "-".repeat(64)),
+        ] {
+            assert_eq!(vg_uuid_of_dm(odd), None, "{odd}");
+        }
+        assert_eq!(device_node("cciss!c0d0"), PathBuf::from("/dev/cciss/c0d0"));
+        assert_eq!(lvm_dm_name("my-vg", "a-b"), "my--vg-a--b");
+    }
+
+    /// L11: what the agent passes to LVM.
+    #[test]
+    fn every_command_names_only_the_scope_devices() {
+        let scope = VgScope {
+            vg: "vg0".into(),
+            uuid: VG.into(),
+            devices: paths(&["/dev/vdb", "/dev/dm-4"]),
+        };
+        let devices = ["--devices", "/dev/dm-4", "--devices", "/dev/vdb"];
+        let thick = lvcreate_args(&scope, "thick1", "s1", "uid-1", BackendKind::LvmThick, "1G");
+        let mut want = vec![
+            "-q",
+            "-s",
+            "-n",
+            "s1",
+            "--addtag",
+            "tandem-snapshot",
+            "--addtag",
+            "tandem-owner-uid-1",
+            "-L",
+            "1G",
+        ];
+        want.extend(devices);
+        want.push("vg0/thick1");
+        assert_eq!(thick, want);
+        let thin = lvcreate_args(&scope, "vol1", "s1", "uid-1", BackendKind::LvmThin, "1G");
+        assert!(!thin.iter().any(|a| a == "-L"), "{thin:?}");
+        assert!(thin.ends_with(&["--devices", "/dev/vdb", "vg0/vol1"].map(String::from)));
+        let mut want = vec!["-q", "-f"];
+        want.extend(devices);
+        want.push("vg0/s1");
+        assert_eq!(lvremove_args(&scope, "s1"), want);
+        let lvs = lvs_args(&scope, "s1");
+        assert!(lvs.windows(4).any(|w| w == devices), "{lvs:?}");
+        assert_eq!(lvs.last().map(String::as_str), Some("vg0/s1"));
+        assert!(
+            lvs.iter()
+                .any(|a| a.contains("vg_uuid,vg_missing_pv_count"))
+        );
+    }
+
+    /// L11: PVs no active LV uses are admitted by PV uuid, exactly one device each, of the VG.
+    #[test]
+    fn admits_unused_pvs_by_their_uuid_only() {
+        let row = |name: &str, pv: &str, vg: &str| PvRow {
+            pv_name: name.into(),
+            pv_uuid: pv.into(),
+            pv_missing: String::new(),
+            vg_uuid: vg.into(),
+        };
+        let dashed = "AAAAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAAAA";
+        assert_eq!(undashed(dashed), VG);
+        let missing: BTreeSet<String> = ["pv-2".to_string()].into();
+        let seen = [
+            row("/dev/vda", "pv-1", dashed),
+            row("/dev/vdc", "pv-2", dashed),
+            row("/dev/vdd", "pv-2", "FFFFFF-FFFF-FFFF-FFFF-FFFF-FFFF-FFFFFF"),
+        ];
+        assert_eq!(
+            find_missing_pvs(&missing, &seen, VG).unwrap(),
+            paths(&["/dev/vdc"])
+        );
+        let why = find_missing_pvs(&missing, &seen[..1], VG).unwrap_err();
+        assert!(why.contains("no device carries"), "{why}");
+        let twice = [
+            row("/dev/vdc", "pv-2", dashed),
+            row("/dev/vde", "pv-2", dashed),
+        ];
+        let why = find_missing_pvs(&missing, &twice, VG).unwrap_err();
+        assert!(why.contains("claimed by /dev/vdc, /dev/vde"), "{why}");
+        let out = r#"{"report":[{"pv":[{"pv_uuid":"pv-2", "pv_missing":"missing"},{"pv_uuid":"pv-1", "pv_missing":""}]}]}"#;
+        let rows = parse_pvs(out, "pvs").unwrap();
+        assert_eq!(rows[0].pv_missing, "missing");
+    }
 
     #[test]
     fn recognises_the_61_suspend_failure() {
@@ -335,7 +975,7 @@ mod tests {
       "report": [
           {
               "lv": [
-                  {"lv_name":"vol1", "segtype":"thin", "lv_size":"1073741824", "lv_tags":"tandem-snapshot,tandem-owner-uid-1"}
+                  {"lv_name":"vol1", "segtype":"thin", "lv_size":"1073741824", "lv_tags":"tandem-snapshot,tandem-owner-uid-1", "vg_uuid":"AAAAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAAAA", "vg_missing_pv_count":"1"}
               ]
           }
       ]
@@ -344,6 +984,8 @@ mod tests {
         let row = &r.report[0].lv[0];
         assert_eq!(row.segtype, "thin");
         assert_eq!(size_of(row), 1 << 30);
+        assert_eq!(undashed(&row.vg_uuid), VG);
+        assert_eq!(row.missing_pvs(), 1);
         assert!(check_owner_tag("vg0", row, "uid-1").is_ok());
         for other in ["uid-2", "uid", ""] {
             assert!(matches!(
