@@ -1383,3 +1383,523 @@ async fn the_kubelets_filesystem_is_never_frozen() {
         .delete(&format!("{ns}-kubelet"), &DeleteParams::default())
         .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// `kubectl apply -f deploy/` on a real node.
+
+/// The host paths deploy/tandem.yaml carries (the chart's defaults: `agent.kubeletDir`,
+/// `agent.stateDir`, `agent.extraHostPaths`) and the test node's folders that replace them. A test
+/// node cannot use the defaults: other runs share the host, and the host's own /var/lib/kubelet
+/// is not the node's.
+fn deploy_paths_on(n: &node::Node) -> [(&'static str, String); 3] {
+    [
+        ("/var/lib/kubelet", n.kubelet_dir.display().to_string()),
+        ("/var/lib/tandem", n.state_dir.display().to_string()),
+        ("/mnt/disks", n.disks_dir.display().to_string()),
+    ]
+}
+
+/// deploy/ as committed, with only the three host paths of tandem.yaml replaced by the node's
+/// (namespace.yaml and crds.yaml are copied byte for byte), written to `out`. Asserts that this is
+/// the only change: mapping the node's paths back gives the committed file exactly, and the result
+/// is what the chart renders with those three values set.
+fn deploy_for_node(c: &node::Cluster, out: &Path) -> Vec<String> {
+    let deploy = repo_root().join("deploy");
+    fs::create_dir_all(out).expect("deploy copy");
+    let mut names: Vec<String> = fs::read_dir(&deploy)
+        .expect("deploy/")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["crds.yaml", "namespace.yaml", "tandem.yaml"]);
+    for name in ["crds.yaml", "namespace.yaml"] {
+        fs::copy(deploy.join(name), out.join(name)).expect("copy");
+    }
+    let committed = fs::read_to_string(deploy.join("tandem.yaml")).expect("tandem.yaml");
+    let paths = deploy_paths_on(&c.nodes[0]);
+    let mut on_node = committed.clone();
+    for (default, node_path) in &paths {
+        assert!(
+            committed.contains(default),
+            "deploy/tandem.yaml lost {default}"
+        );
+        assert!(!committed.contains(node_path.as_str()));
+        on_node = on_node.replace(default, node_path);
+    }
+    let mut back = on_node.clone();
+    for (default, node_path) in &paths {
+        back = back.replace(node_path.as_str(), default);
+    }
+    assert_eq!(back, committed, "more than the host paths changed");
+    let rendered = c
+        .helm(&[
+            "template",
+            RELEASE,
+            &repo_root().join("charts/tandem").display().to_string(),
+            "--namespace",
+            RELEASE_NAMESPACE,
+            "--set",
+            "crds.install=false",
+            "--set",
+            &format!("agent.kubeletDir={}", paths[0].1),
+            "--set",
+            &format!("agent.stateDir={}", paths[1].1),
+            "--set",
+            &format!("agent.extraHostPaths={{{}}}", paths[2].1),
+        ])
+        .expect("helm template");
+    let body: String = on_node
+        .split_inclusive('\n')
+        .skip_while(|l| l.starts_with("# Generated") || l.starts_with("# release"))
+        .collect();
+    assert_eq!(
+        body, rendered,
+        "deploy/tandem.yaml with the node's paths is not the chart with those values"
+    );
+    fs::write(out.join("tandem.yaml"), &on_node).expect("tandem.yaml");
+    let changed: Vec<String> = on_node
+        .lines()
+        .zip(committed.lines())
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| format!("{} -> {}", b.trim(), a.trim()))
+        .collect();
+    assert_eq!(on_node.lines().count(), committed.lines().count());
+    changed
+}
+
+/// The generation of every object in a manifest folder (a spec change bumps it).
+fn generations(c: &node::Cluster, dir: &str) -> String {
+    c.kubectl(&[
+        "get",
+        "-f",
+        dir,
+        "-o",
+        "jsonpath={range .items[*]}{.kind}/{.metadata.name} {.metadata.generation} {.metadata.uid}{\"\\n\"}{end}",
+    ])
+    .expect("get deploy objects")
+}
+
+/// tandem's pods anywhere in the cluster.
+fn tandem_pods(c: &node::Cluster) -> String {
+    c.kubectl(&[
+        "get",
+        "pods",
+        "-A",
+        "-l",
+        "app.kubernetes.io/name=tandem",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name}{\"\\n\"}{end}",
+    ])
+    .expect("pods")
+}
+
+/// `kubectl apply -f deploy/` on a real node of its own cluster (helm's release in the shared one
+/// would collide): the committed manifests with only the three host paths made the node's (see
+/// deploy_for_node). The controller becomes Ready through its probes, the agent pod runs
+/// privileged with the node's host paths, a GroupSnapshot of two local volumes a pod writes to is
+/// cut (Ready, FilesystemFrozen), and deleted with its clones by the pods; a second apply changes
+/// nothing; the README's uninstall (`kubectl delete -f deploy/tandem.yaml`) leaves no tandem pod
+/// and keeps the CRDs, and `kubectl delete -f deploy/` then removes everything else.
+#[test]
+fn kubectl_apply_of_deploy_on_a_real_node_snapshots_and_uninstalls() {
+    if !require_root() {
+        return;
+    }
+    let cluster = node::Cluster::start(1);
+    let c = &cluster;
+    let n = &c.nodes[0];
+    let dir = c.root.join("deploy");
+    let changed = deploy_for_node(c, &dir);
+    eprintln!(
+        "[deploy] deploy/tandem.yaml with the node's host paths ({} lines changed):\n  {}",
+        changed.len(),
+        changed.join("\n  ")
+    );
+    let dir_arg = dir.display().to_string();
+
+    let started = std::time::Instant::now();
+    let first = c
+        .kubectl(&["apply", "-f", &dir_arg])
+        .expect("kubectl apply");
+    assert!(
+        first.contains("daemonset.apps/tandem-agent created"),
+        "{first}"
+    );
+    for workload in ["deployment/tandem-controller", "daemonset/tandem-agent"] {
+        c.kubectl_timeout(
+            &[
+                "-n",
+                RELEASE_NAMESPACE,
+                "rollout",
+                "status",
+                workload,
+                "--timeout=120s",
+            ],
+            Duration::from_secs(130),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{workload} not ready: {e}\n{}",
+                c.kubectl(&["get", "pods", "-A", "-o", "wide"])
+                    .unwrap_or_default()
+            )
+        });
+    }
+    eprintln!(
+        "[deploy] applied and rolled out in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The controller: Ready through its readiness probe (GET /readyz from the kubelet).
+    let deploy: serde_json::Value = serde_json::from_str(
+        &c.kubectl(&[
+            "-n",
+            RELEASE_NAMESPACE,
+            "get",
+            "deployment",
+            "tandem-controller",
+            "-o",
+            "json",
+        ])
+        .expect("deployment"),
+    )
+    .expect("json");
+    assert_eq!(deploy["status"]["readyReplicas"], 1, "{deploy}");
+    let controller = &deploy["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(controller["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(controller["livenessProbe"]["httpGet"]["path"], "/healthz");
+
+    // The agent: running privileged on the node, its host mounts the node's folders.
+    let agent: serde_json::Value = serde_json::from_str(
+        &c.kubectl(&[
+            "-n",
+            RELEASE_NAMESPACE,
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/component=agent",
+            "-o",
+            "json",
+        ])
+        .expect("agent pods"),
+    )
+    .expect("json");
+    let items = agent["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "one agent pod per node");
+    let agent = &items[0];
+    assert_eq!(agent["status"]["phase"], "Running", "{agent}");
+    assert_eq!(agent["spec"]["nodeName"], n.name.as_str());
+    let container = &agent["spec"]["containers"][0];
+    assert_eq!(container["securityContext"]["privileged"], true);
+    let mounts = container["volumeMounts"].as_array().expect("mounts");
+    for (path, propagation) in [
+        (n.kubelet_dir.display().to_string(), Some("Bidirectional")),
+        (n.disks_dir.display().to_string(), Some("Bidirectional")),
+        (n.state_dir.display().to_string(), None),
+        ("/host".to_string(), None),
+    ] {
+        let mount = mounts
+            .iter()
+            .find(|m| m["mountPath"] == path.as_str())
+            .unwrap_or_else(|| panic!("no mount at {path}: {mounts:?}"));
+        assert_eq!(mount["mountPropagation"].as_str(), propagation, "{mount}");
+    }
+    assert!(
+        n.state_dir.is_dir(),
+        "the agent's journal folder was not made on the node"
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut scratch = agent_support::Scratch::new();
+    runtime.block_on(snapshot_with_deploy(c, &mut scratch));
+
+    // A second apply, after the controller and the agent have worked: nothing changes.
+    let before = generations(c, &dir_arg);
+    let second = c.kubectl(&["apply", "-f", &dir_arg]).expect("second apply");
+    let changed: Vec<&str> = second
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.ends_with(" unchanged"))
+        .collect();
+    assert!(changed.is_empty(), "a second apply changed: {changed:?}");
+    assert_eq!(generations(c, &dir_arg), before, "objects changed");
+    // kubectl diff (a server-side dry run): exit 0 means no difference.
+    c.kubectl(&["diff", "-f", &dir_arg])
+        .unwrap_or_else(|e| panic!("kubectl diff after two applies: {e}"));
+
+    // The README's uninstall: tandem.yaml only. No tandem pod is left; the CRDs (and so every
+    // group snapshot) stay.
+    let started = std::time::Instant::now();
+    c.kubectl_timeout(
+        &[
+            "delete",
+            "-f",
+            &dir.join("tandem.yaml").display().to_string(),
+        ],
+        Duration::from_secs(120),
+    )
+    .expect("kubectl delete -f tandem.yaml");
+    runtime.block_on(eventually(WAIT, "no tandem pod left", || async {
+        tandem_pods(c).trim().is_empty().then_some(())
+    }));
+    eprintln!(
+        "[deploy] uninstalled (no tandem pod) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let crds = c.kubectl(&["get", "crd", "-o", "name"]).expect("crds");
+    for crd in [
+        "consistencygroups.tandem.dev",
+        "groupsnapshots.tandem.dev",
+        "nodesnapshots.tandem.dev",
+    ] {
+        assert!(crds.contains(crd), "{crd} went with tandem.yaml: {crds}");
+    }
+
+    // `kubectl delete -f deploy/`: the rest (namespace, CRDs) goes too, nothing of tandem stays.
+    let started = std::time::Instant::now();
+    c.kubectl_timeout(
+        &["delete", "-f", &dir_arg, "--ignore-not-found"],
+        Duration::from_secs(120),
+    )
+    .expect("kubectl delete -f deploy/");
+    eprintln!(
+        "[deploy] kubectl delete -f deploy/ (namespace and CRDs) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let left = c
+        .kubectl(&[
+            "get",
+            "crd,clusterroles,clusterrolebindings,validatingadmissionpolicies,validatingadmissionpolicybindings",
+            "-l",
+            "app.kubernetes.io/part-of=tandem",
+            "-o",
+            "name",
+        ])
+        .expect("left");
+    assert!(left.trim().is_empty(), "left behind: {left}");
+    assert!(tandem_pods(c).trim().is_empty());
+    assert!(
+        c.kubectl(&["get", "namespace", RELEASE_NAMESPACE]).is_err(),
+        "namespace {RELEASE_NAMESPACE} left behind"
+    );
+}
+
+/// The GroupSnapshot part of the deploy/ test: two local volumes (XFS and ext4 in an XFS reflink
+/// pool) a pod writes to, cut Ready with FilesystemFrozen by the pods, clones one point in time,
+/// deleted with its clones.
+async fn snapshot_with_deploy(c: &node::Cluster, scratch: &mut agent_support::Scratch) {
+    let client = client_for(&c.plane.kubeconfig).await;
+    let n = &c.nodes[0];
+    let ns = format!("rn-deploy-{}", std::process::id());
+    let disks = n.disks_dir.join(&ns);
+    let pool_image = n.images_dir().join(format!("{ns}-pool.img"));
+    scratch.image(&pool_image, 2 << 30);
+    let pool_dev = scratch.attach(&pool_image, false);
+    scratch.mkfs(&pool_dev, "xfs");
+    let pool = disks.join("pool");
+    scratch.mount(&pool_dev, &pool, &[]);
+    let data = volume(scratch, &pool, &disks.join("data"), "xfs");
+    let wal = volume(scratch, &pool, &disks.join("wal"), "ext4");
+    let _thaw = ThawOnDrop(vec![data.mount.clone(), wal.mount.clone()]);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns"),
+        )
+        .await
+        .expect("namespace");
+    publish(
+        &client,
+        &ns,
+        &n.name,
+        &[
+            ("data", &data.mount, &[("app", "shop")]),
+            ("wal", &wal.mount, &[("app", "shop")]),
+        ],
+    )
+    .await;
+    let image = images()["tandem_ref"].clone();
+    apply(
+        c,
+        &format!("{ns}-writer"),
+        &json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "writer", "namespace": ns},
+            "spec": {
+                "terminationGracePeriodSeconds": 0,
+                "securityContext": {"runAsUser": 0},
+                "containers": [{"name": "writer", "image": image, "imagePullPolicy": "Never",
+                    "command": ["/bin/sh", "-c",
+                        "i=0; while true; do i=$((i+1)); echo $i >> /data/sequence; echo $i >> /wal/sequence; sleep 0.05; done"],
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                                     {"name": "wal", "mountPath": "/wal"}]}],
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+                            {"name": "wal", "persistentVolumeClaim": {"claimName": "wal"}}]
+            }
+        }),
+    );
+    c.kubectl_timeout(
+        &[
+            "-n",
+            &ns,
+            "wait",
+            "--for=condition=Ready",
+            "pod/writer",
+            "--timeout=60s",
+        ],
+        Duration::from_secs(70),
+    )
+    .unwrap_or_else(|e| panic!("writer Ready: {e}"));
+
+    let groups: Api<tandem::api::ConsistencyGroup> = Api::namespaced(client.clone(), &ns);
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "shop"},
+                "spec": {"selector": {"matchLabels": {"app": "shop"}}, "freezeTimeoutSeconds": 20}}))
+            .expect("group"),
+        )
+        .await
+        .expect("group");
+    eventually(WAIT, "group Ready with both members supported", || {
+        let groups = groups.clone();
+        async move {
+            let status = groups.get("shop").await.ok()?.status?;
+            let ready = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            (ready && status.members.len() == 2 && status.members.iter().all(|m| m.supported))
+                .then_some(())
+        }
+    })
+    .await;
+    let snapshots: Api<GroupSnapshot> = Api::namespaced(client.clone(), &ns);
+    let started = std::time::Instant::now();
+    snapshots
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "shop-1"},
+                "spec": {"groupName": "shop", "deletionPolicy": "Delete"}}))
+            .expect("snapshot"),
+        )
+        .await
+        .expect("snapshot");
+    let status = eventually(WAIT, "GroupSnapshot Ready", || {
+        let snapshots = snapshots.clone();
+        async move {
+            let status = snapshots.get("shop-1").await.ok()?.status?;
+            assert_ne!(status.phase, GroupSnapshotPhase::Failed, "{status:?}");
+            (status.phase == GroupSnapshotPhase::Ready).then_some(status)
+        }
+    })
+    .await;
+    eprintln!(
+        "[deploy] GroupSnapshot Ready {:.1} s after it was created (freeze window {:?} ms)",
+        started.elapsed().as_secs_f64(),
+        status.freeze_window_millis
+    );
+    assert_eq!(
+        status.consistency,
+        Some(Consistency::FilesystemFrozen),
+        "{status:?}"
+    );
+    assert_eq!(status.member_count, 2);
+    assert!(
+        status.members.iter().all(|m| m.frozen && m.node == n.name),
+        "{status:?}"
+    );
+    let nodes: Api<NodeSnapshot> = Api::namespaced(client.clone(), &ns);
+    for s in nodes
+        .list(&ListParams::default())
+        .await
+        .expect("nsnaps")
+        .items
+    {
+        assert_eq!(s.status.expect("status").phase, NodePhase::Released);
+    }
+    // The clones are the agent pod's, in the pool, and one point in time.
+    let mut lines = Vec::new();
+    for (claim_name, fs) in [("data", "xfs"), ("wal", "ext4")] {
+        let member = status
+            .members
+            .iter()
+            .find(|m| m.claim == claim_name)
+            .expect("member");
+        let handle = member.snapshot_handle.as_deref().expect("handle");
+        let clone = PathBuf::from(handle.strip_prefix("reflink:").expect("reflink handle"));
+        assert!(clone.starts_with(&pool), "{clone:?} is not in the pool");
+        let mnt =
+            agent_support::open_snapshot(scratch, &clone, fs, &format!("deploy-{claim_name}"));
+        let sequence = fs::read_to_string(mnt.join("sequence")).expect("sequence");
+        lines.push(sequence.lines().count());
+        scratch.unmount(&mnt);
+    }
+    assert!(
+        lines[0] > 0,
+        "the data snapshot holds none of the writer's lines"
+    );
+    assert!(
+        lines[0] == lines[1] || lines[0] == lines[1] + 1,
+        "data and wal snapshots are not one point in time: {lines:?}"
+    );
+
+    snapshots
+        .delete("shop-1", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually(WAIT, "GroupSnapshot and NodeSnapshots gone", || {
+        let snapshots = snapshots.clone();
+        let nodes = nodes.clone();
+        async move {
+            let gone = snapshots.get_opt("shop-1").await.ok()?.is_none();
+            let nodes_gone = nodes
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty();
+            (gone && nodes_gone).then_some(())
+        }
+    })
+    .await;
+    let left: Vec<_> = fs::read_dir(pool.join(".tandem-snapshots"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "clones left behind: {left:?}");
+
+    // The writer goes before the volumes (the kubelet's bind mounts hold the loop devices).
+    let _ = c.kubectl_timeout(
+        &[
+            "-n",
+            &ns,
+            "delete",
+            "pod",
+            "writer",
+            "--grace-period=0",
+            "--force",
+            "--wait=true",
+        ],
+        Duration::from_secs(60),
+    );
+    let pods_dir = format!("{}/pods/", n.kubelet_dir.display());
+    eventually(WAIT, "the kubelet unmounted the writer's volumes", || {
+        let pods_dir = pods_dir.clone();
+        let ns = ns.clone();
+        async move {
+            let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+            let held = info.lines().any(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|m| m.starts_with(&pods_dir) && m.contains(&ns))
+            });
+            (!held).then_some(())
+        }
+    })
+    .await;
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+}
