@@ -1,9 +1,12 @@
 //! tandem: consistency groups for Kubernetes persistent volumes.
 //!
 //! - [`api`]: the custom resources (no I/O).
-//! - [`controller`]: reconciles ConsistencyGroups (and, later, GroupSnapshots) against the API server.
+//! - [`controller`]: reconciles ConsistencyGroups and GroupSnapshots against the API server.
+//! - [`agent`]: the node agent (freeze, snapshot, thaw).
+//! - [`conditions`], [`finalizer`]: small Kubernetes helpers both share.
 
 pub mod agent;
 pub mod api;
+pub mod conditions;
 pub mod controller;
 pub mod finalizer;

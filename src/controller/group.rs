@@ -16,10 +16,10 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::conditions::condition;
 use super::membership::{HOSTNAME_LABEL, name_nodes, nodes_by_hostname, resolve_members};
 use super::{CONTROLLER_NAME, Context, Error, caches_ready, publish_event};
 use crate::api::{CONDITION_READY, ConsistencyGroup, ConsistencyGroupStatus, GroupMember};
+use crate::conditions::condition;
 
 /// Runs the ConsistencyGroup controller; PVC and PV changes re-reconcile the groups of their namespace.
 pub async fn run_group_controller(

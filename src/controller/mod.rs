@@ -4,7 +4,6 @@
 //! through watches (reflector stores shared with the reconcilers), never through polling.
 
 pub mod barrier;
-mod conditions;
 mod group;
 mod http;
 pub mod membership;

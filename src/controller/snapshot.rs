@@ -20,13 +20,13 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::barrier::{NodeView, Step, next_step};
-use super::conditions::condition;
 use super::{CONTROLLER_NAME, Context, Error, cache_ready, publish_event};
 use crate::api::{
     CONDITION_READY, Consistency, ConsistencyGroup, DeletionPolicy, FreezePolicy, GroupSnapshot,
     GroupSnapshotPhase, GroupSnapshotStatus, MemberSnapshot, NodeAction, NodeFreezeWindow,
     NodePhase, NodeSnapshot, NodeSnapshotSpec, NodeVolume,
 };
+use crate::conditions::condition;
 use crate::finalizer;
 
 /// The controller's finalizer on GroupSnapshots and on the NodeSnapshots it creates: member

@@ -63,31 +63,7 @@ pub(super) fn now() -> Time {
     Time(jiff::Timestamp::now())
 }
 
-/// A condition whose lastTransitionTime moves only when its status does (like the controller's
-/// `conditions::condition`, which is private to the controller).
-pub(super) fn condition(
-    previous: &[Condition],
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: String,
-    observed_generation: Option<i64>,
-) -> Condition {
-    let status = if status { "True" } else { "False" }.to_string();
-    let last_transition_time = previous
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(now);
-    Condition {
-        type_: type_.to_string(),
-        status,
-        reason: reason.to_string(),
-        message,
-        observed_generation,
-        last_transition_time,
-    }
-}
+pub(super) use crate::conditions::condition;
 
 impl CutState {
     pub(super) fn new(req: &CutRequest, generation: Option<i64>, boot_id: Option<String>) -> Self {
