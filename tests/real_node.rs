@@ -279,6 +279,185 @@ fn apply(c: &support::node::Cluster, name: &str, object: &serde_json::Value) {
         .unwrap_or_else(|e| panic!("apply {name}: {e}"));
 }
 
+/// The application pod of the snapshot tests: it appends a counter to /data/sequence, then to
+/// /wal/sequence, 20 times a second (the writes a freeze must hold). Waits until it runs.
+fn start_writer(c: &node::Cluster, ns: &str) {
+    let image = images()["tandem_ref"].clone();
+    apply(
+        c,
+        &format!("{ns}-writer"),
+        &json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "writer", "namespace": ns},
+            "spec": {
+                "terminationGracePeriodSeconds": 0,
+                "securityContext": {"runAsUser": 0},
+                "containers": [{"name": "writer", "image": image, "imagePullPolicy": "Never",
+                    "command": ["/bin/sh", "-c",
+                        "i=0; while true; do i=$((i+1)); echo $i >> /data/sequence; echo $i >> /wal/sequence; sleep 0.05; done"],
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                                     {"name": "wal", "mountPath": "/wal"}]}],
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+                            {"name": "wal", "persistentVolumeClaim": {"claimName": "wal"}}]
+            }
+        }),
+    );
+    c.kubectl_timeout(
+        &[
+            "-n",
+            ns,
+            "wait",
+            "--for=condition=Ready",
+            "pod/writer",
+            "--timeout=60s",
+        ],
+        Duration::from_secs(70),
+    )
+    .unwrap_or_else(|e| panic!("writer Ready: {e}"));
+}
+
+/// Creates the group `shop` (the claims labelled app=shop) and cuts `shop-1` (Delete). Returns its
+/// status once Ready, after checking it is FilesystemFrozen with both members frozen on
+/// `node_name` and every NodeSnapshot Released, and how long it took from create to Ready.
+async fn snapshot_shop(
+    client: &kube::Client,
+    ns: &str,
+    node_name: &str,
+) -> (tandem::api::GroupSnapshotStatus, Duration) {
+    let groups: Api<tandem::api::ConsistencyGroup> = Api::namespaced(client.clone(), ns);
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "shop"},
+                "spec": {"selector": {"matchLabels": {"app": "shop"}}, "freezeTimeoutSeconds": 20}}))
+            .expect("group"),
+        )
+        .await
+        .expect("group");
+    eventually(WAIT, "group Ready with both members supported", || {
+        let groups = groups.clone();
+        async move {
+            let status = groups.get("shop").await.ok()?.status?;
+            let ready = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            (ready && status.members.len() == 2 && status.members.iter().all(|m| m.supported))
+                .then_some(())
+        }
+    })
+    .await;
+    let snapshots: Api<GroupSnapshot> = Api::namespaced(client.clone(), ns);
+    let started = std::time::Instant::now();
+    snapshots
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "shop-1"},
+                "spec": {"groupName": "shop", "deletionPolicy": "Delete"}}))
+            .expect("snapshot"),
+        )
+        .await
+        .expect("snapshot");
+    let status = eventually(WAIT, "GroupSnapshot Ready", || {
+        let snapshots = snapshots.clone();
+        async move {
+            let status = snapshots.get("shop-1").await.ok()?.status?;
+            assert_ne!(status.phase, GroupSnapshotPhase::Failed, "{status:?}");
+            (status.phase == GroupSnapshotPhase::Ready).then_some(status)
+        }
+    })
+    .await;
+    let took = started.elapsed();
+    assert_eq!(
+        status.consistency,
+        Some(Consistency::FilesystemFrozen),
+        "{status:?}"
+    );
+    assert_eq!(status.member_count, 2);
+    for member in &status.members {
+        assert!(member.frozen, "{member:?}");
+        assert_eq!(member.node, node_name);
+    }
+    let nodes: Api<NodeSnapshot> = Api::namespaced(client.clone(), ns);
+    for n in nodes
+        .list(&ListParams::default())
+        .await
+        .expect("nsnaps")
+        .items
+    {
+        assert_eq!(n.status.expect("status").phase, NodePhase::Released);
+    }
+    (status, took)
+}
+
+/// Mounts the reflink clone of each member (data on XFS, wal on ext4, at `<prefix><claim>`):
+/// each is in `pool` and a clean filesystem, and the two hold one point in time of the writer's
+/// sequence (it appends to data, then to wal: equal counts, or data ahead by one). Returns the
+/// line counts of data and wal.
+fn assert_clones_one_point_in_time(
+    scratch: &mut agent_support::Scratch,
+    status: &tandem::api::GroupSnapshotStatus,
+    pool: &Path,
+    prefix: &str,
+) -> (usize, usize) {
+    let mut lines = Vec::new();
+    for (claim_name, fs) in [("data", "xfs"), ("wal", "ext4")] {
+        let member = status
+            .members
+            .iter()
+            .find(|m| m.claim == claim_name)
+            .expect("member");
+        let handle = member.snapshot_handle.as_deref().expect("handle");
+        let clone = PathBuf::from(handle.strip_prefix("reflink:").expect("reflink handle"));
+        assert!(clone.starts_with(pool), "{clone:?} is not in the pool");
+        let mnt =
+            agent_support::open_snapshot(scratch, &clone, fs, &format!("{prefix}{claim_name}"));
+        let sequence = fs::read_to_string(mnt.join("sequence")).expect("sequence");
+        lines.push(sequence.lines().count());
+        scratch.unmount(&mnt);
+    }
+    let (data_lines, wal_lines) = (lines[0], lines[1]);
+    assert!(
+        data_lines > 0,
+        "the data snapshot holds none of the writer's lines"
+    );
+    assert!(
+        data_lines == wal_lines || data_lines == wal_lines + 1,
+        "data and wal snapshots are not one point in time: {data_lines} vs {wal_lines} lines"
+    );
+    (data_lines, wal_lines)
+}
+
+/// Deletes `shop-1` (deletionPolicy Delete) and waits until it and its NodeSnapshots are gone;
+/// the agent pod must have removed every clone from the pool.
+async fn delete_shop_snapshot(client: &kube::Client, ns: &str, pool: &Path) {
+    let snapshots: Api<GroupSnapshot> = Api::namespaced(client.clone(), ns);
+    let nodes: Api<NodeSnapshot> = Api::namespaced(client.clone(), ns);
+    snapshots
+        .delete("shop-1", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually(WAIT, "GroupSnapshot and NodeSnapshots gone", || {
+        let snapshots = snapshots.clone();
+        let nodes = nodes.clone();
+        async move {
+            let gone = snapshots.get_opt("shop-1").await.ok()?.is_none();
+            let nodes_gone = nodes
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty();
+            (gone && nodes_gone).then_some(())
+        }
+    })
+    .await;
+    let left: Vec<_> = fs::read_dir(pool.join(".tandem-snapshots"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "clones left behind: {left:?}");
+}
+
 /// The chart on a real node: the controller becomes Ready through its probes, the agent runs
 /// privileged with the chart's host mounts, neither writes colour codes into its log, and a
 /// GroupSnapshot of two local volumes (XFS and ext4 images in an XFS reflink pool) that a pod
@@ -402,105 +581,10 @@ async fn the_chart_on_a_real_node_snapshots_local_volumes() {
     }
 
     // An application pod writing to both volumes (the writes a freeze must hold).
-    let image = images()["tandem_ref"].clone();
-    with_cluster(|c| {
-        apply(
-            c,
-            &format!("{ns}-writer"),
-            &json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": "writer", "namespace": ns},
-                "spec": {
-                    "terminationGracePeriodSeconds": 0,
-                    "securityContext": {"runAsUser": 0},
-                    "containers": [{"name": "writer", "image": image, "imagePullPolicy": "Never",
-                        "command": ["/bin/sh", "-c",
-                            "i=0; while true; do i=$((i+1)); echo $i >> /data/sequence; echo $i >> /wal/sequence; sleep 0.05; done"],
-                        "volumeMounts": [{"name": "data", "mountPath": "/data"},
-                                         {"name": "wal", "mountPath": "/wal"}]}],
-                    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
-                                {"name": "wal", "persistentVolumeClaim": {"claimName": "wal"}}]
-                }
-            }),
-        );
-        c.kubectl_timeout(
-            &[
-                "-n",
-                &ns,
-                "wait",
-                "--for=condition=Ready",
-                "pod/writer",
-                "--timeout=60s",
-            ],
-            Duration::from_secs(70),
-        )
-        .unwrap_or_else(|e| panic!("writer Ready: {e}"));
-    });
+    with_cluster(|c| start_writer(c, &ns));
 
-    let groups: Api<tandem::api::ConsistencyGroup> = Api::namespaced(client.clone(), &ns);
-    groups
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "shop"},
-                "spec": {"selector": {"matchLabels": {"app": "shop"}}, "freezeTimeoutSeconds": 20}}))
-            .expect("group"),
-        )
-        .await
-        .expect("group");
-    eventually(WAIT, "group Ready with both members supported", || {
-        let groups = groups.clone();
-        async move {
-            let status = groups.get("shop").await.ok()?.status?;
-            let ready = status
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            (ready && status.members.len() == 2 && status.members.iter().all(|m| m.supported))
-                .then_some(())
-        }
-    })
-    .await;
-
-    let snapshots: Api<GroupSnapshot> = Api::namespaced(client.clone(), &ns);
-    snapshots
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "shop-1"},
-                "spec": {"groupName": "shop", "deletionPolicy": "Delete"}}))
-            .expect("snapshot"),
-        )
-        .await
-        .expect("snapshot");
-    let snapshot = eventually(WAIT, "GroupSnapshot Ready", || {
-        let snapshots = snapshots.clone();
-        async move {
-            let s = snapshots.get("shop-1").await.ok()?;
-            let phase = s.status.as_ref()?.phase;
-            assert_ne!(phase, GroupSnapshotPhase::Failed, "{:?}", s.status);
-            (phase == GroupSnapshotPhase::Ready).then_some(s)
-        }
-    })
-    .await;
-    let status = snapshot.status.expect("status");
-    assert_eq!(
-        status.consistency,
-        Some(Consistency::FilesystemFrozen),
-        "{status:?}"
-    );
-    assert_eq!(status.member_count, 2);
-    for member in &status.members {
-        assert!(member.frozen, "{member:?}");
-        assert_eq!(member.node, node_name);
-    }
+    let (status, _) = snapshot_shop(&client, &ns, &node_name).await;
     let nodes: Api<NodeSnapshot> = Api::namespaced(client.clone(), &ns);
-    for n in nodes
-        .list(&ListParams::default())
-        .await
-        .expect("nsnaps")
-        .items
-    {
-        assert_eq!(n.status.expect("status").phase, NodePhase::Released);
-    }
 
     // The agent's real projected token is bound to its node: the chart's admission policy lets it
     // write its own node's NodeSnapshots and refuses another node's.
@@ -611,35 +695,10 @@ async fn the_chart_on_a_real_node_snapshots_local_volumes() {
 
     // The clones are the agent pod's work, in the pool, and each is a clean filesystem with the
     // writer's sequence in it; the data clone and the wal clone are one point in time.
-    let mut lines = Vec::new();
-    for (claim_name, fs) in [("data", "xfs"), ("wal", "ext4")] {
-        let member = status
-            .members
-            .iter()
-            .find(|m| m.claim == claim_name)
-            .expect("member");
-        let handle = member.snapshot_handle.as_deref().expect("handle");
-        let clone = PathBuf::from(handle.strip_prefix("reflink:").expect("reflink handle"));
-        assert!(clone.starts_with(&pool), "{clone:?} is not in the pool");
-        let mnt = agent_support::open_snapshot(&mut scratch, &clone, fs, claim_name);
-        let sequence = fs::read_to_string(mnt.join("sequence")).expect("sequence");
-        lines.push(sequence.lines().count());
-        scratch.unmount(&mnt);
-    }
-    // The writer appends to data, then to wal: one point in time has equal counts or data ahead
-    // by one.
-    let (data_lines, wal_lines) = (lines[0], lines[1]);
+    let (data_lines, wal_lines) = assert_clones_one_point_in_time(&mut scratch, &status, &pool, "");
     eprintln!(
         "[chart] cut in a freeze window of {:?} ms: data {data_lines} lines, wal {wal_lines} lines",
         status.freeze_window_millis
-    );
-    assert!(
-        data_lines > 0,
-        "the data snapshot holds none of the writer's lines"
-    );
-    assert!(
-        data_lines == wal_lines || data_lines == wal_lines + 1,
-        "data and wal snapshots are not one point in time: {data_lines} vs {wal_lines} lines"
     );
 
     // Both binaries log plain text in a container (no ANSI colour codes).
@@ -670,29 +729,7 @@ async fn the_chart_on_a_real_node_snapshots_local_volumes() {
     }
 
     // deletionPolicy Delete: the agent pod removes the clones with the GroupSnapshot.
-    snapshots
-        .delete("shop-1", &DeleteParams::default())
-        .await
-        .expect("delete");
-    eventually(WAIT, "GroupSnapshot and NodeSnapshots gone", || {
-        let snapshots = snapshots.clone();
-        let nodes = nodes.clone();
-        async move {
-            let gone = snapshots.get_opt("shop-1").await.ok()?.is_none();
-            let nodes_gone = nodes
-                .list(&ListParams::default())
-                .await
-                .ok()?
-                .items
-                .is_empty();
-            (gone && nodes_gone).then_some(())
-        }
-    })
-    .await;
-    let left: Vec<_> = fs::read_dir(pool.join(".tandem-snapshots"))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "clones left behind: {left:?}");
+    delete_shop_snapshot(&client, &ns, &pool).await;
 
     // The writer goes before the volumes (the kubelet's bind mounts hold the loop devices).
     with_cluster(|c| {
@@ -1722,155 +1759,18 @@ async fn snapshot_with_deploy(c: &node::Cluster, scratch: &mut agent_support::Sc
         ],
     )
     .await;
-    let image = images()["tandem_ref"].clone();
-    apply(
-        c,
-        &format!("{ns}-writer"),
-        &json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "writer", "namespace": ns},
-            "spec": {
-                "terminationGracePeriodSeconds": 0,
-                "securityContext": {"runAsUser": 0},
-                "containers": [{"name": "writer", "image": image, "imagePullPolicy": "Never",
-                    "command": ["/bin/sh", "-c",
-                        "i=0; while true; do i=$((i+1)); echo $i >> /data/sequence; echo $i >> /wal/sequence; sleep 0.05; done"],
-                    "volumeMounts": [{"name": "data", "mountPath": "/data"},
-                                     {"name": "wal", "mountPath": "/wal"}]}],
-                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
-                            {"name": "wal", "persistentVolumeClaim": {"claimName": "wal"}}]
-            }
-        }),
-    );
-    c.kubectl_timeout(
-        &[
-            "-n",
-            &ns,
-            "wait",
-            "--for=condition=Ready",
-            "pod/writer",
-            "--timeout=60s",
-        ],
-        Duration::from_secs(70),
-    )
-    .unwrap_or_else(|e| panic!("writer Ready: {e}"));
+    start_writer(c, &ns);
 
-    let groups: Api<tandem::api::ConsistencyGroup> = Api::namespaced(client.clone(), &ns);
-    groups
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "shop"},
-                "spec": {"selector": {"matchLabels": {"app": "shop"}}, "freezeTimeoutSeconds": 20}}))
-            .expect("group"),
-        )
-        .await
-        .expect("group");
-    eventually(WAIT, "group Ready with both members supported", || {
-        let groups = groups.clone();
-        async move {
-            let status = groups.get("shop").await.ok()?.status?;
-            let ready = status
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            (ready && status.members.len() == 2 && status.members.iter().all(|m| m.supported))
-                .then_some(())
-        }
-    })
-    .await;
-    let snapshots: Api<GroupSnapshot> = Api::namespaced(client.clone(), &ns);
-    let started = std::time::Instant::now();
-    snapshots
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "shop-1"},
-                "spec": {"groupName": "shop", "deletionPolicy": "Delete"}}))
-            .expect("snapshot"),
-        )
-        .await
-        .expect("snapshot");
-    let status = eventually(WAIT, "GroupSnapshot Ready", || {
-        let snapshots = snapshots.clone();
-        async move {
-            let status = snapshots.get("shop-1").await.ok()?.status?;
-            assert_ne!(status.phase, GroupSnapshotPhase::Failed, "{status:?}");
-            (status.phase == GroupSnapshotPhase::Ready).then_some(status)
-        }
-    })
-    .await;
+    let (status, took) = snapshot_shop(&client, &ns, &n.name).await;
     eprintln!(
         "[deploy] GroupSnapshot Ready {:.1} s after it was created (freeze window {:?} ms)",
-        started.elapsed().as_secs_f64(),
+        took.as_secs_f64(),
         status.freeze_window_millis
     );
-    assert_eq!(
-        status.consistency,
-        Some(Consistency::FilesystemFrozen),
-        "{status:?}"
-    );
-    assert_eq!(status.member_count, 2);
-    assert!(
-        status.members.iter().all(|m| m.frozen && m.node == n.name),
-        "{status:?}"
-    );
-    let nodes: Api<NodeSnapshot> = Api::namespaced(client.clone(), &ns);
-    for s in nodes
-        .list(&ListParams::default())
-        .await
-        .expect("nsnaps")
-        .items
-    {
-        assert_eq!(s.status.expect("status").phase, NodePhase::Released);
-    }
     // The clones are the agent pod's, in the pool, and one point in time.
-    let mut lines = Vec::new();
-    for (claim_name, fs) in [("data", "xfs"), ("wal", "ext4")] {
-        let member = status
-            .members
-            .iter()
-            .find(|m| m.claim == claim_name)
-            .expect("member");
-        let handle = member.snapshot_handle.as_deref().expect("handle");
-        let clone = PathBuf::from(handle.strip_prefix("reflink:").expect("reflink handle"));
-        assert!(clone.starts_with(&pool), "{clone:?} is not in the pool");
-        let mnt =
-            agent_support::open_snapshot(scratch, &clone, fs, &format!("deploy-{claim_name}"));
-        let sequence = fs::read_to_string(mnt.join("sequence")).expect("sequence");
-        lines.push(sequence.lines().count());
-        scratch.unmount(&mnt);
-    }
-    assert!(
-        lines[0] > 0,
-        "the data snapshot holds none of the writer's lines"
-    );
-    assert!(
-        lines[0] == lines[1] || lines[0] == lines[1] + 1,
-        "data and wal snapshots are not one point in time: {lines:?}"
-    );
+    assert_clones_one_point_in_time(scratch, &status, &pool, "deploy-");
 
-    snapshots
-        .delete("shop-1", &DeleteParams::default())
-        .await
-        .expect("delete");
-    eventually(WAIT, "GroupSnapshot and NodeSnapshots gone", || {
-        let snapshots = snapshots.clone();
-        let nodes = nodes.clone();
-        async move {
-            let gone = snapshots.get_opt("shop-1").await.ok()?.is_none();
-            let nodes_gone = nodes
-                .list(&ListParams::default())
-                .await
-                .ok()?
-                .items
-                .is_empty();
-            (gone && nodes_gone).then_some(())
-        }
-    })
-    .await;
-    let left: Vec<_> = fs::read_dir(pool.join(".tandem-snapshots"))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "clones left behind: {left:?}");
+    delete_shop_snapshot(&client, &ns, &pool).await;
 
     // The writer goes before the volumes (the kubelet's bind mounts hold the loop devices).
     let _ = c.kubectl_timeout(
