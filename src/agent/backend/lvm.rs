@@ -425,17 +425,24 @@ fn lv(scope: &mut VgScope, lv: &str) -> Result<Option<LvRow>, BackendError> {
     ))
 }
 
-fn lv_once(scope: &VgScope, lv: &str) -> Result<Option<LvRow>, BackendError> {
-    let args = lvs_args(scope, lv);
+/// Runs `lvs` with `args`; `None` when the LV it names does not exist.
+fn lvs(args: &[String]) -> Result<Option<String>, BackendError> {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = match run_tool("lvs", &refs) {
-        Ok(out) => out,
+    match run_tool("lvs", &refs) {
+        Ok(out) => Ok(Some(out)),
         Err(BackendError::Command { stderr, .. })
             if stderr.contains("Failed to find logical volume") =>
         {
-            return Ok(None);
+            Ok(None)
         }
-        Err(e) => return Err(e),
+        Err(e) => Err(e),
+    }
+}
+
+fn lv_once(scope: &VgScope, lv: &str) -> Result<Option<LvRow>, BackendError> {
+    let args = lvs_args(scope, lv);
+    let Some(out) = lvs(&args)? else {
+        return Ok(None);
     };
     let report: Report = serde_json::from_str(&out).map_err(|e| BackendError::Parse {
         command: format!("lvs {}/{lv}", scope.vg),
@@ -696,15 +703,8 @@ pub fn health(vg: &str, snap: &str) -> Result<Option<SnapshotHealth>, BackendErr
     .into();
     args.extend(scope.device_args());
     args.push(format!("{vg}/{snap}"));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = match run_tool("lvs", &refs) {
-        Ok(out) => out,
-        Err(BackendError::Command { stderr, .. })
-            if stderr.contains("Failed to find logical volume") =>
-        {
-            return Ok(None);
-        }
-        Err(e) => return Err(e),
+    let Some(out) = lvs(&args)? else {
+        return Ok(None);
     };
     let line = out.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     let (attr, percent) = line.split_once('|').unwrap_or((line, ""));
