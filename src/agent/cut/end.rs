@@ -13,6 +13,7 @@ use crate::api::{NodeSnapshotStatus, VolumeStatus};
 
 use super::executor;
 use super::lifecycle::{CutEvent, CutPhase, Outcome};
+use super::snapshots::delete_own;
 use super::state::FrozenFs;
 use super::{
     CONDITION_DELETE_FAILED, CONDITION_FREEZE_IN_FLIGHT, CONDITION_JOURNAL_FAILED,
@@ -293,14 +294,8 @@ impl Engine {
         let mut failed = Vec::new();
         let mut deleted = Vec::new();
         for (i, h) in void {
-            match backend::delete(&h, &self.inner.config.backend) {
-                Ok(_) => deleted.push(i),
-                // What is at the handle's place now is not what this cut made (the mark or the
-                // btrfs uuid differ): ours is gone, and the other object is never ours to delete.
-                Err(e @ backend::BackendError::NotOurs { .. }) => {
-                    tracing::warn!(handle = %h, error = %e, "the snapshot this cut made was replaced; left the replacement alone");
-                    deleted.push(i);
-                }
+            match delete_own(&h, &self.inner.config.backend) {
+                Ok(()) => deleted.push(i),
                 Err(e) => {
                     tracing::error!(handle = %h, error = %e, "could not delete a void snapshot; retrying later");
                     failed.push(format!("{h}: {e}"));

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::api::NodePhase;
 
-use crate::agent::backend;
+use super::snapshots::delete_own;
 use crate::agent::discovery::MountInfo;
 use crate::agent::freeze::{self, Thawed};
 use crate::agent::journal::{FrozenRecord, JournalEntry, Loaded, Stage};
@@ -93,12 +93,8 @@ pub(super) fn recover(
         let mut left = Vec::new();
         let mut delete_problems = Vec::new();
         for handle in to_delete {
-            match backend::delete(&handle, &inner.config.backend) {
-                Ok(_) => {}
-                // A planned name the cut never made, taken by an object of someone else: not
-                // this cut's to delete, and not a problem to retry.
-                // (For a handle it made, the object there was replaced: ours is gone either way.)
-                Err(backend::BackendError::NotOurs { .. }) => {}
+            match delete_own(&handle, &inner.config.backend) {
+                Ok(()) => {}
                 Err(e) => {
                     delete_problems.push(format!("cannot delete snapshot {handle}: {e}"));
                     left.push(handle);

@@ -3,12 +3,29 @@
 
 use std::sync::Arc;
 
-use crate::agent::backend::{self, BackendError, BackendKind};
+use crate::agent::backend::{self, BackendError, BackendKind, BackendOptions, SnapshotHandle};
 use crate::api::FreezePolicy;
 
 use super::plan::Prepared;
 use super::state::now;
 use super::{Cut, CutRequest, Engine, lock};
+
+/// Deletes a snapshot of a cut. What is at the handle's place but not marked as this cut's (a
+/// planned name the cut never made, or what it made replaced since) is not this cut's to delete:
+/// ours is gone either way, so that is done, not a failure to retry.
+pub(super) fn delete_own(
+    handle: &SnapshotHandle,
+    options: &BackendOptions,
+) -> Result<(), BackendError> {
+    match backend::delete(handle, options) {
+        Ok(_) => Ok(()),
+        Err(e @ BackendError::NotOurs { .. }) => {
+            tracing::warn!(%handle, error = %e, "not this cut's snapshot; left alone");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
 
 impl Engine {
     /// Cuts every planned snapshot; records each one made. Returns the reason to fail, if any.
