@@ -149,6 +149,27 @@ pub struct MemberSnapshot {
     /// Why the member was not frozen, or why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The NodeSnapshot whose cut holds this member's snapshot (what a restore clones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_snapshot: Option<String>,
+    /// The snapshot backend (`reflink`, `lvm-thin`, `lvm-thick`, `btrfs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// The filesystem in the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<String>,
+    /// The member volume's capacity when the snapshot started (what a restored claim gets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Quantity>,
+    /// The member volume's mode (`Filesystem` or `Block`); a restore keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mode: Option<String>,
+    /// The member claim's access modes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access_modes: Vec<String>,
+    /// The member claim's StorageClass (an InPlace restore recreates the claim in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
 }
 
 /// How long one node kept its members frozen.

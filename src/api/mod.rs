@@ -6,12 +6,18 @@
 #[allow(clippy::duplicated_attributes)]
 mod consistency_group;
 #[allow(clippy::duplicated_attributes)]
+mod group_restore;
+#[allow(clippy::duplicated_attributes)]
 mod group_snapshot;
+#[allow(clippy::duplicated_attributes)]
+mod node_restore;
 #[allow(clippy::duplicated_attributes)]
 mod node_snapshot;
 
 pub use consistency_group::*;
+pub use group_restore::*;
 pub use group_snapshot::*;
+pub use node_restore::*;
 pub use node_snapshot::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -62,6 +68,8 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         ConsistencyGroup::crd(),
         GroupSnapshot::crd(),
         NodeSnapshot::crd(),
+        GroupRestore::crd(),
+        NodeRestore::crd(),
     ]
 }
 
