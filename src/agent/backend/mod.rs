@@ -15,6 +15,7 @@
 //! ([`BackendError::NotOurs`]); a snapshot that is already gone is [`Deleted::Absent`].
 
 pub mod btrfs;
+pub mod clone;
 pub mod lvm;
 pub mod reflink;
 
