@@ -9,6 +9,7 @@ mod http;
 pub mod membership;
 mod metrics;
 mod orphans;
+mod restore;
 mod snapshot;
 
 use std::collections::{HashMap, HashSet};

@@ -1,0 +1,3 @@
+//! Reconciles GroupRestores (placeholder until the controller branch lands).
+
+mod fence;
