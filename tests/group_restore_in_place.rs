@@ -1,0 +1,744 @@
+//! GroupRestore mode InPlace on the real control plane: the real `tandem controller`, a real
+//! `tandem agent` cutting the group snapshot of loop-backed XFS volumes, and Pod, Deployment and
+//! StatefulSet objects (no kubelet or scheduler: pods stay Pending, which is enough for the
+//! pvc-protection controller and for the scale subresource; the tests delete pods themselves when
+//! they must go).
+//!
+//! The clones are made by [`CloneAgent`], the test acting as the nodes' restore side: it reflinks
+//! the member snapshot image the GroupSnapshot recorded, attaches it to a loop device and reports
+//! the NodeRestore Cloned (or Failed, when told to), exactly as the agent's status interface says.
+//! Needs root; skips with a message otherwise.
+
+mod agent_support;
+mod support;
+mod world;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use support::eventually;
+use tandem::api::{
+    CloneState, ClonedVolume, GROUP_RESTORE_LABEL, GroupRestore, GroupSnapshot, GroupSnapshotPhase,
+    NodeRestore, NodeRestoreAction, NodeRestorePhase, NodeRestoreStatus, PRE_RESTORE_LABEL,
+    RESTORED_FROM_ANNOTATION, RestorePhase,
+};
+use world::{WAIT, World, clone_path, require_root};
+
+/// Seeds of the file each claim holds at the snapshot.
+const CLAIMS: [(&str, u64); 2] = [("data", 11), ("wal", 22)];
+
+/// A group of two XFS claims on node `a`, a Ready snapshot `snap` of them holding `before.bin`,
+/// and `after.bin` written after it. The member PVs are set to reclaim Delete, so that the
+/// restore's switch to Retain shows.
+async fn world_with_snapshot(name: &str) -> (World, GroupSnapshot, BTreeMap<String, String>) {
+    let mut w = World::new(name).await;
+    for (claim, _) in CLAIMS {
+        w.add_volume(claim, "a", "xfs", &[("app", "shop")]).await;
+    }
+    w.start_agent("a");
+    w.start_controller();
+    w.create_group(
+        "shop",
+        json!({"selector": {"matchLabels": {"app": "shop"}}}),
+    )
+    .await;
+    let mut hashes = BTreeMap::new();
+    for (claim, seed) in CLAIMS {
+        let hash = agent_support::write_file(
+            &w.volumes[claim].mount.join("before.bin"),
+            1 << 20,
+            seed,
+            true,
+        );
+        hashes.insert(claim.to_string(), hash);
+    }
+    w.create_snapshot("snap", "shop", "Delete").await;
+    let snapshot = w.wait_phase("snap", GroupSnapshotPhase::Ready).await;
+    for (claim, _) in CLAIMS {
+        agent_support::write_file(&w.volumes[claim].mount.join("after.bin"), 4096, 7, true);
+    }
+    let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+    for (claim, _) in CLAIMS {
+        volumes
+            .patch(
+                &old_pv(&w, claim),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"persistentVolumeReclaimPolicy": "Delete"}})),
+            )
+            .await
+            .expect("reclaim Delete");
+    }
+    (w, snapshot, hashes)
+}
+
+fn old_pv(w: &World, claim: &str) -> String {
+    format!("{}-{claim}", w.env.namespace)
+}
+
+async fn create_restore(w: &World, name: &str, in_place: serde_json::Value, deadline: i32) {
+    let api: Api<GroupRestore> = w.env.api();
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"source": {"groupSnapshotName": "snap"}, "mode": "InPlace",
+                "inPlace": in_place, "deadlineSeconds": deadline},
+        }))
+        .expect("restore"),
+    )
+    .await
+    .expect("create restore");
+}
+
+/// The claims as they are now: name → (uid, volumeName, phase).
+async fn claims_now(w: &World) -> BTreeMap<String, (String, String, String)> {
+    let api: Api<PersistentVolumeClaim> = w.env.api();
+    api.list(&ListParams::default())
+        .await
+        .expect("claims")
+        .items
+        .into_iter()
+        .map(|c| {
+            let spec = c.spec.clone().unwrap_or_default();
+            let phase = c
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default();
+            (
+                c.name_any(),
+                (
+                    c.uid().unwrap_or_default(),
+                    spec.volume_name.unwrap_or_default(),
+                    phase,
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The old PVs' reclaim policy and pre-restore label.
+async fn old_pv_marks(w: &World) -> Vec<(String, Option<String>)> {
+    let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+    let mut out = Vec::new();
+    for (claim, _) in CLAIMS {
+        let pv = volumes.get(&old_pv(w, claim)).await.expect("old PV");
+        out.push((
+            pv.spec
+                .and_then(|s| s.persistent_volume_reclaim_policy)
+                .unwrap_or_default(),
+            pv.metadata
+                .labels
+                .unwrap_or_default()
+                .get(PRE_RESTORE_LABEL)
+                .cloned(),
+        ));
+    }
+    out
+}
+
+async fn node_restores(w: &World) -> Vec<NodeRestore> {
+    let api: Api<NodeRestore> = w.env.api();
+    api.list(&ListParams::default())
+        .await
+        .expect("nrestore")
+        .items
+}
+
+/// The nodes' restore side, played by the test (see the module doc).
+struct CloneAgent {
+    /// Member claim → the member snapshot image.
+    images: BTreeMap<String, PathBuf>,
+    /// Members whose clone is reported Failed.
+    fail: Vec<String>,
+    /// PV → (loop device, clone image) made.
+    made: BTreeMap<String, (String, PathBuf)>,
+}
+
+impl CloneAgent {
+    fn new(snapshot: &GroupSnapshot) -> CloneAgent {
+        let images = snapshot
+            .status
+            .as_ref()
+            .expect("status")
+            .members
+            .iter()
+            .map(|m| {
+                (
+                    m.claim.clone(),
+                    clone_path(m.snapshot_handle.as_deref().expect("handle")),
+                )
+            })
+            .collect();
+        CloneAgent {
+            images,
+            fail: Vec::new(),
+            made: BTreeMap::new(),
+        }
+    }
+
+    /// One look at the NodeRestores: clones what is asked, deletes what is aborted.
+    async fn step(&mut self, w: &mut World) {
+        let api: Api<NodeRestore> = w.env.api();
+        for node in node_restores(w).await {
+            let status = node.status.clone().unwrap_or_default();
+            let abort = node.spec.action == NodeRestoreAction::Abort;
+            if abort && status.phase != NodeRestorePhase::Aborted {
+                let mut volumes = Vec::new();
+                for v in &node.spec.volumes {
+                    if let Some((dev, image)) = self.made.remove(&v.persistent_volume) {
+                        w.scratch.detach(&dev);
+                        std::fs::remove_file(&image).expect("remove clone");
+                    }
+                    volumes.push(ClonedVolume {
+                        persistent_volume: v.persistent_volume.clone(),
+                        state: CloneState::Deleted,
+                        ..Default::default()
+                    });
+                }
+                report(
+                    &api,
+                    &node.name_any(),
+                    NodeRestorePhase::Aborted,
+                    volumes,
+                    None,
+                )
+                .await;
+                continue;
+            }
+            if abort || status.phase != NodeRestorePhase::Pending {
+                continue;
+            }
+            let mut volumes = Vec::new();
+            let mut failed = None;
+            for v in &node.spec.volumes {
+                if self.fail.contains(&v.source_claim) {
+                    failed = Some(format!("injected failure cloning {}", v.source_claim));
+                    volumes.push(ClonedVolume {
+                        persistent_volume: v.persistent_volume.clone(),
+                        state: CloneState::Failed,
+                        message: failed.clone(),
+                        ..Default::default()
+                    });
+                    continue;
+                }
+                let source = &self.images[&v.source_claim];
+                let dir = w.pool.join(".tandem-restores");
+                std::fs::create_dir_all(&dir).expect("restores dir");
+                let image = dir.join(format!("{}.img", v.persistent_volume));
+                agent_support::sh(
+                    "cp",
+                    &[
+                        "--reflink=always",
+                        &source.to_string_lossy(),
+                        &image.to_string_lossy(),
+                    ],
+                );
+                let dev = w.scratch.attach(&image, false);
+                let size = std::fs::metadata(&image).expect("clone").len();
+                self.made
+                    .insert(v.persistent_volume.clone(), (dev.clone(), image.clone()));
+                volumes.push(ClonedVolume {
+                    persistent_volume: v.persistent_volume.clone(),
+                    state: CloneState::Cloned,
+                    backend: Some("reflink".into()),
+                    clone_handle: Some(format!("reflink:{}", image.display())),
+                    path: Some(dev),
+                    block: true,
+                    filesystem: Some("xfs".into()),
+                    size_bytes: Some(i64::try_from(size).expect("size")),
+                    ..Default::default()
+                });
+            }
+            if failed.is_some() {
+                // Whatever was made for this node goes, as the agent does on a failure.
+                for v in &volumes {
+                    if let Some((dev, image)) = self.made.remove(&v.persistent_volume) {
+                        w.scratch.detach(&dev);
+                        let _ = std::fs::remove_file(image);
+                    }
+                }
+            }
+            let phase = if failed.is_some() {
+                NodeRestorePhase::Failed
+            } else {
+                NodeRestorePhase::Cloned
+            };
+            report(&api, &node.name_any(), phase, volumes, failed).await;
+        }
+    }
+}
+
+async fn report(
+    api: &Api<NodeRestore>,
+    name: &str,
+    phase: NodeRestorePhase,
+    volumes: Vec<ClonedVolume>,
+    message: Option<String>,
+) {
+    let status = NodeRestoreStatus {
+        phase,
+        volumes,
+        message,
+        ..Default::default()
+    };
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": status})),
+    )
+    .await
+    .expect("report NodeRestore");
+}
+
+/// Waits for the restore to reach `phase` (panics if it ends in the other terminal phase),
+/// playing the nodes' clone side meanwhile.
+async fn wait_restore(
+    w: &mut World,
+    agent: &mut CloneAgent,
+    name: &str,
+    phase: RestorePhase,
+) -> GroupRestore {
+    let api: Api<GroupRestore> = w.env.api();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        agent.step(w).await;
+        let restore = api.get(name).await.expect("restore");
+        let got = restore.status.as_ref().map(|s| s.phase).unwrap_or_default();
+        if got == phase {
+            return restore;
+        }
+        if matches!(got, RestorePhase::Completed | RestorePhase::Failed) {
+            panic!(
+                "GroupRestore {name} ended {got:?}, not {phase:?}: {:?}",
+                restore.status
+            );
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "GroupRestore {name} not {phase:?} in {WAIT:?}: {:?}",
+            restore.status
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+fn pod(name: &str, claims: &[&str]) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "containers": [{"name": "c", "image": "busybox"}],
+            "volumes": claims.iter().map(|c| json!({"name": c, "persistentVolumeClaim": {"claimName": c}})).collect::<Vec<_>>(),
+        }
+    }))
+    .expect("pod")
+}
+
+fn template(app: &str, claim: &str) -> serde_json::Value {
+    json!({
+        "metadata": {"labels": {"run": app}},
+        "spec": {
+            "containers": [{"name": "c", "image": "busybox"}],
+            "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": claim}}],
+        }
+    })
+}
+
+/// Mounts a restored claim's PV path (the clone) and checks it holds the snapshot's data.
+fn assert_snapshot_data(w: &mut World, pv: &PersistentVolume, claim: &str, hash: &str) {
+    let path = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.local.as_ref())
+        .map(|l| l.path.clone())
+        .expect("local path");
+    let mnt = w.scratch.path(&format!("restored-{claim}"));
+    w.scratch.mount(&path, &mnt, &["nouuid"]);
+    assert_eq!(
+        agent_support::sha256_file(&mnt.join("before.bin")),
+        hash,
+        "claim {claim}: not the snapshot's data"
+    );
+    assert!(
+        !mnt.join("after.bin").exists(),
+        "claim {claim}: holds data written after the snapshot"
+    );
+    w.scratch.unmount(&mnt);
+}
+
+#[tokio::test]
+async fn in_place_brings_the_claims_back_under_their_names_and_keeps_the_old_volumes() {
+    if !require_root() {
+        return;
+    }
+    let (mut w, snapshot, hashes) = world_with_snapshot("ip-swap").await;
+    let before = claims_now(&w).await;
+    let mut agent = CloneAgent::new(&snapshot);
+    create_restore(&w, "back", json!({}), 120).await;
+    let restore = wait_restore(&mut w, &mut agent, "back", RestorePhase::Completed).await;
+    let status = restore.status.expect("status");
+
+    // The undo point: the old PVs, listed, kept with reclaim Retain and the label.
+    let mut listed: Vec<(String, String)> = status
+        .pre_restore
+        .iter()
+        .map(|p| (p.claim.clone(), p.persistent_volume.clone()))
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        CLAIMS.map(|(c, _)| (c.to_string(), old_pv(&w, c))).to_vec()
+    );
+    for (policy, label) in old_pv_marks(&w).await {
+        assert_eq!(policy, "Retain");
+        assert_eq!(label.as_deref(), Some("back"));
+    }
+
+    // The claims: same names, new objects, each Bound to the clone's PV, same labels, provenance.
+    let after = claims_now(&w).await;
+    let claims: Api<PersistentVolumeClaim> = w.env.api();
+    let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+    for (claim, _) in CLAIMS {
+        let (old_uid, old_volume, _) = &before[claim];
+        let (uid, volume, phase) = &after[claim];
+        assert_ne!(uid, old_uid, "claim {claim} was not recreated");
+        assert_ne!(volume, old_volume);
+        assert_eq!(phase, "Bound");
+        let member = status
+            .members
+            .iter()
+            .find(|m| m.source_claim == claim)
+            .expect("member");
+        assert_eq!(member.claim, claim);
+        assert_eq!(&member.persistent_volume, volume);
+        let object = claims.get(claim).await.expect("claim");
+        assert_eq!(object.labels().get("app").map(String::as_str), Some("shop"));
+        assert_eq!(
+            object
+                .annotations()
+                .get(RESTORED_FROM_ANNOTATION)
+                .map(String::as_str),
+            Some(format!("{}/snap", w.env.namespace).as_str())
+        );
+        let spec = object.spec.clone().expect("spec");
+        assert_eq!(spec.storage_class_name.as_deref(), Some(""));
+        assert_eq!(spec.access_modes, Some(vec!["ReadWriteOnce".to_string()]));
+        let pv = volumes.get(volume).await.expect("new PV");
+        assert_eq!(
+            pv.spec
+                .as_ref()
+                .and_then(|s| s.claim_ref.as_ref())
+                .and_then(|r| r.uid.clone())
+                .as_deref(),
+            Some(uid.as_str())
+        );
+        assert_snapshot_data(&mut w, &pv, claim, &hashes[claim]);
+    }
+
+    // Done is done: nothing changes on a second look.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(claims_now(&w).await, after);
+}
+
+#[tokio::test]
+async fn a_pod_using_a_claim_refuses_the_restore_and_touches_nothing() {
+    if !require_root() {
+        return;
+    }
+    let (mut w, snapshot, _) = world_with_snapshot("ip-refuse").await;
+    let pods: Api<Pod> = w.env.api();
+    pods.create(&PostParams::default(), &pod("reader", &["wal"]))
+        .await
+        .expect("pod");
+    let before = claims_now(&w).await;
+    let mut agent = CloneAgent::new(&snapshot);
+
+    create_restore(&w, "refused", json!({"workloads": "Refuse"}), 60).await;
+    let restore = wait_restore(&mut w, &mut agent, "refused", RestorePhase::Failed).await;
+    let message = restore.status.and_then(|s| s.message).unwrap_or_default();
+    assert!(
+        message.contains("reader") && message.contains("wal"),
+        "{message}"
+    );
+
+    // ScaleDown cannot stop a pod nobody owns: refused too, naming it.
+    create_restore(&w, "bare", json!({"workloads": "ScaleDown"}), 60).await;
+    let restore = wait_restore(&mut w, &mut agent, "bare", RestorePhase::Failed).await;
+    let message = restore.status.and_then(|s| s.message).unwrap_or_default();
+    assert!(message.contains("pod reader has no owner"), "{message}");
+
+    assert_eq!(claims_now(&w).await, before, "the claims were touched");
+    assert!(
+        node_restores(&w).await.is_empty(),
+        "a refused restore cloned"
+    );
+    for (policy, label) in old_pv_marks(&w).await {
+        assert_eq!((policy.as_str(), label), ("Delete", None));
+    }
+}
+
+#[tokio::test]
+async fn scale_down_records_the_counts_stops_the_workloads_and_scales_them_back() {
+    if !require_root() {
+        return;
+    }
+    let (mut w, snapshot, _) = world_with_snapshot("ip-scale").await;
+    let deployments: Api<Deployment> = w.env.api();
+    let sets: Api<StatefulSet> = w.env.api();
+    deployments
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "web"}, "spec": {
+                "replicas": 2, "selector": {"matchLabels": {"run": "web"}}, "template": template("web", "data")}}))
+            .expect("deployment"),
+        )
+        .await
+        .expect("create deployment");
+    sets.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "db"}, "spec": {
+            "replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"run": "db"}}, "template": template("db", "wal")}}))
+        .expect("statefulset"),
+    )
+    .await
+    .expect("create statefulset");
+    let pods: Api<Pod> = w.env.api();
+    eventually(WAIT, "3 pods using the claims", || {
+        let pods = pods.clone();
+        async move { (pods.list(&ListParams::default()).await.ok()?.items.len() == 3).then_some(()) }
+    })
+    .await;
+
+    let mut agent = CloneAgent::new(&snapshot);
+    create_restore(
+        &w,
+        "scaled",
+        json!({"workloads": "ScaleDown", "workloadTimeoutSeconds": 60}),
+        120,
+    )
+    .await;
+    // Seen while it runs: the counts recorded, and both workloads at zero with no pod left.
+    let api: Api<GroupRestore> = w.env.api();
+    let mut saw_zero = false;
+    let restore = loop {
+        let restore = api.get("scaled").await.expect("restore");
+        let d = deployments
+            .get_scale("web")
+            .await
+            .expect("scale")
+            .spec
+            .and_then(|s| s.replicas);
+        let s = sets
+            .get_scale("db")
+            .await
+            .expect("scale")
+            .spec
+            .and_then(|s| s.replicas);
+        if d == Some(0) && s == Some(0) {
+            saw_zero = true;
+        }
+        let phase = restore.status.as_ref().map(|s| s.phase).unwrap_or_default();
+        if matches!(phase, RestorePhase::Completed | RestorePhase::Failed) {
+            break restore;
+        }
+        agent.step(&mut w).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let status = restore.status.expect("status");
+    assert_eq!(
+        status.phase,
+        RestorePhase::Completed,
+        "{:?}",
+        status.message
+    );
+    assert!(saw_zero, "the workloads were never at zero");
+    let mut recorded: Vec<(String, String, i32, bool)> = status
+        .workloads
+        .iter()
+        .map(|w| (w.kind.clone(), w.name.clone(), w.replicas, w.restored))
+        .collect();
+    recorded.sort();
+    assert_eq!(
+        recorded,
+        [
+            ("Deployment".into(), "web".into(), 2, true),
+            ("StatefulSet".into(), "db".into(), 1, true)
+        ]
+    );
+    assert_eq!(
+        deployments
+            .get_scale("web")
+            .await
+            .expect("scale")
+            .spec
+            .and_then(|s| s.replicas),
+        Some(2)
+    );
+    assert_eq!(
+        sets.get_scale("db")
+            .await
+            .expect("scale")
+            .spec
+            .and_then(|s| s.replicas),
+        Some(1)
+    );
+    for (claim, (_, volume, phase)) in claims_now(&w).await {
+        assert_eq!(phase, "Bound", "{claim}");
+        assert!(volume.starts_with("tandem-"), "{claim} on {volume}");
+    }
+}
+
+#[tokio::test]
+async fn a_claim_not_bound_to_the_recorded_volume_is_refused_before_anything_is_touched() {
+    if !require_root() {
+        return;
+    }
+    let (mut w, snapshot, _) = world_with_snapshot("ip-rebound").await;
+    // `wal` now is another claim, on another PV (same name, not the volume the snapshot recorded).
+    let claims: Api<PersistentVolumeClaim> = w.env.api();
+    let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+    claims
+        .delete("wal", &DeleteParams::default())
+        .await
+        .expect("delete wal");
+    eventually(WAIT, "wal gone", || {
+        let claims = claims.clone();
+        async move { claims.get_opt("wal").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    let other = format!("{}-other", w.env.namespace);
+    let mount = w.volumes["wal"].mount.to_string_lossy().into_owned();
+    volumes
+        .create(
+            &PostParams::default(),
+            &support::objects::local_volume(
+                &other,
+                &mount,
+                &w.node("a"),
+                &w.env.namespace,
+                "wal",
+                &[],
+            ),
+        )
+        .await
+        .expect("other PV");
+    claims
+        .create(
+            &PostParams::default(),
+            &support::objects::claim("wal", Some(&other), &[("app", "shop")]),
+        )
+        .await
+        .expect("recreate wal");
+    eventually(WAIT, "wal Bound to the other PV", || {
+        let claims = claims.clone();
+        async move {
+            let c = claims.get("wal").await.ok()?;
+            (c.status?.phase.as_deref() == Some("Bound")).then_some(())
+        }
+    })
+    .await;
+    let before = claims_now(&w).await;
+    let mut agent = CloneAgent::new(&snapshot);
+    create_restore(&w, "stale", json!({}), 60).await;
+    let restore = wait_restore(&mut w, &mut agent, "stale", RestorePhase::Failed).await;
+    let message = restore.status.and_then(|s| s.message).unwrap_or_default();
+    assert!(
+        message.contains(&format!(
+            "claim wal is bound to PV {other}, not to PV {}",
+            old_pv(&w, "wal")
+        )),
+        "{message}"
+    );
+    assert_eq!(claims_now(&w).await, before);
+    assert!(
+        node_restores(&w).await.is_empty(),
+        "a refused restore cloned"
+    );
+    let data_pv = volumes.get(&old_pv(&w, "data")).await.expect("data PV");
+    assert!(data_pv.labels().get(PRE_RESTORE_LABEL).is_none());
+    volumes.delete(&other, &DeleteParams::default()).await.ok();
+}
+
+#[tokio::test]
+async fn a_failed_clone_leaves_the_claims_untouched_and_scales_back() {
+    if !require_root() {
+        return;
+    }
+    let (mut w, snapshot, _) = world_with_snapshot("ip-fail").await;
+    let deployments: Api<Deployment> = w.env.api();
+    deployments
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "web"}, "spec": {
+                "replicas": 3, "selector": {"matchLabels": {"run": "web"}}, "template": template("web", "data")}}))
+            .expect("deployment"),
+        )
+        .await
+        .expect("create deployment");
+    let pods: Api<Pod> = w.env.api();
+    eventually(WAIT, "3 pods", || {
+        let pods = pods.clone();
+        async move { (pods.list(&ListParams::default()).await.ok()?.items.len() == 3).then_some(()) }
+    })
+    .await;
+    let before = claims_now(&w).await;
+    let mut agent = CloneAgent::new(&snapshot);
+    agent.fail.push("wal".into());
+    create_restore(&w, "broken", json!({"workloads": "ScaleDown"}), 60).await;
+    let restore = wait_restore(&mut w, &mut agent, "broken", RestorePhase::Failed).await;
+    let status = restore.status.expect("status");
+    let message = status.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("injected failure cloning wal"),
+        "{message}"
+    );
+    assert!(status.pre_restore.is_empty(), "{:?}", status.pre_restore);
+    assert_eq!(claims_now(&w).await, before, "the claims were touched");
+    for (policy, label) in old_pv_marks(&w).await {
+        assert_eq!((policy.as_str(), label), ("Delete", None));
+    }
+    assert_eq!(status.workloads.len(), 1);
+    assert!(
+        status.workloads[0].restored && status.workloads[0].replicas == 3,
+        "{:?}",
+        status.workloads
+    );
+    assert_eq!(
+        deployments
+            .get_scale("web")
+            .await
+            .expect("scale")
+            .spec
+            .and_then(|s| s.replicas),
+        Some(3)
+    );
+    // Every clone goes: the PVs tandem made are deleted and the nodes told to abort.
+    let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+    let api: Api<NodeRestore> = w.env.api();
+    eventually(WAIT, "every clone gone", || {
+        let (volumes, api) = (volumes.clone(), api.clone());
+        let label = format!("{GROUP_RESTORE_LABEL}=broken");
+        async move {
+            let pvs = volumes
+                .list(&ListParams::default().labels(&label))
+                .await
+                .ok()?
+                .items;
+            let nodes = api.list(&ListParams::default()).await.ok()?.items;
+            (pvs.is_empty()
+                && nodes
+                    .iter()
+                    .all(|n| n.spec.action == NodeRestoreAction::Abort))
+            .then_some(())
+        }
+    })
+    .await;
+    agent.step(&mut w).await;
+    assert!(agent.made.is_empty(), "clones left: {:?}", agent.made);
+}
