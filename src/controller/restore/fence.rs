@@ -15,7 +15,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{MemberSnapshot, PRE_RESTORE_LABEL, ScaledWorkload, WorkloadPolicy};
+use super::plan::{self, Target};
+use super::validate;
+use crate::api::{
+    GroupRestore, GroupSnapshot, MemberSnapshot, PRE_RESTORE_LABEL, ScaledWorkload, WorkloadPolicy,
+};
 
 /// On a PV an InPlace restore replaced: the claim it was bound to, as JSON ([`ClaimTemplate`]),
 /// written before the claim is deleted, so the claim can be recreated under its name with its
@@ -32,46 +36,9 @@ const BINDING_ANNOTATIONS: &[&str] = &[
     "volume.kubernetes.io/selected-node",
 ];
 
-/// The storage request of a claim or the capacity of a PV, in bytes (None when unparseable).
+/// A quantity in bytes (None when unparseable).
 fn bytes(quantity: &Quantity) -> Option<u128> {
-    let s = quantity.0.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, suffix) = s.split_at(split);
-    let multiplier: u128 = match suffix {
-        "" => 1,
-        "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        "P" => 1_000_000_000_000_000,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        "Pi" => 1 << 50,
-        _ => return None,
-    };
-    match number.split_once('.') {
-        None => number.parse::<u128>().ok()?.checked_mul(multiplier),
-        Some((whole, fraction)) => {
-            let whole: u128 = if whole.is_empty() {
-                0
-            } else {
-                whole.parse().ok()?
-            };
-            let digits = u32::try_from(fraction.len()).ok()?;
-            let scale = 10u128.checked_pow(digits)?;
-            let fraction: u128 = if fraction.is_empty() {
-                0
-            } else {
-                fraction.parse().ok()?
-            };
-            let total = whole.checked_mul(scale)?.checked_add(fraction)?;
-            Some(total.checked_mul(multiplier)?.div_ceil(scale))
-        }
-    }
+    super::quota::parse_quantity(&quantity.0)
 }
 
 fn claim_request(claim: &PersistentVolumeClaim) -> Option<&Quantity> {
@@ -180,6 +147,128 @@ pub fn preflight(
         }
     }
     problems
+}
+
+/// What an InPlace restore that may start restores: each member back into its own claim.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InPlaceStart {
+    pub targets: Vec<Target>,
+    /// NodeSnapshot name → uid, for the NodeRestores.
+    pub node_snapshot_uids: BTreeMap<String, String>,
+}
+
+/// Why an InPlace restore cannot start (yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotYet {
+    /// Wait (GitOps may apply the restore before its snapshot): what it waits for.
+    Wait(String),
+    /// Refused, with a condition reason and a message a person can act on.
+    Refuse(&'static str, String),
+}
+
+/// Validates an InPlace restore before anything is touched: the snapshot (this namespace, Ready,
+/// the one recorded), every member's cut findable (its NodeSnapshot and handle), and the
+/// pre-flight of the claims ([`preflight`]). The target of each member is its own claim; the
+/// clone's PV is named as NewClaims names it.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_in_place(
+    namespace: &str,
+    restore: &GroupRestore,
+    restore_uid: &str,
+    snapshot: Option<&GroupSnapshot>,
+    node_snapshots: &BTreeMap<String, String>,
+    claims: &BTreeMap<String, &PersistentVolumeClaim>,
+    volumes: &BTreeMap<String, &PersistentVolume>,
+    settling: bool,
+) -> Result<InPlaceStart, NotYet> {
+    let source = &restore.spec.source;
+    if let Some(ns) = &source.namespace
+        && ns != namespace
+    {
+        return Err(NotYet::Refuse(
+            "CrossNamespace",
+            format!(
+                "spec.source.namespace is {ns}, but a GroupRestore restores only snapshots of its own namespace {namespace}; create the GroupRestore in {ns}"
+            ),
+        ));
+    }
+    let recorded = restore
+        .status
+        .as_ref()
+        .and_then(|s| s.group_snapshot_uid.as_deref());
+    if let Some((reason, message)) =
+        validate::snapshot_problem(namespace, &source.group_snapshot_name, snapshot, recorded)
+    {
+        if reason == "GroupSnapshotNotFound" && settling {
+            return Err(NotYet::Wait(format!(
+                "waiting for GroupSnapshot {}",
+                source.group_snapshot_name
+            )));
+        }
+        return Err(NotYet::Refuse(reason, message));
+    }
+    let Some(snapshot) = snapshot else {
+        return Err(NotYet::Refuse(
+            "GroupSnapshotNotFound",
+            "no GroupSnapshot".into(),
+        ));
+    };
+    let snapshot_name = snapshot.name_any();
+    let snapshot_uid = snapshot.uid().unwrap_or_default();
+    let members = snapshot.status.clone().unwrap_or_default().members;
+    if members.is_empty() {
+        return Err(NotYet::Refuse(
+            "EmptySnapshot",
+            format!("GroupSnapshot {snapshot_name} has no members"),
+        ));
+    }
+    let mut node_snapshot_uids = BTreeMap::new();
+    let mut targets = Vec::new();
+    for member in &members {
+        let mut member = member.clone();
+        let node_snapshot = member.node_snapshot.clone().unwrap_or_else(|| {
+            crate::controller::node_snapshot_name(&snapshot_name, &snapshot_uid, &member.node)
+        });
+        let Some(uid) = node_snapshots.get(&node_snapshot) else {
+            return Err(NotYet::Refuse(
+                "SnapshotIncomplete",
+                format!(
+                    "member {} of GroupSnapshot {snapshot_name}: its NodeSnapshot {node_snapshot} is gone, so its snapshot cannot be found on node {}",
+                    member.claim, member.node
+                ),
+            ));
+        };
+        if member.snapshot_handle.is_none() {
+            return Err(NotYet::Refuse(
+                "SnapshotIncomplete",
+                format!(
+                    "member {} of GroupSnapshot {snapshot_name} has no snapshot handle",
+                    member.claim
+                ),
+            ));
+        }
+        node_snapshot_uids.insert(node_snapshot.clone(), uid.clone());
+        member.node_snapshot = Some(node_snapshot);
+        targets.push(Target {
+            claim: member.claim.clone(),
+            persistent_volume: plan::pv_name(restore_uid, &member.claim),
+            member,
+        });
+    }
+    let problems = preflight(&members, claims, volumes);
+    if !problems.is_empty() {
+        return Err(NotYet::Refuse(
+            "ClaimsChanged",
+            format!(
+                "the group's claims are not the ones GroupSnapshot {snapshot_name} recorded, nothing was touched: {}",
+                problems.join("; ")
+            ),
+        ));
+    }
+    Ok(InPlaceStart {
+        targets,
+        node_snapshot_uids,
+    })
 }
 
 /// One pod that uses member claims.
@@ -688,21 +777,6 @@ mod tests {
         let two = [member("data", "pv-a", "1Gi"), member("wal", "pv-w", "1Gi")];
         let problems = check(&two, &[], &[]);
         assert_eq!(problems.len(), 2, "{problems:?}");
-    }
-
-    #[test]
-    fn quantities() {
-        for (q, b) in [
-            ("1Gi", Some(1u128 << 30)),
-            ("1000M", Some(1_000_000_000)),
-            ("1.5Gi", Some(3 << 29)),
-            ("64Mi", Some(64 << 20)),
-            ("12", Some(12)),
-            ("1e3", None),
-            ("x", None),
-        ] {
-            assert_eq!(bytes(&Quantity(q.into())), b, "{q}");
-        }
     }
 
     fn pod(name: &str, claims: &[&str], phase: &str, owner: Option<(&str, &str)>) -> Pod {

@@ -14,25 +14,43 @@
 //!
 //! Before the swap a failure rolls back (clones deleted, claims untouched); once status.preRestore
 //! is written the restore only goes forward, and its message says where each claim stands.
+//!
+//! What InPlace needs of the API beyond NewClaims (the chart's RBAC):
+//!
+//! | API group | resource                              | verbs        |
+//! |-----------|---------------------------------------|--------------|
+//! | "" (core) | pods                                  | list, watch  |
+//! | apps      | replicasets                           | get          |
+//! | apps      | deployments/scale, statefulsets/scale | get, patch   |
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
+use super::clones::{self, Progress};
 use super::fence::{
-    self, ClaimState, ClaimTemplate, Fence, PRE_RESTORE_CLAIM_ANNOTATION, PodUse, ScaleBack,
-    Workload,
+    self, ClaimState, ClaimTemplate, Fence, NotYet, PRE_RESTORE_CLAIM_ANNOTATION, PodUse,
+    ScaleBack, Workload,
 };
+use super::plan::{self, COMPLETED_ANNOTATION, Owner, Target};
+use super::{RestoreContext, now};
 use crate::api::{
-    GroupRestoreStatus, MemberSnapshot, PRE_RESTORE_LABEL, PreRestoreVolume, ScaledWorkload,
+    GroupRestore, GroupRestoreStatus, GroupSnapshot, MemberSnapshot, NodeRestore,
+    PRE_RESTORE_LABEL, PreRestoreVolume, RestoreMode, RestorePhase, RestoredMember, ScaledWorkload,
     WorkloadPolicy,
 };
-use crate::controller::Error;
+use crate::controller::{Error, cache_ready};
 
 /// The pods of `namespace` that use any of `claims`.
 pub(super) async fn pods_using_claims(
@@ -315,7 +333,7 @@ pub(super) async fn swap_pass(
     namespace: &str,
     restore: &str,
     members: &[SwapMember],
-    provenance: &dyn Fn(&MemberSnapshot) -> BTreeMap<String, String>,
+    provenance: &(dyn Fn(&MemberSnapshot) -> BTreeMap<String, String> + Sync),
 ) -> Result<(Swapped, Recreated), Error> {
     let volumes: Api<PersistentVolume> = Api::all(client.clone());
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
@@ -409,4 +427,626 @@ pub(super) async fn swap_pass(
         Swapped::Progress(message)
     };
     Ok((swapped, need_volume))
+}
+
+/// How often a swap that waits for something only a person can resolve looks again.
+const STUCK_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+/// A safety net while the swap waits for claims to go and bind (their events wake it first).
+const SWAP_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a young restore waits for its GroupSnapshot to appear (GitOps may apply both at once).
+const SNAPSHOT_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The InPlace restores a pod event may concern: every InPlace restore of its namespace that has
+/// not ended (the fence waits for pods to go; the swap checks none came back).
+pub fn restores_for_pod<P: kube::Resource>(
+    restores: &Store<GroupRestore>,
+    pod: &P,
+) -> Vec<ObjectRef<GroupRestore>> {
+    let namespace = pod.meta().namespace.clone();
+    restores
+        .state()
+        .iter()
+        .filter(|r| r.namespace() == namespace && r.spec.mode == RestoreMode::InPlace)
+        .filter(|r| !super::terminal(r))
+        .map(|r| ObjectRef::from_obj(r.as_ref()))
+        .collect()
+}
+
+fn member_claims(status: &GroupRestoreStatus) -> BTreeSet<String> {
+    status
+        .members
+        .iter()
+        .map(|m| m.source_claim.clone())
+        .collect()
+}
+
+/// Reconciles an InPlace restore (the dispatch of `super::reconcile`).
+pub async fn reconcile(restore: &GroupRestore, rctx: &RestoreContext) -> Result<Action, Error> {
+    let status = restore.status.clone().unwrap_or_default();
+    let swap_started = !status.pre_restore.is_empty();
+    if restore.metadata.deletion_timestamp.is_some() && !swap_started {
+        return match status.phase {
+            RestorePhase::Completed | RestorePhase::Failed => Ok(Action::await_change()),
+            _ => {
+                let rolled_back = !status.members.is_empty();
+                end_failed(
+                    rctx,
+                    restore,
+                    status,
+                    "Deleted",
+                    "the GroupRestore was deleted before it completed; the claims were not touched"
+                        .into(),
+                    rolled_back,
+                )
+                .await
+            }
+        };
+    }
+    // Deleted after the swap started: it finishes (the finalizer holds it), never leaves a claim
+    // half-swapped.
+    match status.phase {
+        RestorePhase::Completed | RestorePhase::Failed => Ok(Action::await_change()),
+        RestorePhase::Pending | RestorePhase::Fencing => start(restore, status, rctx).await,
+        RestorePhase::Cloning => drive(restore, status, rctx).await,
+        RestorePhase::Binding => swap(restore, status, rctx).await,
+    }
+}
+
+/// Ends the restore Failed: workloads scaled back first, then (when clones may exist) rolled back.
+async fn end_failed(
+    rctx: &RestoreContext,
+    restore: &GroupRestore,
+    mut status: GroupRestoreStatus,
+    reason: &str,
+    message: String,
+    roll_back: bool,
+) -> Result<Action, Error> {
+    let namespace = restore.namespace().ok_or(Error::MissingNamespace)?;
+    let notes = scale_back_all(&rctx.ctx.client, &namespace, &mut status).await?;
+    let mut message = message;
+    if !status.workloads.is_empty() {
+        message.push_str(&scaled_back_note(&status, &notes));
+    }
+    if roll_back {
+        clones::roll_back(rctx, restore, status, reason, message).await
+    } else {
+        clones::fail(rctx, restore, status, reason, message).await
+    }
+}
+
+fn scaled_back_note(status: &GroupRestoreStatus, notes: &[String]) -> String {
+    let names: Vec<String> = status
+        .workloads
+        .iter()
+        .map(|w| format!("{} {} to {}", w.kind, w.name, w.replicas))
+        .collect();
+    let mut out = format!("; workloads scaled back ({})", names.join(", "));
+    if !notes.is_empty() {
+        out.push_str(&format!(" except: {}", notes.join("; ")));
+    }
+    out
+}
+
+fn age(restore: &GroupRestore) -> Duration {
+    restore
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .and_then(|t| Duration::try_from(Timestamp::now().duration_since(t.0)).ok())
+        .unwrap_or_default()
+}
+
+/// Whether workloadTimeoutSeconds has run out since the fence started (status.startTime).
+fn fence_timed_out(restore: &GroupRestore, status: &GroupRestoreStatus) -> (bool, Duration) {
+    let seconds = restore
+        .spec
+        .in_place
+        .as_ref()
+        .map_or(300, |p| p.workload_timeout_seconds);
+    let left = clones::remaining(status.start_time.as_ref(), seconds, Timestamp::now());
+    (
+        left.is_none() && status.start_time.is_some(),
+        left.unwrap_or_default(),
+    )
+}
+
+fn node_snapshot_uids(rctx: &RestoreContext, namespace: &str) -> BTreeMap<String, String> {
+    rctx.ctx
+        .node_snapshots
+        .state()
+        .iter()
+        .filter(|n| n.namespace().as_deref() == Some(namespace))
+        .filter_map(|n| Some((n.name_any(), n.uid()?)))
+        .collect()
+}
+
+/// Pending and Fencing: validate and pre-flight, fence, then record the members and clone.
+async fn start(
+    restore: &GroupRestore,
+    mut status: GroupRestoreStatus,
+    rctx: &RestoreContext,
+) -> Result<Action, Error> {
+    let namespace = restore.namespace().ok_or(Error::MissingNamespace)?;
+    let uid = restore.uid().ok_or(Error::MissingUid)?;
+    let name = restore.name_any();
+    let client = rctx.ctx.client.clone();
+    let api: Api<GroupRestore> = Api::namespaced(client.clone(), &namespace);
+    cache_ready(&rctx.ctx.claims, "PersistentVolumeClaims").await?;
+    cache_ready(&rctx.ctx.volumes, "PersistentVolumes").await?;
+    cache_ready(&rctx.ctx.node_snapshots, "NodeSnapshots").await?;
+    let snapshot = Api::<GroupSnapshot>::namespaced(client.clone(), &namespace)
+        .get_opt(&restore.spec.source.group_snapshot_name)
+        .await?;
+    let claim_objects: Vec<Arc<PersistentVolumeClaim>> = rctx
+        .ctx
+        .claims
+        .state()
+        .into_iter()
+        .filter(|c| c.namespace().as_deref() == Some(namespace.as_str()))
+        .collect();
+    let claims: BTreeMap<String, &PersistentVolumeClaim> = claim_objects
+        .iter()
+        .map(|c| (c.name_any(), c.as_ref()))
+        .collect();
+    let volume_objects = rctx.ctx.volumes.state();
+    let volumes: BTreeMap<String, &PersistentVolume> = volume_objects
+        .iter()
+        .map(|v| (v.name_any(), v.as_ref()))
+        .collect();
+    let age = age(restore);
+    let planned = fence::plan_in_place(
+        &namespace,
+        restore,
+        &uid,
+        snapshot.as_ref(),
+        &node_snapshot_uids(rctx, &namespace),
+        &claims,
+        &volumes,
+        age < SNAPSHOT_GRACE,
+    );
+    let start = match planned {
+        Ok(start) => start,
+        Err(NotYet::Refuse(reason, message)) => {
+            return end_failed(rctx, restore, status, reason, message, false).await;
+        }
+        Err(NotYet::Wait(message)) => {
+            if clones::past_deadline(restore) {
+                let message = format!("spec.deadlineSeconds passed while {message}");
+                return end_failed(rctx, restore, status, "DeadlineExceeded", message, false).await;
+            }
+            let changed = status.message.as_deref() != Some(message.as_str());
+            status.message = Some(message);
+            status.start_time.get_or_insert_with(now);
+            if changed {
+                clones::write_status(&api, &name, &status).await?;
+            }
+            return Ok(Action::requeue(
+                SNAPSHOT_GRACE.saturating_sub(age) + Duration::from_millis(100),
+            ));
+        }
+    };
+    if clones::past_deadline(restore) {
+        let message = format!(
+            "the restore did not get past the fence within spec.deadlineSeconds ({} s)",
+            restore.spec.deadline_seconds
+        );
+        return end_failed(rctx, restore, status, "DeadlineExceeded", message, false).await;
+    }
+
+    // The fence.
+    let policy = restore
+        .spec
+        .in_place
+        .as_ref()
+        .map(|p| p.workloads)
+        .unwrap_or_default();
+    let claim_names: BTreeSet<String> = start.targets.iter().map(|t| t.claim.clone()).collect();
+    let (timed_out, fence_left) = fence_timed_out(restore, &status);
+    let generation = restore.metadata.generation;
+    let fenced = fence_pass(
+        &client,
+        &namespace,
+        policy,
+        &claim_names,
+        &mut status,
+        timed_out,
+        |mut recorded| {
+            let api = api.clone();
+            let name = name.clone();
+            async move {
+                // The counts are recorded (and the phase is Fencing) before anything is scaled.
+                recorded.phase = RestorePhase::Fencing;
+                recorded.start_time.get_or_insert_with(now);
+                recorded.observed_generation = generation;
+                clones::write_status(&api, &name, &recorded).await
+            }
+        },
+    )
+    .await?;
+    match fenced {
+        Fenced::Failed(why) => {
+            let reason = if timed_out {
+                "WorkloadTimeout"
+            } else {
+                "ClaimsInUse"
+            };
+            end_failed(rctx, restore, status, reason, why, false).await
+        }
+        Fenced::Waiting { pods, recorded } => {
+            let message = format!(
+                "waiting for pod(s) {} to stop using the claims (scaled down: {})",
+                pods.join(", "),
+                status
+                    .workloads
+                    .iter()
+                    .map(|w| format!("{} {}", w.kind, w.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let changed = recorded
+                || status.phase != RestorePhase::Fencing
+                || status.message.as_deref() != Some(message.as_str());
+            status.phase = RestorePhase::Fencing;
+            status.start_time.get_or_insert_with(now);
+            status.message = Some(message.clone());
+            clones::set_conditions(
+                &mut status,
+                generation,
+                (false, "Fencing", message),
+                (
+                    false,
+                    "Fencing",
+                    "the claims are untouched until the pods are gone".into(),
+                ),
+            );
+            if changed {
+                clones::write_status(&api, &name, &status).await?;
+            }
+            // Pod events wake the fence; this covers workloadTimeoutSeconds.
+            let (_, left) = fence_timed_out(restore, &status);
+            Ok(Action::requeue(
+                left.max(fence_left).max(Duration::from_millis(100)) + Duration::from_millis(100),
+            ))
+        }
+        Fenced::Clear => {
+            let Some(snapshot) = snapshot else {
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            };
+            let snapshot_status = snapshot.status.clone().unwrap_or_default();
+            status.phase = RestorePhase::Cloning;
+            status.group_snapshot_uid = snapshot.uid();
+            status.consistency = snapshot_status.consistency;
+            status.members = start
+                .targets
+                .iter()
+                .map(|t| RestoredMember {
+                    source_claim: t.member.claim.clone(),
+                    claim: t.claim.clone(),
+                    persistent_volume: t.persistent_volume.clone(),
+                    node: t.member.node.clone(),
+                    ..Default::default()
+                })
+                .collect();
+            status.member_count = i32::try_from(status.members.len()).unwrap_or(i32::MAX);
+            status.start_time.get_or_insert_with(now);
+            status.message = None;
+            status.observed_generation = generation;
+            let message = format!(
+                "no pod uses the claims; cloning {} member(s), the claims are untouched until every one is cloned",
+                status.member_count
+            );
+            clones::set_conditions(
+                &mut status,
+                generation,
+                (false, "Cloning", message.clone()),
+                (
+                    false,
+                    "Cloning",
+                    "the claims are still on their old volumes".into(),
+                ),
+            );
+            clones::write_status(&api, &name, &status).await?;
+            info!(restore = %name, %namespace, members = status.member_count, "InPlace restore started");
+            clones::publish(rctx, restore, EventType::Normal, "Cloning", message).await;
+            Ok(Action::requeue(Duration::from_millis(10)))
+        }
+    }
+}
+
+/// The targets of a started restore: its recorded members, with what the snapshot recorded.
+fn targets_of(status: &GroupRestoreStatus, snapshot: Option<&GroupSnapshot>) -> Vec<Target> {
+    let recorded: Vec<MemberSnapshot> = snapshot
+        .and_then(|s| s.status.as_ref())
+        .map(|s| s.members.clone())
+        .unwrap_or_default();
+    status
+        .members
+        .iter()
+        .map(|m| Target {
+            member: recorded
+                .iter()
+                .find(|r| r.claim == m.source_claim && r.node == m.node)
+                .cloned()
+                .unwrap_or_else(|| MemberSnapshot {
+                    claim: m.source_claim.clone(),
+                    persistent_volume: status
+                        .pre_restore
+                        .iter()
+                        .find(|p| p.claim == m.source_claim)
+                        .map(|p| p.persistent_volume.clone())
+                        .unwrap_or_default(),
+                    node: m.node.clone(),
+                    ..Default::default()
+                }),
+            claim: m.claim.clone(),
+            persistent_volume: m.persistent_volume.clone(),
+        })
+        .collect()
+}
+
+/// Cloning: the NodeRestores, their progress; once every clone is Cloned and no pod came back,
+/// the point of no return: status.preRestore, phase Binding.
+async fn drive(
+    restore: &GroupRestore,
+    mut status: GroupRestoreStatus,
+    rctx: &RestoreContext,
+) -> Result<Action, Error> {
+    let namespace = restore.namespace().ok_or(Error::MissingNamespace)?;
+    let uid = restore.uid().ok_or(Error::MissingUid)?;
+    let name = restore.name_any();
+    let client = rctx.ctx.client.clone();
+    let api: Api<GroupRestore> = Api::namespaced(client.clone(), &namespace);
+    cache_ready(&rctx.node_restores, "NodeRestores").await?;
+    cache_ready(&rctx.ctx.claims, "PersistentVolumeClaims").await?;
+    cache_ready(&rctx.ctx.volumes, "PersistentVolumes").await?;
+    if clones::past_deadline(restore) {
+        let message = format!(
+            "the members were not cloned within spec.deadlineSeconds ({} s); the claims were not touched",
+            restore.spec.deadline_seconds
+        );
+        return end_failed(rctx, restore, status, "DeadlineExceeded", message, true).await;
+    }
+    let snapshot = Api::<GroupSnapshot>::namespaced(client.clone(), &namespace)
+        .get_opt(&restore.spec.source.group_snapshot_name)
+        .await?;
+    if let Some((reason, message)) = super::validate::snapshot_problem(
+        &namespace,
+        &restore.spec.source.group_snapshot_name,
+        snapshot.as_ref(),
+        status.group_snapshot_uid.as_deref(),
+    ) && reason != "GroupSnapshotDeleting"
+    {
+        return end_failed(rctx, restore, status, reason, message, true).await;
+    }
+    let targets = targets_of(&status, snapshot.as_ref());
+    let class = rctx.storage_class.clone();
+    let owner = Owner::of(restore, &namespace, &uid, &class);
+    let wanted = plan::node_restores(&owner, &targets, &node_snapshot_uids(rctx, &namespace));
+    if let Err(problem) = clones::ensure_node_restores(rctx, &namespace, &uid, &wanted).await? {
+        return end_failed(
+            rctx,
+            restore,
+            status,
+            "NodeRestoreCreateFailed",
+            problem,
+            true,
+        )
+        .await;
+    }
+    let nodes: Vec<NodeRestore> = clones::node_restores_of(rctx, &namespace, &uid);
+    match clones::aggregate(&mut status.members, &nodes) {
+        Progress::Failed(message) => {
+            let message = format!("{message}; the claims were not touched");
+            end_failed(rctx, restore, status, "CloneFailed", message, true).await
+        }
+        Progress::Cloning => {
+            if restore.status.as_ref() != Some(&status) {
+                clones::write_status(&api, &name, &status).await?;
+            }
+            Ok(clones::until_deadline(restore))
+        }
+        Progress::Cloned => {
+            // Last look before the swap: the claims still the recorded ones, and no pod back.
+            let claim_objects: Vec<Arc<PersistentVolumeClaim>> = rctx
+                .ctx
+                .claims
+                .state()
+                .into_iter()
+                .filter(|c| c.namespace().as_deref() == Some(namespace.as_str()))
+                .collect();
+            let claims: BTreeMap<String, &PersistentVolumeClaim> = claim_objects
+                .iter()
+                .map(|c| (c.name_any(), c.as_ref()))
+                .collect();
+            let volume_objects = rctx.ctx.volumes.state();
+            let volumes: BTreeMap<String, &PersistentVolume> = volume_objects
+                .iter()
+                .map(|v| (v.name_any(), v.as_ref()))
+                .collect();
+            let members: Vec<MemberSnapshot> = targets.iter().map(|t| t.member.clone()).collect();
+            let problems = fence::preflight(&members, &claims, &volumes);
+            if !problems.is_empty() {
+                let message = format!(
+                    "the claims changed while the members were cloned, nothing was swapped: {}",
+                    problems.join("; ")
+                );
+                return end_failed(rctx, restore, status, "ClaimsChanged", message, true).await;
+            }
+            let uses = pods_using_claims(&client, &namespace, &member_claims(&status)).await?;
+            if !uses.is_empty() {
+                let message = format!(
+                    "pods started using the claims while the members were cloned, nothing was swapped: {}",
+                    fence::describe_uses(&uses)
+                );
+                return end_failed(rctx, restore, status, "ClaimsInUse", message, true).await;
+            }
+            let swap_members: Vec<SwapMember> = targets
+                .iter()
+                .map(|t| SwapMember {
+                    member: t.member.clone(),
+                    new_volume: t.persistent_volume.clone(),
+                })
+                .collect();
+            status.pre_restore = pre_restore(&swap_members);
+            status.phase = RestorePhase::Binding;
+            status.message =
+                Some("every member is cloned; swapping the claims to their clones".into());
+            clones::set_conditions(
+                &mut status,
+                restore.metadata.generation,
+                (
+                    false,
+                    "Binding",
+                    "every member is cloned; the claims are being swapped".into(),
+                ),
+                (
+                    false,
+                    "Binding",
+                    "the old volumes are kept (reclaim Retain) as the undo point".into(),
+                ),
+            );
+            // Recorded before anything is changed: from here on the restore only goes forward.
+            clones::write_status(&api, &name, &status).await?;
+            info!(restore = %name, %namespace, "InPlace restore: every member cloned, swapping");
+            Ok(Action::requeue(Duration::from_millis(10)))
+        }
+    }
+}
+
+/// Binding: the swap, forward only. Completed when every claim is Bound to its clone.
+async fn swap(
+    restore: &GroupRestore,
+    mut status: GroupRestoreStatus,
+    rctx: &RestoreContext,
+) -> Result<Action, Error> {
+    let namespace = restore.namespace().ok_or(Error::MissingNamespace)?;
+    let uid = restore.uid().ok_or(Error::MissingUid)?;
+    let name = restore.name_any();
+    let client = rctx.ctx.client.clone();
+    let api: Api<GroupRestore> = Api::namespaced(client.clone(), &namespace);
+    cache_ready(&rctx.node_restores, "NodeRestores").await?;
+    let snapshot = Api::<GroupSnapshot>::namespaced(client.clone(), &namespace)
+        .get_opt(&restore.spec.source.group_snapshot_name)
+        .await?;
+    let targets = targets_of(&status, snapshot.as_ref());
+    let class = rctx.storage_class.clone();
+    let owner = Owner::of(restore, &namespace, &uid, &class);
+    let swap_members: Vec<SwapMember> = targets
+        .iter()
+        .map(|t| {
+            let mut member = t.member.clone();
+            // The old PV as recorded at the point of no return (the snapshot may be gone by now).
+            if let Some(p) = status
+                .pre_restore
+                .iter()
+                .find(|p| p.claim == t.member.claim)
+            {
+                member.persistent_volume = p.persistent_volume.clone();
+            }
+            SwapMember {
+                member,
+                new_volume: t.persistent_volume.clone(),
+            }
+        })
+        .collect();
+    let provenance =
+        |m: &MemberSnapshot| plan::provenance(&namespace, owner.snapshot, m, owner.consistency);
+    let (swapped, need_volume) =
+        swap_pass(&client, &namespace, &name, &swap_members, &provenance).await?;
+    let nodes: Vec<NodeRestore> = clones::node_restores_of(rctx, &namespace, &uid);
+    let mut published_problem = None;
+    if !need_volume.is_empty() {
+        let wanted: Vec<Target> = targets
+            .iter()
+            .filter(|t| need_volume.contains_key(&t.claim))
+            .cloned()
+            .collect();
+        if let Err(problem) = clones::create_volumes(rctx, &owner, &wanted, &nodes).await? {
+            published_problem = Some(problem);
+        }
+    }
+    let stuck = matches!(swapped, Swapped::Stuck(_)) || published_problem.is_some();
+    match swapped {
+        Swapped::Bound => complete(restore, status, rctx, &nodes).await,
+        Swapped::Progress(message) | Swapped::Stuck(message) if stuck => {
+            let message = match published_problem {
+                Some(p) => format!("{message}; publishing the clones failed: {p}"),
+                None => message,
+            };
+            let message =
+                format!("the swap needs attention (it goes on by itself once resolved): {message}");
+            if status.message.as_deref() != Some(message.as_str()) {
+                status.message = Some(message.clone());
+                clones::write_status(&api, &name, &status).await?;
+                clones::publish(rctx, restore, EventType::Warning, "SwapStuck", message).await;
+            }
+            Ok(Action::requeue(STUCK_RETRY))
+        }
+        Swapped::Progress(message) | Swapped::Stuck(message) => {
+            if status.message.as_deref() != Some(message.as_str()) {
+                status.message = Some(message);
+                clones::write_status(&api, &name, &status).await?;
+            }
+            Ok(Action::requeue(SWAP_RETRY))
+        }
+    }
+}
+
+/// Every claim is Bound to its clone: the clones outlive the restore, the workloads go back up.
+async fn complete(
+    restore: &GroupRestore,
+    mut status: GroupRestoreStatus,
+    rctx: &RestoreContext,
+    nodes: &[NodeRestore],
+) -> Result<Action, Error> {
+    let namespace = restore.namespace().ok_or(Error::MissingNamespace)?;
+    let client = rctx.ctx.client.clone();
+    let nodes_api: Api<NodeRestore> = Api::namespaced(client.clone(), &namespace);
+    for node in nodes {
+        if node.annotations().contains_key(COMPLETED_ANNOTATION) {
+            continue;
+        }
+        nodes_api
+            .patch(
+                &node.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {COMPLETED_ANNOTATION: "true"}}})),
+            )
+            .await?;
+    }
+    let notes = scale_back_all(&client, &namespace, &mut status).await?;
+    let kept: Vec<String> = status
+        .pre_restore
+        .iter()
+        .map(|p| p.persistent_volume.clone())
+        .collect();
+    let mut message = format!(
+        "{} claim(s) restored in place from GroupSnapshot {} and Bound; the old volumes {} are kept (reclaim Retain, label {PRE_RESTORE_LABEL}={}) as the undo point",
+        status.member_count,
+        restore.spec.source.group_snapshot_name,
+        kept.join(", "),
+        restore.name_any()
+    );
+    if !status.workloads.is_empty() {
+        message.push_str(&scaled_back_note(&status, &notes));
+    }
+    status.phase = RestorePhase::Completed;
+    status.completion_time = Some(now());
+    status.message = Some(message.clone());
+    clones::set_conditions(
+        &mut status,
+        restore.metadata.generation,
+        (true, "Restored", message.clone()),
+        (
+            true,
+            "Bound",
+            "every claim is Bound to its restored volume".into(),
+        ),
+    );
+    let api: Api<GroupRestore> = Api::namespaced(client, &namespace);
+    clones::write_status(&api, &restore.name_any(), &status).await?;
+    info!(restore = %restore.name_any(), %namespace, "{message}");
+    clones::publish(rctx, restore, EventType::Normal, "Restored", message).await;
+    rctx.wake_snapshot(&namespace, &restore.spec.source.group_snapshot_name);
+    Ok(Action::await_change())
 }
