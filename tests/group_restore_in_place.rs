@@ -540,7 +540,8 @@ async fn scale_down_records_the_counts_stops_the_workloads_and_scales_them_back(
             .expect("scale")
             .spec
             .and_then(|s| s.replicas);
-        if d == Some(0) && s == Some(0) {
+        // `replicas` is omitted when zero.
+        if d.unwrap_or(0) == 0 && s.unwrap_or(0) == 0 {
             saw_zero = true;
         }
         let phase = restore.status.as_ref().map(|s| s.phase).unwrap_or_default();
