@@ -743,3 +743,296 @@ async fn a_failed_clone_leaves_the_claims_untouched_and_scales_back() {
     agent.step(&mut w).await;
     assert!(agent.made.is_empty(), "clones left: {:?}", agent.made);
 }
+
+const HOLD: &str = "tandem.dev/test-hold";
+
+/// A Deployment `web` of `replicas` pods using `data`, whose pods carry a finalizer of the test:
+/// deleted, they stay (Terminating, still using the claim) until [`release`] removes it.
+async fn held_deployment(w: &World, replicas: i32) {
+    let deployments: Api<Deployment> = w.env.api();
+    let mut template = template("web", "data");
+    template["metadata"]["finalizers"] = json!([HOLD]);
+    deployments
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "web"}, "spec": {
+                "replicas": replicas, "selector": {"matchLabels": {"run": "web"}}, "template": template}}))
+            .expect("deployment"),
+        )
+        .await
+        .expect("create deployment");
+    let pods: Api<Pod> = w.env.api();
+    eventually(WAIT, "the pods", || {
+        let pods = pods.clone();
+        async move {
+            let n = pods.list(&ListParams::default()).await.ok()?.items.len();
+            (n == usize::try_from(replicas).ok()?).then_some(())
+        }
+    })
+    .await;
+}
+
+/// Removes the test's finalizer from every pod and claim that carries it.
+async fn release(w: &World) {
+    let pods: Api<Pod> = w.env.api();
+    for p in pods.list(&ListParams::default()).await.expect("pods").items {
+        if p.finalizers().iter().any(|f| f == HOLD) {
+            pods.patch(
+                &p.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await
+            .expect("release pod");
+        }
+    }
+    let claims: Api<PersistentVolumeClaim> = w.env.api();
+    for c in claims
+        .list(&ListParams::default())
+        .await
+        .expect("claims")
+        .items
+    {
+        if c.finalizers().iter().any(|f| f == HOLD) {
+            let rest: Vec<String> = c
+                .finalizers()
+                .iter()
+                .filter(|f| *f != HOLD)
+                .cloned()
+                .collect();
+            claims
+                .patch(
+                    &c.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"finalizers": rest}})),
+                )
+                .await
+                .expect("release claim");
+        }
+    }
+}
+
+async fn web_replicas(w: &World) -> i32 {
+    let deployments: Api<Deployment> = w.env.api();
+    deployments
+        .get_scale("web")
+        .await
+        .expect("scale")
+        .spec
+        .and_then(|s| s.replicas)
+        .unwrap_or(0)
+}
+
+/// Waits until `check` holds of the restore (driving the clone side meanwhile).
+async fn wait_until(
+    w: &mut World,
+    agent: &mut CloneAgent,
+    name: &str,
+    what: &str,
+    check: impl Fn(&GroupRestore) -> bool,
+) -> GroupRestore {
+    let api: Api<GroupRestore> = w.env.api();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        agent.step(w).await;
+        let restore = api.get(name).await.expect("restore");
+        if check(&restore) {
+            return restore;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "GroupRestore {name}: not {what} in {WAIT:?}: {:?}",
+            restore.status
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+fn phase_of(r: &GroupRestore) -> RestorePhase {
+    r.status.as_ref().map(|s| s.phase).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_restarted_controller_scales_back_to_the_recorded_count() {
+    if !require_root() {
+        return;
+    }
+    let (mut w, snapshot, hashes) = world_with_snapshot("ip-restart-fence").await;
+    held_deployment(&w, 2).await;
+    let mut agent = CloneAgent::new(&snapshot);
+    create_restore(
+        &w,
+        "fenced",
+        json!({"workloads": "ScaleDown", "workloadTimeoutSeconds": 600}),
+        600,
+    )
+    .await;
+    // Scaled to zero, the pods deleted but held: the fence waits, naming them.
+    let restore = wait_until(
+        &mut w,
+        &mut agent,
+        "fenced",
+        "Fencing on the held pods",
+        |r| {
+            phase_of(r) == RestorePhase::Fencing
+                && r.status
+                    .as_ref()
+                    .and_then(|s| s.message.as_deref())
+                    .is_some_and(|m| m.contains("web-"))
+        },
+    )
+    .await;
+    assert_eq!(
+        restore.status.as_ref().expect("status").workloads[0].replicas,
+        2
+    );
+    eventually(WAIT, "web at zero", || async {
+        (web_replicas(&w).await == 0).then_some(())
+    })
+    .await;
+    assert!(
+        node_restores(&w).await.is_empty(),
+        "cloning began while pods use the claims"
+    );
+
+    // The controller dies while fencing; the one that comes back knows the count from the status.
+    w.controller.as_mut().expect("controller").kill9();
+    w.start_controller();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        phase_of(
+            &w.env
+                .api::<GroupRestore>()
+                .get("fenced")
+                .await
+                .expect("restore")
+        ),
+        RestorePhase::Fencing
+    );
+    release(&w).await;
+    let restore = wait_restore(&mut w, &mut agent, "fenced", RestorePhase::Completed).await;
+    let status = restore.status.expect("status");
+    assert_eq!(status.workloads.len(), 1);
+    assert!(status.workloads[0].restored, "{:?}", status.workloads);
+    assert_eq!(
+        web_replicas(&w).await,
+        2,
+        "scaled back to the count before the restore"
+    );
+    let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+    for (claim, _) in CLAIMS {
+        let m = status
+            .members
+            .iter()
+            .find(|m| m.claim == claim)
+            .expect("member");
+        let pv = volumes.get(&m.persistent_volume).await.expect("PV");
+        assert_snapshot_data(&mut w, &pv, claim, &hashes[claim]);
+    }
+    release(&w).await;
+}
+
+#[tokio::test]
+async fn pods_that_do_not_go_fail_the_restore_after_the_workload_timeout() {
+    if !require_root() {
+        return;
+    }
+    let (mut w, snapshot, _) = world_with_snapshot("ip-fence-timeout").await;
+    held_deployment(&w, 2).await;
+    let before = claims_now(&w).await;
+    let mut agent = CloneAgent::new(&snapshot);
+    create_restore(
+        &w,
+        "slow",
+        json!({"workloads": "ScaleDown", "workloadTimeoutSeconds": 3}),
+        60,
+    )
+    .await;
+    let restore = wait_restore(&mut w, &mut agent, "slow", RestorePhase::Failed).await;
+    let status = restore.status.expect("status");
+    let message = status.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("after workloadTimeoutSeconds") && message.contains("web-"),
+        "{message}"
+    );
+    assert!(
+        message.contains("scaled back (Deployment web to 2)"),
+        "{message}"
+    );
+    assert_eq!(web_replicas(&w).await, 2);
+    assert_eq!(claims_now(&w).await, before, "the claims were touched");
+    assert!(node_restores(&w).await.is_empty());
+    release(&w).await;
+}
+
+#[tokio::test]
+async fn the_swap_goes_forward_after_a_controller_restart_and_past_the_deadline() {
+    if !require_root() {
+        return;
+    }
+    let (mut w, snapshot, hashes) = world_with_snapshot("ip-restart-swap").await;
+    // `wal` cannot go until the test lets it: the swap stops half-way, with `data` swapped.
+    let claims: Api<PersistentVolumeClaim> = w.env.api();
+    claims
+        .patch(
+            "wal",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"finalizers": ["kubernetes.io/pvc-protection", HOLD]}}),
+            ),
+        )
+        .await
+        .expect("hold wal");
+    let before = claims_now(&w).await;
+    let mut agent = CloneAgent::new(&snapshot);
+    create_restore(&w, "half", json!({}), 10).await;
+    let restore = wait_until(&mut w, &mut agent, "half", "held in the swap", |r| {
+        phase_of(r) == RestorePhase::Binding
+            && r.status
+                .as_ref()
+                .and_then(|s| s.message.as_deref())
+                .is_some_and(|m| m.contains("claim wal is being deleted"))
+    })
+    .await;
+    let status = restore.status.expect("status");
+    // Recorded before anything was deleted: both old PVs, kept and labelled.
+    assert_eq!(status.pre_restore.len(), 2, "{:?}", status.pre_restore);
+    for (policy, label) in old_pv_marks(&w).await {
+        assert_eq!(
+            (policy.as_str(), label.as_deref()),
+            ("Retain", Some("half"))
+        );
+    }
+    w.controller.as_mut().expect("controller").kill9();
+    // Past the deadline: a swap under way is never rolled back (that would leave claims deleted).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    w.start_controller();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        phase_of(
+            &w.env
+                .api::<GroupRestore>()
+                .get("half")
+                .await
+                .expect("restore")
+        ),
+        RestorePhase::Binding
+    );
+    release(&w).await;
+    let restore = wait_restore(&mut w, &mut agent, "half", RestorePhase::Completed).await;
+    let status = restore.status.expect("status");
+    let after = claims_now(&w).await;
+    let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+    for (claim, _) in CLAIMS {
+        assert_ne!(after[claim].0, before[claim].0, "{claim} not recreated");
+        assert_eq!(after[claim].2, "Bound");
+        let m = status
+            .members
+            .iter()
+            .find(|m| m.claim == claim)
+            .expect("member");
+        assert_eq!(after[claim].1, m.persistent_volume);
+        let pv = volumes.get(&m.persistent_volume).await.expect("PV");
+        assert_snapshot_data(&mut w, &pv, claim, &hashes[claim]);
+    }
+}
