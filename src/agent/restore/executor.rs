@@ -415,6 +415,10 @@ impl Restores {
                     self.commit(key, |e| {
                         if let Some(c) = e.clone_of_mut(&record.persistent_volume) {
                             c.state = CloneState::Made;
+                            // What the clone's superblock says wins over the cut's report.
+                            if info.filesystem.is_some() {
+                                c.filesystem = info.filesystem.clone();
+                            }
                             c.made = Some(MadeClone {
                                 path: info.path,
                                 block: info.block,

@@ -89,6 +89,7 @@ impl CloneOps for Fake {
             block: true,
             size_bytes: 100,
             method: CloneMethod::Clone,
+            filesystem: Some("ext4".into()),
         })
     }
     fn attach(&self, handle: &CloneHandle) -> Result<CloneInfo, BackendError> {
@@ -99,6 +100,7 @@ impl CloneOps for Fake {
             block: true,
             size_bytes: 100,
             method: CloneMethod::Clone,
+            filesystem: Some("ext4".into()),
         })
     }
     fn delete(&self, handle: &CloneHandle) -> Result<Deleted, BackendError> {
