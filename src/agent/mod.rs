@@ -8,6 +8,7 @@
 //! - [`cut`]: cut / release / abort as a plain blocking API around a pure lifecycle
 //!   ([`cut::lifecycle`]); [`engine`] is the same API under its first name.
 //! - [`watch`]: the NodeSnapshot watch loop that drives the engine.
+//! - [`restore`]: the NodeRestore watch loop and the clone journal (clones of member snapshots).
 
 pub mod backend;
 pub mod cut;
@@ -15,6 +16,7 @@ pub mod discovery;
 pub mod engine;
 pub mod freeze;
 pub mod journal;
+pub mod restore;
 pub mod watch;
 pub mod watchdog;
 
@@ -50,6 +52,16 @@ pub struct AgentArgs {
     /// Copy-on-write space of a thick LVM snapshot (`lvcreate -L`, e.g. `1G`).
     #[arg(long, env = "TANDEM_THICK_COW_SIZE", default_value = "1G")]
     pub thick_cow_size: String,
+
+    /// Where restore clones' loop devices are linked, as `<dir>/<pv>` (a tmpfs on a node, so a
+    /// stale link never survives a reboot).
+    #[arg(long, env = "TANDEM_RESTORE_LINK_DIR", default_value = "/dev/tandem")]
+    pub restore_link_dir: PathBuf,
+
+    /// Where btrfs restore clones are bind-mounted, as `<dir>/<pv>` (default
+    /// `<kubelet dir>/plugins/tandem.dev/restores`, whose mounts reach the host).
+    #[arg(long, env = "TANDEM_RESTORE_MOUNT_DIR")]
+    pub restore_mount_dir: Option<PathBuf>,
 
     /// Only thaw what the journal says is still frozen (and delete its snapshots), then exit.
     #[arg(long)]
@@ -91,6 +103,8 @@ pub struct AgentArgs {
 pub enum AgentError {
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Restore(#[from] restore::RestoreError),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("a blocking task failed: {0}")]
@@ -108,6 +122,18 @@ pub fn engine_config(args: &AgentArgs) -> EngineConfig {
     config.guard.layout.host_root = args.host_root.clone();
     config.guard.layout.kubelet_dir = args.kubelet_dir.clone();
     config
+}
+
+/// The clone options the flags ask for.
+pub fn clone_options(args: &AgentArgs) -> backend::clone::CloneOptions {
+    backend::clone::CloneOptions {
+        backend: engine_config(args).backend,
+        link_dir: args.restore_link_dir.clone(),
+        mount_dir: args
+            .restore_mount_dir
+            .clone()
+            .unwrap_or_else(|| args.kubelet_dir.join("plugins/tandem.dev/restores")),
+    }
 }
 
 /// Runs the agent until a shutdown signal.
@@ -128,8 +154,25 @@ async fn run_agent(args: AgentArgs) -> Result<(), AgentError> {
     if !args.oneshot_volumes.is_empty() || args.oneshot_action == "delete" {
         return tokio::task::spawn_blocking(move || oneshot(&engine, &args)).await?;
     }
+    // Restores share the engine's state directory and its lock: rolled back or attached again
+    // before either watch starts, then both watches run side by side.
+    let (restores, recovered) = {
+        let engine = engine.clone();
+        let state_dir = args.state_dir.clone();
+        let ops = std::sync::Arc::new(restore::Backends(clone_options(&args)));
+        tokio::task::spawn_blocking(move || restore::Restores::start(&engine, &state_dir, ops))
+            .await??
+    };
+    for r in &recovered {
+        tracing::info!(?r, "restore found at start");
+    }
     let client = kube::Client::try_default().await?;
-    watch::run(client, engine, args).await
+    let node = args.node_name.clone();
+    let (snapshots, ()) = tokio::join!(
+        watch::run(client.clone(), engine, args),
+        restore::watch::run(client, restores, node)
+    );
+    snapshots
 }
 
 fn parse_freeze(s: &str) -> FreezePolicy {

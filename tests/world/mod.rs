@@ -370,3 +370,158 @@ impl World {
         clone_path(member.snapshot_handle.as_deref().expect("handle"))
     }
 }
+
+/// Restores (GroupRestore): the restore StorageClass, creating and waiting for restores, and what
+/// a restore made.
+impl World {
+    /// Starts the controller with extra flags (for example `--restore-storage-class`).
+    pub fn start_controller_with(&mut self, extra: &[&str]) {
+        let namespace = self.env.namespace.clone();
+        let mut args = vec!["controller", "--namespace", namespace.as_str()];
+        args.extend_from_slice(extra);
+        let cmd = &mut self.tandem(&args);
+        self.controller = Some(Daemon::spawn("controller", cmd, &self.logs()));
+    }
+
+    /// Creates a StorageClass (cluster-wide, shared by the tests of this binary; an existing one
+    /// is left as it is).
+    pub async fn ensure_storage_class(&self, name: &str, provisioner: &str) {
+        use k8s_openapi::api::storage::v1::StorageClass;
+        let classes: Api<StorageClass> = Api::all(self.env.client.clone());
+        let class: StorageClass = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "provisioner": provisioner,
+            "volumeBindingMode": "Immediate",
+            "reclaimPolicy": "Delete",
+        }))
+        .expect("class");
+        match classes.create(&PostParams::default(), &class).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("create StorageClass {name}: {e}"),
+        }
+    }
+
+    /// The chart's restore class: `tandem-restore`, provisioner `tandem.dev/restore`.
+    pub async fn ensure_restore_class(&self) {
+        self.ensure_storage_class(
+            tandem::api::DEFAULT_RESTORE_STORAGE_CLASS,
+            tandem::api::RESTORE_PROVISIONER,
+        )
+        .await;
+    }
+
+    pub async fn create_restore(&self, name: &str, spec: serde_json::Value) {
+        use tandem::api::GroupRestore;
+        let restores: Api<GroupRestore> = self.env.api();
+        restores
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec}))
+                    .expect("restore"),
+            )
+            .await
+            .expect("create restore");
+    }
+
+    /// Waits for a restore's phase; panics if it ends in the other terminal phase.
+    pub async fn wait_restore_phase(
+        &self,
+        name: &str,
+        phase: tandem::api::RestorePhase,
+    ) -> tandem::api::GroupRestore {
+        self.wait_restore_phase_for(name, phase, WAIT).await
+    }
+
+    pub async fn wait_restore_phase_for(
+        &self,
+        name: &str,
+        phase: tandem::api::RestorePhase,
+        timeout: Duration,
+    ) -> tandem::api::GroupRestore {
+        use tandem::api::{GroupRestore, RestorePhase};
+        let restores: Api<GroupRestore> = self.env.api();
+        eventually(timeout, &format!("GroupRestore {name} {phase:?}"), || {
+            let restores = restores.clone();
+            async move {
+                let r = restores.get(name).await.ok()?;
+                let got = r.status.as_ref()?.phase;
+                if got != phase && matches!(got, RestorePhase::Completed | RestorePhase::Failed) {
+                    panic!(
+                        "GroupRestore {name} ended {got:?} instead of {phase:?}: {:?}",
+                        r.status
+                    );
+                }
+                (got == phase).then_some(r)
+            }
+        })
+        .await
+    }
+
+    /// What carries the label `tandem.dev/group-restore=<restore>`: claims, PVs, NodeRestores.
+    pub async fn restore_objects(&self, restore: &str) -> (Vec<String>, Vec<String>, Vec<String>) {
+        use kube::ResourceExt;
+        use tandem::api::NodeRestore;
+        let selector = format!("{}={restore}", tandem::api::GROUP_RESTORE_LABEL);
+        let params = ListParams::default().labels(&selector);
+        let claims: Api<PersistentVolumeClaim> = self.env.api();
+        let volumes: Api<PersistentVolume> = Api::all(self.env.client.clone());
+        let nodes: Api<NodeRestore> = self.env.api();
+        let names = |items: Vec<String>| items;
+        let pvs: Vec<String> = volumes
+            .list(&params)
+            .await
+            .expect("list PVs")
+            .items
+            .into_iter()
+            .filter(|v| {
+                v.spec
+                    .as_ref()
+                    .and_then(|s| s.claim_ref.as_ref())
+                    .and_then(|r| r.namespace.as_deref())
+                    == Some(self.env.namespace.as_str())
+            })
+            .map(|v| v.name_any())
+            .collect();
+        (
+            names(
+                claims
+                    .list(&params)
+                    .await
+                    .expect("list claims")
+                    .items
+                    .iter()
+                    .map(|c| c.name_any())
+                    .collect(),
+            ),
+            pvs,
+            names(
+                nodes
+                    .list(&params)
+                    .await
+                    .expect("list nrestore")
+                    .items
+                    .iter()
+                    .map(|n| n.name_any())
+                    .collect(),
+            ),
+        )
+    }
+
+    /// A claim of this namespace, if it exists.
+    pub async fn claim(&self, name: &str) -> Option<PersistentVolumeClaim> {
+        let claims: Api<PersistentVolumeClaim> = self.env.api();
+        claims.get_opt(name).await.expect("get claim")
+    }
+}
+
+/// The reason of a condition of a restore.
+pub fn condition_reason(restore: &tandem::api::GroupRestore, type_: &str) -> Option<String> {
+    restore
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.reason.clone())
+}

@@ -502,6 +502,52 @@ pub fn delete(
     Ok(Deleted::Removed)
 }
 
+// --- restore clones (being built) ---
+
+/// The directory below the top-level subvolume that holds restore clones.
+pub const RESTORE_DIR: &str = ".tandem-restores";
+
+pub fn clone_create(
+    device: &Path,
+    snapshot: (&str, &str, Option<&SubvolumeId>),
+    path: &str,
+    mount: &Path,
+    owner: &str,
+    options: &BackendOptions,
+) -> Result<super::clone::CloneInfo, BackendError> {
+    let _ = (device, snapshot, path, mount, owner, options);
+    Err(not_built())
+}
+
+pub fn clone_attach(
+    device: &Path,
+    path: &str,
+    mount: &Path,
+    owner: &str,
+    options: &BackendOptions,
+) -> Result<super::clone::CloneInfo, BackendError> {
+    let _ = (device, path, mount, owner, options);
+    Err(not_built())
+}
+
+pub fn clone_delete(
+    device: &Path,
+    path: &str,
+    mount: &Path,
+    owner: &str,
+    options: &BackendOptions,
+) -> Result<Deleted, BackendError> {
+    let _ = (device, path, mount, owner, options);
+    Err(not_built())
+}
+
+fn not_built() -> BackendError {
+    BackendError::Unsupported {
+        device: PathBuf::new(),
+        why: "btrfs restore clones are not built yet".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -711,6 +711,48 @@ pub fn health(vg: &str, snap: &str) -> Result<Option<SnapshotHealth>, BackendErr
     parse_health(attr, percent).map(Some)
 }
 
+// --- restore clones (being built) ---
+
+/// Whether the member snapshot `vg/snap` is thin or thick.
+pub fn snapshot_kind(vg: &str, snap: &str) -> Result<BackendKind, BackendError> {
+    let _ = (vg, snap);
+    Err(not_built())
+}
+
+pub fn clone_create(
+    vg: &str,
+    snap: &str,
+    snap_owner: &str,
+    clone: &str,
+    owner: &str,
+    backend: BackendKind,
+    progress: super::clone::Progress<'_>,
+) -> Result<super::clone::CloneInfo, BackendError> {
+    let _ = (vg, snap, snap_owner, clone, owner, backend, progress);
+    Err(not_built())
+}
+
+pub fn clone_attach(
+    vg: &str,
+    lv: &str,
+    owner: &str,
+) -> Result<super::clone::CloneInfo, BackendError> {
+    let _ = (vg, lv, owner);
+    Err(not_built())
+}
+
+pub fn clone_delete(vg: &str, lv: &str, owner: &str) -> Result<Deleted, BackendError> {
+    let _ = (vg, lv, owner);
+    Err(not_built())
+}
+
+fn not_built() -> BackendError {
+    BackendError::Unsupported {
+        device: PathBuf::new(),
+        why: "LVM restore clones are not built yet".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,7 @@
 
 pub mod btrfs;
 pub mod clone;
+pub mod loopdev;
 pub mod lvm;
 pub mod reflink;
 
@@ -198,7 +199,7 @@ pub enum BackendError {
     )]
     AlreadyExists { what: String },
     /// The object at a handle's place does not carry the handle's owner mark; it is left alone.
-    #[error("{what} is not this cut's snapshot ({why}); left untouched")]
+    #[error("{what} is not this cut's snapshot nor this restore's clone ({why}); left untouched")]
     NotOurs { what: String, why: String },
     #[error("cannot name a snapshot after {field} {value:?}: {why}")]
     InvalidName {

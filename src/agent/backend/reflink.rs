@@ -19,10 +19,12 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags};
 use rustix::io::Errno;
 use rustix::ioctl::{Getter, Opcode, ioctl};
 
+use super::clone::{CloneHandle, CloneInfo, detect_filesystem};
 use super::{
     BackendError, BackendKind, Deleted, SnapshotHandle, SnapshotInfo, SnapshotPlan, SnapshotSource,
-    mark_mismatch, set_mark,
+    loopdev, mark_mismatch, set_mark,
 };
+use crate::api::CloneMethod;
 
 /// statfs f_type of XFS.
 const XFS_MAGIC: i64 = 0x5846_5342;
@@ -104,27 +106,47 @@ pub fn image_not_visible(loop_device: &Path, image: &Path) -> BackendError {
 /// `struct loop_info64` of <linux/loop.h>.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct LoopInfo64 {
-    lo_device: u64,
-    lo_inode: u64,
-    lo_rdevice: u64,
-    lo_offset: u64,
-    lo_sizelimit: u64,
-    lo_number: u32,
-    lo_encrypt_type: u32,
-    lo_encrypt_key_size: u32,
-    lo_flags: u32,
-    lo_file_name: [u8; 64],
-    lo_crypt_name: [u8; 64],
-    lo_encrypt_key: [u8; 32],
-    lo_init: [u64; 2],
+pub(crate) struct LoopInfo64 {
+    pub lo_device: u64,
+    pub lo_inode: u64,
+    pub lo_rdevice: u64,
+    pub lo_offset: u64,
+    pub lo_sizelimit: u64,
+    pub lo_number: u32,
+    pub lo_encrypt_type: u32,
+    pub lo_encrypt_key_size: u32,
+    pub lo_flags: u32,
+    pub lo_file_name: [u8; 64],
+    pub lo_crypt_name: [u8; 64],
+    pub lo_encrypt_key: [u8; 32],
+    pub lo_init: [u64; 2],
+}
+
+impl LoopInfo64 {
+    pub(crate) fn zeroed() -> Self {
+        LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: 0,
+            lo_file_name: [0; 64],
+            lo_crypt_name: [0; 64],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        }
+    }
 }
 
 /// LOOP_GET_STATUS64 (an old-style ioctl number, not _IOR-encoded).
 const LOOP_GET_STATUS64: Opcode = 0x4C05;
 
 /// The (major, minor, inode) of the loop device's backing file, as the kernel sees it.
-fn loop_backing(loop_device: &Path) -> Result<(u32, u32, u64), BackendError> {
+pub(crate) fn loop_backing(loop_device: &Path) -> Result<(u32, u32, u64), BackendError> {
     let fd = rustix::fs::open(
         loop_device,
         OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK,
@@ -195,6 +217,15 @@ fn partial_name(name: &OsStr) -> PathBuf {
 
 /// Opens `<pool dir>/.tandem-snapshots` without following a symlink there; None when absent.
 fn open_snapshot_dir(snap_dir: &Path, create: bool) -> Result<Option<OwnedFd>, BackendError> {
+    open_pool_dir(snap_dir, SNAPSHOT_DIR, create)
+}
+
+/// Opens `<pool dir>/<leaf>` (`snap_dir`) without following a symlink there; None when absent.
+fn open_pool_dir(
+    snap_dir: &Path,
+    leaf: &str,
+    create: bool,
+) -> Result<Option<OwnedFd>, BackendError> {
     let pool = snap_dir.parent().unwrap_or(snap_dir);
     let pool_fd = match rustix::fs::open(
         pool,
@@ -206,14 +237,14 @@ fn open_snapshot_dir(snap_dir: &Path, create: bool) -> Result<Option<OwnedFd>, B
         Err(e) => return Err(errno(format!("open {}", pool.display()))(e)),
     };
     if create {
-        match rustix::fs::mkdirat(&pool_fd, SNAPSHOT_DIR, Mode::from_raw_mode(0o700)) {
+        match rustix::fs::mkdirat(&pool_fd, leaf, Mode::from_raw_mode(0o700)) {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(errno(format!("create {}", snap_dir.display()))(e)),
         }
     }
     match rustix::fs::openat2(
         &pool_fd,
-        SNAPSHOT_DIR,
+        leaf,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
         Mode::empty(),
         ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH | ResolveFlags::NO_XDEV,
@@ -323,7 +354,7 @@ fn create_partial(
         Err(e) => return Err(errno(format!("create {}", partial_path.display()))(e)),
     }
     match open_own(dir, partial, owner) {
-        Found::Ours => {
+        Found::Ours(_) => {
             rustix::fs::unlinkat(dir, partial, AtFlags::empty())
                 .map_err(errno(format!("remove {}", partial_path.display())))?;
             create().map_err(|e| match e {
@@ -342,15 +373,21 @@ fn create_partial(
 /// What is at a name in the snapshot directory.
 enum Found {
     Absent,
-    Ours,
+    Ours(OwnedFd),
     Foreign(String),
 }
 
 fn open_own(dir: &OwnedFd, name: &Path, owner: &str) -> Found {
+    open_own_as(dir, name, owner, OFlags::RDONLY)
+}
+
+/// Opens a regular file of `dir` (read-only or read-write, never through a symlink) and checks its
+/// owner mark.
+fn open_own_as(dir: &OwnedFd, name: &Path, owner: &str, access: OFlags) -> Found {
     match rustix::fs::openat(
         dir,
         name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        access | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
         Mode::empty(),
     ) {
         Ok(fd) => match rustix::fs::fstat(&fd) {
@@ -358,7 +395,7 @@ fn open_own(dir: &OwnedFd, name: &Path, owner: &str) -> Found {
                 Found::Foreign("it is not a regular file".into())
             }
             Ok(_) => match mark_mismatch(&fd, owner) {
-                None => Found::Ours,
+                None => Found::Ours(fd),
                 Some(why) => Found::Foreign(why),
             },
             Err(e) => Found::Foreign(format!("it cannot be examined: {e}")),
@@ -396,7 +433,7 @@ pub fn delete(clone: &Path, owner: &str) -> Result<Deleted, BackendError> {
         let path = snap_dir.join(&entry);
         match open_own(&dir, &entry, owner) {
             Found::Absent => {}
-            Found::Ours => match rustix::fs::unlinkat(&dir, &entry, AtFlags::empty()) {
+            Found::Ours(_) => match rustix::fs::unlinkat(&dir, &entry, AtFlags::empty()) {
                 Ok(()) | Err(Errno::NOENT) => outcome = Deleted::Removed,
                 Err(e) => return Err(errno(format!("remove {}", path.display()))(e)),
             },
@@ -412,6 +449,304 @@ pub fn delete(clone: &Path, owner: &str) -> Result<Deleted, BackendError> {
         Some(e) => Err(e),
         None => Ok(outcome),
     }
+}
+
+// --- restore clones ---
+
+/// The directory beside `.tandem-snapshots`, on the same pool, that holds restore clones.
+pub const RESTORE_DIR: &str = ".tandem-restores";
+
+/// The clone image named `name` of the member snapshot `snapshot`: `<pool>/.tandem-restores/<name>.img`
+/// (FICLONE needs one filesystem).
+pub fn restore_image(snapshot: &Path, name: &str) -> Result<PathBuf, BackendError> {
+    let (snap_dir, _) = split(snapshot)?;
+    let pool = snap_dir.parent().ok_or_else(|| BackendError::Parse {
+        command: "reflink handle".into(),
+        why: format!("{} has no pool directory", snapshot.display()),
+    })?;
+    Ok(pool.join(RESTORE_DIR).join(format!("{name}.img")))
+}
+
+/// The restore directory and the clone's file name.
+fn split_restore(image: &Path) -> Result<(&Path, &OsStr), BackendError> {
+    match (image.parent(), image.file_name()) {
+        (Some(dir), Some(name)) if dir.file_name() == Some(OsStr::new(RESTORE_DIR)) => {
+            Ok((dir, name))
+        }
+        _ => Err(BackendError::Parse {
+            command: "reflink clone handle".into(),
+            why: format!("{} is not in a {RESTORE_DIR} directory", image.display()),
+        }),
+    }
+}
+
+fn gone(what: String) -> BackendError {
+    BackendError::Io {
+        what,
+        source: std::io::ErrorKind::NotFound.into(),
+    }
+}
+
+/// Clones the member snapshot `snapshot` (which must carry `snapshot_owner`'s mark) to `image`,
+/// marked with `owner`, made durable, attached to a loop device and linked at `link`. Anything at
+/// `image` is [`BackendError::AlreadyExists`]; a failure removes what this call made.
+pub fn clone_create(
+    snapshot: &Path,
+    snapshot_owner: &str,
+    image: &Path,
+    link: &Path,
+    owner: &str,
+) -> Result<CloneInfo, BackendError> {
+    let (snap_dir, snap_name) = split(snapshot)?;
+    let (restore_dir, name) = split_restore(image)?;
+    if snap_dir.parent() != restore_dir.parent() {
+        return Err(BackendError::Parse {
+            command: "reflink clone plan".into(),
+            why: format!(
+                "{} is not on the pool of {}",
+                image.display(),
+                snapshot.display()
+            ),
+        });
+    }
+    let sdir = open_snapshot_dir(snap_dir, false)?
+        .ok_or_else(|| gone(format!("the member snapshot {}", snapshot.display())))?;
+    let src = match open_own(&sdir, Path::new(snap_name), snapshot_owner) {
+        Found::Ours(fd) => fd,
+        Found::Absent => return Err(gone(format!("the member snapshot {}", snapshot.display()))),
+        Found::Foreign(why) => {
+            return Err(BackendError::NotOurs {
+                what: snapshot.display().to_string(),
+                why,
+            });
+        }
+    };
+    let dir = open_pool_dir(restore_dir, RESTORE_DIR, true)?
+        .ok_or_else(|| gone(format!("{} vanished", restore_dir.display())))?;
+    if rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+        return Err(BackendError::AlreadyExists {
+            what: image.display().to_string(),
+        });
+    }
+    let partial = partial_name(name);
+    let partial_path = restore_dir.join(&partial);
+    let dst = create_partial(&dir, &partial, &partial_path, owner)?;
+    let made = fill_partial(
+        &dir,
+        &dst,
+        &src,
+        owner,
+        (&partial, &partial_path),
+        (name, image),
+    );
+    if let Err(e) = made {
+        if let Err(u) = rustix::fs::unlinkat(&dir, &partial, AtFlags::empty()) {
+            tracing::warn!(path = %partial_path.display(), error = %u, "could not remove a half-made clone");
+        }
+        return Err(e);
+    }
+    drop(dst);
+    // From here the clone exists under its name: a failure removes it (and what was attached).
+    let published = persist(image).and_then(|()| {
+        match open_own_as(&dir, Path::new(name), owner, OFlags::RDWR) {
+            Found::Ours(fd) => publish(&fd, image, link).map(|device| (fd, device)),
+            _ => Err(gone(format!("the new clone {}", image.display()))),
+        }
+    });
+    match published {
+        Ok((fd, _device)) => clone_info(&fd, image, link, owner),
+        Err(e) => {
+            if let Err(u) = clone_delete(image, link, owner) {
+                tracing::warn!(image = %image.display(), error = %u, "could not remove a half-made clone");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn clone_info(
+    fd: &OwnedFd,
+    image: &Path,
+    link: &Path,
+    owner: &str,
+) -> Result<CloneInfo, BackendError> {
+    let size = rustix::fs::fstat(fd)
+        .map_err(errno(format!("stat {}", image.display())))?
+        .st_size;
+    Ok(CloneInfo {
+        handle: CloneHandle::Reflink {
+            image: image.into(),
+            link: link.into(),
+            owner: owner.into(),
+        },
+        path: link.into(),
+        block: true,
+        size_bytes: u64::try_from(size).unwrap_or(0),
+        method: CloneMethod::Clone,
+        filesystem: detect_filesystem(fd),
+    })
+}
+
+/// Attaches the clone open at `fd` to a loop device (the one already attached to it, if any) and
+/// points `link` at it; returns the device.
+fn publish(fd: &OwnedFd, image: &Path, link: &Path) -> Result<PathBuf, BackendError> {
+    let id = loopdev::file_id(fd, image)?;
+    let device = match loopdev::find(id).into_iter().next() {
+        Some(device) => device,
+        None => loopdev::attach(fd, image)?,
+    };
+    ensure_link(link, &device)?;
+    Ok(device)
+}
+
+/// Makes `link` a symbolic link to `device` (replacing a link to anything else; refusing
+/// anything that is not a symbolic link).
+fn ensure_link(link: &Path, device: &Path) -> Result<(), BackendError> {
+    let io_err = |what: String| move |source| BackendError::Io { what, source };
+    let (Some(dir), Some(leaf)) = (link.parent(), link.file_name()) else {
+        return Err(BackendError::Parse {
+            command: "reflink clone handle".into(),
+            why: format!("{} is not a link path", link.display()),
+        });
+    };
+    std::fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
+    match std::fs::read_link(link) {
+        Ok(target) if target == device => return Ok(()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.raw_os_error() == Some(Errno::INVAL.raw_os_error()) => {
+            return Err(BackendError::AlreadyExists {
+                what: format!("{} (not a symbolic link)", link.display()),
+            });
+        }
+        Err(e) => return Err(io_err(format!("read {}", link.display()))(e)),
+    }
+    let mut tmp_name = OsStr::new(".").to_owned();
+    tmp_name.push(leaf);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(device, &tmp).map_err(io_err(format!(
+        "link {} to {}",
+        tmp.display(),
+        device.display()
+    )))?;
+    std::fs::rename(&tmp, link).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_err(format!("rename {} to {}", tmp.display(), link.display()))(e)
+    })
+}
+
+/// Removes `link` if it is a symbolic link and `stale` says its target may go.
+fn remove_link_if(link: &Path, stale: impl Fn(&Path) -> bool) -> Result<(), BackendError> {
+    match std::fs::read_link(link) {
+        Ok(target) if stale(&target) => match std::fs::remove_file(link) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(BackendError::Io {
+                what: format!("remove {}", link.display()),
+                source,
+            }),
+        },
+        Ok(target) => {
+            tracing::warn!(link = %link.display(), target = %target.display(), "a clone's link names another loop device; left alone");
+            Ok(())
+        }
+        Err(_) => Ok(()),
+    }
+}
+
+/// Whether a loop device is attached to anything.
+fn attached(device: &Path) -> bool {
+    device.file_name().is_some_and(|n| {
+        Path::new("/sys/block")
+            .join(n)
+            .join("loop/backing_file")
+            .exists()
+    })
+}
+
+/// Re-creates the loop device and the link of a clone (after a reboot, or when either is gone);
+/// idempotent.
+pub fn clone_attach(image: &Path, link: &Path, owner: &str) -> Result<CloneInfo, BackendError> {
+    let (restore_dir, name) = split_restore(image)?;
+    let dir = open_pool_dir(restore_dir, RESTORE_DIR, false)?
+        .ok_or_else(|| gone(format!("the clone {}", image.display())))?;
+    match open_own_as(&dir, Path::new(name), owner, OFlags::RDWR) {
+        Found::Ours(fd) => {
+            publish(&fd, image, link)?;
+            clone_info(&fd, image, link, owner)
+        }
+        Found::Absent => Err(gone(format!("the clone {}", image.display()))),
+        Found::Foreign(why) => Err(BackendError::NotOurs {
+            what: image.display().to_string(),
+            why,
+        }),
+    }
+}
+
+/// Detaches (loop device, link) and removes a clone marked as `owner`'s, and its half-made
+/// `.partial`; anything else there is [`BackendError::NotOurs`] and left, with its loop device and
+/// link. A loop device still in use (mounted) is an error, and nothing is removed.
+pub fn clone_delete(image: &Path, link: &Path, owner: &str) -> Result<Deleted, BackendError> {
+    let (restore_dir, name) = split_restore(image)?;
+    let Some(dir) = open_pool_dir(restore_dir, RESTORE_DIR, false)? else {
+        remove_link_if(link, |t| !attached(t))?;
+        return Ok(Deleted::Absent);
+    };
+    let mut outcome = Deleted::Absent;
+    let mut detached = Vec::new();
+    match open_own(&dir, Path::new(name), owner) {
+        Found::Foreign(why) => {
+            return Err(BackendError::NotOurs {
+                what: image.display().to_string(),
+                why,
+            });
+        }
+        Found::Absent => {}
+        Found::Ours(fd) => {
+            let id = loopdev::file_id(&fd, image)?;
+            for device in loopdev::find(id) {
+                loopdev::detach(&device)?;
+                detached.push(device);
+            }
+            drop(fd);
+            match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => outcome = Deleted::Removed,
+                Err(e) => return Err(errno(format!("remove {}", image.display()))(e)),
+            }
+        }
+    }
+    remove_link_if(link, |t| detached.iter().any(|d| d == t) || !attached(t))?;
+    let partial = partial_name(name);
+    match open_own(&dir, &partial, owner) {
+        Found::Ours(_) => match rustix::fs::unlinkat(&dir, &partial, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => outcome = Deleted::Removed,
+            Err(e) => {
+                return Err(errno(format!(
+                    "remove {}",
+                    restore_dir.join(&partial).display()
+                ))(e));
+            }
+        },
+        Found::Absent => {}
+        Found::Foreign(why) => {
+            return Err(BackendError::NotOurs {
+                what: restore_dir.join(&partial).display().to_string(),
+                why,
+            });
+        }
+    }
+    if outcome == Deleted::Removed {
+        let _ = persist_dir(restore_dir);
+    }
+    Ok(outcome)
+}
+
+fn persist_dir(dir: &Path) -> Result<(), BackendError> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io(format!("fsync {}", dir.display())))
 }
 
 #[cfg(test)]
