@@ -1,12 +1,8 @@
 //! GroupRestore mode InPlace on the real control plane: the real `tandem controller`, a real
-//! `tandem agent` cutting the group snapshot of loop-backed XFS volumes, and Pod, Deployment and
-//! StatefulSet objects (no kubelet or scheduler: pods stay Pending, which is enough for the
-//! pvc-protection controller and for the scale subresource; the tests delete pods themselves when
-//! they must go).
-//!
-//! The clones are made by [`CloneAgent`], the test acting as the nodes' restore side: it reflinks
-//! the member snapshot image the GroupSnapshot recorded, attaches it to a loop device and reports
-//! the NodeRestore Cloned (or Failed, when told to), exactly as the agent's status interface says.
+//! `tandem agent` that cuts the group snapshot of loop-backed XFS volumes and clones it (reflink
+//! into the pool, a loop device, a link), and Pod, Deployment and StatefulSet objects (no kubelet
+//! or scheduler: pods stay Pending, which is enough for the pvc-protection controller and for the
+//! scale subresource; pods that must stay after their deletion carry a finalizer of the test).
 //! Needs root; skips with a message otherwise.
 
 mod agent_support;
@@ -24,11 +20,42 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::eventually;
 use tandem::api::{
-    CloneState, ClonedVolume, GROUP_RESTORE_LABEL, GroupRestore, GroupSnapshot, GroupSnapshotPhase,
-    NodeRestore, NodeRestoreAction, NodeRestorePhase, NodeRestoreStatus, PRE_RESTORE_LABEL,
-    RESTORED_FROM_ANNOTATION, RestorePhase,
+    GROUP_RESTORE_LABEL, GroupRestore, GroupSnapshot, GroupSnapshotPhase, NodeRestore,
+    PRE_RESTORE_LABEL, RESTORED_FROM_ANNOTATION, RestorePhase,
 };
-use world::{WAIT, World, clone_path, require_root};
+use world::{WAIT, World, require_root};
+
+/// Detaches the loop devices of the clones the agent left in the pool (and their links), so that
+/// a test leaves no loop device behind, also when it fails. Declared after the World, it goes
+/// first.
+struct Sweep(PathBuf);
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.0.join(".tandem-restores")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let image = entry.path().to_string_lossy().into_owned();
+            let (_, out) = agent_support::sh_status("losetup", &["-j", &image]);
+            for dev in out
+                .lines()
+                .filter_map(|l| l.split(':').next())
+                .filter(|d| d.starts_with("/dev/loop"))
+            {
+                if let Ok(links) = std::fs::read_dir("/dev/tandem") {
+                    for link in links.flatten() {
+                        if std::fs::read_link(link.path()).is_ok_and(|t| t.to_string_lossy() == dev)
+                        {
+                            let _ = std::fs::remove_file(link.path());
+                        }
+                    }
+                }
+                let _ = agent_support::sh_status("losetup", &["-d", dev]);
+            }
+        }
+    }
+}
 
 /// Seeds of the file each claim holds at the snapshot.
 const CLAIMS: [(&str, u64); 2] = [("data", 11), ("wal", 22)];
@@ -151,164 +178,11 @@ async fn node_restores(w: &World) -> Vec<NodeRestore> {
         .items
 }
 
-/// The nodes' restore side, played by the test (see the module doc).
-struct CloneAgent {
-    /// Member claim → the member snapshot image.
-    images: BTreeMap<String, PathBuf>,
-    /// Members whose clone is reported Failed.
-    fail: Vec<String>,
-    /// PV → (loop device, clone image) made.
-    made: BTreeMap<String, (String, PathBuf)>,
-}
-
-impl CloneAgent {
-    fn new(snapshot: &GroupSnapshot) -> CloneAgent {
-        let images = snapshot
-            .status
-            .as_ref()
-            .expect("status")
-            .members
-            .iter()
-            .map(|m| {
-                (
-                    m.claim.clone(),
-                    clone_path(m.snapshot_handle.as_deref().expect("handle")),
-                )
-            })
-            .collect();
-        CloneAgent {
-            images,
-            fail: Vec::new(),
-            made: BTreeMap::new(),
-        }
-    }
-
-    /// One look at the NodeRestores: clones what is asked, deletes what is aborted.
-    async fn step(&mut self, w: &mut World) {
-        let api: Api<NodeRestore> = w.env.api();
-        for node in node_restores(w).await {
-            let status = node.status.clone().unwrap_or_default();
-            let abort = node.spec.action == NodeRestoreAction::Abort;
-            if abort && status.phase != NodeRestorePhase::Aborted {
-                let mut volumes = Vec::new();
-                for v in &node.spec.volumes {
-                    if let Some((dev, image)) = self.made.remove(&v.persistent_volume) {
-                        w.scratch.detach(&dev);
-                        std::fs::remove_file(&image).expect("remove clone");
-                    }
-                    volumes.push(ClonedVolume {
-                        persistent_volume: v.persistent_volume.clone(),
-                        state: CloneState::Deleted,
-                        ..Default::default()
-                    });
-                }
-                report(
-                    &api,
-                    &node.name_any(),
-                    NodeRestorePhase::Aborted,
-                    volumes,
-                    None,
-                )
-                .await;
-                continue;
-            }
-            if abort || status.phase != NodeRestorePhase::Pending {
-                continue;
-            }
-            let mut volumes = Vec::new();
-            let mut failed = None;
-            for v in &node.spec.volumes {
-                if self.fail.contains(&v.source_claim) {
-                    failed = Some(format!("injected failure cloning {}", v.source_claim));
-                    volumes.push(ClonedVolume {
-                        persistent_volume: v.persistent_volume.clone(),
-                        state: CloneState::Failed,
-                        message: failed.clone(),
-                        ..Default::default()
-                    });
-                    continue;
-                }
-                let source = &self.images[&v.source_claim];
-                let dir = w.pool.join(".tandem-restores");
-                std::fs::create_dir_all(&dir).expect("restores dir");
-                let image = dir.join(format!("{}.img", v.persistent_volume));
-                agent_support::sh(
-                    "cp",
-                    &[
-                        "--reflink=always",
-                        &source.to_string_lossy(),
-                        &image.to_string_lossy(),
-                    ],
-                );
-                let dev = w.scratch.attach(&image, false);
-                let size = std::fs::metadata(&image).expect("clone").len();
-                self.made
-                    .insert(v.persistent_volume.clone(), (dev.clone(), image.clone()));
-                volumes.push(ClonedVolume {
-                    persistent_volume: v.persistent_volume.clone(),
-                    state: CloneState::Cloned,
-                    backend: Some("reflink".into()),
-                    clone_handle: Some(format!("reflink:{}", image.display())),
-                    path: Some(dev),
-                    block: true,
-                    filesystem: Some("xfs".into()),
-                    size_bytes: Some(i64::try_from(size).expect("size")),
-                    ..Default::default()
-                });
-            }
-            if failed.is_some() {
-                // Whatever was made for this node goes, as the agent does on a failure.
-                for v in &volumes {
-                    if let Some((dev, image)) = self.made.remove(&v.persistent_volume) {
-                        w.scratch.detach(&dev);
-                        let _ = std::fs::remove_file(image);
-                    }
-                }
-            }
-            let phase = if failed.is_some() {
-                NodeRestorePhase::Failed
-            } else {
-                NodeRestorePhase::Cloned
-            };
-            report(&api, &node.name_any(), phase, volumes, failed).await;
-        }
-    }
-}
-
-async fn report(
-    api: &Api<NodeRestore>,
-    name: &str,
-    phase: NodeRestorePhase,
-    volumes: Vec<ClonedVolume>,
-    message: Option<String>,
-) {
-    let status = NodeRestoreStatus {
-        phase,
-        volumes,
-        message,
-        ..Default::default()
-    };
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": status})),
-    )
-    .await
-    .expect("report NodeRestore");
-}
-
-/// Waits for the restore to reach `phase` (panics if it ends in the other terminal phase),
-/// playing the nodes' clone side meanwhile.
-async fn wait_restore(
-    w: &mut World,
-    agent: &mut CloneAgent,
-    name: &str,
-    phase: RestorePhase,
-) -> GroupRestore {
+/// Waits for the restore to reach `phase` (panics if it ends in the other terminal phase).
+async fn wait_restore(w: &World, name: &str, phase: RestorePhase) -> GroupRestore {
     let api: Api<GroupRestore> = w.env.api();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        agent.step(w).await;
         let restore = api.get(name).await.expect("restore");
         let got = restore.status.as_ref().map(|s| s.phase).unwrap_or_default();
         if got == phase {
@@ -377,11 +251,11 @@ async fn in_place_brings_the_claims_back_under_their_names_and_keeps_the_old_vol
     if !require_root() {
         return;
     }
-    let (mut w, snapshot, hashes) = world_with_snapshot("ip-swap").await;
+    let (mut w, _, hashes) = world_with_snapshot("ip-swap").await;
+    let _sweep = Sweep(w.pool.clone());
     let before = claims_now(&w).await;
-    let mut agent = CloneAgent::new(&snapshot);
     create_restore(&w, "back", json!({}), 120).await;
-    let restore = wait_restore(&mut w, &mut agent, "back", RestorePhase::Completed).await;
+    let restore = wait_restore(&w, "back", RestorePhase::Completed).await;
     let status = restore.status.expect("status");
 
     // The undo point: the old PVs, listed, kept with reclaim Retain and the label.
@@ -451,16 +325,16 @@ async fn a_pod_using_a_claim_refuses_the_restore_and_touches_nothing() {
     if !require_root() {
         return;
     }
-    let (mut w, snapshot, _) = world_with_snapshot("ip-refuse").await;
+    let (w, _, _) = world_with_snapshot("ip-refuse").await;
+    let _sweep = Sweep(w.pool.clone());
     let pods: Api<Pod> = w.env.api();
     pods.create(&PostParams::default(), &pod("reader", &["wal"]))
         .await
         .expect("pod");
     let before = claims_now(&w).await;
-    let mut agent = CloneAgent::new(&snapshot);
 
     create_restore(&w, "refused", json!({"workloads": "Refuse"}), 60).await;
-    let restore = wait_restore(&mut w, &mut agent, "refused", RestorePhase::Failed).await;
+    let restore = wait_restore(&w, "refused", RestorePhase::Failed).await;
     let message = restore.status.and_then(|s| s.message).unwrap_or_default();
     assert!(
         message.contains("reader") && message.contains("wal"),
@@ -469,7 +343,7 @@ async fn a_pod_using_a_claim_refuses_the_restore_and_touches_nothing() {
 
     // ScaleDown cannot stop a pod nobody owns: refused too, naming it.
     create_restore(&w, "bare", json!({"workloads": "ScaleDown"}), 60).await;
-    let restore = wait_restore(&mut w, &mut agent, "bare", RestorePhase::Failed).await;
+    let restore = wait_restore(&w, "bare", RestorePhase::Failed).await;
     let message = restore.status.and_then(|s| s.message).unwrap_or_default();
     assert!(message.contains("pod reader has no owner"), "{message}");
 
@@ -488,7 +362,8 @@ async fn scale_down_records_the_counts_stops_the_workloads_and_scales_them_back(
     if !require_root() {
         return;
     }
-    let (mut w, snapshot, _) = world_with_snapshot("ip-scale").await;
+    let (w, _, _) = world_with_snapshot("ip-scale").await;
+    let _sweep = Sweep(w.pool.clone());
     let deployments: Api<Deployment> = w.env.api();
     let sets: Api<StatefulSet> = w.env.api();
     deployments
@@ -515,7 +390,6 @@ async fn scale_down_records_the_counts_stops_the_workloads_and_scales_them_back(
     })
     .await;
 
-    let mut agent = CloneAgent::new(&snapshot);
     create_restore(
         &w,
         "scaled",
@@ -548,7 +422,6 @@ async fn scale_down_records_the_counts_stops_the_workloads_and_scales_them_back(
         if matches!(phase, RestorePhase::Completed | RestorePhase::Failed) {
             break restore;
         }
-        agent.step(&mut w).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let status = restore.status.expect("status");
@@ -600,7 +473,8 @@ async fn a_claim_not_bound_to_the_recorded_volume_is_refused_before_anything_is_
     if !require_root() {
         return;
     }
-    let (mut w, snapshot, _) = world_with_snapshot("ip-rebound").await;
+    let (w, _, _) = world_with_snapshot("ip-rebound").await;
+    let _sweep = Sweep(w.pool.clone());
     // `wal` now is another claim, on another PV (same name, not the volume the snapshot recorded).
     let claims: Api<PersistentVolumeClaim> = w.env.api();
     let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
@@ -645,9 +519,8 @@ async fn a_claim_not_bound_to_the_recorded_volume_is_refused_before_anything_is_
     })
     .await;
     let before = claims_now(&w).await;
-    let mut agent = CloneAgent::new(&snapshot);
     create_restore(&w, "stale", json!({}), 60).await;
-    let restore = wait_restore(&mut w, &mut agent, "stale", RestorePhase::Failed).await;
+    let restore = wait_restore(&w, "stale", RestorePhase::Failed).await;
     let message = restore.status.and_then(|s| s.message).unwrap_or_default();
     assert!(
         message.contains(&format!(
@@ -671,7 +544,8 @@ async fn a_failed_clone_leaves_the_claims_untouched_and_scales_back() {
     if !require_root() {
         return;
     }
-    let (mut w, snapshot, _) = world_with_snapshot("ip-fail").await;
+    let (w, snapshot, _) = world_with_snapshot("ip-fail").await;
+    let _sweep = Sweep(w.pool.clone());
     let deployments: Api<Deployment> = w.env.api();
     deployments
         .create(
@@ -689,14 +563,14 @@ async fn a_failed_clone_leaves_the_claims_untouched_and_scales_back() {
     })
     .await;
     let before = claims_now(&w).await;
-    let mut agent = CloneAgent::new(&snapshot);
-    agent.fail.push("wal".into());
+    // The member snapshot of `wal` is lost on the node: its clone fails there.
+    std::fs::remove_file(World::member_clone(&snapshot, "wal")).expect("remove the wal snapshot");
     create_restore(&w, "broken", json!({"workloads": "ScaleDown"}), 60).await;
-    let restore = wait_restore(&mut w, &mut agent, "broken", RestorePhase::Failed).await;
+    let restore = wait_restore(&w, "broken", RestorePhase::Failed).await;
     let status = restore.status.expect("status");
     let message = status.message.clone().unwrap_or_default();
     assert!(
-        message.contains("injected failure cloning wal"),
+        message.contains("wal") && message.contains("the claims were not touched"),
         "{message}"
     );
     assert!(status.pre_restore.is_empty(), "{:?}", status.pre_restore);
@@ -719,11 +593,12 @@ async fn a_failed_clone_leaves_the_claims_untouched_and_scales_back() {
             .and_then(|s| s.replicas),
         Some(3)
     );
-    // Every clone goes: the PVs tandem made are deleted and the nodes told to abort.
+    // Every clone goes: no PV of the restore, no clone image left in the pool.
     let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
-    let api: Api<NodeRestore> = w.env.api();
+    let restores_dir = w.pool.join(".tandem-restores");
     eventually(WAIT, "every clone gone", || {
-        let (volumes, api) = (volumes.clone(), api.clone());
+        let volumes = volumes.clone();
+        let restores_dir = restores_dir.clone();
         let label = format!("{GROUP_RESTORE_LABEL}=broken");
         async move {
             let pvs = volumes
@@ -731,17 +606,13 @@ async fn a_failed_clone_leaves_the_claims_untouched_and_scales_back() {
                 .await
                 .ok()?
                 .items;
-            let nodes = api.list(&ListParams::default()).await.ok()?.items;
-            (pvs.is_empty()
-                && nodes
-                    .iter()
-                    .all(|n| n.spec.action == NodeRestoreAction::Abort))
-            .then_some(())
+            let images = std::fs::read_dir(&restores_dir)
+                .map(|d| d.count())
+                .unwrap_or(0);
+            (pvs.is_empty() && images == 0).then_some(())
         }
     })
     .await;
-    agent.step(&mut w).await;
-    assert!(agent.made.is_empty(), "clones left: {:?}", agent.made);
 }
 
 const HOLD: &str = "tandem.dev/test-hold";
@@ -823,10 +694,9 @@ async fn web_replicas(w: &World) -> i32 {
         .unwrap_or(0)
 }
 
-/// Waits until `check` holds of the restore (driving the clone side meanwhile).
+/// Waits until `check` holds of the restore.
 async fn wait_until(
-    w: &mut World,
-    agent: &mut CloneAgent,
+    w: &World,
     name: &str,
     what: &str,
     check: impl Fn(&GroupRestore) -> bool,
@@ -834,7 +704,6 @@ async fn wait_until(
     let api: Api<GroupRestore> = w.env.api();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        agent.step(w).await;
         let restore = api.get(name).await.expect("restore");
         if check(&restore) {
             return restore;
@@ -857,9 +726,9 @@ async fn a_restarted_controller_scales_back_to_the_recorded_count() {
     if !require_root() {
         return;
     }
-    let (mut w, snapshot, hashes) = world_with_snapshot("ip-restart-fence").await;
+    let (mut w, _, hashes) = world_with_snapshot("ip-restart-fence").await;
+    let _sweep = Sweep(w.pool.clone());
     held_deployment(&w, 2).await;
-    let mut agent = CloneAgent::new(&snapshot);
     create_restore(
         &w,
         "fenced",
@@ -868,19 +737,13 @@ async fn a_restarted_controller_scales_back_to_the_recorded_count() {
     )
     .await;
     // Scaled to zero, the pods deleted but held: the fence waits, naming them.
-    let restore = wait_until(
-        &mut w,
-        &mut agent,
-        "fenced",
-        "Fencing on the held pods",
-        |r| {
-            phase_of(r) == RestorePhase::Fencing
-                && r.status
-                    .as_ref()
-                    .and_then(|s| s.message.as_deref())
-                    .is_some_and(|m| m.contains("web-"))
-        },
-    )
+    let restore = wait_until(&w, "fenced", "Fencing on the held pods", |r| {
+        phase_of(r) == RestorePhase::Fencing
+            && r.status
+                .as_ref()
+                .and_then(|s| s.message.as_deref())
+                .is_some_and(|m| m.contains("web-"))
+    })
     .await;
     assert_eq!(
         restore.status.as_ref().expect("status").workloads[0].replicas,
@@ -910,7 +773,7 @@ async fn a_restarted_controller_scales_back_to_the_recorded_count() {
         RestorePhase::Fencing
     );
     release(&w).await;
-    let restore = wait_restore(&mut w, &mut agent, "fenced", RestorePhase::Completed).await;
+    let restore = wait_restore(&w, "fenced", RestorePhase::Completed).await;
     let status = restore.status.expect("status");
     assert_eq!(status.workloads.len(), 1);
     assert!(status.workloads[0].restored, "{:?}", status.workloads);
@@ -937,10 +800,10 @@ async fn pods_that_do_not_go_fail_the_restore_after_the_workload_timeout() {
     if !require_root() {
         return;
     }
-    let (mut w, snapshot, _) = world_with_snapshot("ip-fence-timeout").await;
+    let (w, _, _) = world_with_snapshot("ip-fence-timeout").await;
+    let _sweep = Sweep(w.pool.clone());
     held_deployment(&w, 2).await;
     let before = claims_now(&w).await;
-    let mut agent = CloneAgent::new(&snapshot);
     create_restore(
         &w,
         "slow",
@@ -948,7 +811,7 @@ async fn pods_that_do_not_go_fail_the_restore_after_the_workload_timeout() {
         60,
     )
     .await;
-    let restore = wait_restore(&mut w, &mut agent, "slow", RestorePhase::Failed).await;
+    let restore = wait_restore(&w, "slow", RestorePhase::Failed).await;
     let status = restore.status.expect("status");
     let message = status.message.clone().unwrap_or_default();
     assert!(
@@ -970,7 +833,8 @@ async fn the_swap_goes_forward_after_a_controller_restart_and_past_the_deadline(
     if !require_root() {
         return;
     }
-    let (mut w, snapshot, hashes) = world_with_snapshot("ip-restart-swap").await;
+    let (mut w, _, hashes) = world_with_snapshot("ip-restart-swap").await;
+    let _sweep = Sweep(w.pool.clone());
     // `wal` cannot go until the test lets it: the swap stops half-way, with `data` swapped.
     let claims: Api<PersistentVolumeClaim> = w.env.api();
     claims
@@ -984,9 +848,8 @@ async fn the_swap_goes_forward_after_a_controller_restart_and_past_the_deadline(
         .await
         .expect("hold wal");
     let before = claims_now(&w).await;
-    let mut agent = CloneAgent::new(&snapshot);
     create_restore(&w, "half", json!({}), 10).await;
-    let restore = wait_until(&mut w, &mut agent, "half", "held in the swap", |r| {
+    let restore = wait_until(&w, "half", "held in the swap", |r| {
         phase_of(r) == RestorePhase::Binding
             && r.status
                 .as_ref()
@@ -1019,7 +882,7 @@ async fn the_swap_goes_forward_after_a_controller_restart_and_past_the_deadline(
         RestorePhase::Binding
     );
     release(&w).await;
-    let restore = wait_restore(&mut w, &mut agent, "half", RestorePhase::Completed).await;
+    let restore = wait_restore(&w, "half", RestorePhase::Completed).await;
     let status = restore.status.expect("status");
     let after = claims_now(&w).await;
     let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
