@@ -829,7 +829,7 @@ async fn pods_that_do_not_go_fail_the_restore_after_the_workload_timeout() {
 }
 
 #[tokio::test]
-async fn the_swap_goes_forward_after_a_controller_restart_and_past_the_deadline() {
+async fn the_swap_goes_forward_after_a_controller_restart_past_the_deadline_and_a_deletion() {
     if !require_root() {
         return;
     }
@@ -881,9 +881,23 @@ async fn the_swap_goes_forward_after_a_controller_restart_and_past_the_deadline(
         ),
         RestorePhase::Binding
     );
+    // Deleted half-way: the swap still finishes (a rollback now would leave `wal` deleted).
+    let restores: Api<GroupRestore> = w.env.api();
+    restores
+        .delete("half", &DeleteParams::default())
+        .await
+        .expect("delete restore");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        phase_of(&restores.get("half").await.expect("held by its finalizer")),
+        RestorePhase::Binding
+    );
     release(&w).await;
-    let restore = wait_restore(&w, "half", RestorePhase::Completed).await;
-    let status = restore.status.expect("status");
+    eventually(WAIT, "the restore finished and gone", || {
+        let restores = restores.clone();
+        async move { restores.get_opt("half").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
     let after = claims_now(&w).await;
     let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
     for (claim, _) in CLAIMS {
@@ -898,4 +912,44 @@ async fn the_swap_goes_forward_after_a_controller_restart_and_past_the_deadline(
         let pv = volumes.get(&m.persistent_volume).await.expect("PV");
         assert_snapshot_data(&mut w, &pv, claim, &hashes[claim]);
     }
+}
+
+#[tokio::test]
+async fn a_restore_deleted_while_fencing_scales_back_and_touches_nothing() {
+    if !require_root() {
+        return;
+    }
+    let (w, _, _) = world_with_snapshot("ip-delete-fence").await;
+    let _sweep = Sweep(w.pool.clone());
+    held_deployment(&w, 2).await;
+    let before = claims_now(&w).await;
+    create_restore(
+        &w,
+        "gone",
+        json!({"workloads": "ScaleDown", "workloadTimeoutSeconds": 600}),
+        600,
+    )
+    .await;
+    wait_until(&w, "gone", "Fencing", |r| {
+        phase_of(r) == RestorePhase::Fencing
+    })
+    .await;
+    eventually(WAIT, "web at zero", || async {
+        (web_replicas(&w).await == 0).then_some(())
+    })
+    .await;
+    let restores: Api<GroupRestore> = w.env.api();
+    restores
+        .delete("gone", &DeleteParams::default())
+        .await
+        .expect("delete restore");
+    eventually(WAIT, "the restore gone", || {
+        let restores = restores.clone();
+        async move { restores.get_opt("gone").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    assert_eq!(web_replicas(&w).await, 2, "not scaled back");
+    assert_eq!(claims_now(&w).await, before, "the claims were touched");
+    assert!(node_restores(&w).await.is_empty());
+    release(&w).await;
 }

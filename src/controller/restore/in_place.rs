@@ -393,6 +393,7 @@ pub(super) async fn swap_pass(
                         )
                     ));
                     all_bound = false;
+                    stuck = true;
                     continue;
                 }
             }
@@ -430,14 +431,14 @@ pub(super) async fn swap_pass(
 }
 
 /// How often a swap that waits for something only a person can resolve looks again.
-const STUCK_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+const STUCK_RETRY: Duration = Duration::from_secs(30);
 /// A safety net while the swap waits for claims to go and bind (their events wake it first).
-const SWAP_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+const SWAP_RETRY: Duration = Duration::from_secs(10);
 /// How long a young restore waits for its GroupSnapshot to appear (GitOps may apply both at once).
-const SNAPSHOT_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+const SNAPSHOT_GRACE: Duration = Duration::from_secs(10);
 
 /// The InPlace restores a pod event may concern: every InPlace restore of its namespace that has
-/// not ended (the fence waits for pods to go; the swap checks none came back).
+/// not ended (the fence waits for pods to go; the last look before the swap, that none is back).
 pub fn restores_for_pod<P: kube::Resource>(
     restores: &Store<GroupRestore>,
     pod: &P,
@@ -641,7 +642,7 @@ async fn start(
         .map(|p| p.workloads)
         .unwrap_or_default();
     let claim_names: BTreeSet<String> = start.targets.iter().map(|t| t.claim.clone()).collect();
-    let (timed_out, fence_left) = fence_timed_out(restore, &status);
+    let (timed_out, _) = fence_timed_out(restore, &status);
     let generation = restore.metadata.generation;
     let fenced = fence_pass(
         &client,
@@ -702,10 +703,16 @@ async fn start(
             if changed {
                 clones::write_status(&api, &name, &status).await?;
             }
-            // Pod events wake the fence; this covers workloadTimeoutSeconds.
+            // Pod events wake the fence; this covers workloadTimeoutSeconds and the deadline.
             let (_, left) = fence_timed_out(restore, &status);
+            let deadline = clones::remaining(
+                status.start_time.as_ref(),
+                restore.spec.deadline_seconds,
+                Timestamp::now(),
+            )
+            .unwrap_or_default();
             Ok(Action::requeue(
-                left.max(fence_left).max(Duration::from_millis(100)) + Duration::from_millis(100),
+                left.min(deadline) + Duration::from_millis(100),
             ))
         }
         Fenced::Clear => {
