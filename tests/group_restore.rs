@@ -1097,7 +1097,14 @@ async fn a_dead_agent_runs_into_the_deadline_and_the_snapshot_waits_for_the_rest
         condition_reason(&r, "Ready").as_deref(),
         Some("DeadlineExceeded")
     );
-    // The snapshot may go now.
+    // The snapshot goes on with its deletion (its node b snapshot waits for b's agent, whose
+    // return also lets b's NodeRestore abort: it made nothing).
+    eventually(WAIT, "snapshot no longer waits", || async {
+        let m = snapshots.get_opt("snap").await.ok()??.status?.message?;
+        (!m.contains("GroupRestore")).then_some(())
+    })
+    .await;
+    w.start_agent("b");
     eventually(WAIT, "snapshot gone", || async {
         snapshots
             .get_opt("snap")
@@ -1107,9 +1114,7 @@ async fn a_dead_agent_runs_into_the_deadline_and_the_snapshot_waits_for_the_rest
             .then_some(())
     })
     .await;
-    // a's clone is deleted; claims gone; once b's agent is back it aborts (nothing made) and the
-    // NodeRestores go.
-    w.start_agent("b");
+    // a's clone is deleted, the claims and every NodeRestore are gone.
     eventually(WAIT, "rolled back", || async {
         let (claims, pvs, _) = w.restore_objects("dead-r").await;
         let left = nodes.list(&ListParams::default()).await.ok()?.items;
