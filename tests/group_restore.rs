@@ -1204,3 +1204,97 @@ async fn gitops_claims_given_with_a_data_source_ref_are_filled_and_reapplying_ch
     }
     delete_restored_claims(&w, &r).await;
 }
+
+/// Waits until `node`'s NodeRestore of `restore` reports Cloned; returns its clone images.
+async fn wait_node_cloned(w: &World, restore: &str, node: &str) -> Vec<std::path::PathBuf> {
+    let nodes: Api<NodeRestore> = w.env.api();
+    let node = w.node(node);
+    let selector = format!("{GROUP_RESTORE_LABEL}={restore}");
+    eventually(WAIT, &format!("{restore} cloned on {node}"), || async {
+        let l = nodes
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .ok()?
+            .items;
+        let n = l.into_iter().find(|n| n.spec.node_name == node)?;
+        let s = n.status?;
+        (s.phase == tandem::api::NodeRestorePhase::Cloned).then(|| {
+            s.volumes
+                .iter()
+                .filter_map(|v| v.clone_handle.as_deref().map(world::clone_path))
+                .collect()
+        })
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_restore_deleted_before_it_completes_is_rolled_back_and_a_restarted_agent_keeps_its_clones()
+ {
+    if !require_root() {
+        return;
+    }
+    let mut w = volume_world(
+        "gr-e2e-restart",
+        &[("data", "a", "xfs"), ("wal", "b", "ext4")],
+    )
+    .await;
+    w.create_snapshot("snap", "shop", "Delete").await;
+    w.wait_phase("snap", GroupSnapshotPhase::Ready).await;
+    w.agent("b").kill9();
+
+    // Deleted while node b has not cloned: rolled back (a's clone goes), then gone.
+    w.create_restore("early", json!({"source": {"groupSnapshotName": "snap"}}))
+        .await;
+    let early_clones = wait_node_cloned(&w, "early", "a").await;
+    assert_eq!(early_clones.len(), 1);
+    let restores: Api<GroupRestore> = w.env.api();
+    restores
+        .delete("early", &Default::default())
+        .await
+        .expect("delete");
+    eventually(WAIT, "early gone", || async {
+        restores
+            .get_opt("early")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    eventually(WAIT, "early rolled back", || async {
+        let (claims, pvs, _) = w.restore_objects("early").await;
+        (claims.is_empty() && pvs.is_empty() && !early_clones[0].exists()).then_some(())
+    })
+    .await;
+
+    // Node a's agent is killed after its clone is made, and comes back: the clone is kept
+    // (attached again); once b's agent is back too, the restore completes.
+    w.create_restore("late", json!({"source": {"groupSnapshotName": "snap"}}))
+        .await;
+    let late_clones = wait_node_cloned(&w, "late", "a").await;
+    w.agent("a").kill9();
+    w.start_agent("a");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        late_clones.iter().all(|c| c.exists()),
+        "a restarted agent keeps its clones"
+    );
+    let r = restores.get("late").await.expect("late");
+    assert_eq!(r.status.expect("status").phase, RestorePhase::Cloning);
+    w.start_agent("b");
+    let r = w.wait_restore_phase("late", RestorePhase::Completed).await;
+    for m in &r.status.as_ref().expect("status").members {
+        let claim = w.claim(&m.claim).await.expect("claim");
+        assert_eq!(claim.status.and_then(|s| s.phase).as_deref(), Some("Bound"));
+    }
+    // b's NodeRestore of the deleted restore is aborted (it made nothing) and goes.
+    let nodes: Api<NodeRestore> = w.env.api();
+    eventually(WAIT, "early's NodeRestores gone", || async {
+        let (_, _, nrs) = w.restore_objects("early").await;
+        let _ = &nodes;
+        nrs.is_empty().then_some(())
+    })
+    .await;
+    delete_restored_claims(&w, &r).await;
+}
