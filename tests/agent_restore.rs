@@ -21,9 +21,7 @@ use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use support::{TestEnv, eventually, objects};
-use tandem::api::{
-    CloneState, NodePhase, NodeRestore, NodeRestorePhase, NodeSnapshot,
-};
+use tandem::api::{CloneState, NodePhase, NodeRestore, NodeRestorePhase, NodeSnapshot};
 
 const MIB: usize = 1 << 20;
 
@@ -291,8 +289,16 @@ impl Setup {
     }
 
     fn assert_no_clone(&self, s: &Scratch) {
-        assert_eq!(self.clone_images(), Vec::<PathBuf>::new(), "no clone image left");
-        assert_eq!(clone_loops(s.dir.path()), Vec::<String>::new(), "no clone loop device left");
+        assert_eq!(
+            self.clone_images(),
+            Vec::<PathBuf>::new(),
+            "no clone image left"
+        );
+        assert_eq!(
+            clone_loops(s.dir.path()),
+            Vec::<String>::new(),
+            "no clone loop device left"
+        );
     }
 
     /// Deletes what the test made in the API (the agent deletes the snapshots) and stops the agent.
@@ -366,7 +372,11 @@ fn check_clones(s: &mut Scratch, setup: &Setup, o: &NodeRestore, which: &[usize]
         let path = PathBuf::from(v.path.as_deref().unwrap());
         assert_eq!(path, setup.links.join(&v.persistent_volume));
         let meta = std::fs::metadata(&path).expect("the clone's path");
-        assert!(meta.file_type().is_block_device(), "{} is a block device", path.display());
+        assert!(
+            meta.file_type().is_block_device(),
+            "{} is a block device",
+            path.display()
+        );
         assert_eq!(
             v.size_bytes,
             Some(std::fs::metadata(&setup.snapshots[i]).unwrap().len() as i64)
@@ -375,7 +385,10 @@ fn check_clones(s: &mut Scratch, setup: &Setup, o: &NodeRestore, which: &[usize]
         let dev = std::fs::canonicalize(&path).unwrap();
         let (code, out) = sh_status(
             "cmp",
-            &[&dev.to_string_lossy(), &setup.snapshots[i].to_string_lossy()],
+            &[
+                &dev.to_string_lossy(),
+                &setup.snapshots[i].to_string_lossy(),
+            ],
         );
         assert_eq!(code, 0, "the clone differs from the snapshot: {out}");
         // And a filesystem holding what was written before the cut only.
@@ -405,7 +418,13 @@ async fn a_restore_clones_every_member_and_abort_deletes_every_clone() {
     assert_eq!(setup.clone_images().len(), 2);
     // The journal: written before the clones, kept while they exist.
     let uid = cloned.metadata.uid.clone().unwrap();
-    assert!(setup.state.join("restores").join(format!("{uid}.json")).exists());
+    assert!(
+        setup
+            .state
+            .join("restores")
+            .join(format!("{uid}.json"))
+            .exists()
+    );
 
     setup
         .restores()
@@ -417,20 +436,31 @@ async fn a_restore_clones_every_member_and_abort_deletes_every_clone() {
         .await
         .unwrap();
     let aborted = setup.wait_phase("r", NodeRestorePhase::Aborted).await;
-    assert!(aborted
-        .status
-        .unwrap()
-        .volumes
-        .iter()
-        .all(|v| v.state == CloneState::Deleted));
+    assert!(
+        aborted
+            .status
+            .unwrap()
+            .volumes
+            .iter()
+            .all(|v| v.state == CloneState::Deleted)
+    );
     setup.assert_no_clone(&s);
     for i in 0..2 {
-        assert!(!setup.links.join(restored_pv("r", i)).exists(), "link removed");
+        assert!(
+            !setup.links.join(restored_pv("r", i)).exists(),
+            "link removed"
+        );
     }
     // The snapshots themselves are untouched.
     assert!(setup.snapshots.iter().all(|p| p.exists()));
     setup.delete_restore("r").await;
-    assert!(!setup.state.join("restores").join(format!("{uid}.json")).exists());
+    assert!(
+        !setup
+            .state
+            .join("restores")
+            .join(format!("{uid}.json"))
+            .exists()
+    );
     setup.finish(&s).await;
 }
 
@@ -456,7 +486,11 @@ async fn release_deletes_only_that_clone_and_deleting_the_restore_removes_the_re
     let st = released.status.as_ref().unwrap();
     assert_eq!(st.phase, NodeRestorePhase::Cloned);
     assert_eq!(st.volumes[0].state, CloneState::Cloned);
-    assert_eq!(setup.clone_images().len(), 1, "only the released clone is gone");
+    assert_eq!(
+        setup.clone_images().len(),
+        1,
+        "only the released clone is gone"
+    );
     assert!(!setup.links.join(restored_pv("r", 1)).exists());
     let mut kept = released.clone();
     kept.status.as_mut().unwrap().volumes.truncate(1);
@@ -480,8 +514,16 @@ async fn a_wrong_uid_or_a_missing_snapshot_fails_with_a_message_and_nothing_is_m
             "it was recreated",
             serde_json::json!({"nodeSnapshotUid": "00000000-0000-4000-8000-000000000000"}),
         ),
-        ("no-such-snapshot", "does not exist any more", serde_json::json!({"nodeSnapshot": "nope"})),
-        ("no-such-claim", "has no volume of claim other", serde_json::json!({"sourceClaim": "other"})),
+        (
+            "no-such-snapshot",
+            "does not exist any more",
+            serde_json::json!({"nodeSnapshot": "nope"}),
+        ),
+        (
+            "no-such-claim",
+            "has no volume of claim other",
+            serde_json::json!({"sourceClaim": "other"}),
+        ),
     ];
     for (name, needle, patch) in &cases {
         // The first volume is fine, the second is not: nothing at all is made.
@@ -496,8 +538,14 @@ async fn a_wrong_uid_or_a_missing_snapshot_fails_with_a_message_and_nothing_is_m
             .await;
         let failed = setup.wait_phase(name, NodeRestorePhase::Failed).await;
         let msg = message(&failed);
-        assert!(msg.contains(needle) && msg.contains("nothing was cloned"), "{name}: {msg}");
-        assert!(msg.contains(&restored_pv(name, 1)), "{name} names the volume: {msg}");
+        assert!(
+            msg.contains(needle) && msg.contains("nothing was cloned"),
+            "{name}: {msg}"
+        );
+        assert!(
+            msg.contains(&restored_pv(name, 1)),
+            "{name} names the volume: {msg}"
+        );
         setup.assert_no_clone(&s);
     }
     // A Warning event says why.
@@ -525,13 +573,24 @@ async fn one_of_two_clones_failing_leaves_no_clone() {
     setup.create_restore("r", &[0, 1], |_, _| {}).await;
     let failed = setup.wait_phase("r", NodeRestorePhase::Failed).await;
     let msg = message(&failed);
-    assert!(msg.contains("wal-restored") && msg.contains("every clone"), "{msg}");
+    assert!(
+        msg.contains("wal-restored") && msg.contains("every clone"),
+        "{msg}"
+    );
     let st = failed.status.unwrap();
-    assert_eq!(st.volumes[0].state, CloneState::Deleted, "the first clone was made, then deleted");
+    assert_eq!(
+        st.volumes[0].state,
+        CloneState::Deleted,
+        "the first clone was made, then deleted"
+    );
     assert_eq!(st.volumes[1].state, CloneState::Failed);
     setup.assert_no_clone(&s);
     assert!(!setup.links.join(restored_pv("r", 0)).exists());
-    assert_eq!(std::fs::read_to_string(&squatter).unwrap(), "not tandem's", "left alone");
+    assert_eq!(
+        std::fs::read_to_string(&squatter).unwrap(),
+        "not tandem's",
+        "left alone"
+    );
     setup.delete_restore("r").await;
     setup.finish(&s).await;
 }
@@ -596,7 +655,10 @@ async fn an_agent_restarted_after_cloned_keeps_the_clones_and_attaches_them_agai
     })
     .await;
     let again = setup.restores().get("r").await.unwrap();
-    assert_eq!(again.status.as_ref().unwrap().phase, NodeRestorePhase::Cloned);
+    assert_eq!(
+        again.status.as_ref().unwrap().phase,
+        NodeRestorePhase::Cloned
+    );
     assert_eq!(clone_loops(s.dir.path()).len(), 2);
     check_clones(&mut s, &setup, &again, &[0, 1], "reboot");
     assert_eq!(

@@ -397,12 +397,12 @@ impl Restores {
                 return Some((Outcome::Aborted, message));
             }
             let pv = record.persistent_volume.clone();
-            let mut last = Instant::now() - PROGRESS_EVERY;
+            let mut last: Option<Instant> = None;
             let mut progress = |copied: u64, total: u64| {
-                if last.elapsed() < PROGRESS_EVERY && copied < total {
+                if last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) && copied < total {
                     return;
                 }
-                last = Instant::now();
+                last = Some(Instant::now());
                 if let Some(t) = lock(&self.inner.tracked).get_mut(key) {
                     t.progress.insert(pv.clone(), (copied, total));
                 }
