@@ -64,7 +64,7 @@ fn report(pv: &str, backend: BackendKind, info: &CloneInfo, started: Instant) ->
         size_bytes: info.size_bytes,
         millis: started.elapsed().as_millis(),
         mib_per_sec: (info.method == CloneMethod::Copy && secs > 0.0)
-            .then(|| info.size_bytes as f64 / (1 << 20) as f64 / secs),
+            .then(|| (info.size_bytes as f64 / (1 << 20) as f64 / secs * 10.0).round() / 10.0),
     }
 }
 
