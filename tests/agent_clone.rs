@@ -351,3 +351,145 @@ fn reflink_owner_marks_are_checked_on_the_snapshot_and_on_the_clone() {
     std::fs::remove_file(image).unwrap();
     backend::delete(&snapshot, &backend_options()).unwrap();
 }
+
+fn subvolume(path: &Path) {
+    sh(
+        "btrfs",
+        &["-q", "subvolume", "create", &path.to_string_lossy()],
+    );
+}
+
+/// A btrfs snapshot, cut the way the agent cuts one (btrfs is never frozen), of `owner`'s cut.
+fn btrfs_snapshot(mount: &Path, pv: &str, owner: &str, o: &BackendOptions) -> SnapshotHandle {
+    let mounts = tandem::agent::discovery::read_mountinfo().unwrap();
+    let volume =
+        tandem::agent::discovery::resolve_volume(mount, &mounts, Path::new("/sys/dev/block"))
+            .unwrap();
+    let name = backend::snapshot_name("ns1", "g", pv, owner).unwrap();
+    let plan = backend::plan(&volume, &name, owner, o).unwrap();
+    assert_eq!(plan.backend, BackendKind::Btrfs);
+    backend::create(&plan, o).unwrap().handle
+}
+
+/// The btrfs-subvolume backend: a writable snapshot of the member snapshot in its own directory,
+/// bind-mounted; the PV path (`<mount>/volume`) is missing while the bind mount is gone, and
+/// `attach` brings it back; writes reach neither snapshot nor origin; marks are checked; delete
+/// removes the subvolume, its directory and the mount.
+#[test]
+fn btrfs_clones_are_bind_mounted_directories() {
+    require_root!();
+    let mut s = Scratch::new();
+    let img = s.path("btrfs.img");
+    s.image(&img, 512 << 20);
+    let dev = s.attach(&img, false);
+    s.mkfs(&dev, "btrfs");
+    let top = s.path("top");
+    s.mount(&dev, &top, &[]);
+    subvolume(&top.join("vol1"));
+    let origin = s.path("vol1");
+    s.mount(&dev, &origin, &["subvol=vol1"]);
+    let o = options(&s);
+    let mut clones = Clones::new(o.clone());
+    let data = write_file(&origin.join("data.bin"), 4 * MIB, 5, true);
+    let snapshot = btrfs_snapshot(&origin, "pv-b", CUT, &o.backend);
+    let SnapshotHandle::Btrfs {
+        path: snap_path, ..
+    } = &snapshot
+    else {
+        panic!("{snapshot:?}")
+    };
+    let snap_dir = top.join(snap_path.trim_start_matches('/'));
+
+    // Another cut's handle of the snapshot: refused, nothing made.
+    let mut foreign = snapshot.clone();
+    if let SnapshotHandle::Btrfs { owner, .. } = &mut foreign {
+        *owner = OTHER_CUT.into();
+    }
+    let plan = clone::plan(&foreign, "ns1", "pv-b", RESTORE, &o).unwrap();
+    let err = clones.create(&plan).unwrap_err();
+    assert!(matches!(err, BackendError::NotOurs { .. }), "{err}");
+    assert_eq!(
+        std::fs::read_dir(top.join(".tandem-restores"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
+
+    let plan = clone::plan(&snapshot, "ns1", "pv-b", RESTORE, &o).unwrap();
+    assert_eq!(plan.backend, BackendKind::Btrfs);
+    let info = clones.create(&plan).unwrap();
+    let CloneHandle::Btrfs { path, mount, .. } = &info.handle else {
+        panic!("{:?}", info.handle)
+    };
+    assert_eq!(mount, &o.mount_dir.join("pv-b"));
+    assert_eq!(info.path, mount.join("volume"));
+    assert!(!info.block);
+    assert_eq!(info.method, CloneMethod::Clone);
+    let in_top = top.join(path.trim_start_matches('/')).join("volume");
+    let shown = sh("btrfs", &["subvolume", "show", &in_top.to_string_lossy()]);
+    assert!(
+        !shown.contains("readonly"),
+        "the clone is writable: {shown}"
+    );
+    assert_eq!(sha256_file(&info.path.join("data.bin")), data);
+    assert!(matches!(
+        clone::create(&plan, &o, &mut |_, _| {}),
+        Err(BackendError::AlreadyExists { .. })
+    ));
+
+    // Writes to the clone reach neither the snapshot nor the origin.
+    write_file(&info.path.join("data.bin"), 4 * MIB, 55, true);
+    std::fs::write(info.path.join("new.txt"), "clone only").unwrap();
+    assert_eq!(sha256_file(&snap_dir.join("data.bin")), data);
+    assert_eq!(sha256_file(&origin.join("data.bin")), data);
+    assert!(!origin.join("new.txt").exists() && !snap_dir.join("new.txt").exists());
+
+    // A "reboot": the bind mount is gone, so the PV path does not exist; attach brings it back.
+    let again = clone::attach(&info.handle, &o).unwrap();
+    assert_eq!(again.path, info.path);
+    sh("umount", &[&mount.to_string_lossy()]);
+    assert!(mount.is_dir());
+    assert!(!info.path.exists(), "no PV path without the bind mount");
+    clone::attach(&info.handle, &o).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(info.path.join("new.txt")).unwrap(),
+        "clone only"
+    );
+    // Attach twice mounts once.
+    clone::attach(&info.handle, &o).unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let m = mount.to_string_lossy();
+    let lines: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(&m))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    // Bound without the agent's top-level mount's noexec, with nosuid and nodev.
+    let flags: Vec<&str> = lines[0].split(' ').nth(5).unwrap().split(',').collect();
+    assert!(
+        flags.contains(&"nosuid") && flags.contains(&"nodev") && !flags.contains(&"noexec"),
+        "{flags:?}"
+    );
+
+    // Another restore's handle: NotOurs, left mounted.
+    let mut theirs = info.handle.clone();
+    if let CloneHandle::Btrfs { owner, .. } = &mut theirs {
+        *owner = OTHER_RESTORE.into();
+    }
+    assert!(matches!(
+        clone::delete(&theirs, &o),
+        Err(BackendError::NotOurs { .. })
+    ));
+    assert!(info.path.join("new.txt").exists());
+
+    assert_eq!(clone::delete(&info.handle, &o).unwrap(), Deleted::Removed);
+    assert!(!mount.exists(), "the mount directory is removed");
+    assert!(!top.join(path.trim_start_matches('/')).exists());
+    assert_eq!(clone::delete(&info.handle, &o).unwrap(), Deleted::Absent);
+    assert_eq!(
+        sha256_file(&snap_dir.join("data.bin")),
+        data,
+        "the snapshot stays"
+    );
+    backend::delete(&snapshot, &o.backend).unwrap();
+}

@@ -655,3 +655,646 @@ async fn unit_style_a_failed_node_rolls_back_every_claim_and_node() {
         );
     }
 }
+
+// ---- End to end: real agents, real reflink clones, the real PV controller binding. ----
+
+/// Writes `before.bin` (synced) to every volume, snapshots, then writes `after.bin`. Returns
+/// the hashes of `before.bin` and of each member snapshot image, by claim.
+async fn snapshot_with_data(
+    w: &World,
+) -> (
+    std::collections::BTreeMap<String, String>,
+    std::collections::BTreeMap<String, String>,
+) {
+    let mut before = std::collections::BTreeMap::new();
+    for (claim, volume) in &w.volumes {
+        let hash = agent_support::write_file(
+            &volume.mount.join("before.bin"),
+            1 << 20,
+            claim.len() as u64,
+            true,
+        );
+        before.insert(claim.clone(), hash);
+    }
+    w.create_snapshot("snap", "shop", "Delete").await;
+    let snapshot = w.wait_phase("snap", GroupSnapshotPhase::Ready).await;
+    for volume in w.volumes.values() {
+        agent_support::write_file(&volume.mount.join("after.bin"), 4096, 7, true);
+    }
+    let images = w
+        .volumes
+        .keys()
+        .map(|claim| {
+            (
+                claim.clone(),
+                image_hash(&World::member_clone(&snapshot, claim)),
+            )
+        })
+        .collect();
+    (before, images)
+}
+
+/// The sha256 of a whole image (sha256sum: the debug build's hashing is slow for 64 MiB).
+fn image_hash(path: &std::path::Path) -> String {
+    let out = agent_support::sh("sha256sum", &[&path.to_string_lossy()]);
+    out.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A world like [`snapshot_world`] without the snapshot (the test writes data first).
+async fn volume_world(name: &str, volumes: &[(&str, &str, &str)]) -> World {
+    let mut w = World::new(name).await;
+    for (claim, node, fs) in volumes {
+        w.add_volume(claim, node, fs, &[("app", "shop")]).await;
+    }
+    let mut nodes: Vec<&str> = volumes.iter().map(|(_, n, _)| *n).collect();
+    nodes.sort();
+    nodes.dedup();
+    for node in nodes {
+        w.start_agent(node);
+    }
+    w.ensure_restore_class().await;
+    w.start_controller();
+    w.create_group(
+        "shop",
+        json!({"selector": {"matchLabels": {"app": "shop"}}, "freezeTimeoutSeconds": 20}),
+    )
+    .await;
+    w
+}
+
+/// The clone image of a restored PV, from its NodeRestore's report.
+async fn clone_image(w: &World, pv: &str) -> std::path::PathBuf {
+    let nodes: Api<NodeRestore> = w.env.api();
+    let handle = nodes
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .iter()
+        .filter_map(|n| n.status.as_ref())
+        .flat_map(|s| s.volumes.iter())
+        .find(|v| v.persistent_volume == pv)
+        .and_then(|v| v.clone_handle.clone())
+        .expect("clone handle");
+    world::clone_path(&handle)
+}
+
+/// Checks every member of a Completed restore: bound to a PV that tandem published as the
+/// kubelet needs it, whose clone is byte for byte the member snapshot and mounts with the data
+/// from before the snapshot and nothing after; writes to it reach neither source nor snapshot.
+async fn check_restored(
+    w: &mut World,
+    restore: &GroupRestore,
+    before: &std::collections::BTreeMap<String, String>,
+    images: &std::collections::BTreeMap<String, String>,
+) {
+    let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+    let snapshot = w.wait_phase("snap", GroupSnapshotPhase::Ready).await;
+    let members = restore.status.as_ref().expect("status").members.clone();
+    assert_eq!(members.len(), w.volumes.len());
+    for member in &members {
+        let source = member.source_claim.clone();
+        let fs = w.volumes[&source].fs.clone();
+        let claim = w.claim(&member.claim).await.expect("claim");
+        assert_eq!(
+            claim.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Bound")
+        );
+        assert_eq!(
+            claim.spec.as_ref().and_then(|s| s.volume_name.as_deref()),
+            Some(member.persistent_volume.as_str())
+        );
+        for key in [
+            RESTORED_FROM_ANNOTATION,
+            CUT_TIME_ANNOTATION,
+            CONSISTENCY_ANNOTATION,
+        ] {
+            assert!(
+                claim.annotations().contains_key(key),
+                "{} lacks {key}",
+                member.claim
+            );
+        }
+        let pv = volumes.get(&member.persistent_volume).await.expect("pv");
+        let spec = pv.spec.clone().expect("spec");
+        let local = spec.local.clone().expect("local");
+        assert_eq!(
+            local.fs_type.as_deref(),
+            Some(fs.as_str()),
+            "fsType from the clone"
+        );
+        assert_eq!(
+            spec.mount_options.clone().unwrap_or_default(),
+            if fs == "xfs" {
+                vec!["nouuid".to_string()]
+            } else {
+                vec![]
+            }
+        );
+        assert_eq!(
+            member.node,
+            w.node(if source == "wal" && w.agents.len() > 1 {
+                "b"
+            } else {
+                "a"
+            })
+        );
+        // Byte for byte the member snapshot (before anything mounts it).
+        let image = clone_image(w, &member.persistent_volume).await;
+        assert_eq!(
+            image_hash(&image),
+            images[&source],
+            "{source}: clone != snapshot"
+        );
+        // Mounted as the kubelet would (read-only here; nouuid beside its XFS origin).
+        let dir = w.scratch.path(&format!("restored-{}", member.claim));
+        let mut options = vec!["ro"];
+        if fs == "xfs" {
+            options.push("nouuid");
+        }
+        w.scratch.mount(&local.path, &dir, &options);
+        assert_eq!(
+            agent_support::sha256_file(&dir.join("before.bin")),
+            before[&source]
+        );
+        assert!(
+            !dir.join("after.bin").exists(),
+            "{source}: a write after the snapshot"
+        );
+        w.scratch.unmount(&dir);
+        // A write to the restored volume touches neither the source nor the snapshot.
+        let mut options = vec![];
+        if fs == "xfs" {
+            options.push("nouuid");
+        }
+        w.scratch.mount(&local.path, &dir, &options);
+        agent_support::write_file(&dir.join("restored.bin"), 1 << 20, 99, true);
+        w.scratch.unmount(&dir);
+        assert!(!w.volumes[&source].mount.join("restored.bin").exists());
+        assert_eq!(
+            image_hash(&World::member_clone(&snapshot, &source)),
+            images[&source],
+            "{source}: the snapshot changed"
+        );
+    }
+}
+
+/// Deletes every restored claim of `restore` and waits until its PVs, clones, links and
+/// NodeRestores are gone.
+async fn delete_restored_claims(w: &World, restore: &GroupRestore) {
+    let claims: Api<PersistentVolumeClaim> = w.env.api();
+    let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+    let members = restore.status.as_ref().expect("status").members.clone();
+    let mut images = Vec::new();
+    for m in &members {
+        images.push(clone_image(w, &m.persistent_volume).await);
+        claims
+            .delete(&m.claim, &Default::default())
+            .await
+            .expect("delete claim");
+    }
+    for m in &members {
+        eventually(
+            WAIT,
+            &format!("PV {} gone", m.persistent_volume),
+            || async {
+                volumes
+                    .get_opt(&m.persistent_volume)
+                    .await
+                    .ok()?
+                    .is_none()
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    for image in &images {
+        assert!(!image.exists(), "clone {} left behind", image.display());
+    }
+    let nodes: Api<NodeRestore> = w.env.api();
+    eventually(WAIT, "NodeRestores gone", || async {
+        nodes
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    for node in w.agents.keys() {
+        let links = w.scratch.path(&format!("links-{node}"));
+        let left: Vec<_> = std::fs::read_dir(&links)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "links left on {node}: {left:?}");
+    }
+}
+
+#[tokio::test]
+async fn restored_claims_on_two_nodes_bind_together_to_clones_of_the_snapshot_and_deleting_them_removes_the_volumes()
+ {
+    if !require_root() {
+        return;
+    }
+    let mut w = volume_world("gr-e2e-2", &[("data", "a", "xfs"), ("wal", "b", "ext4")]).await;
+    let (before, images) = snapshot_with_data(&w).await;
+    let started = std::time::Instant::now();
+    w.create_restore(
+        "tue",
+        json!({"source": {"groupSnapshotName": "snap"}, "newClaims": {"labels": {"app": "shop-tue"}}}),
+    )
+    .await;
+    let r = w.wait_restore_phase("tue", RestorePhase::Completed).await;
+    println!(
+        "apply to Completed (2 members, 2 nodes): {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        condition_reason(&r, "ClaimsBound").as_deref(),
+        Some("Bound")
+    );
+    let status = r.status.clone().expect("status");
+    assert_eq!(status.member_count, 2);
+    assert!(
+        status
+            .members
+            .iter()
+            .all(|m| m.method.is_some() && m.cloned_at.is_some()),
+        "{status:?}"
+    );
+    // kubectl shows it.
+    let shown = w.env.kubectl(&["get", "grestore", "tue"]).expect("kubectl");
+    assert!(
+        shown.contains("Completed") && shown.contains("FilesystemFrozen"),
+        "{shown}"
+    );
+    check_restored(&mut w, &r, &before, &images).await;
+    // The source claims and the snapshot are untouched by the whole restore.
+    for (claim, volume) in &w.volumes {
+        assert_eq!(
+            agent_support::sha256_file(&volume.mount.join("before.bin")),
+            before[claim]
+        );
+    }
+    delete_restored_claims(&w, &r).await;
+}
+
+#[tokio::test]
+async fn a_one_node_restore_of_xfs_and_ext4_members() {
+    if !require_root() {
+        return;
+    }
+    let mut w = volume_world("gr-e2e-1", &[("data", "a", "xfs"), ("wal", "a", "ext4")]).await;
+    let (before, images) = snapshot_with_data(&w).await;
+    w.create_restore(
+        "one",
+        json!({"source": {"groupSnapshotName": "snap"},
+            "newClaims": {"claims": [{"from": "data", "to": "data-copy"}, {"from": "wal", "to": "wal-copy"}]}}),
+    )
+    .await;
+    let r = w.wait_restore_phase("one", RestorePhase::Completed).await;
+    let names: Vec<String> = r
+        .status
+        .as_ref()
+        .expect("status")
+        .members
+        .iter()
+        .map(|m| m.claim.clone())
+        .collect();
+    assert_eq!(names, ["data-copy", "wal-copy"]);
+    check_restored(&mut w, &r, &before, &images).await;
+    delete_restored_claims(&w, &r).await;
+}
+
+/// Makes a folder immutable for as long as it lives (chattr +i; undone on drop, also on panic).
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn new(dir: std::path::PathBuf) -> Immutable {
+        std::fs::create_dir_all(&dir).expect("dir");
+        agent_support::sh("chattr", &["+i", &dir.to_string_lossy()]);
+        Immutable(dir)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .args(["-i", &self.0.to_string_lossy()])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_failed_clone_on_one_node_leaves_no_claim_bound_and_no_clone_behind() {
+    if !require_root() {
+        return;
+    }
+    let w = volume_world("gr-e2e-fail", &[("data", "a", "xfs"), ("wal", "b", "ext4")]).await;
+    w.create_snapshot("snap", "shop", "Delete").await;
+    w.wait_phase("snap", GroupSnapshotPhase::Ready).await;
+    // Node b cannot publish its clone: its link folder takes no new entry.
+    let _guard = Immutable::new(w.link_dir("b"));
+    w.create_restore("r", json!({"source": {"groupSnapshotName": "snap"}}))
+        .await;
+    let r = w.wait_restore_phase("r", RestorePhase::Failed).await;
+    assert_eq!(
+        condition_reason(&r, "Ready").as_deref(),
+        Some("CloneFailed"),
+        "{:?}",
+        r.status
+    );
+    let message = r.status.and_then(|s| s.message).unwrap_or_default();
+    assert!(message.contains(&w.node("b")), "names the node: {message}");
+    // No claim was ever bound to a clone; the claims tandem made, the PVs, every clone and the
+    // NodeRestores go.
+    let nodes: Api<NodeRestore> = w.env.api();
+    eventually(WAIT, "everything rolled back", || async {
+        let (claims, pvs, nrs) = w.restore_objects("r").await;
+        let left = nodes.list(&ListParams::default()).await.ok()?.items;
+        (claims.is_empty()
+            && pvs.is_empty()
+            && nrs.is_empty()
+            && left.is_empty()
+            && w.restore_files().is_empty())
+        .then_some(())
+    })
+    .await;
+    let links: Vec<_> = std::fs::read_dir(w.link_dir("a"))
+        .map(|d| d.filter_map(|e| e.ok()).collect())
+        .unwrap_or_default();
+    assert!(links.is_empty(), "a's link is left: {links:?}");
+}
+
+#[tokio::test]
+async fn a_dead_agent_runs_into_the_deadline_and_the_snapshot_waits_for_the_restore() {
+    if !require_root() {
+        return;
+    }
+    let mut w = volume_world("gr-e2e-dead", &[("data", "a", "xfs"), ("wal", "b", "ext4")]).await;
+    w.create_snapshot("snap", "shop", "Delete").await;
+    w.wait_phase("snap", GroupSnapshotPhase::Ready).await;
+    // Node b's agent is killed: its clone never comes.
+    w.agent("b").kill9();
+    w.create_restore(
+        "dead-r",
+        json!({"source": {"groupSnapshotName": "snap"}, "deadlineSeconds": 15}),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    // Node a clones.
+    let nodes: Api<NodeRestore> = w.env.api();
+    let node_a = w.node("a");
+    eventually(WAIT, "node a cloned", || async {
+        let l = nodes.list(&ListParams::default()).await.ok()?.items;
+        l.iter()
+            .any(|n| {
+                n.spec.node_name == node_a
+                    && n.status
+                        .as_ref()
+                        .is_some_and(|s| s.phase == tandem::api::NodeRestorePhase::Cloned)
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(!w.restore_files().is_empty(), "a's clone exists");
+    let claims: Api<PersistentVolumeClaim> = w.env.api();
+    for c in claims
+        .list(&ListParams::default())
+        .await
+        .expect("claims")
+        .items
+    {
+        assert!(
+            c.name_any() != "data-dead-r" || c.spec.and_then(|s| s.volume_name).is_none(),
+            "bound before all cloned"
+        );
+    }
+    // Deleting the source snapshot waits while the restore runs, and says why.
+    let snapshots: Api<tandem::api::GroupSnapshot> = w.env.api();
+    snapshots
+        .delete("snap", &Default::default())
+        .await
+        .expect("delete snapshot");
+    let waiting = eventually(WAIT, "snapshot says it waits", || async {
+        let s = snapshots.get_opt("snap").await.ok()??;
+        let m = s.status?.message?;
+        m.contains("GroupRestore").then_some(m)
+    })
+    .await;
+    assert!(waiting.contains("dead-r"), "{waiting}");
+    let r = w.wait_restore_phase("dead-r", RestorePhase::Failed).await;
+    println!("Failed after {:?} (deadline 15 s)", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_secs(14),
+        "failed before the deadline"
+    );
+    assert_eq!(
+        condition_reason(&r, "Ready").as_deref(),
+        Some("DeadlineExceeded")
+    );
+    // The snapshot goes on with its deletion (its node b snapshot waits for b's agent, whose
+    // return also lets b's NodeRestore abort: it made nothing).
+    eventually(WAIT, "snapshot no longer waits", || async {
+        let m = snapshots.get_opt("snap").await.ok()??.status?.message?;
+        (!m.contains("GroupRestore")).then_some(())
+    })
+    .await;
+    w.start_agent("b");
+    eventually(WAIT, "snapshot gone", || async {
+        snapshots
+            .get_opt("snap")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    // a's clone is deleted, the claims and every NodeRestore are gone.
+    eventually(WAIT, "rolled back", || async {
+        let (claims, pvs, _) = w.restore_objects("dead-r").await;
+        let left = nodes.list(&ListParams::default()).await.ok()?.items;
+        (claims.is_empty() && pvs.is_empty() && left.is_empty() && w.restore_files().is_empty())
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn gitops_claims_given_with_a_data_source_ref_are_filled_and_reapplying_changes_nothing() {
+    if !require_root() {
+        return;
+    }
+    let w = volume_world(
+        "gr-e2e-gitops",
+        &[("data", "a", "xfs"), ("wal", "b", "ext4")],
+    )
+    .await;
+    w.create_snapshot("snap", "shop", "Delete").await;
+    w.wait_phase("snap", GroupSnapshotPhase::Ready).await;
+    let manifest = w.scratch.path("restore.yaml");
+    let claim = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\nspec:\n  storageClassName: tandem-restore\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Gi\n  dataSourceRef:\n    apiGroup: tandem.dev\n    kind: GroupRestore\n    name: dr\n"
+        )
+    };
+    let text = format!(
+        "apiVersion: tandem.dev/v1alpha1\nkind: GroupRestore\nmetadata:\n  name: dr\nspec:\n  source:\n    groupSnapshotName: snap\n  newClaims:\n    createClaims: false\n    nameTemplate: \"{{claim}}-dr\"\n---\n{}---\n{}",
+        claim("data-dr"),
+        claim("wal-dr")
+    );
+    std::fs::write(&manifest, text).expect("manifest");
+    let path = manifest.to_string_lossy().into_owned();
+    w.env.kubectl(&["apply", "-f", &path]).expect("apply");
+    let r = w.wait_restore_phase("dr", RestorePhase::Completed).await;
+    for m in &r.status.as_ref().expect("status").members {
+        let c = w.claim(&m.claim).await.expect("claim");
+        assert_eq!(
+            c.spec.as_ref().and_then(|s| s.volume_name.as_deref()),
+            Some(m.persistent_volume.as_str())
+        );
+        assert!(
+            c.annotations().contains_key(RESTORED_FROM_ANNOTATION),
+            "provenance on a given claim"
+        );
+        assert!(
+            !c.annotations()
+                .contains_key("tandem.dev/created-by-restore"),
+            "a given claim is never marked as tandem's (a rollback would delete it)"
+        );
+    }
+    let versions = |w: &World| {
+        let w_api: Api<PersistentVolumeClaim> = w.env.api();
+        let r_api: Api<GroupRestore> = w.env.api();
+        async move {
+            let mut v = Vec::new();
+            for c in ["data-dr", "wal-dr"] {
+                v.push(w_api.get(c).await.expect("claim").resource_version());
+            }
+            v.push(r_api.get("dr").await.expect("restore").resource_version());
+            v
+        }
+    };
+    let first = versions(&w).await;
+    for _ in 0..2 {
+        let out = w.env.kubectl(&["apply", "-f", &path]).expect("re-apply");
+        assert_eq!(out.matches("unchanged").count(), 3, "{out}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(versions(&w).await, first, "re-applying changed something");
+    let (_, pvs, _) = w.restore_objects("dr").await;
+    assert_eq!(pvs.len(), 2, "no second restore");
+    // Deleting the Completed restore leaves the claims and their volumes.
+    let restores: Api<GroupRestore> = w.env.api();
+    restores
+        .delete("dr", &Default::default())
+        .await
+        .expect("delete");
+    eventually(WAIT, "restore gone", || async {
+        restores.get_opt("dr").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    for c in ["data-dr", "wal-dr"] {
+        let claim = w.claim(c).await.expect("claim stays");
+        assert_eq!(claim.status.and_then(|s| s.phase).as_deref(), Some("Bound"));
+    }
+    delete_restored_claims(&w, &r).await;
+}
+
+/// Waits until `node`'s NodeRestore of `restore` reports Cloned; returns its clone images.
+async fn wait_node_cloned(w: &World, restore: &str, node: &str) -> Vec<std::path::PathBuf> {
+    let nodes: Api<NodeRestore> = w.env.api();
+    let node = w.node(node);
+    let selector = format!("{GROUP_RESTORE_LABEL}={restore}");
+    eventually(WAIT, &format!("{restore} cloned on {node}"), || async {
+        let l = nodes
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .ok()?
+            .items;
+        let n = l.into_iter().find(|n| n.spec.node_name == node)?;
+        let s = n.status?;
+        (s.phase == tandem::api::NodeRestorePhase::Cloned).then(|| {
+            s.volumes
+                .iter()
+                .filter_map(|v| v.clone_handle.as_deref().map(world::clone_path))
+                .collect()
+        })
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_restore_deleted_before_it_completes_is_rolled_back_and_a_restarted_agent_keeps_its_clones()
+ {
+    if !require_root() {
+        return;
+    }
+    let mut w = volume_world(
+        "gr-e2e-restart",
+        &[("data", "a", "xfs"), ("wal", "b", "ext4")],
+    )
+    .await;
+    w.create_snapshot("snap", "shop", "Delete").await;
+    w.wait_phase("snap", GroupSnapshotPhase::Ready).await;
+    w.agent("b").kill9();
+
+    // Deleted while node b has not cloned: rolled back (a's clone goes), then gone.
+    w.create_restore("early", json!({"source": {"groupSnapshotName": "snap"}}))
+        .await;
+    let early_clones = wait_node_cloned(&w, "early", "a").await;
+    assert_eq!(early_clones.len(), 1);
+    let restores: Api<GroupRestore> = w.env.api();
+    restores
+        .delete("early", &Default::default())
+        .await
+        .expect("delete");
+    eventually(WAIT, "early gone", || async {
+        restores
+            .get_opt("early")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    eventually(WAIT, "early rolled back", || async {
+        let (claims, pvs, _) = w.restore_objects("early").await;
+        (claims.is_empty() && pvs.is_empty() && !early_clones[0].exists()).then_some(())
+    })
+    .await;
+
+    // Node a's agent is killed after its clone is made, and comes back: the clone is kept
+    // (attached again); once b's agent is back too, the restore completes.
+    w.create_restore("late", json!({"source": {"groupSnapshotName": "snap"}}))
+        .await;
+    let late_clones = wait_node_cloned(&w, "late", "a").await;
+    w.agent("a").kill9();
+    w.start_agent("a");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        late_clones.iter().all(|c| c.exists()),
+        "a restarted agent keeps its clones"
+    );
+    let r = restores.get("late").await.expect("late");
+    assert_eq!(r.status.expect("status").phase, RestorePhase::Cloning);
+    w.start_agent("b");
+    let r = w.wait_restore_phase("late", RestorePhase::Completed).await;
+    for m in &r.status.as_ref().expect("status").members {
+        let claim = w.claim(&m.claim).await.expect("claim");
+        assert_eq!(claim.status.and_then(|s| s.phase).as_deref(), Some("Bound"));
+    }
+    // b's NodeRestore of the deleted restore is aborted (it made nothing) and goes.
+    let nodes: Api<NodeRestore> = w.env.api();
+    eventually(WAIT, "early's NodeRestores gone", || async {
+        let (_, _, nrs) = w.restore_objects("early").await;
+        let _ = &nodes;
+        nrs.is_empty().then_some(())
+    })
+    .await;
+    delete_restored_claims(&w, &r).await;
+}

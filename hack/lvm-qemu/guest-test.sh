@@ -1,7 +1,8 @@
 # Runs INSIDE the QEMU guest (under dash) as the LVM test of the tandem agent.
 # Makes a VG with a thin pool (thin ext4 + thin xfs volumes) and a thick ext4 volume, lets the real
 # agent (`tandem agent --oneshot-volume ...`: discovery, syncfs, parallel FIFREEZE, lvm-thin /
-# lvm-thick backends, journal, watchdog) cut them, and checks the snapshots.
+# lvm-thick backends, journal, watchdog) cut them, and checks the snapshots; then restores clones of
+# member snapshots (`--oneshot-action restore|attach|unrestore`) and checks them.
 # Prints "CHECK <name> PASS|FAIL <detail>", "OUTCOME <name> <what happened>" and
 # "GUEST-RESULT pass=N fail=M"; the host (run.sh) decides what each kernel must show.
 PASS=0; FAIL=0
@@ -213,6 +214,67 @@ agent --oneshot-action delete --oneshot-name unused >/dev/null 2>&1
 [ "$(snaps)" = 0 ]; check unused-pv-deleted $? "delete"
 vgreduce -q vg0 /dev/vdb >/dev/null 2>&1
 
+
+echo "== restore: clones of member snapshots (agent --oneshot-action restore / attach / unrestore)"
+# Cut without a freeze (LVM's own suspend; both kernels), clone, compare, write to the clone.
+files_sha() { (cd "$1" && find . -type f ! -name probe | sort | xargs sha256sum); }
+snap_mount() { # snap_mount LV DIR: the member snapshot (its log replayed by the mount, as verify does)
+  case $1 in *thick*) ;; *) lvchange -q -ay -K "vg0/$1" </dev/null ;; esac
+  mkdir -p "$2" && mount -t xfs -o nouuid "/dev/vg0/$1" "$2"
+}
+restore_round() { # restore_round NAME VOLUME KIND(thin|thick) METHOD
+  name=$1; vol=$2; kind=$3; method=$4
+  files_sha "/mnt/$vol" > "/tmp/$name.sha"
+  out=$(agent --oneshot-volume "/mnt/$vol" --oneshot-name "$name" --oneshot-freeze Disabled --thick-cow-size 64M 2>/tmp/agent.err)
+  [ "$(echo "$out" | json_field phase)" = Released ]; check "$name-cut" $? "the member snapshot of $vol is cut"
+  snap=$(snap_name local "$name" "$vol")
+  t0=$(now_ms); out=$(agent --oneshot-action restore --oneshot-name "$name" 2>/tmp/agent.err); rc=$?; t1=$(now_ms)
+  echo "AGENT $name-restore rc=$rc wall_ms=$((t1-t0)) $out"; sed 's/^/    | /' /tmp/agent.err | tail -3
+  clone=$(echo "$out" | json_field path); lv=${clone#/dev/vg0/}
+  [ $rc = 0 ] && [ -b "$clone" ]; check "$name-restored" $? "the clone is published at ${clone:-nothing}"
+  echo "$out" | grep -q "\"backend\":\"lvm-$kind\"" && echo "$out" | grep -q "\"method\":\"$method\"" && echo "$out" | grep -q '"filesystem":"xfs"'
+  check "$name-reported" $? "backend lvm-$kind, method $method, filesystem xfs"
+  lvs --noheadings -o lv_tags "vg0/$lv" 2>/dev/null | tr ',' '\n' | tr -d ' ' | grep -qx "tandem-owner-restore-oneshot-local-$name"
+  check "$name-owner-tag" $? "the clone is tagged with its restore"
+  if [ "$kind" = thick ]; then
+    mibs=$(echo "$out" | sed -n 's/.*"mibPerSec":\([0-9.]*\).*/\1/p'); size=$(echo "$out" | sed -n 's/.*"sizeBytes":\([0-9]*\).*/\1/p')
+    echo "THROUGHPUT thick-copy ${mibs:-?} MiB/s ($((${size:-0} / 1048576)) MiB in $((t1-t0)) ms wall, kernel $(uname -r), TCG)"
+    [ -n "$mibs" ]; check "$name-throughput" $? "copy throughput reported"
+  fi
+  mkdir -p "/mnt/c-$name"
+  ! mount -t xfs "$clone" "/mnt/c-$name" 2>/dev/null; check "$name-needs-nouuid" $? "beside its mounted origin, the XFS clone does not mount without nouuid"
+  mount -t xfs -o nouuid "$clone" "/mnt/c-$name"; check "$name-mount" $? "mounted with nouuid"
+  (cd "/mnt/c-$name" && sha256sum -c "/tmp/$name.sha" >/dev/null 2>&1); check "$name-data" $? "the clone's files are the snapshot's"
+  echo "clone only" > "/mnt/c-$name/clone-only.txt"; dd if=/dev/urandom of="/mnt/c-$name/synced.bin" bs=1M count=4 conv=notrunc 2>/dev/null; sync
+  (cd "/mnt/$vol" && sha256sum -c "/tmp/$name.sha" >/dev/null 2>&1) && [ ! -e "/mnt/$vol/clone-only.txt" ]
+  check "$name-origin-untouched" $? "writes to the clone do not reach the origin"
+  snap_mount "$snap" "/mnt/s-$name"
+  (cd "/mnt/s-$name" && sha256sum -c "/tmp/$name.sha" >/dev/null 2>&1) && [ ! -e "/mnt/s-$name/clone-only.txt" ]
+  check "$name-snapshot-untouched" $? "writes to the clone do not reach the snapshot"
+  umount "/mnt/s-$name"; umount "/mnt/c-$name"
+  # The member snapshot goes (the cut is deleted): the clone does not depend on it.
+  agent --oneshot-action delete --oneshot-name "$name" >/dev/null 2>&1
+  ! lvs "vg0/$snap" >/dev/null 2>&1 && lvs "vg0/$lv" >/dev/null 2>&1; check "$name-independent" $? "the clone survives deleting the member snapshot"
+  # A "reboot": the clone LV is deactivated; attach (and a re-run of restore) activates it again.
+  lvchange -q -an "vg0/$lv"; [ ! -e "$clone" ]; check "$name-deactivated" $? "deactivated: $clone is gone"
+  out=$(agent --oneshot-action attach --oneshot-name "$name" 2>/tmp/agent.err); rc=$?
+  [ $rc = 0 ] && [ -b "$clone" ]; check "$name-attach" $? "attach activates it again"
+  lvchange -q -an "vg0/$lv"
+  out=$(agent --oneshot-action restore --oneshot-name "$name" 2>/tmp/agent.err); rc=$?
+  [ $rc = 0 ] && [ -b "$clone" ] && echo "$out" | grep -q '"attached"'; check "$name-rerun" $? "restore again attaches the same clone"
+  mount -t xfs -o nouuid "$clone" "/mnt/c-$name" && [ "$(cat "/mnt/c-$name/clone-only.txt")" = "clone only" ]
+  check "$name-kept" $? "the clone kept its writes"
+  umount "/mnt/c-$name"
+  agent --oneshot-action unrestore --oneshot-name "$name" >/tmp/unrestore.out 2>&1; rc=$?; tail -1 /tmp/unrestore.out | cut -c1-300 | sed 's/^/    | /'
+  [ $rc = 0 ] && ! lvs "vg0/$lv" >/dev/null 2>&1; check "$name-unrestore" $? "unrestore removes the clone LV"
+}
+restore_round rthin vol2 thin Clone
+lvcreate -q -L 320M -n thick2 vg0 && mkfs.xfs -q -f /dev/vg0/thick2 && mkdir -p /mnt/thick2 && mount /dev/vg0/thick2 /mnt/thick2 \
+  && dd if=/dev/urandom of=/mnt/thick2/synced.bin bs=1M count=64 2>/dev/null && echo thick2 > /mnt/thick2/marker.txt && sync
+check rthick-setup $? "a thick XFS volume of 320 MiB"
+restore_round rthick thick2 thick Copy
+umount /mnt/thick2; lvremove -q -f vg0/thick2 >/dev/null 2>&1
+[ "$(lvs --noheadings -o lv_name vg0 | grep -c tandem-r)" = 0 ]; check restore-no-leftover $? "no clone LV left"
 
 for v in vol1 vol2 thick1; do umount /mnt/$v; done
 vgchange -q -an vg0 >/dev/null 2>&1

@@ -9,6 +9,8 @@
 //!   ([`cut::lifecycle`]); [`engine`] is the same API under its first name.
 //! - [`watch`]: the NodeSnapshot watch loop that drives the engine.
 //! - [`restore`]: the NodeRestore watch loop and the clone journal (clones of member snapshots).
+//! - [`oneshot`]: one-shot restores without an API server (clone, attach, delete the clones of a
+//!   one-shot cut).
 
 pub mod backend;
 pub mod cut;
@@ -16,6 +18,7 @@ pub mod discovery;
 pub mod engine;
 pub mod freeze;
 pub mod journal;
+pub mod oneshot;
 pub mod restore;
 pub mod watch;
 pub mod watchdog;
@@ -53,16 +56,6 @@ pub struct AgentArgs {
     #[arg(long, env = "TANDEM_THICK_COW_SIZE", default_value = "1G")]
     pub thick_cow_size: String,
 
-    /// Where restore clones' loop devices are linked, as `<dir>/<pv>` (a tmpfs on a node, so a
-    /// stale link never survives a reboot).
-    #[arg(long, env = "TANDEM_RESTORE_LINK_DIR", default_value = "/dev/tandem")]
-    pub restore_link_dir: PathBuf,
-
-    /// Where btrfs restore clones are bind-mounted, as `<dir>/<pv>` (default
-    /// `<kubelet dir>/plugins/tandem.dev/restores`, whose mounts reach the host).
-    #[arg(long, env = "TANDEM_RESTORE_MOUNT_DIR")]
-    pub restore_mount_dir: Option<PathBuf>,
-
     /// Only thaw what the journal says is still frozen (and delete its snapshots), then exit.
     #[arg(long)]
     pub recover_only: bool,
@@ -72,9 +65,20 @@ pub struct AgentArgs {
     #[arg(long = "oneshot-volume", value_name = "PATH")]
     pub oneshot_volumes: Vec<PathBuf>,
 
-    /// One-shot: `cut` (freeze, snapshot, thaw) or `delete` (delete the snapshots of an earlier cut
-    /// of the same name and forget it).
-    #[arg(long, default_value = "cut", value_parser = ["cut", "delete"])]
+    /// Where reflink restore clones' loop devices are linked (`<dir>/<pv>`; a PV's `local.path`).
+    /// On a tmpfs such as /dev, so no stale link outlives a reboot.
+    #[arg(long, env = "TANDEM_RESTORE_LINK_DIR", default_value = "/dev/tandem")]
+    pub restore_link_dir: PathBuf,
+
+    /// Where btrfs restore clones are bind-mounted (`<dir>/<pv>`, the PV path `<dir>/<pv>/volume`).
+    /// Default: `<kubelet dir>/plugins/tandem.dev/restores`, whose mounts reach the host.
+    #[arg(long, env = "TANDEM_RESTORE_MOUNT_DIR")]
+    pub restore_mount_dir: Option<PathBuf>,
+
+    /// One-shot: `cut` (freeze, snapshot, thaw), `delete` (delete the snapshots of an earlier cut
+    /// of the same name and forget it), `restore` (clone the snapshots of an earlier cut of the same
+    /// name; again: attach them), `attach` (re-attach those clones) or `unrestore` (delete them).
+    #[arg(long, default_value = "cut", value_parser = ["cut", "delete", "restore", "attach", "unrestore"])]
     pub oneshot_action: String,
 
     /// One-shot: the name snapshots are named after (stands for the GroupSnapshot).
@@ -104,7 +108,7 @@ pub enum AgentError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
-    Restore(#[from] restore::RestoreError),
+    Restores(#[from] restore::RestoreError),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("a blocking task failed: {0}")]
@@ -113,6 +117,12 @@ pub enum AgentError {
     OneshotFailed { phase: NodePhase, message: String },
     #[error("cannot print the status: {0}")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Backend(#[from] backend::BackendError),
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
+    #[error("restore: {0}")]
+    Restore(String),
 }
 
 /// The engine configuration the flags ask for.
@@ -124,15 +134,17 @@ pub fn engine_config(args: &AgentArgs) -> EngineConfig {
     config
 }
 
-/// The clone options the flags ask for.
+/// Where restores put and publish their clones, from the flags.
 pub fn clone_options(args: &AgentArgs) -> backend::clone::CloneOptions {
     backend::clone::CloneOptions {
         backend: engine_config(args).backend,
         link_dir: args.restore_link_dir.clone(),
-        mount_dir: args
-            .restore_mount_dir
-            .clone()
-            .unwrap_or_else(|| args.kubelet_dir.join("plugins/tandem.dev/restores")),
+        mount_dir: args.restore_mount_dir.clone().unwrap_or_else(|| {
+            args.kubelet_dir
+                .join("plugins")
+                .join("tandem.dev")
+                .join("restores")
+        }),
     }
 }
 
@@ -150,6 +162,17 @@ async fn run_agent(args: AgentArgs) -> Result<(), AgentError> {
     if args.recover_only {
         tracing::info!(count = recovered.len(), "recovery done");
         return Ok(());
+    }
+    if matches!(
+        args.oneshot_action.as_str(),
+        "restore" | "attach" | "unrestore"
+    ) {
+        // The engine (its lock on the state directory) is held meanwhile: one agent per node.
+        return tokio::task::spawn_blocking(move || {
+            let _engine = engine;
+            oneshot::run(&args, &clone_options(&args))
+        })
+        .await?;
     }
     if !args.oneshot_volumes.is_empty() || args.oneshot_action == "delete" {
         return tokio::task::spawn_blocking(move || oneshot(&engine, &args)).await?;

@@ -36,6 +36,18 @@ pub struct World {
 
 impl Drop for World {
     fn drop(&mut self) {
+        // Restore clones a test left attached (loop devices over images in the pool) would keep
+        // the pool busy: detach exactly those (by backing file), whatever the test did.
+        for image in self.restore_files() {
+            let out = Command::new("losetup")
+                .args(["-j", &image.to_string_lossy(), "-O", "NAME", "-n"])
+                .output();
+            if let Ok(out) = out {
+                for dev in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("losetup").args(["-d", dev]).status();
+                }
+            }
+        }
         // Kept when the test failed, or on request (TANDEM_KEEP_LOGS=1) to study a timeline.
         if !std::thread::panicking() && std::env::var_os("TANDEM_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(self.logs());
@@ -128,12 +140,16 @@ impl World {
     pub fn start_agent(&mut self, node: &str) {
         let node = self.node(node);
         let state = self.scratch.path(&format!("state-{node}"));
+        // Each node links its restore clones in a folder of its own (a node's /dev/tandem).
+        let links = self.scratch.path(&format!("links-{node}"));
         let cmd = &mut self.tandem(&[
             "agent",
             "--node-name",
             &node,
             "--state-dir",
             &state.to_string_lossy(),
+            "--restore-link-dir",
+            &links.to_string_lossy(),
         ]);
         let daemon = Daemon::spawn(&format!("agent-{node}"), cmd, &self.logs());
         self.agents.insert(node, daemon);
@@ -506,6 +522,19 @@ impl World {
                     .collect(),
             ),
         )
+    }
+
+    /// The folder where `node`'s agent links its restore clones.
+    pub fn link_dir(&self, node: &str) -> PathBuf {
+        self.scratch.path(&format!("links-{}", self.node(node)))
+    }
+
+    /// Restore clone images (and half-made ones) the agents left in the pool.
+    pub fn restore_files(&self) -> Vec<PathBuf> {
+        let dir = self.pool.join(".tandem-restores");
+        std::fs::read_dir(&dir)
+            .map(|entries| entries.filter_map(|e| Some(e.ok()?.path())).collect())
+            .unwrap_or_default()
     }
 
     /// A claim of this namespace, if it exists.

@@ -23,12 +23,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 use rustix::ioctl::{Opcode, Updater, ioctl, opcode};
-use rustix::mount::{MountFlags, UnmountFlags};
+use rustix::mount::{MountFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags};
 
+use super::clone::{CloneHandle, CloneInfo};
 use super::{
     BackendError, BackendKind, BackendOptions, Deleted, SnapshotHandle, SnapshotInfo, SnapshotPlan,
     SnapshotSource, SubvolumeId, mark_mismatch, set_mark,
 };
+use crate::api::CloneMethod;
 
 /// The directory below the top-level subvolume that holds the snapshots.
 pub const SNAPSHOT_DIR: &str = ".tandem-snapshots";
@@ -502,34 +504,295 @@ pub fn delete(
     Ok(Deleted::Removed)
 }
 
-// --- restore clones (being built) ---
+// --- restore clones ---
 
-/// The directory below the top-level subvolume that holds restore clones.
+/// The directory below the top-level subvolume that holds restore clones: each clone is a directory
+/// `<name>` holding the writable subvolume `volume`; the directory is what the agent bind-mounts, so
+/// the PV path `<mount>/volume` exists only while the bind mount does.
 pub const RESTORE_DIR: &str = ".tandem-restores";
 
+/// The subvolume inside a clone's directory.
+pub const CLONE_VOLUME: &str = "volume";
+
+fn gone(what: String) -> BackendError {
+    BackendError::Io {
+        what,
+        source: std::io::ErrorKind::NotFound.into(),
+    }
+}
+
+/// The clone's name from a handle path, which must be `/.tandem-restores/<one component>`.
+fn restore_leaf(path: &str) -> Result<&str, BackendError> {
+    let leaf = path
+        .strip_prefix(&format!("/{RESTORE_DIR}/"))
+        .filter(|l| !l.is_empty() && *l != "." && *l != ".." && !l.contains('/'));
+    leaf.ok_or_else(|| BackendError::Parse {
+        command: "btrfs clone handle".into(),
+        why: format!("{path:?} is not /{RESTORE_DIR}/<name>"),
+    })
+}
+
+/// Makes a writable snapshot of the member snapshot (which must carry its cut's mark, and be the
+/// subvolume the cut recorded) at `<top>/.tandem-restores/<name>/volume`, marks the directory and
+/// the subvolume with `owner`, and bind-mounts the directory at `mount`. Anything at the clone's
+/// place is [`BackendError::AlreadyExists`]; a failure removes what this call made.
 pub fn clone_create(
     device: &Path,
-    snapshot: (&str, &str, Option<&SubvolumeId>),
+    (snapshot, snapshot_owner, recorded): (&str, &str, Option<&SubvolumeId>),
     path: &str,
     mount: &Path,
     owner: &str,
     options: &BackendOptions,
-) -> Result<super::clone::CloneInfo, BackendError> {
-    let _ = (device, snapshot, path, mount, owner, options);
-    Err(not_built())
+) -> Result<CloneInfo, BackendError> {
+    let snap_name = snapshot_leaf(snapshot)?;
+    let name = restore_leaf(path)?;
+    let shown_snap = format!("btrfs:{}:{snapshot}", device.display());
+    let shown = format!("btrfs:{}:{path}", device.display());
+    let top = TopLevel::mount(device, options)?;
+    let top_fd = top.fd()?;
+    let not_ours = |why: String| BackendError::NotOurs {
+        what: shown_snap.clone(),
+        why,
+    };
+    let snaps = top.open_below(top_fd, SNAPSHOT_DIR).map_err(errno(format!(
+        "open /{SNAPSHOT_DIR} of {}",
+        device.display()
+    )))?;
+    let src = match top.open_below(&snaps, snap_name) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Err(gone(format!("the member snapshot {shown_snap}"))),
+        Err(e @ (Errno::LOOP | Errno::NOTDIR | Errno::XDEV)) => {
+            return Err(not_ours(format!(
+                "it is not a directory of this filesystem: {e}"
+            )));
+        }
+        Err(e) => return Err(errno(format!("open {shown_snap}"))(e)),
+    };
+    if !is_subvolume_root(&src) {
+        return Err(not_ours("it is not a subvolume".into()));
+    }
+    let found =
+        subvolume_of(&src).map_err(errno(format!("BTRFS_IOC_GET_SUBVOL_INFO {shown_snap}")))?;
+    if let Some(recorded) = recorded
+        && *recorded != found
+    {
+        return Err(not_ours(format!(
+            "it is subvolume {} ({}), the cut recorded {} ({})",
+            found.id, found.uuid, recorded.id, recorded.uuid
+        )));
+    }
+    if let Some(why) = mark_mismatch(&src, snapshot_owner) {
+        return Err(not_ours(why));
+    }
+    match rustix::fs::mkdirat(top_fd, RESTORE_DIR, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => {
+            return Err(errno(format!(
+                "create /{RESTORE_DIR} on {}",
+                device.display()
+            ))(e));
+        }
+    }
+    let restores = top.open_below(top_fd, RESTORE_DIR).map_err(|e| match e {
+        Errno::LOOP | Errno::NOTDIR | Errno::XDEV => BackendError::AlreadyExists {
+            what: format!(
+                "/{RESTORE_DIR} on {} (not a plain directory of this filesystem: {e})",
+                device.display()
+            ),
+        },
+        e => errno(format!("open /{RESTORE_DIR} on {}", device.display()))(e),
+    })?;
+    // The clone's directory is made here, exclusively: whatever is there already is not ours.
+    match rustix::fs::mkdirat(&restores, name, Mode::from_raw_mode(0o755)) {
+        Ok(()) => {}
+        Err(Errno::EXIST) => return Err(BackendError::AlreadyExists { what: shown }),
+        Err(e) => return Err(errno(format!("create {shown}"))(e)),
+    }
+    let made = (|| {
+        let dir = top
+            .open_below(&restores, name)
+            .map_err(errno(format!("open {shown}")))?;
+        set_mark(&dir, owner, Path::new(&shown))?;
+        snap_create(&dir, &src, CLONE_VOLUME).map_err(errno(format!(
+            "BTRFS_IOC_SNAP_CREATE_V2 {shown_snap} -> {shown}/{CLONE_VOLUME}"
+        )))?;
+        let volume = top
+            .open_below(&dir, CLONE_VOLUME)
+            .map_err(errno(format!("open {shown}/{CLONE_VOLUME}")))?;
+        set_mark(
+            &volume,
+            owner,
+            Path::new(&format!("{shown}/{CLONE_VOLUME}")),
+        )?;
+        bind(&dir, mount)?;
+        clone_info(&volume, device, path, mount, owner)
+    })();
+    match made {
+        Ok(info) => Ok(info),
+        Err(e) => {
+            drop(top);
+            if let Err(d) = clone_delete(device, path, mount, owner, options) {
+                tracing::warn!(clone = %shown, error = %d, "could not remove a half-made clone");
+            }
+            Err(e)
+        }
+    }
 }
 
+fn clone_info(
+    volume: &OwnedFd,
+    device: &Path,
+    path: &str,
+    mount: &Path,
+    owner: &str,
+) -> Result<CloneInfo, BackendError> {
+    let st = rustix::fs::fstatvfs(volume).map_err(errno(format!("statvfs {path}")))?;
+    Ok(CloneInfo {
+        handle: CloneHandle::Btrfs {
+            device: device.into(),
+            path: path.into(),
+            mount: mount.into(),
+            owner: owner.into(),
+        },
+        path: mount.join(CLONE_VOLUME),
+        block: false,
+        size_bytes: st.f_blocks * st.f_frsize,
+        method: CloneMethod::Clone,
+        filesystem: Some("btrfs".into()),
+    })
+}
+
+/// (st_dev, st_ino) of an open file.
+fn dev_ino(fd: impl AsFd) -> Option<(u64, u64)> {
+    rustix::fs::fstat(fd).ok().map(|st| (st.st_dev, st.st_ino))
+}
+
+/// Whether `mount` is (the root of) a bind mount of the directory open at `dir`.
+fn is_bound(dir: &OwnedFd, mount: &Path) -> bool {
+    let Ok(target) = rustix::fs::open(
+        mount,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    dev_ino(&target).is_some_and(|id| Some(id) == dev_ino(dir))
+}
+
+/// Bind-mounts the directory open at `dir` (exactly it: a detached copy of its mount, never a path
+/// looked up again) at `mount`, without the top-level mount's noexec; nosuid and nodev.
+fn bind(dir: &OwnedFd, mount: &Path) -> Result<(), BackendError> {
+    if is_bound(dir, mount) {
+        return Ok(());
+    }
+    fs::create_dir_all(mount).map_err(|source| BackendError::Io {
+        what: format!("create {}", mount.display()),
+        source,
+    })?;
+    let tree = rustix::mount::open_tree(
+        dir,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(errno(format!("open_tree for {}", mount.display())))?;
+    rustix::mount::move_mount(
+        &tree,
+        "",
+        rustix::fs::CWD,
+        mount,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(errno(format!(
+        "bind-mount the clone at {}",
+        mount.display()
+    )))?;
+    if let Err(e) = rustix::mount::mount_remount(
+        mount,
+        MountFlags::BIND | MountFlags::NOSUID | MountFlags::NODEV,
+        "",
+    ) {
+        tracing::warn!(mount = %mount.display(), error = %e, "could not set the clone's bind mount to nosuid,nodev,exec");
+    }
+    Ok(())
+}
+
+/// Opens the clone's directory and checks its marks (the directory's and, when it is there, the
+/// subvolume's); None when the directory is not there.
+fn open_clone(
+    top: &TopLevel,
+    name: &str,
+    owner: &str,
+    shown: &str,
+) -> Result<Option<(OwnedFd, Option<OwnedFd>)>, BackendError> {
+    let not_ours = |why: String| BackendError::NotOurs {
+        what: shown.into(),
+        why,
+    };
+    let top_fd = top.fd()?;
+    let restores = match top.open_below(top_fd, RESTORE_DIR) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e @ (Errno::LOOP | Errno::NOTDIR | Errno::XDEV)) => {
+            return Err(not_ours(format!(
+                "/{RESTORE_DIR} is not a plain directory of this filesystem: {e}"
+            )));
+        }
+        Err(e) => return Err(errno(format!("open /{RESTORE_DIR} of {shown}"))(e)),
+    };
+    let dir = match top.open_below(&restores, name) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e @ (Errno::LOOP | Errno::NOTDIR | Errno::XDEV)) => {
+            return Err(not_ours(format!(
+                "it is not a directory of this filesystem: {e}"
+            )));
+        }
+        Err(e) => return Err(errno(format!("open {shown}"))(e)),
+    };
+    if let Some(why) = mark_mismatch(&dir, owner) {
+        return Err(not_ours(why));
+    }
+    let volume = match top.open_below(&dir, CLONE_VOLUME) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(Some((dir, None))),
+        Err(e) => {
+            return Err(not_ours(format!(
+                "its {CLONE_VOLUME} cannot be opened: {e}"
+            )));
+        }
+    };
+    if !is_subvolume_root(&volume) {
+        return Err(not_ours(format!("its {CLONE_VOLUME} is not a subvolume")));
+    }
+    if let Some(why) = mark_mismatch(&volume, owner) {
+        return Err(not_ours(format!("its {CLONE_VOLUME}: {why}")));
+    }
+    Ok(Some((dir, Some(volume))))
+}
+
+/// Bind-mounts the clone's directory at `mount` again if it is not (after a reboot); idempotent.
 pub fn clone_attach(
     device: &Path,
     path: &str,
     mount: &Path,
     owner: &str,
     options: &BackendOptions,
-) -> Result<super::clone::CloneInfo, BackendError> {
-    let _ = (device, path, mount, owner, options);
-    Err(not_built())
+) -> Result<CloneInfo, BackendError> {
+    let name = restore_leaf(path)?;
+    let shown = format!("btrfs:{}:{path}", device.display());
+    let top = TopLevel::mount(device, options)?;
+    let Some((dir, Some(volume))) = open_clone(&top, name, owner, &shown)? else {
+        return Err(gone(format!("the clone {shown}")));
+    };
+    bind(&dir, mount)?;
+    clone_info(&volume, device, path, mount, owner)
 }
 
+/// Unmounts the clone's bind mount, destroys its subvolume and removes its directory, after
+/// checking their marks; a clone whose directory is not there is [`Deleted::Absent`]. A bind mount
+/// in use (a pod's mount inside it) is refused by the kernel, and nothing is destroyed.
 pub fn clone_delete(
     device: &Path,
     path: &str,
@@ -537,15 +800,42 @@ pub fn clone_delete(
     owner: &str,
     options: &BackendOptions,
 ) -> Result<Deleted, BackendError> {
-    let _ = (device, path, mount, owner, options);
-    Err(not_built())
-}
-
-fn not_built() -> BackendError {
-    BackendError::Unsupported {
-        device: PathBuf::new(),
-        why: "btrfs restore clones are not built yet".into(),
+    let name = restore_leaf(path)?;
+    let shown = format!("btrfs:{}:{path}", device.display());
+    let top = TopLevel::mount(device, options)?;
+    let Some((dir, volume)) = open_clone(&top, name, owner, &shown)? else {
+        // Nothing of ours: an empty mount directory left is removed, anything else left.
+        let _ = fs::remove_dir(mount);
+        return Ok(Deleted::Absent);
+    };
+    while is_bound(&dir, mount) {
+        rustix::mount::unmount(mount, UnmountFlags::empty())
+            .map_err(errno(format!("unmount {}", mount.display())))?;
     }
+    match fs::remove_dir(mount) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(mount = %mount.display(), error = %e, "could not remove the clone's mount directory")
+        }
+    }
+    if let Some(volume) = volume {
+        let id = subvolume_of(&volume).map_err(errno(format!(
+            "BTRFS_IOC_GET_SUBVOL_INFO {shown}/{CLONE_VOLUME}"
+        )))?;
+        drop(volume);
+        destroy_by_id(&dir, id.id).map_err(errno(format!(
+            "BTRFS_IOC_SNAP_DESTROY_V2 subvolume {} ({shown}/{CLONE_VOLUME})",
+            id.id
+        )))?;
+    }
+    drop(dir);
+    let restores = top
+        .open_below(top.fd()?, RESTORE_DIR)
+        .map_err(errno(format!("open /{RESTORE_DIR} of {shown}")))?;
+    rustix::fs::unlinkat(&restores, name, AtFlags::REMOVEDIR)
+        .map_err(errno(format!("remove {shown}")))?;
+    Ok(Deleted::Removed)
 }
 
 #[cfg(test)]

@@ -20,11 +20,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{Mode, OFlags};
+
+use super::clone::{CloneHandle, CloneInfo, Progress, detect_filesystem};
 use super::{
     BackendError, BackendKind, Deleted, NAME_BUDGET, SnapshotHandle, SnapshotInfo, SnapshotPlan,
     SnapshotSource, dm_escaped_len, fit_name, run_tool,
 };
 use crate::agent::discovery::split_lvm_dm_name;
+use crate::api::CloneMethod;
 
 /// Where the kernel lists block devices by number (each entry links to the device's directory).
 const SYSFS_BLOCK: &str = "/sys/dev/block";
@@ -711,14 +715,162 @@ pub fn health(vg: &str, snap: &str) -> Result<Option<SnapshotHealth>, BackendErr
     parse_health(attr, percent).map(Some)
 }
 
-// --- restore clones (being built) ---
+// --- restore clones ---
 
-/// Whether the member snapshot `vg/snap` is thin or thick.
-pub fn snapshot_kind(vg: &str, snap: &str) -> Result<BackendKind, BackendError> {
-    let _ = (vg, snap);
-    Err(not_built())
+/// The tag every restore clone carries (beside its owner's).
+pub const CLONE_TAG: &str = "tandem-restore";
+
+/// How long a new or activated LV's device node may take to appear.
+const NODE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The copy buffer of a thick clone (a multiple of any logical block size).
+const COPY_CHUNK: usize = 4 << 20;
+
+/// How often (in bytes) a copy reports progress.
+const PROGRESS_EVERY: u64 = 64 << 20;
+
+fn gone(what: String) -> BackendError {
+    BackendError::Io {
+        what,
+        source: std::io::ErrorKind::NotFound.into(),
+    }
 }
 
+/// Whether the member snapshot `vg/snap` is thin (segment type `thin`) or thick.
+pub fn snapshot_kind(vg: &str, snap: &str) -> Result<BackendKind, BackendError> {
+    let mut scope = snapshot_scope(vg, snap)?;
+    let row =
+        lv(&mut scope, snap)?.ok_or_else(|| gone(format!("the member snapshot {vg}/{snap}")))?;
+    Ok(kind_of(&row))
+}
+
+fn kind_of(row: &LvRow) -> BackendKind {
+    if row.segtype == "thin" {
+        BackendKind::LvmThin
+    } else {
+        BackendKind::LvmThick
+    }
+}
+
+/// The device node LVM makes for `vg/lv`.
+pub fn lv_path(vg: &str, lv: &str) -> PathBuf {
+    PathBuf::from("/dev").join(vg).join(lv)
+}
+
+/// The LVM arguments of the thin clone `clone` of the thin snapshot `snap`: a thin snapshot of it,
+/// without the activation-skip flag, tagged.
+pub fn thin_clone_args(scope: &VgScope, snap: &str, clone: &str, owner: &str) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-q",
+        "-s",
+        "-kn",
+        "-n",
+        clone,
+        "--addtag",
+        CLONE_TAG,
+        "--addtag",
+        &owner_tag(owner),
+    ]
+    .map(String::from)
+    .into();
+    args.extend(scope.device_args());
+    args.push(format!("{}/{snap}", scope.vg));
+    args
+}
+
+/// The LVM arguments of the thick clone `clone` of `size` bytes: a plain LV in the VG, tagged, its
+/// old signatures left (it is overwritten whole).
+pub fn thick_clone_args(scope: &VgScope, clone: &str, owner: &str, size: u64) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-q",
+        "-y",
+        "-Wn",
+        "-L",
+        &format!("{size}b"),
+        "-n",
+        clone,
+        "--addtag",
+        CLONE_TAG,
+        "--addtag",
+        &owner_tag(owner),
+    ]
+    .map(String::from)
+    .into();
+    args.extend(scope.device_args());
+    args.push(scope.vg.clone());
+    args
+}
+
+fn activate_args(scope: &VgScope, lv: &str) -> Vec<String> {
+    let mut args: Vec<String> = ["-q", "-ay", "-K"].map(String::from).into();
+    args.extend(scope.device_args());
+    args.push(format!("{}/{lv}", scope.vg));
+    args
+}
+
+fn run(program: &str, args: &[String]) -> Result<String, BackendError> {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_tool(program, &refs)
+}
+
+/// Waits for a device node (udev, or LVM itself, makes it after the command returns).
+fn wait_for_node(path: &Path) -> Result<(), BackendError> {
+    let start = std::time::Instant::now();
+    while !path.exists() {
+        if start.elapsed() > NODE_WAIT {
+            return Err(gone(format!(
+                "{} did not appear within {}s",
+                path.display(),
+                NODE_WAIT.as_secs()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The size of a block device (seek to its end).
+fn device_size(path: &Path) -> Result<u64, BackendError> {
+    let fd =
+        rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
+            BackendError::Io {
+                what: format!("open {}", path.display()),
+                source: e.into(),
+            }
+        })?;
+    rustix::fs::seek(&fd, rustix::fs::SeekFrom::End(0)).map_err(|e| BackendError::Io {
+        what: format!("size of {}", path.display()),
+        source: e.into(),
+    })
+}
+
+fn info(vg: &str, lv: &str, owner: &str, backend: BackendKind) -> Result<CloneInfo, BackendError> {
+    let path = lv_path(vg, lv);
+    let filesystem = std::fs::File::open(&path)
+        .ok()
+        .and_then(|f| detect_filesystem(&f));
+    Ok(CloneInfo {
+        handle: CloneHandle::Lvm {
+            vg: vg.into(),
+            lv: lv.into(),
+            owner: owner.into(),
+        },
+        size_bytes: device_size(&path)?,
+        path,
+        block: true,
+        method: match backend {
+            BackendKind::LvmThick => CloneMethod::Copy,
+            _ => CloneMethod::Clone,
+        },
+        filesystem,
+    })
+}
+
+/// Clones the member snapshot `vg/snap` (which must carry `snap_owner`'s tag) into the new LV
+/// `clone` tagged as `owner`'s, and activates it: thin, a thin snapshot of the snapshot (it shares
+/// the pool and is independent of the snapshot once made); thick, a new LV of the snapshot's size
+/// copied from it block by block ([`CloneMethod::Copy`], `progress` called as it goes). An existing
+/// LV named `clone` is [`BackendError::AlreadyExists`]; a failure removes the new LV.
 pub fn clone_create(
     vg: &str,
     snap: &str,
@@ -726,31 +878,204 @@ pub fn clone_create(
     clone: &str,
     owner: &str,
     backend: BackendKind,
-    progress: super::clone::Progress<'_>,
-) -> Result<super::clone::CloneInfo, BackendError> {
-    let _ = (vg, snap, snap_owner, clone, owner, backend, progress);
-    Err(not_built())
-}
-
-pub fn clone_attach(
-    vg: &str,
-    lv: &str,
-    owner: &str,
-) -> Result<super::clone::CloneInfo, BackendError> {
-    let _ = (vg, lv, owner);
-    Err(not_built())
-}
-
-pub fn clone_delete(vg: &str, lv: &str, owner: &str) -> Result<Deleted, BackendError> {
-    let _ = (vg, lv, owner);
-    Err(not_built())
-}
-
-fn not_built() -> BackendError {
-    BackendError::Unsupported {
-        device: PathBuf::new(),
-        why: "LVM restore clones are not built yet".into(),
+    progress: Progress<'_>,
+) -> Result<CloneInfo, BackendError> {
+    let mut scope = snapshot_scope(vg, snap)?;
+    let row =
+        lv(&mut scope, snap)?.ok_or_else(|| gone(format!("the member snapshot {vg}/{snap}")))?;
+    check_owner_tag(vg, &row, snap_owner)?;
+    if kind_of(&row) != backend {
+        return Err(BackendError::Parse {
+            command: format!("lvs {vg}/{snap}"),
+            why: format!(
+                "the snapshot is {} (segment type {:?}), the plan says {}",
+                kind_of(&row).name(),
+                row.segtype,
+                backend.name()
+            ),
+        });
     }
+    if lv(&mut scope, clone)?.is_some() {
+        return Err(BackendError::AlreadyExists {
+            what: format!("logical volume {vg}/{clone}"),
+        });
+    }
+    let made = match backend {
+        BackendKind::LvmThin => run("lvcreate", &thin_clone_args(&scope, snap, clone, owner))
+            .and_then(|_| activate(&scope, clone)),
+        _ => thick_clone(&mut scope, snap, clone, owner, progress),
+    };
+    match made.and_then(|()| info(vg, clone, owner, backend)) {
+        Ok(info) => Ok(info),
+        Err(e) => {
+            match delete_in(&mut scope, clone, owner) {
+                Ok(_) | Err(BackendError::NotOurs { .. }) => {}
+                Err(d) => {
+                    tracing::warn!(vg, clone, error = %d, "could not remove a half-made clone")
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+fn activate(scope: &VgScope, lv: &str) -> Result<(), BackendError> {
+    run("lvchange", &activate_args(scope, lv))?;
+    wait_for_node(&lv_path(&scope.vg, lv))
+}
+
+/// A thick clone: the snapshot must be valid (not overflowed) and active; the new LV gets its size
+/// and every byte of it.
+fn thick_clone(
+    scope: &mut VgScope,
+    snap: &str,
+    clone: &str,
+    owner: &str,
+    progress: Progress<'_>,
+) -> Result<(), BackendError> {
+    let vg = scope.vg.clone();
+    if health(&vg, snap)? == Some(SnapshotHealth::Invalid) {
+        return Err(BackendError::Unsupported {
+            device: lv_path(&vg, snap),
+            why: "the snapshot is invalid (its copy-on-write space overflowed): its data is gone"
+                .into(),
+        });
+    }
+    let src = lv_path(&vg, snap);
+    if !src.exists() {
+        activate(scope, snap)?;
+    }
+    let total = device_size(&src)?;
+    run("lvcreate", &thick_clone_args(scope, clone, owner, total))?;
+    let dst = lv_path(&vg, clone);
+    wait_for_node(&dst)?;
+    copy_device(&src, &dst, total, progress)
+}
+
+/// A buffer aligned for O_DIRECT.
+struct Aligned {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Option<Self> {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+        Some(Aligned { ptr, layout })
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is a live allocation of layout.size() bytes, owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// Copies `total` bytes of `src` to `dst` (block devices), bypassing the page cache (O_DIRECT)
+/// when both allow it, then fdatasync; calls `progress` every [`PROGRESS_EVERY`] bytes and at the end.
+pub fn copy_device(
+    src: &Path,
+    dst: &Path,
+    total: u64,
+    progress: Progress<'_>,
+) -> Result<(), BackendError> {
+    let io_err = |what: String| {
+        move |e: rustix::io::Errno| BackendError::Io {
+            what,
+            source: e.into(),
+        }
+    };
+    let direct = total.is_multiple_of(4096);
+    let open = |path: &Path, access: OFlags| {
+        let flags = access | OFlags::CLOEXEC;
+        if direct {
+            match rustix::fs::open(path, flags | OFlags::DIRECT, Mode::empty()) {
+                Err(rustix::io::Errno::INVAL) => {}
+                other => return other,
+            }
+        }
+        rustix::fs::open(path, flags, Mode::empty())
+    };
+    let from = open(src, OFlags::RDONLY).map_err(io_err(format!("open {}", src.display())))?;
+    let to = open(dst, OFlags::WRONLY).map_err(io_err(format!("open {}", dst.display())))?;
+    let mut buf = Aligned::new(COPY_CHUNK).ok_or_else(|| BackendError::Io {
+        what: "allocate the copy buffer".into(),
+        source: std::io::ErrorKind::OutOfMemory.into(),
+    })?;
+    let buf = buf.as_mut();
+    let mut done: u64 = 0;
+    let mut reported: u64 = 0;
+    progress(0, total);
+    while done < total {
+        let want = usize::try_from((total - done).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
+        let mut got = 0;
+        while got < want {
+            let n = rustix::io::pread(&from, &mut buf[got..want], done + got as u64).map_err(
+                io_err(format!("read {} at {}", src.display(), done + got as u64)),
+            )?;
+            if n == 0 {
+                return Err(BackendError::Io {
+                    what: format!(
+                        "read {}: it ends at {} of {total} bytes",
+                        src.display(),
+                        done + got as u64
+                    ),
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                });
+            }
+            got += n;
+        }
+        let mut put = 0;
+        while put < want {
+            let n = rustix::io::pwrite(&to, &buf[put..want], done + put as u64).map_err(io_err(
+                format!("write {} at {}", dst.display(), done + put as u64),
+            ))?;
+            if n == 0 {
+                return Err(BackendError::Io {
+                    what: format!("write {}: no space at {}", dst.display(), done + put as u64),
+                    source: std::io::ErrorKind::WriteZero.into(),
+                });
+            }
+            put += n;
+        }
+        done += want as u64;
+        if done - reported >= PROGRESS_EVERY {
+            reported = done;
+            progress(done, total);
+        }
+    }
+    rustix::fs::fdatasync(&to).map_err(io_err(format!("fdatasync {}", dst.display())))?;
+    progress(total, total);
+    Ok(())
+}
+
+/// Activates a clone (idempotent): after a reboot, or a deactivation.
+pub fn clone_attach(vg: &str, lv_name: &str, owner: &str) -> Result<CloneInfo, BackendError> {
+    let mut scope = snapshot_scope(vg, lv_name)?;
+    let row = lv(&mut scope, lv_name)?.ok_or_else(|| gone(format!("the clone {vg}/{lv_name}")))?;
+    check_owner_tag(vg, &row, owner)?;
+    activate(&scope, lv_name)?;
+    // A thick clone is a plain LV: its method is Copy.
+    let backend = if row.segtype == "thin" {
+        BackendKind::LvmThin
+    } else {
+        BackendKind::LvmThick
+    };
+    info(vg, lv_name, owner, backend)
+}
+
+/// Removes a clone LV carrying `owner`'s tag (lvremove deactivates it; an LV in use is refused by
+/// LVM and kept).
+pub fn clone_delete(vg: &str, lv_name: &str, owner: &str) -> Result<Deleted, BackendError> {
+    delete(vg, lv_name, owner)
 }
 
 #[cfg(test)]

@@ -12,13 +12,15 @@ use crate::api::CloneMethod;
 
 use super::executor::{CloneOps, Recovered, Restores};
 use super::journal::{CloneRecord, CloneState, Outcome, RestoreJournal, Stage};
-use super::lifecycle::RESTARTED;
+use super::lifecycle::{Journaled, RESTARTED};
 
 #[derive(Default)]
 struct Fake {
     dir: PathBuf,
     fail_create: Mutex<HashSet<String>>,
     fail_delete: Mutex<HashSet<String>>,
+    /// Volumes whose create reports 10 of 100 bytes copied, many times, then waits this long.
+    slow: Mutex<Option<(String, Duration)>>,
     attached: Mutex<Vec<String>>,
 }
 
@@ -79,6 +81,14 @@ impl CloneOps for Fake {
             return Err(BackendError::AlreadyExists {
                 what: image.display().to_string(),
             });
+        }
+        let slow = self.slow.lock().unwrap().clone();
+        if let Some((pv, wait)) = slow.filter(|(pv, _)| *pv == pv_of(&plan.handle)) {
+            let _ = pv;
+            for copied in 1..=10 {
+                progress(copied, 100);
+            }
+            std::thread::sleep(wait);
         }
         progress(50, 100);
         progress(100, 100);
@@ -219,7 +229,7 @@ fn every_clone_is_made_journaled_and_reported() {
             .cloned_at
             .ends_with('Z')
     );
-    assert!(!v.behind);
+    assert_eq!(v.journaled, Journaled::Yes);
     assert!(w.image("a").exists() && w.image("b").exists());
     assert!(*notified.lock().unwrap() >= 3, "made, made, ended");
     let journaled = RestoreJournal::open(w.state.path())
@@ -303,6 +313,10 @@ fn a_restart_mid_clone_rolls_back_and_a_restart_after_cloned_attaches() {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(w.image("a").exists());
+        while r.view("mid").unwrap().journaled != Journaled::Yes {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
         // The job thread sleeps on; this Restores is dropped and the journal opened anew.
     }
     let j = RestoreJournal::open(w.state.path()).unwrap();
@@ -406,4 +420,55 @@ fn release_deletes_only_that_clone_and_a_failed_delete_is_kept_and_retried() {
         }
     );
     assert!(!w.image("a").exists());
+}
+
+#[test]
+fn a_copy_reports_its_progress_at_most_every_second_and_forgets_it_once_done() {
+    let w = World::new();
+    *w.fake.slow.lock().unwrap() = Some(("b".into(), Duration::from_millis(400)));
+    let (r, _) = w.open(None);
+    let notified = Arc::new(Mutex::new(0));
+    {
+        let n = notified.clone();
+        r.set_change_notifier(Box::new(move |_| *n.lock().unwrap() += 1));
+    }
+    r.begin("restore", "ns", "nr", w.records(&r, &["a", "b"]))
+        .unwrap();
+    let start = Instant::now();
+    let seen = loop {
+        let v = r.view("restore").unwrap();
+        if let Some(p) = v.progress.get("b") {
+            break *p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no progress seen"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // The first call is reported, the nine that follow within the second are not.
+    assert_eq!(seen, (1, 100));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        r.view("restore").unwrap().progress.get("b"),
+        Some(&(1, 100))
+    );
+    let status = super::lifecycle::status(
+        &r.view("restore").unwrap().entry,
+        &r.view("restore").unwrap().progress,
+        Journaled::Yes,
+        &[],
+        None,
+    );
+    assert_eq!(status.volumes[1].copied_bytes, Some(1));
+    wait_done(&r, "restore");
+    let v = r.view("restore").unwrap();
+    assert_eq!(v.entry.stage, Stage::Cloned);
+    assert!(v.progress.is_empty());
+    // made a, progress of b (1, then the final 100 of 100), made b, Cloned, job ended.
+    assert!(
+        *notified.lock().unwrap() <= 8,
+        "{}",
+        notified.lock().unwrap()
+    );
 }

@@ -78,7 +78,12 @@ pub fn steps(
             .find(|v| v.persistent_volume == pv)
             .map(|v| v.state)
     };
+    // Failed: the agent deleted whatever it made; kept until the restore has seen it (it
+    // answers with Abort) or the restore is gone.
+    let failed_and_seen = status.phase == NodeRestorePhase::Failed
+        && (node.spec.action == NodeRestoreAction::Abort || !restore_exists);
     let all_gone = matches!(status.phase, NodeRestorePhase::Aborted)
+        || failed_and_seen
         || (!node.spec.volumes.is_empty()
             && node
                 .spec
@@ -257,6 +262,22 @@ mod tests {
         // Still cloning: stays.
         let n = node(&[("p1", false, Some(Cloned))], P::Cloned);
         assert!(!steps(&n, &BTreeMap::new(), true).delete);
+    }
+
+    #[test]
+    fn a_failed_node_restore_goes_once_its_restore_has_seen_it() {
+        let mut n = node(&[("p1", false, Some(CloneState::Failed))], P::Failed);
+        assert!(
+            !steps(&n, &BTreeMap::new(), true).delete,
+            "the restore must see it first"
+        );
+        n.spec.action = NodeRestoreAction::Abort;
+        assert!(steps(&n, &BTreeMap::new(), true).delete);
+        n.spec.action = NodeRestoreAction::Clone;
+        assert!(
+            steps(&n, &BTreeMap::new(), false).delete,
+            "its restore is gone"
+        );
     }
 
     #[test]
