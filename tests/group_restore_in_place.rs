@@ -1022,3 +1022,48 @@ async fn a_restore_deleted_while_fencing_scales_back_and_touches_nothing() {
     assert!(node_restores(&w).await.is_empty());
     release(&w).await;
 }
+
+#[tokio::test]
+async fn a_pod_that_starts_using_a_claim_while_cloning_stops_the_swap_before_it_starts() {
+    if !require_root() {
+        return;
+    }
+    let (mut w, _, _) = world_with_snapshot("ip-late-pod").await;
+    let _sweep = Sweep(w.pool.clone());
+    let before = claims_now(&w).await;
+    // The node's agent is away: the restore waits in Cloning.
+    w.agent("a").stop();
+    create_restore(&w, "late", json!({}), 120).await;
+    wait_until(&w, "late", "Cloning", |r| {
+        phase_of(r) == RestorePhase::Cloning
+    })
+    .await;
+    let pods: Api<Pod> = w.env.api();
+    pods.create(&PostParams::default(), &pod("latecomer", &["data"]))
+        .await
+        .expect("pod");
+    w.start_agent("a");
+    let restore = wait_restore(&w, "late", RestorePhase::Failed).await;
+    let status = restore.status.expect("status");
+    let message = status.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("pods started using the claims") && message.contains("latecomer"),
+        "{message}"
+    );
+    assert!(status.pre_restore.is_empty(), "{:?}", status.pre_restore);
+    assert_eq!(claims_now(&w).await, before, "the claims were touched");
+    for (policy, label) in old_pv_marks(&w).await {
+        assert_eq!((policy.as_str(), label), ("Delete", None));
+    }
+    let restores_dir = w.pool.join(".tandem-restores");
+    eventually(WAIT, "every clone gone", || {
+        let restores_dir = restores_dir.clone();
+        async move {
+            let images = std::fs::read_dir(&restores_dir)
+                .map(|d| d.count())
+                .unwrap_or(0);
+            (images == 0).then_some(())
+        }
+    })
+    .await;
+}
