@@ -60,15 +60,16 @@ impl Drop for Sweep {
 /// Seeds of the file each claim holds at the snapshot.
 const CLAIMS: [(&str, u64); 2] = [("data", 11), ("wal", 22)];
 
-/// A group of two XFS claims on node `a`, a Ready snapshot `snap` of them holding `before.bin`,
-/// and `after.bin` written after it. The member PVs are set to reclaim Delete, so that the
-/// restore's switch to Retain shows.
+/// A group of two XFS claims, `data` on node `a` and `wal` on node `b` (one NodeRestore each), a
+/// Ready snapshot `snap` of them holding `before.bin`, and `after.bin` written after it. The
+/// member PVs are set to reclaim Delete, so that the restore's switch to Retain shows.
 async fn world_with_snapshot(name: &str) -> (World, GroupSnapshot, BTreeMap<String, String>) {
     let mut w = World::new(name).await;
-    for (claim, _) in CLAIMS {
-        w.add_volume(claim, "a", "xfs", &[("app", "shop")]).await;
+    for (claim, node) in [("data", "a"), ("wal", "b")] {
+        w.add_volume(claim, node, "xfs", &[("app", "shop")]).await;
     }
     w.start_agent("a");
+    w.start_agent("b");
     w.start_controller();
     w.create_group(
         "shop",
@@ -258,7 +259,7 @@ async fn in_place_brings_the_claims_back_under_their_names_and_keeps_the_old_vol
     create_restore(&w, "back", json!({}), 120).await;
     let restore = wait_restore(&w, "back", RestorePhase::Completed).await;
     eprintln!(
-        "InPlace restore of 2 members on 1 node: applied to Completed in {:?}",
+        "InPlace restore of 2 members on 2 nodes: applied to Completed in {:?}",
         applied.elapsed()
     );
     let status = restore.status.expect("status");
