@@ -389,6 +389,11 @@ async fn reconcile_node_restore(
             &Patch::Merge(json!({"spec": {"action": NodeRestoreAction::Abort}})),
         )
         .await?;
+        // The claims that restore created for this node wait for nothing now.
+        if let Some(uid) = &uid {
+            let claims: Vec<String> = node.spec.volumes.iter().map(|v| v.claim.clone()).collect();
+            clones::delete_created_claims(&rctx, &namespace, uid, &claims).await?;
+        }
     }
     if steps.delete {
         info!(noderestore = %name, "every clone is gone: deleting");
