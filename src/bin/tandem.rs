@@ -21,8 +21,6 @@ struct Cli {
 // Parsed once at start; boxing the agent's flags would save nothing that matters.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
-// Parsed once at start: the size of the agent's flags does not matter.
-#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the controller (ConsistencyGroup and GroupSnapshot reconcilers).
     Controller(tandem::controller::ControllerArgs),
