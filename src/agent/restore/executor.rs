@@ -26,7 +26,7 @@ use super::journal::{
     CloneRecord, CloneState, MadeClone, Outcome, Problem, RestoreEntry, RestoreJournal,
     RestoreJournalError, Stage,
 };
-use super::lifecycle::{self, ProgressMap};
+use super::lifecycle::{self, Journaled, ProgressMap};
 
 /// The clone backends as the executor uses them.
 pub trait CloneOps: Send + Sync {
@@ -79,8 +79,8 @@ pub enum RestoreError {
 #[derive(Debug, Clone)]
 pub struct View {
     pub entry: RestoreEntry,
-    /// The entry in memory is ahead of the journal (a write failed; retried).
-    pub behind: bool,
+    /// Whether the entry in memory is what the journal holds.
+    pub journaled: Journaled,
     /// A clone job of this run is in flight.
     pub running: bool,
     pub progress: ProgressMap,
@@ -104,7 +104,7 @@ pub enum Recovered {
 #[derive(Debug)]
 struct Tracked {
     entry: RestoreEntry,
-    behind: bool,
+    journaled: Journaled,
     running: bool,
     /// Set to stop a job in flight (with the message to end with).
     cancel: Option<String>,
@@ -202,7 +202,11 @@ impl Restores {
                 key.clone(),
                 Tracked {
                     entry,
-                    behind: restarted.is_some(),
+                    journaled: if restarted.is_some() {
+                        Journaled::Writing
+                    } else {
+                        Journaled::Yes
+                    },
                     running: false,
                     cancel: None,
                     progress: ProgressMap::new(),
@@ -247,7 +251,7 @@ impl Restores {
     pub fn view(&self, key: &str) -> Option<View> {
         lock(&self.inner.tracked).get(key).map(|t| View {
             entry: t.entry.clone(),
-            behind: t.behind,
+            journaled: t.journaled,
             running: t.running,
             progress: t.progress.clone(),
         })
@@ -278,6 +282,8 @@ impl Restores {
                 return;
             };
             change(&mut t.entry);
+            // Ahead of the journal until the write returns: nothing of it is durable yet.
+            t.journaled = Journaled::Writing;
             t.entry.clone()
         };
         let written = self.inner.journal.write(&entry);
@@ -285,16 +291,25 @@ impl Restores {
             tracing::warn!(key, error = %e, "cannot write the clone journal; retried");
         }
         if let Some(t) = lock(&self.inner.tracked).get_mut(key) {
-            t.behind = written.is_err();
+            t.journaled = if written.is_ok() {
+                Journaled::Yes
+            } else {
+                Journaled::Failed
+            };
         }
     }
 
-    /// Retries the journal write of a restore that is behind. Returns whether it still is.
+    /// Retries the journal write of a restore whose last write failed. Returns whether it still
+    /// fails.
     pub fn retry_journal(&self, key: &str) -> bool {
-        if self.view(key).is_some_and(|v| v.behind) {
+        if self
+            .view(key)
+            .is_some_and(|v| v.journaled == Journaled::Failed)
+        {
             self.commit(key, |_| {});
         }
-        self.view(key).is_some_and(|v| v.behind)
+        self.view(key)
+            .is_some_and(|v| v.journaled == Journaled::Failed)
     }
 
     /// Journals the intent (stage Cloning, every clone an intent) durably, then starts the clone
@@ -326,7 +341,7 @@ impl Restores {
                 key.to_string(),
                 Tracked {
                     entry,
-                    behind: false,
+                    journaled: Journaled::Yes,
                     running: true,
                     cancel: None,
                     progress: ProgressMap::new(),

@@ -176,19 +176,27 @@ pub fn recovered(stage: Stage) -> Option<(Stage, &'static str)> {
 /// Per volume: bytes copied so far and the total, while a `Copy` runs.
 pub type ProgressMap = HashMap<String, (u64, u64)>;
 
-/// The status of a NodeRestore whose clones are journaled.
-///
-/// `journal_behind`: the entry in memory is not durably journaled yet (a failed write being
-/// retried); then `Cloned` is shown as `Cloning`, with a condition.
+/// Whether an entry in memory is what the journal holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Journaled {
+    Yes,
+    /// A write is in flight.
+    Writing,
+    /// The last write failed; retried.
+    Failed,
+}
+
+/// The status of a NodeRestore whose clones are journaled. `Cloned` is shown only once durable
+/// (else as `Cloning`); a failed journal write is a condition.
 pub fn status(
     entry: &RestoreEntry,
     progress: &ProgressMap,
-    journal_behind: bool,
+    journaled: Journaled,
     previous: &[Condition],
     generation: Option<i64>,
 ) -> NodeRestoreStatus {
     let phase = match entry.stage {
-        Stage::Cloned if !journal_behind => NodeRestorePhase::Cloned,
+        Stage::Cloned if journaled == Journaled::Yes => NodeRestorePhase::Cloned,
         Stage::Cloning | Stage::Cloned | Stage::RollingBack { .. } => NodeRestorePhase::Cloning,
         Stage::Ended {
             outcome: Outcome::Failed,
@@ -295,7 +303,7 @@ pub fn status(
             ));
         }
     }
-    if journal_behind {
+    if journaled == Journaled::Failed {
         conditions.push(condition(
             previous,
             CONDITION_JOURNAL_FAILED,
@@ -871,7 +879,13 @@ mod tests {
     #[test]
     fn status_follows_the_entry() {
         let none = ProgressMap::new();
-        let s = status(&entry(Stage::Cloned, &[M, M]), &none, false, &[], Some(3));
+        let s = status(
+            &entry(Stage::Cloned, &[M, M]),
+            &none,
+            Journaled::Yes,
+            &[],
+            Some(3),
+        );
         assert_eq!(s.phase, P::Cloned);
         assert_eq!(s.observed_generation, Some(3));
         assert!(s.volumes.iter().all(|v| {
@@ -888,18 +902,28 @@ mod tests {
         }));
         assert_eq!(s.conditions[0].status, "True");
 
-        // Not durable yet: never Cloned.
-        let s = status(&entry(Stage::Cloned, &[M, M]), &none, true, &[], None);
+        // Not durable yet: never Cloned; a failed write is a condition, one in flight is not.
+        let cloned = entry(Stage::Cloned, &[M, M]);
+        let s = status(&cloned, &none, Journaled::Failed, &[], None);
         assert_eq!(s.phase, P::Cloning);
         assert!(
             s.conditions
                 .iter()
                 .any(|c| c.type_ == CONDITION_JOURNAL_FAILED)
         );
+        let s = status(&cloned, &none, Journaled::Writing, &[], None);
+        assert_eq!(s.phase, P::Cloning);
+        assert_eq!(s.conditions.len(), 1);
 
         // Progress of a copy in flight.
         let progress = ProgressMap::from([("pv-1".to_string(), (10u64, 100u64))]);
-        let s = status(&entry(Stage::Cloning, &[M, I]), &progress, false, &[], None);
+        let s = status(
+            &entry(Stage::Cloning, &[M, I]),
+            &progress,
+            Journaled::Yes,
+            &[],
+            None,
+        );
         assert_eq!(s.phase, P::Cloning);
         assert_eq!(s.volumes[1].state, ApiCloneState::Cloning);
         assert_eq!(s.volumes[1].copied_bytes, Some(10));
@@ -915,7 +939,7 @@ mod tests {
         );
         e.message = Some(ABORTED.into());
         e.clones[0].problem = Some(Problem::Delete("EPERM".into()));
-        let s = status(&e, &none, false, &[], None);
+        let s = status(&e, &none, Journaled::Yes, &[], None);
         assert_eq!(s.phase, P::Cloning);
         assert!(s.message.as_deref().unwrap().contains("rolling back"));
         assert!(
@@ -927,7 +951,7 @@ mod tests {
         assert_eq!(s.volumes[1].path, None);
         assert!(s.volumes[0].message.as_deref().unwrap().contains("EPERM"));
         e.clones[0].problem = Some(Problem::Attach("no loop device".into()));
-        let s = status(&e, &none, false, &[], None);
+        let s = status(&e, &none, Journaled::Yes, &[], None);
         assert!(
             s.conditions
                 .iter()
@@ -947,7 +971,7 @@ mod tests {
             &[D, F],
         );
         e.message = Some("clone of pv-1 failed: no space".into());
-        let s = status(&e, &none, false, &[], None);
+        let s = status(&e, &none, Journaled::Yes, &[], None);
         assert_eq!(s.phase, P::Failed);
         assert_eq!(s.volumes[1].state, ApiCloneState::Failed);
         assert_eq!(s.conditions.len(), 1);
@@ -960,7 +984,7 @@ mod tests {
                 &[D, D],
             ),
             &none,
-            false,
+            Journaled::Yes,
             &[],
             None,
         );

@@ -12,7 +12,7 @@ use crate::api::CloneMethod;
 
 use super::executor::{CloneOps, Recovered, Restores};
 use super::journal::{CloneRecord, CloneState, Outcome, RestoreJournal, Stage};
-use super::lifecycle::RESTARTED;
+use super::lifecycle::{Journaled, RESTARTED};
 
 #[derive(Default)]
 struct Fake {
@@ -229,7 +229,7 @@ fn every_clone_is_made_journaled_and_reported() {
             .cloned_at
             .ends_with('Z')
     );
-    assert!(!v.behind);
+    assert_eq!(v.journaled, Journaled::Yes);
     assert!(w.image("a").exists() && w.image("b").exists());
     assert!(*notified.lock().unwrap() >= 3, "made, made, ended");
     let journaled = RestoreJournal::open(w.state.path())
@@ -313,6 +313,10 @@ fn a_restart_mid_clone_rolls_back_and_a_restart_after_cloned_attaches() {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(w.image("a").exists());
+        while r.view("mid").unwrap().journaled != Journaled::Yes {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
         // The job thread sleeps on; this Restores is dropped and the journal opened anew.
     }
     let j = RestoreJournal::open(w.state.path()).unwrap();
@@ -452,7 +456,7 @@ fn a_copy_reports_its_progress_at_most_every_second_and_forgets_it_once_done() {
     let status = super::lifecycle::status(
         &r.view("restore").unwrap().entry,
         &r.view("restore").unwrap().progress,
-        false,
+        Journaled::Yes,
         &[],
         None,
     );

@@ -239,7 +239,7 @@ fn from_view(
     Some(lifecycle::status(
         &v.entry,
         &v.progress,
-        v.behind,
+        v.journaled,
         &current.conditions,
         generation,
     ))
