@@ -183,6 +183,8 @@ fn template_with_default_values_renders_every_part_wired_to_the_binary() {
         "ValidatingAdmissionPolicyBinding/tandem-agent-node-restriction",
         "ValidatingAdmissionPolicy/tandem-group-snapshot-finalizer",
         "ValidatingAdmissionPolicyBinding/tandem-group-snapshot-finalizer",
+        "ValidatingAdmissionPolicy/tandem-group-restore-finalizer",
+        "ValidatingAdmissionPolicyBinding/tandem-group-restore-finalizer",
         "Deployment/tandem-controller",
         "DaemonSet/tandem-agent",
         "Service/tandem-controller-metrics",
@@ -905,7 +907,7 @@ async fn kubectl_apply_of_deploy_twice_changes_nothing() {
     let first = kubectl_admin(&["apply", "-f", &deploy]);
     assert!(first.contains("daemonset.apps/tandem-agent"), "{first}");
     let before = live_objects(&[&deploy]);
-    assert_eq!(before.len(), 24, "every object of deploy/ exists");
+    assert_eq!(before.len(), 26, "every object of deploy/ exists");
     // The API server accepted them as they are: the pod template really reaches a Pod.
     let deploy_ok = kubectl_admin(&[
         "-n",
@@ -962,7 +964,7 @@ async fn kubectl_apply_of_deploy_twice_changes_nothing() {
     let before = live_objects(&[&file]);
     kubectl_admin(&ssa);
     let after = live_objects(&[&file]);
-    assert_eq!(before.len(), 18);
+    assert_eq!(before.len(), 20);
     assert_eq!(before, after, "a second server-side apply changed objects");
 
     // Leave the cluster-wide objects of deploy/ behind for no one (CRDs stay: other tests use them).
@@ -998,10 +1000,10 @@ async fn helm_install_upgrade_and_uninstall_in_the_control_plane() {
     assert!(out.contains("crds.install is false"), "NOTES: {out}");
     let manifest = helm_ok(&["get", "manifest", "tandem-it", "-n", ns]);
     let objects = parse_objects(&manifest);
-    assert_eq!(objects.len(), 18, "{:?}", kinds_and_names(&objects));
+    assert_eq!(objects.len(), 20, "{:?}", kinds_and_names(&objects));
     let (_dir, file) = temp_file("manifest.yaml", &manifest);
     let live = live_objects(&[file.to_str().unwrap()]);
-    assert_eq!(live.len(), 18, "every object is in the API server");
+    assert_eq!(live.len(), 20, "every object is in the API server");
     // The API server took the restore StorageClass as rendered.
     let sc: Value = serde_json::from_str(&kubectl_admin(&[
         "get",
@@ -1271,7 +1273,6 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "list noderestores.tandem.dev -A",
         "watch noderestores.tandem.dev -A",
         "patch noderestores.tandem.dev",
-        "get noderestores.tandem.dev --subresource=status",
         "patch noderestores.tandem.dev --subresource=status",
         "create events.events.k8s.io",
         "patch events.events.k8s.io",
@@ -1333,7 +1334,6 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "watch grouprestores.tandem.dev -A",
         "patch grouprestores.tandem.dev",
         "patch grouprestores.tandem.dev --subresource=status",
-        "update grouprestores.tandem.dev --subresource=finalizers",
         "get noderestores.tandem.dev -A",
         "list noderestores.tandem.dev -A",
         "watch noderestores.tandem.dev -A",
@@ -1342,25 +1342,19 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "delete noderestores.tandem.dev",
         "create persistentvolumes",
         "patch persistentvolumes",
-        "update persistentvolumes",
         "delete persistentvolumes",
         "create persistentvolumeclaims",
         "patch persistentvolumeclaims",
         "delete persistentvolumeclaims",
         "get storageclasses.storage.k8s.io",
-        "list storageclasses.storage.k8s.io",
-        "watch storageclasses.storage.k8s.io",
         "list resourcequotas -A",
-        "watch resourcequotas -A",
-        "get resourcequotas",
         "list pods -A",
         "watch pods -A",
-        "get deployments.apps",
-        "list statefulsets.apps -A",
-        "watch replicasets.apps -A",
+        "get replicasets.apps",
         "get deployments.apps --subresource=scale",
         "patch deployments.apps --subresource=scale",
-        "update statefulsets.apps --subresource=scale",
+        "get statefulsets.apps --subresource=scale",
+        "patch statefulsets.apps --subresource=scale",
     ] {
         expect(&mut wrong, &controller, "controller", check, true);
     }
@@ -1400,7 +1394,14 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "patch deployments.apps",
         "update statefulsets.apps",
         "delete deployments.apps",
+        "get deployments.apps",
+        "list statefulsets.apps -A",
+        "update deployments.apps --subresource=scale",
         "patch replicasets.apps --subresource=scale",
+        "update persistentvolumes",
+        "update grouprestores.tandem.dev --subresource=finalizers",
+        "list storageclasses.storage.k8s.io",
+        "get resourcequotas",
         "delete pods",
         "create storageclasses.storage.k8s.io",
         "patch resourcequotas",
@@ -1519,20 +1520,17 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
             "leases.coordination.k8s.io [] [] [create]",
             "nodesnapshots.tandem.dev [] [] [get list watch create patch delete]",
             "nodes [] [] [list watch]",
-            "grouprestores.tandem.dev/finalizers [] [] [update]",
             "grouprestores.tandem.dev/status [] [] [patch]",
             "grouprestores.tandem.dev [] [] [get list watch patch]",
             "noderestores.tandem.dev [] [] [get list watch create patch delete]",
             "persistentvolumeclaims [] [] [get list watch create patch delete]",
-            "persistentvolumes [] [] [get list watch create update patch delete]",
-            "storageclasses.storage.k8s.io [] [] [get list watch]",
-            "resourcequotas [] [] [get list watch]",
+            "persistentvolumes [] [] [get list watch create patch delete]",
+            "storageclasses.storage.k8s.io [] [] [get]",
+            "resourcequotas [] [] [list]",
             "pods [] [] [list watch]",
-            "deployments.apps [] [] [get list watch]",
-            "statefulsets.apps [] [] [get list watch]",
-            "replicasets.apps [] [] [get list watch]",
-            "deployments.apps/scale [] [] [get patch update]",
-            "statefulsets.apps/scale [] [] [get patch update]",
+            "replicasets.apps [] [] [get]",
+            "deployments.apps/scale [] [] [get patch]",
+            "statefulsets.apps/scale [] [] [get patch]",
         ])
     );
 }
@@ -1885,7 +1883,8 @@ fn remove_finalizers(kubeconfig: &Path, ns: &str, name: &str) -> Result<String, 
 }
 
 #[tokio::test]
-async fn only_the_controller_removes_the_finalizer_of_a_started_group_snapshot() {
+async fn only_the_controller_removes_the_finalizer_of_a_started_group_snapshot_or_running_restore()
+{
     // Alone: a release's guard is cluster-wide and lets only its own controller through.
     let _crds = CRD_LOCK.write().await;
     let env = TestEnv::new("helm-fin").await;
@@ -1975,4 +1974,96 @@ async fn only_the_controller_removes_the_finalizer_of_a_started_group_snapshot()
     // The controller's own identity removes it.
     remove_finalizers(&controller, ns, "started").expect("the controller may");
     remove_finalizers(&controller, ns, "started-2").expect("the controller may");
+
+    // GroupRestores: guarded while they run (members recorded, not Completed or Failed).
+    for (name, phase) in [
+        ("cloning", Some("Cloning")),
+        ("cloning-2", Some("Cloning")),
+        ("completed", Some("Completed")),
+        ("failed", Some("Failed")),
+        ("unstarted", None),
+    ] {
+        finalized_group_restore(&env, name, phase);
+    }
+    let denied = support::eventually(
+        Duration::from_secs(30),
+        "the restore finalizer guard policy",
+        || async {
+            match remove_restore_finalizers(&editor, ns, "cloning") {
+                Err(denied) => Some(denied),
+                Ok(_) => {
+                    env.kubectl(&[
+                        "patch",
+                        "grouprestore",
+                        "cloning",
+                        "--type=merge",
+                        "-p",
+                        r#"{"metadata":{"finalizers":["tandem.dev/group-restore"]}}"#,
+                    ])
+                    .expect("put the finalizer back");
+                    None
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        denied.contains(
+            "only the tandem controller may remove the finalizer tandem.dev/group-restore"
+        ) && denied.contains(&format!("{ns}/cloning")),
+        "{denied}"
+    );
+    let denied =
+        remove_restore_finalizers(&admin, ns, "cloning").expect_err("admins are guarded too");
+    assert!(denied.contains("only the tandem controller"), "{denied}");
+    for finished in ["completed", "failed", "unstarted"] {
+        remove_restore_finalizers(&editor, ns, finished)
+            .unwrap_or_else(|e| panic!("{finished}: nothing left to roll back, no guard: {e}"));
+    }
+    remove_restore_finalizers(&controller, ns, "cloning").expect("the controller may");
+    remove_restore_finalizers(&controller, ns, "cloning-2").expect("the controller may");
+}
+
+/// A GroupRestore as the controller leaves it: its finalizer, and with a phase, a status that
+/// records a member (it has started cloning).
+fn finalized_group_restore(env: &TestEnv, name: &str, phase: Option<&str>) {
+    let restore = json!({
+        "apiVersion": "tandem.dev/v1alpha1", "kind": "GroupRestore",
+        "metadata": {"name": name, "finalizers": ["tandem.dev/group-restore"]},
+        "spec": {"source": {"groupSnapshotName": "gs"}, "mode": "NewClaims"}
+    });
+    let (_d, file) = temp_file("grestore.json", &restore.to_string());
+    env.kubectl(&["create", "-f", file.to_str().unwrap()])
+        .expect("create grestore");
+    if let Some(phase) = phase {
+        let status = json!({"status": {"phase": phase, "members": [
+            {"sourceClaim": "data", "claim": "data-r", "persistentVolume": "tandem-0123456789", "node": "node-a"}
+        ]}});
+        env.kubectl(&[
+            "patch",
+            "grouprestore",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ])
+        .expect("status");
+    }
+}
+
+fn remove_restore_finalizers(kubeconfig: &Path, ns: &str, name: &str) -> Result<String, String> {
+    kubectl_as(
+        kubeconfig,
+        &[
+            "-n",
+            ns,
+            "patch",
+            "grouprestore",
+            name,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ],
+    )
 }
