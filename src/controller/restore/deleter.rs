@@ -46,13 +46,20 @@ fn is_ours(pv: &PersistentVolume, node: &NodeRestore) -> bool {
         && pv.labels().get(GROUP_RESTORE_UID_LABEL) == uid
 }
 
-/// Whether a PV's claim is gone (or the PV is being deleted): its clone may go.
+/// Whether a PV's claim is gone (or the PV is being deleted): its clone may go. A PV set to
+/// reclaim Retain (an InPlace restore's undo point) is kept until it is deleted.
 fn released(pv: &PersistentVolume) -> bool {
+    let retained = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+        == Some("Retain");
     pv.metadata.deletion_timestamp.is_some()
-        || matches!(
-            pv.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Released" | "Failed")
-        )
+        || !retained
+            && matches!(
+                pv.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Released" | "Failed")
+            )
 }
 
 /// Decides, from the NodeRestore, the PVs by name and whether its GroupRestore (same name and uid)
@@ -220,6 +227,21 @@ mod tests {
         // A PV deleted by hand is released too.
         let s = steps(&n, &BTreeMap::from([pv("p1", "Bound", true)]), true);
         assert_eq!(s.release, ["p1"]);
+        // Kept (Retain: an InPlace restore replaced its claim): released only once deleted.
+        let (name, mut kept) = pv("p1", "Released", false);
+        kept.spec = Some(k8s_openapi::api::core::v1::PersistentVolumeSpec {
+            persistent_volume_reclaim_policy: Some("Retain".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            steps(&n, &BTreeMap::from([(name.clone(), kept.clone())]), true),
+            Steps::default()
+        );
+        kept.metadata.deletion_timestamp = Some(crate::controller::restore::now());
+        assert_eq!(
+            steps(&n, &BTreeMap::from([(name, kept)]), true).release,
+            ["p1"]
+        );
     }
 
     #[test]

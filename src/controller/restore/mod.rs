@@ -22,6 +22,8 @@
 
 pub mod clones;
 pub mod deleter;
+mod fence;
+mod in_place;
 mod new_claims;
 pub mod plan;
 pub mod quota;
@@ -101,7 +103,9 @@ fn restore_of_claim(claim: &PersistentVolumeClaim) -> Option<ObjectRef<GroupRest
 }
 
 fn restore_of_volume(pv: &PersistentVolume) -> Option<ObjectRef<GroupRestore>> {
-    let name = pv.labels().get(GROUP_RESTORE_LABEL)?;
+    // Also an InPlace restore's undo point: its claim going wakes the swap.
+    let name = (pv.labels().get(GROUP_RESTORE_LABEL))
+        .or_else(|| pv.labels().get(crate::api::PRE_RESTORE_LABEL))?;
     let namespace = pv.spec.as_ref()?.claim_ref.as_ref()?.namespace.clone()?;
     Some(ObjectRef::new(name).within(&namespace))
 }
@@ -163,7 +167,20 @@ pub async fn run_restore_controllers(
     });
 
     let restores_for_snapshots = restores.clone();
+    // InPlace: pods going (or coming) wake the fence and the swap.
+    let pods_api: Api<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Pod>> =
+        match namespace {
+            Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+            None => Api::all(ctx.client.clone()),
+        };
+    let restores_for_pods = restores.clone();
     let group_restores = Controller::for_stream(restore_events, restores.clone())
+        .watches_stream(
+            watcher(pods_api, watcher::Config::default())
+                .default_backoff()
+                .touched_objects(),
+            move |pod| in_place::restores_for_pod(&restores_for_pods, &pod),
+        )
         .watches_stream(
             node_restore_copies.map(Ok::<_, watcher::Error>),
             |n: NodeRestore| {
@@ -285,24 +302,8 @@ async fn reconcile(restore: Arc<GroupRestore>, rctx: Arc<RestoreContext>) -> Res
     }
     match restore.spec.mode {
         RestoreMode::NewClaims => new_claims::reconcile(&restore, &rctx).await,
-        RestoreMode::InPlace => not_supported(&restore, &rctx).await,
+        RestoreMode::InPlace => in_place::reconcile(&restore, &rctx).await,
     }
-}
-
-/// Until InPlace is built: refused, with nothing touched.
-async fn not_supported(restore: &GroupRestore, rctx: &RestoreContext) -> Result<Action, Error> {
-    if terminal(restore) {
-        return Ok(Action::await_change());
-    }
-    clones::fail(
-        rctx,
-        restore,
-        restore.status.clone().unwrap_or_default(),
-        "NotSupported",
-        "mode InPlace is not supported by this controller yet; restore to new claims (mode NewClaims)"
-            .into(),
-    )
-    .await
 }
 
 /// The deleter: releases clones whose claims are gone, deletes their PVs once the clone is gone,
