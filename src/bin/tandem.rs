@@ -19,8 +19,6 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-// Parsed once at start: the size of the agent's flags does not matter.
-#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the controller (ConsistencyGroup and GroupSnapshot reconcilers).
     Controller(tandem::controller::ControllerArgs),
