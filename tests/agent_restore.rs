@@ -811,3 +811,71 @@ async fn a_btrfs_member_is_restored_as_a_directory_and_attached_again_after_a_re
     );
     setup.finish(&s).await;
 }
+
+/// A clone that cannot be deleted (`chattr +i` on its image) keeps the NodeRestore (and its
+/// finalizer) with a DeleteFailed condition and a Warning event, and is retried until it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_that_cannot_be_deleted_keeps_the_finalizer_and_is_retried() {
+    require_root!();
+    let mut s = Scratch::new();
+    let _loops = LoopGuard(s.dir.path().to_path_buf());
+    let setup = Setup::new(&mut s, "rs-stuck").await;
+    setup.create_restore("r", &[0, 1], |_, _| {}).await;
+    setup.wait_phase("r", NodeRestorePhase::Cloned).await;
+    let images = setup.clone_images();
+    assert_eq!(images.len(), 2);
+    let stuck = images[0].to_string_lossy().into_owned();
+    sh("chattr", &["+i", &stuck]);
+    struct Mutable(String);
+    impl Drop for Mutable {
+        fn drop(&mut self) {
+            let _ = sh_status("chattr", &["-i", &self.0]);
+        }
+    }
+    let mutable = Mutable(stuck.clone());
+
+    let api = setup.restores();
+    api.delete("r", &DeleteParams::default()).await.unwrap();
+    let shown = eventually(Duration::from_secs(60), "DeleteFailed shown", || async {
+        let o = api.get_opt("r").await.ok()??;
+        let st = o.status.clone()?;
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "DeleteFailed" && c.status == "True")
+            .then_some(o)
+    })
+    .await;
+    assert!(
+        has_finalizer(&shown),
+        "the finalizer stays while a clone is left"
+    );
+    assert_eq!(
+        shown.status.as_ref().unwrap().phase,
+        NodeRestorePhase::Cloning
+    );
+    assert!(
+        message(&shown).contains("rolling back"),
+        "{}",
+        message(&shown)
+    );
+    assert_eq!(
+        setup.clone_images(),
+        vec![PathBuf::from(&stuck)],
+        "only the stuck one is left"
+    );
+    let events = setup
+        .env
+        .kubectl(&["get", "events", "-o", "jsonpath={.items[*].reason}"])
+        .unwrap();
+    assert!(events.contains("DeleteFailed"), "{events}");
+
+    drop(mutable);
+    eventually(
+        Duration::from_secs(90),
+        "the NodeRestore gone once the delete works",
+        || async { api.get_opt("r").await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    setup.assert_no_clone(&s);
+    setup.finish(&s).await;
+}
