@@ -9,6 +9,7 @@ mod http;
 pub mod membership;
 mod metrics;
 mod orphans;
+pub mod restore;
 mod snapshot;
 
 use std::collections::{HashMap, HashSet};
@@ -50,6 +51,11 @@ pub struct ControllerArgs {
     /// Run only while holding the Lease `tandem-controller` in POD_NAMESPACE (for more than one replica).
     #[arg(long, env = "TANDEM_LEADER_ELECT")]
     pub leader_elect: bool,
+
+    /// The StorageClass of restored claims (default `tandem-restore`; its provisioner must be
+    /// `tandem.dev/restore`).
+    #[arg(long, env = "TANDEM_RESTORE_STORAGE_CLASS")]
+    pub restore_storage_class: Option<String>,
 }
 
 /// The Lease that elects the one active controller replica.
@@ -247,6 +253,8 @@ async fn run_controllers(
     let node_snapshots_changed = Arc::new(tokio::sync::Notify::new());
     // Node changes need no reconcile of their own (a relabelled node is rare); the cache is enough.
     tokio::spawn(node_events.for_each(|_| async {}));
+    let (claim_events, restore_claims) = restore::tee(claim_events);
+    let (volume_events, restore_volumes) = restore::tee(volume_events);
     let claim_events = drive_in_background("claims", claim_events, None);
     let volume_events = drive_in_background("volumes", volume_events, None);
     let node_snapshot_events = drive_in_background(
@@ -302,6 +310,13 @@ async fn run_controllers(
                 args.namespace.as_deref(),
                 node_snapshot_events.boxed(),
                 woken.boxed(),
+            ),
+            restore::run_restore_controllers(
+                ctx.clone(),
+                args.namespace.as_deref(),
+                args.restore_storage_class.clone(),
+                restore_claims,
+                restore_volumes,
             ),
         )
     };

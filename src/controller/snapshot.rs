@@ -22,9 +22,9 @@ use tracing::{info, warn};
 use super::barrier::{NodeView, Step, next_step};
 use super::{CONTROLLER_NAME, Context, Error, cache_ready, publish_event};
 use crate::api::{
-    CONDITION_READY, Consistency, ConsistencyGroup, DeletionPolicy, FreezePolicy, GroupSnapshot,
-    GroupSnapshotPhase, GroupSnapshotStatus, MemberSnapshot, NodeAction, NodeFreezeWindow,
-    NodePhase, NodeSnapshot, NodeSnapshotSpec, NodeVolume,
+    CONDITION_READY, Consistency, ConsistencyGroup, DeletionPolicy, FreezePolicy, GroupRestore,
+    GroupSnapshot, GroupSnapshotPhase, GroupSnapshotStatus, MemberSnapshot, NodeAction,
+    NodeFreezeWindow, NodePhase, NodeSnapshot, NodeSnapshotSpec, NodeVolume, RestorePhase,
 };
 use crate::conditions::condition;
 use crate::finalizer;
@@ -336,12 +336,19 @@ async fn start(
         .members
         .iter()
         .filter_map(|m| {
-            Some(MemberSnapshot {
+            let mut member = MemberSnapshot {
                 claim: m.claim.clone(),
                 persistent_volume: m.persistent_volume.clone()?,
                 node: m.node.clone()?,
                 ..Default::default()
-            })
+            };
+            // What a restore needs even when the source PV and claim are gone by then.
+            let volume = ctx.volumes.get(&ObjectRef::new(&member.persistent_volume));
+            let claim = ctx
+                .claims
+                .get(&ObjectRef::new(&member.claim).within(&namespace));
+            record_shape(&mut member, volume.as_deref(), claim.as_deref());
+            Some(member)
         })
         .collect();
 
@@ -410,6 +417,30 @@ async fn start(
     )
     .await;
     Ok(Action::requeue(Duration::from_millis(10)))
+}
+
+/// Records a member's capacity, volume mode, access modes and StorageClass from its PV and claim.
+fn record_shape(
+    member: &mut MemberSnapshot,
+    volume: Option<&k8s_openapi::api::core::v1::PersistentVolume>,
+    claim: Option<&k8s_openapi::api::core::v1::PersistentVolumeClaim>,
+) {
+    let volume_spec = volume.and_then(|v| v.spec.as_ref());
+    let claim_spec = claim.and_then(|c| c.spec.as_ref());
+    member.capacity = volume_spec
+        .and_then(|s| s.capacity.as_ref())
+        .and_then(|c| c.get("storage").cloned());
+    member.volume_mode = volume_spec
+        .and_then(|s| s.volume_mode.clone())
+        .or_else(|| claim_spec.and_then(|s| s.volume_mode.clone()))
+        .or_else(|| Some("Filesystem".into()));
+    member.access_modes = claim_spec
+        .and_then(|s| s.access_modes.clone())
+        .or_else(|| volume_spec.and_then(|s| s.access_modes.clone()))
+        .unwrap_or_default();
+    member.storage_class_name = claim_spec
+        .and_then(|s| s.storage_class_name.clone())
+        .or_else(|| volume_spec.and_then(|s| s.storage_class_name.clone()));
 }
 
 /// Group conditions that mean its members cannot be resolved at all (no point in waiting).
@@ -853,11 +884,16 @@ fn wait_message(status: &mut GroupSnapshotStatus, message: String) -> bool {
 /// Copies what the agents reported into the member list and the freeze windows.
 fn fill_members(status: &mut GroupSnapshotStatus, nodes: &BTreeMap<String, NodeSnapshot>) {
     for member in &mut status.members {
-        let reported = nodes
-            .get(&member.node)
+        let node = nodes.get(&member.node);
+        if let Some(n) = node {
+            member.node_snapshot = Some(n.name_any());
+        }
+        let reported = node
             .and_then(|n| n.status.as_ref())
             .and_then(|s| s.volumes.iter().find(|v| v.claim == member.claim));
         if let Some(v) = reported {
+            member.backend = v.backend.clone();
+            member.filesystem = v.filesystem.clone();
             member.snapshot_handle = v.snapshot_handle.clone();
             member.size = v.size_bytes.map(|b| Quantity(b.to_string()));
             member.cut_time = v.cut_time.clone();
@@ -1011,6 +1047,26 @@ async fn cleanup(
     let name = snapshot.name_any();
     let uid = snapshot.uid().ok_or(Error::MissingUid)?;
     let mut status = snapshot.status.clone().unwrap_or_default();
+    // A restore from this snapshot that has not ended still needs its member snapshots.
+    let namespace = snapshot.namespace().ok_or(Error::MissingNamespace)?;
+    let restores: Api<GroupRestore> = Api::namespaced(ctx.client.clone(), &namespace);
+    let running = restores_running(
+        &restores.list(&ListParams::default()).await?.items,
+        &name,
+        &uid,
+    );
+    if !running.is_empty() {
+        let message = format!(
+            "waiting for GroupRestore(s) {} from this snapshot to complete or fail before deleting it",
+            running.join(", ")
+        );
+        if status.message.as_deref() != Some(message.as_str()) {
+            status.message = Some(message);
+            write_status(api, &name, &status).await?;
+        }
+        // The restore wakes this snapshot when it ends; the fallback covers a restart.
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
     // Ready is the only phase that sets a consistency.
     let was_ready = status.consistency.is_some();
     let listed = nodes_api
@@ -1136,6 +1192,26 @@ async fn cleanup(
     }
     info!(snapshot = %name, policy = ?snapshot.spec.deletion_policy, kept = ?kept, "deleted");
     Ok(Action::await_change())
+}
+
+/// The GroupRestores of `restores` that restore from this snapshot (by name, and by uid once
+/// started) and have not ended.
+fn restores_running(restores: &[GroupRestore], snapshot: &str, uid: &str) -> Vec<String> {
+    let mut names: Vec<String> = restores
+        .iter()
+        .filter(|r| r.spec.source.group_snapshot_name == snapshot)
+        .filter(|r| {
+            let status = r.status.clone().unwrap_or_default();
+            !matches!(status.phase, RestorePhase::Completed | RestorePhase::Failed)
+                && status
+                    .group_snapshot_uid
+                    .as_deref()
+                    .is_none_or(|u| u == uid)
+        })
+        .map(|r| r.name_any())
+        .collect();
+    names.sort();
+    names
 }
 
 /// Deletes one NodeSnapshot so its agent deletes its snapshots: the policy is set to `Delete`
@@ -1401,6 +1477,86 @@ mod tests {
             "{m}"
         );
         assert!(m.contains("cannot delete") && m.contains("retries"), "{m}");
+    }
+
+    #[test]
+    fn a_snapshot_waits_only_for_restores_from_it_that_have_not_ended() {
+        let restore = |name: &str, from: &str, phase: &str, uid: Option<&str>| -> GroupRestore {
+            serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "spec": {"source": {"groupSnapshotName": from}},
+                "status": {"phase": phase, "groupSnapshotUid": uid},
+            }))
+            .expect("restore")
+        };
+        let restores = [
+            restore("cloning", "s", "Cloning", Some("u")),
+            restore("pending", "s", "Pending", None),
+            restore("done", "s", "Completed", Some("u")),
+            restore("failed", "s", "Failed", Some("u")),
+            restore("other-snapshot", "t", "Cloning", Some("v")),
+            // Started from an earlier snapshot of the same name.
+            restore("earlier", "s", "Binding", Some("old")),
+        ];
+        assert_eq!(
+            restores_running(&restores, "s", "u"),
+            ["cloning", "pending"]
+        );
+        assert!(restores_running(&restores[2..4], "s", "u").is_empty());
+    }
+
+    #[test]
+    fn a_member_records_the_shape_a_restore_recreates() {
+        let pv: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(json!({
+            "metadata": {"name": "pv"},
+            "spec": {"capacity": {"storage": "5Gi"}, "volumeMode": "Block",
+                "accessModes": ["ReadWriteOnce"], "storageClassName": "local"}
+        }))
+        .expect("pv");
+        let claim: k8s_openapi::api::core::v1::PersistentVolumeClaim =
+            serde_json::from_value(json!({
+                "metadata": {"name": "data"},
+                "spec": {"accessModes": ["ReadWriteOncePod"], "storageClassName": "fast"}
+            }))
+            .expect("claim");
+        let mut m = MemberSnapshot::default();
+        record_shape(&mut m, Some(&pv), Some(&claim));
+        assert_eq!(m.capacity, Some(Quantity("5Gi".into())));
+        assert_eq!(m.volume_mode.as_deref(), Some("Block"));
+        assert_eq!(m.access_modes, ["ReadWriteOncePod"]);
+        assert_eq!(m.storage_class_name.as_deref(), Some("fast"));
+        let mut m = MemberSnapshot::default();
+        record_shape(&mut m, None, None);
+        assert_eq!(m.volume_mode.as_deref(), Some("Filesystem"));
+        assert_eq!(m.capacity, None);
+    }
+
+    #[test]
+    fn members_record_the_cut_that_holds_them_with_its_backend_and_filesystem() {
+        let mut node = reported("a", "2026-11-21T12:00:00Z", 5);
+        node.metadata.name = Some("g-abc".into());
+        if let Some(s) = node.status.as_mut() {
+            s.volumes = vec![crate::api::VolumeStatus {
+                claim: "data".into(),
+                backend: Some("reflink".into()),
+                filesystem: Some("xfs".into()),
+                snapshot_handle: Some("reflink:/x".into()),
+                ..Default::default()
+            }];
+        }
+        let mut status = GroupSnapshotStatus {
+            members: vec![MemberSnapshot {
+                claim: "data".into(),
+                node: "a".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        fill_members(&mut status, &BTreeMap::from([("a".to_string(), node)]));
+        let m = &status.members[0];
+        assert_eq!(m.node_snapshot.as_deref(), Some("g-abc"));
+        assert_eq!(m.backend.as_deref(), Some("reflink"));
+        assert_eq!(m.filesystem.as_deref(), Some("xfs"));
     }
 
     #[test]

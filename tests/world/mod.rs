@@ -36,6 +36,18 @@ pub struct World {
 
 impl Drop for World {
     fn drop(&mut self) {
+        // Restore clones a test left attached (loop devices over images in the pool) would keep
+        // the pool busy: detach exactly those (by backing file), whatever the test did.
+        for image in self.restore_files() {
+            let out = Command::new("losetup")
+                .args(["-j", &image.to_string_lossy(), "-O", "NAME", "-n"])
+                .output();
+            if let Ok(out) = out {
+                for dev in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("losetup").args(["-d", dev]).status();
+                }
+            }
+        }
         // Kept when the test failed, or on request (TANDEM_KEEP_LOGS=1) to study a timeline.
         if !std::thread::panicking() && std::env::var_os("TANDEM_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(self.logs());
@@ -128,12 +140,16 @@ impl World {
     pub fn start_agent(&mut self, node: &str) {
         let node = self.node(node);
         let state = self.scratch.path(&format!("state-{node}"));
+        // Each node links its restore clones in a folder of its own (a node's /dev/tandem).
+        let links = self.scratch.path(&format!("links-{node}"));
         let cmd = &mut self.tandem(&[
             "agent",
             "--node-name",
             &node,
             "--state-dir",
             &state.to_string_lossy(),
+            "--restore-link-dir",
+            &links.to_string_lossy(),
         ]);
         let daemon = Daemon::spawn(&format!("agent-{node}"), cmd, &self.logs());
         self.agents.insert(node, daemon);
@@ -369,4 +385,172 @@ impl World {
             .expect("member");
         clone_path(member.snapshot_handle.as_deref().expect("handle"))
     }
+}
+
+/// Restores (GroupRestore): the restore StorageClass, creating and waiting for restores, and what
+/// a restore made.
+impl World {
+    /// Starts the controller with extra flags (for example `--restore-storage-class`).
+    pub fn start_controller_with(&mut self, extra: &[&str]) {
+        let namespace = self.env.namespace.clone();
+        let mut args = vec!["controller", "--namespace", namespace.as_str()];
+        args.extend_from_slice(extra);
+        let cmd = &mut self.tandem(&args);
+        self.controller = Some(Daemon::spawn("controller", cmd, &self.logs()));
+    }
+
+    /// Creates a StorageClass (cluster-wide, shared by the tests of this binary; an existing one
+    /// is left as it is).
+    pub async fn ensure_storage_class(&self, name: &str, provisioner: &str) {
+        use k8s_openapi::api::storage::v1::StorageClass;
+        let classes: Api<StorageClass> = Api::all(self.env.client.clone());
+        let class: StorageClass = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "provisioner": provisioner,
+            "volumeBindingMode": "Immediate",
+            "reclaimPolicy": "Delete",
+        }))
+        .expect("class");
+        match classes.create(&PostParams::default(), &class).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("create StorageClass {name}: {e}"),
+        }
+    }
+
+    /// The chart's restore class: `tandem-restore`, provisioner `tandem.dev/restore`.
+    pub async fn ensure_restore_class(&self) {
+        self.ensure_storage_class(
+            tandem::api::DEFAULT_RESTORE_STORAGE_CLASS,
+            tandem::api::RESTORE_PROVISIONER,
+        )
+        .await;
+    }
+
+    pub async fn create_restore(&self, name: &str, spec: serde_json::Value) {
+        use tandem::api::GroupRestore;
+        let restores: Api<GroupRestore> = self.env.api();
+        restores
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec}))
+                    .expect("restore"),
+            )
+            .await
+            .expect("create restore");
+    }
+
+    /// Waits for a restore's phase; panics if it ends in the other terminal phase.
+    pub async fn wait_restore_phase(
+        &self,
+        name: &str,
+        phase: tandem::api::RestorePhase,
+    ) -> tandem::api::GroupRestore {
+        self.wait_restore_phase_for(name, phase, WAIT).await
+    }
+
+    pub async fn wait_restore_phase_for(
+        &self,
+        name: &str,
+        phase: tandem::api::RestorePhase,
+        timeout: Duration,
+    ) -> tandem::api::GroupRestore {
+        use tandem::api::{GroupRestore, RestorePhase};
+        let restores: Api<GroupRestore> = self.env.api();
+        eventually(timeout, &format!("GroupRestore {name} {phase:?}"), || {
+            let restores = restores.clone();
+            async move {
+                let r = restores.get(name).await.ok()?;
+                let got = r.status.as_ref()?.phase;
+                if got != phase && matches!(got, RestorePhase::Completed | RestorePhase::Failed) {
+                    panic!(
+                        "GroupRestore {name} ended {got:?} instead of {phase:?}: {:?}",
+                        r.status
+                    );
+                }
+                (got == phase).then_some(r)
+            }
+        })
+        .await
+    }
+
+    /// What carries the label `tandem.dev/group-restore=<restore>`: claims, PVs, NodeRestores.
+    pub async fn restore_objects(&self, restore: &str) -> (Vec<String>, Vec<String>, Vec<String>) {
+        use kube::ResourceExt;
+        use tandem::api::NodeRestore;
+        let selector = format!("{}={restore}", tandem::api::GROUP_RESTORE_LABEL);
+        let params = ListParams::default().labels(&selector);
+        let claims: Api<PersistentVolumeClaim> = self.env.api();
+        let volumes: Api<PersistentVolume> = Api::all(self.env.client.clone());
+        let nodes: Api<NodeRestore> = self.env.api();
+        let names = |items: Vec<String>| items;
+        let pvs: Vec<String> = volumes
+            .list(&params)
+            .await
+            .expect("list PVs")
+            .items
+            .into_iter()
+            .filter(|v| {
+                v.spec
+                    .as_ref()
+                    .and_then(|s| s.claim_ref.as_ref())
+                    .and_then(|r| r.namespace.as_deref())
+                    == Some(self.env.namespace.as_str())
+            })
+            .map(|v| v.name_any())
+            .collect();
+        (
+            names(
+                claims
+                    .list(&params)
+                    .await
+                    .expect("list claims")
+                    .items
+                    .iter()
+                    .map(|c| c.name_any())
+                    .collect(),
+            ),
+            pvs,
+            names(
+                nodes
+                    .list(&params)
+                    .await
+                    .expect("list nrestore")
+                    .items
+                    .iter()
+                    .map(|n| n.name_any())
+                    .collect(),
+            ),
+        )
+    }
+
+    /// The folder where `node`'s agent links its restore clones.
+    pub fn link_dir(&self, node: &str) -> PathBuf {
+        self.scratch.path(&format!("links-{}", self.node(node)))
+    }
+
+    /// Restore clone images (and half-made ones) the agents left in the pool.
+    pub fn restore_files(&self) -> Vec<PathBuf> {
+        let dir = self.pool.join(".tandem-restores");
+        std::fs::read_dir(&dir)
+            .map(|entries| entries.filter_map(|e| Some(e.ok()?.path())).collect())
+            .unwrap_or_default()
+    }
+
+    /// A claim of this namespace, if it exists.
+    pub async fn claim(&self, name: &str) -> Option<PersistentVolumeClaim> {
+        let claims: Api<PersistentVolumeClaim> = self.env.api();
+        claims.get_opt(name).await.expect("get claim")
+    }
+}
+
+/// The reason of a condition of a restore.
+pub fn condition_reason(restore: &tandem::api::GroupRestore, type_: &str) -> Option<String> {
+    restore
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.reason.clone())
 }
