@@ -493,3 +493,108 @@ fn btrfs_clones_are_bind_mounted_directories() {
     );
     backend::delete(&snapshot, &o.backend).unwrap();
 }
+
+/// Runs `tandem agent` one-shot with `state` and the test's restore link dir.
+fn oneshot(s: &Scratch, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["agent", "--node-name", "n", "--state-dir"])
+        .arg(s.path("state"))
+        .arg("--restore-link-dir")
+        .arg(s.path("links"))
+        .arg("--restore-mount-dir")
+        .arg(s.path("restores"))
+        .args(["--oneshot-namespace", "ns1", "--oneshot-name", "nightly"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Unrestores and deletes the one-shot cut on drop (before the Scratch).
+struct OneshotCleanup<'a>(&'a Scratch);
+
+impl Drop for OneshotCleanup<'_> {
+    fn drop(&mut self) {
+        let _ = oneshot(self.0, &["--oneshot-action", "unrestore"]);
+        let _ = oneshot(self.0, &["--oneshot-action", "delete"]);
+    }
+}
+
+/// The one-shot CLI on a reflink volume: cut, restore (JSON with the link, method and size), the
+/// clone's bytes are the snapshot's; restore again only attaches; attach re-creates the loop device
+/// and link after a "reboot"; unrestore removes the clone.
+#[test]
+fn oneshot_restore_of_a_reflink_cut() {
+    require_root!();
+    let mut s = Scratch::new();
+    let pool = s.pool("xfs");
+    let v = s.volume(&pool, "a", "ext4", 64 << 20);
+    s.assert_owned(&v.mount);
+    write_file(&v.mount.join("data.bin"), 4 * MIB, 11, true);
+    let s = s;
+    let _cleanup = OneshotCleanup(&s);
+    let mount = v.mount.to_string_lossy().into_owned();
+    let (ok, out, err) = oneshot(&s, &["--oneshot-volume", &mount]);
+    assert!(ok && out.contains("\"phase\":\"Released\""), "{out} {err}");
+    let snapshot = {
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        PathBuf::from(
+            status["volumes"][0]["snapshotHandle"]
+                .as_str()
+                .unwrap()
+                .strip_prefix("reflink:")
+                .unwrap(),
+        )
+    };
+
+    let (ok, out, err) = oneshot(&s, &["--oneshot-action", "restore"]);
+    assert!(ok, "{out} {err}");
+    let restored: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let c = &restored["restored"][0];
+    let link = s.path("links").join("vol-a");
+    assert_eq!(
+        c["path"].as_str(),
+        Some(link.to_string_lossy().as_ref()),
+        "{out}"
+    );
+    assert_eq!(c["method"].as_str(), Some("Clone"));
+    assert_eq!(c["backend"].as_str(), Some("reflink"));
+    assert_eq!(c["filesystem"].as_str(), Some("ext4"));
+    assert_eq!(c["block"].as_bool(), Some(true));
+    let device = loop_of(&link);
+    assert_eq!(sha256sum(&device), sha256sum(&snapshot));
+    let image = PathBuf::from(
+        c["handle"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("reflink:")
+            .unwrap(),
+    );
+    assert!(
+        image.starts_with(pool.join(".tandem-restores")),
+        "{image:?}"
+    );
+
+    // Again: attached, not cloned twice.
+    let (ok, out, err) = oneshot(&s, &["--oneshot-action", "restore"]);
+    assert!(ok && out.contains("\"attached\""), "{out} {err}");
+    assert_eq!(loop_of(&link), device);
+    // A "reboot": attach makes the loop device and the link again.
+    sh("losetup", &["-d", &device.to_string_lossy()]);
+    std::fs::remove_file(&link).unwrap();
+    let (ok, out, err) = oneshot(&s, &["--oneshot-action", "attach"]);
+    assert!(ok, "{out} {err}");
+    assert_eq!(sha256sum(&loop_of(&link)), sha256sum(&snapshot));
+
+    let (ok, out, err) = oneshot(&s, &["--oneshot-action", "unrestore"]);
+    assert!(ok && out.contains("Removed"), "{out} {err}");
+    assert!(!image.exists() && std::fs::symlink_metadata(&link).is_err());
+    assert!(
+        snapshot.exists(),
+        "the cut's snapshot stays until the cut is deleted"
+    );
+}

@@ -20,10 +20,12 @@ use support::{TestEnv, repo_root, with_plane};
 /// afresh, applying deploy/) hold this for writing; tests that need the CRDs hold it for reading.
 static CRD_LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-const CRD_NAMES: [&str; 3] = [
+const CRD_NAMES: [&str; 5] = [
     "consistencygroups.tandem.dev",
     "groupsnapshots.tandem.dev",
     "nodesnapshots.tandem.dev",
+    "grouprestores.tandem.dev",
+    "noderestores.tandem.dev",
 ];
 
 /// `helm template RELEASE charts/tandem --namespace NAMESPACE ARGS...`, parsed.
@@ -181,12 +183,17 @@ fn template_with_default_values_renders_every_part_wired_to_the_binary() {
         "ValidatingAdmissionPolicyBinding/tandem-agent-node-restriction",
         "ValidatingAdmissionPolicy/tandem-group-snapshot-finalizer",
         "ValidatingAdmissionPolicyBinding/tandem-group-snapshot-finalizer",
+        "ValidatingAdmissionPolicy/tandem-group-restore-finalizer",
+        "ValidatingAdmissionPolicyBinding/tandem-group-restore-finalizer",
         "Deployment/tandem-controller",
         "DaemonSet/tandem-agent",
         "Service/tandem-controller-metrics",
         "CustomResourceDefinition/consistencygroups.tandem.dev",
         "CustomResourceDefinition/groupsnapshots.tandem.dev",
         "CustomResourceDefinition/nodesnapshots.tandem.dev",
+        "CustomResourceDefinition/grouprestores.tandem.dev",
+        "CustomResourceDefinition/noderestores.tandem.dev",
+        "StorageClass/tandem-restore",
     ]
     .into_iter()
     .map(String::from)
@@ -194,6 +201,7 @@ fn template_with_default_values_renders_every_part_wired_to_the_binary() {
     assert_eq!(kinds_and_names(&objects), expected);
     for o in &objects {
         if o["kind"] != "CustomResourceDefinition"
+            && o["kind"] != "StorageClass"
             && !o["kind"].as_str().unwrap().contains("Cluster")
             && !o["kind"]
                 .as_str()
@@ -224,6 +232,10 @@ fn template_with_default_values_renders_every_part_wired_to_the_binary() {
         "metadata.namespace"
     );
     assert_eq!(env(c, "RUST_LOG")["value"], "info");
+    assert_eq!(
+        env(c, "TANDEM_RESTORE_STORAGE_CLASS")["value"],
+        "tandem-restore"
+    );
     assert_eq!(
         c["ports"],
         json!([{"name": "http", "containerPort": 8080, "protocol": "TCP"}])
@@ -267,6 +279,13 @@ fn template_with_default_values_renders_every_part_wired_to_the_binary() {
     assert_eq!(env(a, "TANDEM_STATE_DIR")["value"], "/var/lib/tandem");
     assert_eq!(env(a, "TANDEM_KUBELET_DIR")["value"], "/var/lib/kubelet");
     assert_eq!(env(a, "TANDEM_THICK_COW_SIZE")["value"], "1G");
+    // Restored volumes: block clones linked under /dev (mounted from the host), btrfs clones
+    // bind-mounted under the kubelet folder (Bidirectional, so the kubelet sees them).
+    assert_eq!(env(a, "TANDEM_RESTORE_LINK_DIR")["value"], "/dev/tandem");
+    assert_eq!(
+        env(a, "TANDEM_RESTORE_MOUNT_DIR")["value"],
+        "/var/lib/kubelet/plugins/tandem.dev/restores"
+    );
     assert_eq!(
         host_path_of(ds, "agent", "/dev"),
         ("/dev".into(), Value::Null)
@@ -301,7 +320,22 @@ fn template_with_default_values_renders_every_part_wired_to_the_binary() {
         );
     }
 
-    // The node restriction policy names the agent's service account of this release.
+    // The restore StorageClass: tandem provisions it (never a spare PV of it: it has none), binds
+    // at once (the node is where the snapshot is) and deletes the clone with the claim.
+    let sc = find(&objects, "StorageClass", "tandem-restore");
+    assert_eq!(sc["provisioner"], "tandem.dev/restore");
+    assert_eq!(sc["volumeBindingMode"], "Immediate");
+    assert_eq!(sc["reclaimPolicy"], "Delete");
+    assert!(
+        sc["metadata"]["annotations"].is_null(),
+        "never the default class: {sc}"
+    );
+    assert!(sc["metadata"]["namespace"].is_null(), "{sc}");
+    // No VolumePopulator where the API server does not serve the kind (helm template: none).
+    assert!(!objects.iter().any(|o| o["kind"] == "VolumePopulator"));
+
+    // The node restriction policy names the agent's service account of this release, and covers
+    // NodeRestores as NodeSnapshots.
     let vap = find(
         &objects,
         "ValidatingAdmissionPolicy",
@@ -313,6 +347,15 @@ fn template_with_default_values_renders_every_part_wired_to_the_binary() {
     assert!(
         condition.contains("system:serviceaccount:tandem-system:tandem-agent"),
         "{condition}"
+    );
+    assert_eq!(
+        vap["spec"]["matchConstraints"]["resourceRules"][0]["resources"],
+        json!([
+            "nodesnapshots",
+            "nodesnapshots/status",
+            "noderestores",
+            "noderestores/status"
+        ])
     );
 }
 
@@ -342,6 +385,10 @@ agent:
   nodeSelector: {storage: local}
   tolerations: [{key: storage, operator: Equal, value: local, effect: NoSchedule}]
   nodeRestriction: {enabled: false}
+  restoreLinkDir: /dev/restored/
+  restoreMountDir: /srv/local/tandem-restores
+restore:
+  storageClass: {name: shop-restore, annotations: {team: storage}}
 "#;
     let (_dir, file) = temp_file("values.yaml", values);
     let objects = template("r", "ops", &["-f", file.to_str().unwrap()]);
@@ -375,6 +422,13 @@ agent:
         ]
     );
     assert_eq!(env(c, "TANDEM_WATCH_NAMESPACE")["value"], "shop");
+    assert_eq!(
+        env(c, "TANDEM_RESTORE_STORAGE_CLASS")["value"],
+        "shop-restore"
+    );
+    let sc = find(&objects, "StorageClass", "shop-restore");
+    assert_eq!(sc["provisioner"], "tandem.dev/restore");
+    assert_eq!(sc["metadata"]["annotations"], json!({"team": "storage"}));
     assert_eq!(env(c, "RUST_LOG")["value"], "tandem=debug");
     assert_eq!(c["ports"][0]["containerPort"], 9090);
     assert_eq!(
@@ -410,6 +464,11 @@ agent:
         "/var/lib/k0s/kubelet"
     );
     assert_eq!(env(a, "TANDEM_THICK_COW_SIZE")["value"], "20%ORIGIN");
+    assert_eq!(env(a, "TANDEM_RESTORE_LINK_DIR")["value"], "/dev/restored");
+    assert_eq!(
+        env(a, "TANDEM_RESTORE_MOUNT_DIR")["value"],
+        "/srv/local/tandem-restores"
+    );
     assert_eq!(
         host_path_of(ds, "agent", "/var/lib/k0s/kubelet"),
         ("/var/lib/k0s/kubelet".into(), json!("Bidirectional"))
@@ -471,6 +530,50 @@ agent:
         "{}",
         crd["metadata"]
     );
+    // The restore mount folder follows the kubelet folder by default.
+    let a = container(find(&objects, "DaemonSet", "r-tandem-agent"), "agent");
+    assert_eq!(
+        env(a, "TANDEM_RESTORE_MOUNT_DIR")["value"],
+        "/var/lib/kubelet/plugins/tandem.dev/restores"
+    );
+
+    // The StorageClass managed elsewhere: none rendered, the controller still told its name; a
+    // cluster that serves VolumePopulator gets GroupRestore registered as a populator.
+    let objects = template(
+        "r",
+        "ops",
+        &[
+            "--set",
+            "restore.storageClass.create=false,restore.storageClass.name=fast-restore",
+            "--api-versions",
+            "populator.storage.k8s.io/v1beta1/VolumePopulator",
+        ],
+    );
+    assert!(!objects.iter().any(|o| o["kind"] == "StorageClass"));
+    let c = container(
+        find(&objects, "Deployment", "r-tandem-controller"),
+        "controller",
+    );
+    assert_eq!(
+        env(c, "TANDEM_RESTORE_STORAGE_CLASS")["value"],
+        "fast-restore"
+    );
+    let populator = find(&objects, "VolumePopulator", "r-tandem-grouprestore");
+    assert_eq!(
+        populator["sourceKind"],
+        json!({"group": "tandem.dev", "kind": "GroupRestore"})
+    );
+    let objects = template(
+        "r",
+        "ops",
+        &[
+            "--set",
+            "restore.volumePopulator=false",
+            "--api-versions",
+            "populator.storage.k8s.io/v1beta1/VolumePopulator",
+        ],
+    );
+    assert!(!objects.iter().any(|o| o["kind"] == "VolumePopulator"));
 }
 
 #[test]
@@ -489,6 +592,22 @@ fn template_refuses_values_that_cannot_work() {
     assert!(e.contains("is mounted already"), "{e}");
     let e = template_err(&["--set", "agent.stateDir=tandem"]);
     assert!(e.contains("agent.stateDir must be an absolute path"), "{e}");
+    // Restored volumes must be where the agent publishes them and the kubelet sees them.
+    let e = template_err(&["--set", "agent.restoreLinkDir=/var/tandem"]);
+    assert!(
+        e.contains("agent.restoreLinkDir must be a folder under /dev"),
+        "{e}"
+    );
+    let e = template_err(&["--set", "agent.restoreLinkDir=/dev"]);
+    assert!(e.contains("agent.restoreLinkDir"), "{e}");
+    let e = template_err(&["--set", "agent.restoreMountDir=/srv/restores"]);
+    assert!(
+        e.contains("\"/srv/restores\" is under neither agent.kubeletDir"),
+        "{e}"
+    );
+    // A sibling whose name only starts like the kubelet folder is not under it.
+    let e = template_err(&["--set", "agent.restoreMountDir=/var/lib/kubelet2/r"]);
+    assert!(e.contains("is under neither"), "{e}");
 }
 
 /// What `tandem SUBCOMMAND --help` says (the binary cargo built for these tests).
@@ -788,7 +907,7 @@ async fn kubectl_apply_of_deploy_twice_changes_nothing() {
     let first = kubectl_admin(&["apply", "-f", &deploy]);
     assert!(first.contains("daemonset.apps/tandem-agent"), "{first}");
     let before = live_objects(&[&deploy]);
-    assert_eq!(before.len(), 21, "every object of deploy/ exists");
+    assert_eq!(before.len(), 26, "every object of deploy/ exists");
     // The API server accepted them as they are: the pod template really reaches a Pod.
     let deploy_ok = kubectl_admin(&[
         "-n",
@@ -827,6 +946,9 @@ async fn kubectl_apply_of_deploy_twice_changes_nothing() {
         &env.namespace,
         "--set",
         "crds.install=false",
+        // deploy/'s StorageClass is there, owned by another applier; this release's own.
+        "--set",
+        "restore.storageClass.name=tandem-ssa-restore",
     ])
     .expect("helm template");
     let (_dir, file) = temp_file("rendered.yaml", &rendered);
@@ -842,7 +964,7 @@ async fn kubectl_apply_of_deploy_twice_changes_nothing() {
     let before = live_objects(&[&file]);
     kubectl_admin(&ssa);
     let after = live_objects(&[&file]);
-    assert_eq!(before.len(), 17);
+    assert_eq!(before.len(), 20);
     assert_eq!(before, after, "a second server-side apply changed objects");
 
     // Leave the cluster-wide objects of deploy/ behind for no one (CRDs stay: other tests use them).
@@ -870,15 +992,30 @@ async fn helm_install_upgrade_and_uninstall_in_the_control_plane() {
         ns,
         "--set",
         "crds.install=false",
+        // Cluster-wide: a name of its own, so releases of other tests do not clash with it.
+        "--set",
+        "restore.storageClass.name=tandem-it-restore",
     ]);
     assert!(out.contains("STATUS: deployed"), "{out}");
     assert!(out.contains("crds.install is false"), "NOTES: {out}");
     let manifest = helm_ok(&["get", "manifest", "tandem-it", "-n", ns]);
     let objects = parse_objects(&manifest);
-    assert_eq!(objects.len(), 17, "{:?}", kinds_and_names(&objects));
+    assert_eq!(objects.len(), 20, "{:?}", kinds_and_names(&objects));
     let (_dir, file) = temp_file("manifest.yaml", &manifest);
     let live = live_objects(&[file.to_str().unwrap()]);
-    assert_eq!(live.len(), 17, "every object is in the API server");
+    assert_eq!(live.len(), 20, "every object is in the API server");
+    // The API server took the restore StorageClass as rendered.
+    let sc: Value = serde_json::from_str(&kubectl_admin(&[
+        "get",
+        "storageclass",
+        "tandem-it-restore",
+        "-o",
+        "json",
+    ]))
+    .expect("json");
+    assert_eq!(sc["provisioner"], "tandem.dev/restore");
+    assert_eq!(sc["volumeBindingMode"], "Immediate");
+    assert_eq!(sc["reclaimPolicy"], "Delete");
     // The Deployment's pod template is a valid Pod: kube-controller-manager made one.
     let pods = env
         .kubectl(&[
@@ -944,7 +1081,14 @@ async fn helm_install_upgrade_and_uninstall_in_the_control_plane() {
         gone.is_err_and(|e| e.contains("NotFound")),
         "policy left behind"
     );
-    kubectl_admin(&["get", "crd", CRD_NAMES[0], CRD_NAMES[1], CRD_NAMES[2]]);
+    let gone = with_plane(|p| p.kubectl(&["get", "storageclass", "tandem-it-restore"]));
+    assert!(
+        gone.is_err_and(|e| e.contains("NotFound")),
+        "storage class left behind"
+    );
+    let mut get = vec!["get", "crd"];
+    get.extend(CRD_NAMES);
+    kubectl_admin(&get);
 }
 
 #[tokio::test]
@@ -1048,6 +1192,7 @@ fn can_i(sa: &str, ns: &str, check: &str) -> bool {
     // Cluster-scoped resources are asked about with -A (kubectl warns about a namespace).
     let cluster_scoped = [
         "persistentvolumes",
+        "storageclasses.storage.k8s.io",
         "nodes",
         "clusterroles.rbac.authorization.k8s.io",
     ];
@@ -1090,8 +1235,9 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "crds.install=false",
         // The guard is cluster-wide and lets only its own release's controller through: it
         // stays behind with this test's cluster-wide objects, so only its own test installs it.
+        // The restore StorageClass too is cluster-wide and would stay behind.
         "--set",
-        "controller.finalizerGuard.enabled=false",
+        "controller.finalizerGuard.enabled=false,restore.storageClass.create=false",
     ]);
     env.kubectl(&["create", "serviceaccount", "nobody"])
         .expect("baseline account");
@@ -1123,6 +1269,11 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "patch nodesnapshots.tandem.dev",
         "patch nodesnapshots.tandem.dev --subresource=status",
         "update nodesnapshots.tandem.dev --subresource=status",
+        "get noderestores.tandem.dev -A",
+        "list noderestores.tandem.dev -A",
+        "watch noderestores.tandem.dev -A",
+        "patch noderestores.tandem.dev",
+        "patch noderestores.tandem.dev --subresource=status",
         "create events.events.k8s.io",
         "patch events.events.k8s.io",
     ] {
@@ -1145,6 +1296,14 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "patch nodes",
         "create events",
         "create leases.coordination.k8s.io",
+        // Restores: the controller makes and removes NodeRestores, PVs and claims.
+        "create noderestores.tandem.dev",
+        "delete noderestores.tandem.dev",
+        "update noderestores.tandem.dev",
+        "get grouprestores.tandem.dev",
+        "create persistentvolumes",
+        "delete persistentvolumes",
+        "create persistentvolumeclaims",
     ] {
         expect(&mut wrong, &agent, "agent", check, false);
     }
@@ -1169,6 +1328,33 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "get leases.coordination.k8s.io/tandem-controller",
         "update leases.coordination.k8s.io/tandem-controller",
         "patch leases.coordination.k8s.io/tandem-controller",
+        // Restores.
+        "get grouprestores.tandem.dev -A",
+        "list grouprestores.tandem.dev -A",
+        "watch grouprestores.tandem.dev -A",
+        "patch grouprestores.tandem.dev",
+        "patch grouprestores.tandem.dev --subresource=status",
+        "get noderestores.tandem.dev -A",
+        "list noderestores.tandem.dev -A",
+        "watch noderestores.tandem.dev -A",
+        "create noderestores.tandem.dev",
+        "patch noderestores.tandem.dev",
+        "delete noderestores.tandem.dev",
+        "create persistentvolumes",
+        "patch persistentvolumes",
+        "delete persistentvolumes",
+        "create persistentvolumeclaims",
+        "patch persistentvolumeclaims",
+        "delete persistentvolumeclaims",
+        "get storageclasses.storage.k8s.io",
+        "list resourcequotas -A",
+        "list pods -A",
+        "watch pods -A",
+        "get replicasets.apps",
+        "get deployments.apps --subresource=scale",
+        "patch deployments.apps --subresource=scale",
+        "get statefulsets.apps --subresource=scale",
+        "patch statefulsets.apps --subresource=scale",
     ] {
         expect(&mut wrong, &controller, "controller", check, true);
     }
@@ -1180,7 +1366,6 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "get pods",
         "create pods",
         "update persistentvolumeclaims",
-        "delete persistentvolumes",
         "update leases.coordination.k8s.io/other-lease",
         "delete leases.coordination.k8s.io/tandem-controller",
         "create leases.coordination.k8s.io -n kube-system",
@@ -1199,6 +1384,27 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "update nodesnapshots.tandem.dev",
         "patch nodesnapshots.tandem.dev --subresource=status",
         "update consistencygroups.tandem.dev --subresource=finalizers",
+        // Restores: workloads only through their scale, pods only listed, no class or quota
+        // written, the restore and NodeRestore statuses each written by its own party.
+        "create grouprestores.tandem.dev",
+        "update grouprestores.tandem.dev",
+        "delete grouprestores.tandem.dev",
+        "update noderestores.tandem.dev",
+        "patch noderestores.tandem.dev --subresource=status",
+        "patch deployments.apps",
+        "update statefulsets.apps",
+        "delete deployments.apps",
+        "get deployments.apps",
+        "list statefulsets.apps -A",
+        "update deployments.apps --subresource=scale",
+        "patch replicasets.apps --subresource=scale",
+        "update persistentvolumes",
+        "update grouprestores.tandem.dev --subresource=finalizers",
+        "list storageclasses.storage.k8s.io",
+        "get resourcequotas",
+        "delete pods",
+        "create storageclasses.storage.k8s.io",
+        "patch resourcequotas",
     ] {
         expect(&mut wrong, &controller, "controller", check, false);
     }
@@ -1235,10 +1441,16 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "create groupsnapshots.tandem.dev",
         "delete groupsnapshots.tandem.dev",
         "list nodesnapshots.tandem.dev",
+        "create grouprestores.tandem.dev",
+        "delete grouprestores.tandem.dev",
+        "list noderestores.tandem.dev",
     ] {
         expect(&mut wrong, "editor", "editor", check, true);
     }
     for check in [
+        "create noderestores.tandem.dev",
+        "patch noderestores.tandem.dev",
+        "patch grouprestores.tandem.dev --subresource=status",
         "create nodesnapshots.tandem.dev",
         "patch nodesnapshots.tandem.dev --subresource=status",
         "patch consistencygroups.tandem.dev --subresource=status",
@@ -1259,6 +1471,20 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "create groupsnapshots.tandem.dev",
         false,
     );
+    expect(
+        &mut wrong,
+        "viewer",
+        "viewer",
+        "list grouprestores.tandem.dev",
+        true,
+    );
+    expect(
+        &mut wrong,
+        "viewer",
+        "viewer",
+        "create grouprestores.tandem.dev",
+        false,
+    );
     assert!(wrong.is_empty(), "user roles: {wrong:#?}");
 
     // Nothing more: beyond what every service account may do, exactly these rules.
@@ -1274,6 +1500,8 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
             "nodesnapshots.tandem.dev/status [] [] [get update patch]",
             "nodes [] [] [get]",
             "nodesnapshots.tandem.dev [] [] [get list watch update patch]",
+            "noderestores.tandem.dev/status [] [] [get patch]",
+            "noderestores.tandem.dev [] [] [get list watch patch]",
             "persistentvolumeclaims [] [] [get list watch]",
             "persistentvolumes [] [] [get list watch]",
         ])
@@ -1292,8 +1520,17 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
             "leases.coordination.k8s.io [] [] [create]",
             "nodesnapshots.tandem.dev [] [] [get list watch create patch delete]",
             "nodes [] [] [list watch]",
-            "persistentvolumeclaims [] [] [get list watch]",
-            "persistentvolumes [] [] [get list watch]",
+            "grouprestores.tandem.dev/status [] [] [patch]",
+            "grouprestores.tandem.dev [] [] [get list watch patch]",
+            "noderestores.tandem.dev [] [] [get list watch create patch delete]",
+            "persistentvolumeclaims [] [] [get list watch create patch delete]",
+            "persistentvolumes [] [] [get list watch create patch delete]",
+            "storageclasses.storage.k8s.io [] [] [get]",
+            "resourcequotas [] [] [list]",
+            "pods [] [] [list watch]",
+            "replicasets.apps [] [] [get]",
+            "deployments.apps/scale [] [] [get patch]",
+            "statefulsets.apps/scale [] [] [get patch]",
         ])
     );
 }
@@ -1313,13 +1550,23 @@ fn token_file(token: &str) -> (tempfile::TempDir, PathBuf) {
 }
 
 fn patch_status(kubeconfig: &Path, ns: &str, name: &str, phase: &str) -> Result<String, String> {
+    patch_status_of("nodesnapshot", kubeconfig, ns, name, phase)
+}
+
+fn patch_status_of(
+    kind: &str,
+    kubeconfig: &Path,
+    ns: &str,
+    name: &str,
+    phase: &str,
+) -> Result<String, String> {
     kubectl_as(
         kubeconfig,
         &[
             "-n",
             ns,
             "patch",
-            "nodesnapshot",
+            kind,
             name,
             "--subresource=status",
             "--type=merge",
@@ -1330,13 +1577,17 @@ fn patch_status(kubeconfig: &Path, ns: &str, name: &str, phase: &str) -> Result<
 }
 
 fn add_finalizer(kubeconfig: &Path, ns: &str, name: &str) -> Result<String, String> {
+    add_finalizer_of("nodesnapshot", kubeconfig, ns, name)
+}
+
+fn add_finalizer_of(kind: &str, kubeconfig: &Path, ns: &str, name: &str) -> Result<String, String> {
     kubectl_as(
         kubeconfig,
         &[
             "-n",
             ns,
             "patch",
-            "nodesnapshot",
+            kind,
             name,
             "--type=merge",
             "-p",
@@ -1346,7 +1597,7 @@ fn add_finalizer(kubeconfig: &Path, ns: &str, name: &str) -> Result<String, Stri
 }
 
 #[tokio::test]
-async fn agent_tokens_write_only_the_nodesnapshots_of_their_own_node() {
+async fn agent_tokens_write_only_the_nodesnapshots_and_noderestores_of_their_own_node() {
     let _crds = CRD_LOCK.read().await;
     let env = TestEnv::new("helm-vap").await;
     let ns = env.namespace.as_str();
@@ -1361,8 +1612,9 @@ async fn agent_tokens_write_only_the_nodesnapshots_of_their_own_node() {
         "crds.install=false",
         // The guard is cluster-wide and lets only its own release's controller through: it
         // stays behind with this test's cluster-wide objects, so only its own test installs it.
+        // The restore StorageClass too is cluster-wide and would stay behind.
         "--set",
-        "controller.finalizerGuard.enabled=false",
+        "controller.finalizerGuard.enabled=false,restore.storageClass.create=false",
     ]);
     let sa = "tandem-vap-agent";
     let suffix = std::process::id();
@@ -1460,6 +1712,86 @@ async fn agent_tokens_write_only_the_nodesnapshots_of_their_own_node() {
         "{denied}"
     );
 
+    // NodeRestores (the restore's per-node channel) are guarded the same way.
+    for (name, node) in [("restore-a", &node_a), ("restore-b", &node_b)] {
+        let restore = json!({
+            "apiVersion": "tandem.dev/v1alpha1", "kind": "NodeRestore",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"nodeName": node, "groupRestore": "gr"}
+        });
+        let (_d, file) = temp_file("restore.json", &restore.to_string());
+        kubectl_admin(&["create", "-f", file.to_str().unwrap()]);
+    }
+    patch_status_of("noderestore", &agent_a, ns, "restore-a", "Cloned")
+        .expect("agent A reports its clones on node A");
+    add_finalizer_of("noderestore", &agent_a, ns, "restore-a")
+        .expect("agent A adds its finalizer on node A's NodeRestore");
+    let denied = patch_status_of("noderestore", &agent_a, ns, "restore-b", "Cloned")
+        .expect_err("A may not report B's clones");
+    assert!(
+        denied.contains(&format!(
+            "tandem agent of node {node_a} may not write NodeRestore {ns}/restore-b of node {node_b}"
+        )),
+        "{denied}"
+    );
+    let denied = add_finalizer_of("noderestore", &agent_a, ns, "restore-b")
+        .expect_err("A may not hold B's NodeRestore");
+    assert!(denied.contains(&format!("of node {node_b}")), "{denied}");
+    let denied = patch_status_of("noderestore", &unbound, ns, "restore-a", "Cloned")
+        .expect_err("unbound token denied on NodeRestores");
+    assert!(
+        denied.contains("may write NodeSnapshots and NodeRestores only with a"),
+        "{denied}"
+    );
+    patch_status_of("noderestore", &agent_b, ns, "restore-b", "Failed")
+        .expect("agent B reports on node B");
+    let live: Value = serde_json::from_str(
+        &env.kubectl(&["get", "noderestore", "-o", "json"])
+            .expect("get"),
+    )
+    .expect("json");
+    let phases: Vec<(&str, &str, &Value)> = live["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|r| {
+            (
+                r["metadata"]["name"].as_str().unwrap_or(""),
+                r["status"]["phase"].as_str().unwrap_or(""),
+                &r["metadata"]["finalizers"],
+            )
+        })
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            ("restore-a", "Cloned", &json!(["tandem.dev/agent"])),
+            ("restore-b", "Failed", &Value::Null)
+        ]
+    );
+    // Agents neither create nor delete NodeRestores (the controller's job).
+    let create = json!({
+        "apiVersion": "tandem.dev/v1alpha1", "kind": "NodeRestore",
+        "metadata": {"name": "restore-a2", "namespace": ns},
+        "spec": {"nodeName": node_a, "groupRestore": "gr"}
+    });
+    let (_d, file) = temp_file("create-restore.json", &create.to_string());
+    let denied = kubectl_as(&agent_a, &["create", "-f", file.to_str().unwrap()])
+        .expect_err("agents cannot create NodeRestores");
+    assert!(
+        denied.contains("cannot create resource \"noderestores\""),
+        "{denied}"
+    );
+    env.kubectl(&[
+        "patch",
+        "noderestore",
+        "restore-a",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ])
+    .expect("remove the NodeRestore finalizer");
+
     // RBAC: no agent creates or deletes NodeSnapshots, whatever its node.
     let create = json!({
         "apiVersion": "tandem.dev/v1alpha1", "kind": "NodeSnapshot",
@@ -1551,7 +1883,8 @@ fn remove_finalizers(kubeconfig: &Path, ns: &str, name: &str) -> Result<String, 
 }
 
 #[tokio::test]
-async fn only_the_controller_removes_the_finalizer_of_a_started_group_snapshot() {
+async fn only_the_controller_removes_the_finalizer_of_a_started_group_snapshot_or_running_restore()
+{
     // Alone: a release's guard is cluster-wide and lets only its own controller through.
     let _crds = CRD_LOCK.write().await;
     let env = TestEnv::new("helm-fin").await;
@@ -1564,7 +1897,8 @@ async fn only_the_controller_removes_the_finalizer_of_a_started_group_snapshot()
         "-n",
         ns,
         "--set",
-        "crds.install=false",
+        // The restore StorageClass is cluster-wide and would stay behind.
+        "crds.install=false,restore.storageClass.create=false",
     ]);
     env.kubectl(&[
         "create",
@@ -1640,4 +1974,96 @@ async fn only_the_controller_removes_the_finalizer_of_a_started_group_snapshot()
     // The controller's own identity removes it.
     remove_finalizers(&controller, ns, "started").expect("the controller may");
     remove_finalizers(&controller, ns, "started-2").expect("the controller may");
+
+    // GroupRestores: guarded while they run (members recorded, not Completed or Failed).
+    for (name, phase) in [
+        ("cloning", Some("Cloning")),
+        ("cloning-2", Some("Cloning")),
+        ("completed", Some("Completed")),
+        ("failed", Some("Failed")),
+        ("unstarted", None),
+    ] {
+        finalized_group_restore(&env, name, phase);
+    }
+    let denied = support::eventually(
+        Duration::from_secs(30),
+        "the restore finalizer guard policy",
+        || async {
+            match remove_restore_finalizers(&editor, ns, "cloning") {
+                Err(denied) => Some(denied),
+                Ok(_) => {
+                    env.kubectl(&[
+                        "patch",
+                        "grouprestore",
+                        "cloning",
+                        "--type=merge",
+                        "-p",
+                        r#"{"metadata":{"finalizers":["tandem.dev/group-restore"]}}"#,
+                    ])
+                    .expect("put the finalizer back");
+                    None
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        denied.contains(
+            "only the tandem controller may remove the finalizer tandem.dev/group-restore"
+        ) && denied.contains(&format!("{ns}/cloning")),
+        "{denied}"
+    );
+    let denied =
+        remove_restore_finalizers(&admin, ns, "cloning").expect_err("admins are guarded too");
+    assert!(denied.contains("only the tandem controller"), "{denied}");
+    for finished in ["completed", "failed", "unstarted"] {
+        remove_restore_finalizers(&editor, ns, finished)
+            .unwrap_or_else(|e| panic!("{finished}: nothing left to roll back, no guard: {e}"));
+    }
+    remove_restore_finalizers(&controller, ns, "cloning").expect("the controller may");
+    remove_restore_finalizers(&controller, ns, "cloning-2").expect("the controller may");
+}
+
+/// A GroupRestore as the controller leaves it: its finalizer, and with a phase, a status that
+/// records a member (it has started cloning).
+fn finalized_group_restore(env: &TestEnv, name: &str, phase: Option<&str>) {
+    let restore = json!({
+        "apiVersion": "tandem.dev/v1alpha1", "kind": "GroupRestore",
+        "metadata": {"name": name, "finalizers": ["tandem.dev/group-restore"]},
+        "spec": {"source": {"groupSnapshotName": "gs"}, "mode": "NewClaims"}
+    });
+    let (_d, file) = temp_file("grestore.json", &restore.to_string());
+    env.kubectl(&["create", "-f", file.to_str().unwrap()])
+        .expect("create grestore");
+    if let Some(phase) = phase {
+        let status = json!({"status": {"phase": phase, "members": [
+            {"sourceClaim": "data", "claim": "data-r", "persistentVolume": "tandem-0123456789", "node": "node-a"}
+        ]}});
+        env.kubectl(&[
+            "patch",
+            "grouprestore",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ])
+        .expect("status");
+    }
+}
+
+fn remove_restore_finalizers(kubeconfig: &Path, ns: &str, name: &str) -> Result<String, String> {
+    kubectl_as(
+        kubeconfig,
+        &[
+            "-n",
+            ns,
+            "patch",
+            "grouprestore",
+            name,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ],
+    )
 }

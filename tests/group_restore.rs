@@ -1298,3 +1298,66 @@ async fn a_restore_deleted_before_it_completes_is_rolled_back_and_a_restarted_ag
     .await;
     delete_restored_claims(&w, &r).await;
 }
+
+#[tokio::test]
+async fn the_node_restores_of_a_restore_that_vanished_unfinished_are_aborted() {
+    if !require_root() {
+        return;
+    }
+    let mut w = volume_world(
+        "gr-e2e-orphan",
+        &[("data", "a", "xfs"), ("wal", "b", "ext4")],
+    )
+    .await;
+    w.create_snapshot("snap", "shop", "Delete").await;
+    w.wait_phase("snap", GroupSnapshotPhase::Ready).await;
+    w.agent("b").kill9();
+    w.create_restore("gone", json!({"source": {"groupSnapshotName": "snap"}}))
+        .await;
+    let clones = wait_node_cloned(&w, "gone", "a").await;
+    assert!(clones.iter().all(|c| c.exists()));
+    // The restore goes without tandem's rollback (its finalizer removed by hand).
+    let restores: Api<GroupRestore> = w.env.api();
+    restores
+        .patch(
+            "gone",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .expect("drop finalizer");
+    restores
+        .delete("gone", &Default::default())
+        .await
+        .expect("delete");
+    // Its NodeRestores are aborted all the same: a's clone goes, and with b's agent back, they go.
+    let nodes: Api<NodeRestore> = w.env.api();
+    eventually(WAIT, "a's clone deleted", || async {
+        let aborted = nodes
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .iter()
+            .all(|n| n.spec.action == NodeRestoreAction::Abort);
+        (aborted && clones.iter().all(|c| !c.exists())).then_some(())
+    })
+    .await;
+    // The claims it created for the nodes go too.
+    eventually(WAIT, "its claims deleted", || async {
+        let (claims, _, _) = w.restore_objects("gone").await;
+        claims.is_empty().then_some(())
+    })
+    .await;
+    w.start_agent("b");
+    eventually(WAIT, "NodeRestores gone", || async {
+        nodes
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+}

@@ -14,11 +14,15 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use support::node::{
-    self, PGBENCH_BALANCED, images, pgbench_pod, postgres_pod, shared_cluster, with_cluster,
+    self, PGBENCH_BALANCED, PodVolume, images, pgbench_pod, postgres_pod_with, shared_cluster,
+    with_cluster,
 };
 use support::objects::{claim, local_volume};
 use support::{client_for, eventually, repo_root};
-use tandem::api::{Consistency, GroupSnapshot, GroupSnapshotPhase, NodePhase, NodeSnapshot};
+use tandem::api::{
+    Consistency, GROUP_RESTORE_LABEL, GroupRestore, GroupSnapshot, GroupSnapshotPhase, NodePhase,
+    NodeSnapshot, RestorePhase,
+};
 
 const WAIT: Duration = Duration::from_secs(90);
 /// Every exec into a pod whose volume may be frozen ends on the host side after this.
@@ -792,59 +796,142 @@ async fn publish(client: &kube::Client, ns: &str, node_name: &str, volumes: &[Pu
     }
 }
 
-/// SQL run in a pod with psql over its socket, behind a host-side timeout.
-fn psql(ns: &str, pod: &str, sql: &str) -> Result<String, String> {
-    with_cluster(|c| {
-        c.kubectl_timeout(
-            &[
-                "-n", ns, "exec", pod, "--", "psql", "-qAt", "-h", "/tmp", "-U", "postgres", "-c",
-                sql,
-            ],
-            EXEC_TIMEOUT,
-        )
-    })
+/// SQL run in a pod of cluster `c` with psql over its socket, behind a host-side timeout.
+fn psql_in(c: &node::Cluster, ns: &str, pod: &str, sql: &str) -> Result<String, String> {
+    c.kubectl_timeout(
+        &[
+            "-n", ns, "exec", pod, "--", "psql", "-qAt", "-h", "/tmp", "-U", "postgres", "-c", sql,
+        ],
+        EXEC_TIMEOUT,
+    )
 }
 
-/// PostgreSQL in a pod with data and WAL on two local volumes, pgbench writing from another pod;
-/// a GroupSnapshot under that load is Ready with FilesystemFrozen, and PostgreSQL started on the
-/// snapshot pair (in a pod, on claims of the clones) recovers with pgbench's balances intact.
-#[tokio::test(flavor = "multi_thread")]
-async fn postgres_under_pgbench_snapshot_recovers_balanced() {
+/// The chart on each node of a cluster whose nodes have folders of their own (the test harness
+/// runs every node's kubelet on one host): one release per node, its agent pinned there and
+/// pointed at that node's folders. The first release has the controller, the CRDs and the
+/// restore StorageClass; the others only an agent (no controller, no finalizer guard: it lets
+/// only its own release's controller through).
+fn install_chart_per_node(c: &node::Cluster) {
+    let chart = repo_root().join("charts/tandem").display().to_string();
+    for (i, n) in c.nodes.iter().enumerate() {
+        let release = if i == 0 {
+            RELEASE.to_string()
+        } else {
+            format!("{RELEASE}-n{i}")
+        };
+        let mut args = vec![
+            "install".to_string(),
+            release,
+            chart.clone(),
+            "--namespace".into(),
+            RELEASE_NAMESPACE.into(),
+            "--create-namespace".into(),
+            "--set".into(),
+            format!("agent.kubeletDir={}", n.kubelet_dir.display()),
+            "--set".into(),
+            format!("agent.stateDir={}", n.state_dir.display()),
+            "--set".into(),
+            format!("agent.extraHostPaths={{{}}}", n.disks_dir.display()),
+            "--set".into(),
+            format!("agent.nodeSelector.kubernetes\\.io/hostname={}", n.name),
+            "--set".into(),
+            "logLevel=info\\,tandem=debug".into(),
+            "--wait".into(),
+            "--timeout=180s".into(),
+        ];
+        if i > 0 {
+            args.extend([
+                "--set".into(),
+                "controller.replicas=0,crds.install=false,restore.storageClass.create=false,controller.finalizerGuard.enabled=false,rbac.aggregateToDefaultRoles=false,metrics.service.enabled=false".into(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        c.helm(&args).unwrap_or_else(|e| {
+            panic!(
+                "helm install for {}: {e}\n{}",
+                n.name,
+                c.kubectl(&["get", "pods", "-A", "-o", "wide"])
+                    .unwrap_or_default()
+            )
+        });
+    }
+}
+
+/// A reflink pool (a loop-backed XFS) under a node's shared folder, where that node's agent
+/// sees the images of its volumes and makes their snapshots and clones.
+fn pool_on(scratch: &mut agent_support::Scratch, n: &node::Node, ns: &str) -> PathBuf {
+    let image = n.images_dir().join(format!("{ns}-pool.img"));
+    scratch.image(&image, 1 << 30);
+    let dev = scratch.attach(&image, false);
+    scratch.mkfs(&dev, "xfs");
+    let pool = n.disks_dir.join(ns).join("pool");
+    scratch.mount(&dev, &pool, &[]);
+    pool
+}
+
+fn wait_ready(c: &node::Cluster, ns: &str, pod: &str) {
+    c.kubectl_timeout(
+        &[
+            "-n",
+            ns,
+            "wait",
+            "--for=condition=Ready",
+            &format!("pod/{pod}"),
+            "--timeout=90s",
+        ],
+        Duration::from_secs(100),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "pod {pod} not Ready: {e}\n{}\n{}",
+            c.kubectl(&["-n", ns, "describe", "pod", pod])
+                .unwrap_or_default(),
+            c.kubectl(&["-n", ns, "logs", pod]).unwrap_or_default()
+        )
+    });
+}
+
+fn pinned(mut pod: serde_json::Value, node: &str) -> serde_json::Value {
+    pod["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": node});
+    pod
+}
+
+/// PostgreSQL under pgbench load with its data on a claim of one node and its WAL on a claim of
+/// another, group-snapshotted (a cut on each node, one point in time), restored with a
+/// GroupRestore to new claims (a clone on each node, both claims bound together), started on
+/// them: it recovers, and pgbench's balance invariant holds (sum of abalance = bbalance =
+/// tbalance = sum of history.delta). Deleting the restored claims then deletes their clones.
+///
+/// One pod cannot mount local volumes of two nodes; this harness runs both nodes' kubelets on one
+/// host, so PostgreSQL runs on node 0 with its data claim mounted by that node's kubelet and its
+/// WAL, a volume of node 1, reached through a host folder: for the snapshot the WAL volume's
+/// mount, for the restore the mount node 1's kubelet made of the restored WAL claim for a pod
+/// there. Each claim is thus a volume of its own node to tandem (agent, NodeSnapshot, clone and
+/// PV per node), and each restored claim is mounted by a real kubelet from the PV tandem made.
+#[test]
+fn postgres_on_two_nodes_under_pgbench_group_restore_recovers_balanced() {
     if !require_root() {
         return;
     }
-    let cluster = tokio::task::spawn_blocking(shared_cluster)
-        .await
-        .expect("cluster");
-    tokio::task::spawn_blocking(install_chart)
-        .await
-        .expect("chart");
-    tokio::task::spawn_blocking(|| {
-        let started = std::time::Instant::now();
-        with_cluster(|c| c.nodes[0].import(&images()["postgres"]));
-        eprintln!(
-            "[pg] PostgreSQL image imported in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-    })
-    .await
-    .expect("postgres image");
-    let client = client_for(&cluster.kubeconfig).await;
-    let node_name = cluster.nodes[0].clone();
-    let disks_dir = with_cluster(|c| c.nodes[0].disks_dir.clone());
+    let cluster = node::Cluster::start(2);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(two_node_restore(&cluster));
+}
 
-    let ns = format!("rn-pg-{}", std::process::id());
-    let mut scratch = agent_support::Scratch::new();
-    let disks = disks_dir.join(&ns);
-    let pool_image = with_cluster(|c| c.nodes[0].images_dir()).join(format!("{ns}-pool.img"));
-    scratch.image(&pool_image, 2 << 30);
-    let pool_dev = scratch.attach(&pool_image, false);
-    scratch.mkfs(&pool_dev, "xfs");
-    let pool = disks.join("pool");
-    scratch.mount(&pool_dev, &pool, &[]);
-    let data = volume(&mut scratch, &pool, &disks.join("pgdata"), "xfs");
-    let wal = volume(&mut scratch, &pool, &disks.join("pgwal"), "ext4");
-    let _thaw = ThawOnDrop(vec![data.mount.clone(), wal.mount.clone()]);
+async fn two_node_restore(c: &node::Cluster) {
+    let (n0, n1) = (&c.nodes[0], &c.nodes[1]);
+    let started = std::time::Instant::now();
+    n0.import(&images()["postgres"]);
+    install_chart_per_node(c);
+    eprintln!(
+        "[pg2] PostgreSQL image imported, the chart installed on both nodes in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let client = client_for(&c.plane.kubeconfig).await;
+    let ns = format!("rn-pg2-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
         .create(
@@ -853,36 +940,54 @@ async fn postgres_under_pgbench_snapshot_recovers_balanced() {
         )
         .await
         .expect("namespace");
+
+    // Data (XFS) on node 0, WAL (ext4) on node 1, each in a reflink pool of its node.
+    let mut scratch = agent_support::Scratch::new();
+    let pool0 = pool_on(&mut scratch, n0, &ns);
+    let pool1 = pool_on(&mut scratch, n1, &ns);
+    let data = volume(
+        &mut scratch,
+        &pool0,
+        &n0.disks_dir.join(&ns).join("pgdata"),
+        "xfs",
+    );
+    let wal = volume(
+        &mut scratch,
+        &pool1,
+        &n1.disks_dir.join(&ns).join("pgwal"),
+        "ext4",
+    );
+    let _thaw = ThawOnDrop(vec![data.mount.clone(), wal.mount.clone()]);
     publish(
         &client,
         &ns,
-        &node_name,
-        &[
-            ("pgdata", &data.mount, &[("app", "pg")]),
-            ("pgwal", &wal.mount, &[("app", "pg")]),
-        ],
+        &n0.name,
+        &[("pgdata", &data.mount, &[("app", "pg")])],
+    )
+    .await;
+    publish(
+        &client,
+        &ns,
+        &n1.name,
+        &[("pgwal", &wal.mount, &[("app", "pg")])],
     )
     .await;
 
-    let pg_ip = with_cluster(|c| {
-        apply(
-            c,
-            &format!("{ns}-pg"),
-            &postgres_pod(&ns, "pg", "pgdata", "pgwal", true),
-        );
-        c.kubectl_timeout(
-            &[
-                "-n",
-                &ns,
-                "wait",
-                "--for=condition=Ready",
-                "pod/pg",
-                "--timeout=90s",
-            ],
-            Duration::from_secs(100),
-        )
-        .unwrap_or_else(|e| panic!("PostgreSQL Ready: {e}"));
-        c.kubectl(&[
+    let wal_path = wal.mount.display().to_string();
+    apply(
+        c,
+        &format!("{ns}-pg"),
+        &postgres_pod_with(
+            &ns,
+            "pg",
+            PodVolume::Claim("pgdata"),
+            PodVolume::HostPath(&wal_path),
+            true,
+        ),
+    );
+    wait_ready(c, &ns, "pg");
+    let pg_ip = c
+        .kubectl(&[
             "-n",
             &ns,
             "get",
@@ -891,32 +996,25 @@ async fn postgres_under_pgbench_snapshot_recovers_balanced() {
             "-o",
             "jsonpath={.status.podIP}",
         ])
-        .expect("pod IP")
-    });
-    // pgbench from its own pod, over the pod network.
-    with_cluster(|c| {
-        apply(c, &format!("{ns}-bench"), &pgbench_pod(&ns, &pg_ip));
-    });
-    let history = |pod: &'static str| {
-        let ns = ns.clone();
-        move || {
-            psql(&ns, pod, "select count(*) from pgbench_history")
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-        }
+        .expect("pod IP");
+    // pgbench beside PostgreSQL (pods reach pods of their own node only).
+    apply(
+        c,
+        &format!("{ns}-bench"),
+        &pinned(pgbench_pod(&ns, &pg_ip), &n0.name),
+    );
+    let history = |pod: &str| {
+        psql_in(c, &ns, pod, "select count(*) from pgbench_history")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
     };
-    let load = history("pg");
     eventually(WAIT, "pgbench running", || {
-        let load = load.clone();
-        async move {
-            tokio::task::spawn_blocking(load)
-                .await
-                .ok()?
-                .filter(|n| *n > 50)
-        }
+        let n = history("pg");
+        async move { n.filter(|n| *n > 50) }
     })
     .await;
 
+    // The group snapshot under load: a cut on each node.
     let groups: Api<tandem::api::ConsistencyGroup> = Api::namespaced(client.clone(), &ns);
     groups
         .create(
@@ -966,123 +1064,216 @@ async fn postgres_under_pgbench_snapshot_recovers_balanced() {
         "{status:?}"
     );
     assert!(status.members.iter().all(|m| m.frozen), "{status:?}");
-    let at_snapshot = tokio::task::spawn_blocking(history("pg"))
-        .await
-        .expect("count")
-        .expect("history");
-    // The load goes on after the thaw.
+    assert_eq!(status.nodes.len(), 2, "a cut on each node: {status:?}");
+    let at_snapshot = history("pg").expect("history");
     eventually(WAIT, "pgbench goes on after the snapshot", || {
-        let load = load.clone();
-        async move {
-            tokio::task::spawn_blocking(load)
-                .await
-                .ok()?
-                .filter(|n| *n > at_snapshot + 50)
-        }
+        let n = history("pg");
+        async move { n.filter(|n| *n > at_snapshot + 50) }
     })
     .await;
 
-    // The restore: the two clones, on loop devices, published as claims, PostgreSQL in a pod.
-    let mut restored = Vec::new();
-    for (claim_name, fs, mount) in [
-        ("pgdata", "xfs", "restored-data"),
-        ("pgwal", "ext4", "restored-wal"),
-    ] {
-        let member = status
+    // The restore, to new claims: a clone on each node, both claims bound together.
+    let restores: Api<GroupRestore> = Api::namespaced(client.clone(), &ns);
+    let applied = std::time::Instant::now();
+    restores
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "pg-back"}, "spec": {
+                "source": {"groupSnapshotName": "pg-1"},
+                "mode": "NewClaims",
+                "newClaims": {"nameTemplate": "{claim}-restored", "labels": {"app": "pg-restored"}}
+            }}))
+            .expect("restore"),
+        )
+        .await
+        .expect("GroupRestore");
+    let restored = eventually(Duration::from_secs(180), "GroupRestore Completed", || {
+        let restores = restores.clone();
+        async move {
+            let status = restores.get("pg-back").await.ok()?.status?;
+            assert_ne!(status.phase, RestorePhase::Failed, "{status:?}");
+            (status.phase == RestorePhase::Completed).then_some(status)
+        }
+    })
+    .await;
+    let to_bound = applied.elapsed();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    for (source, node, fs) in [("pgdata", n0, "xfs"), ("pgwal", n1, "ext4")] {
+        let member = restored
             .members
             .iter()
-            .find(|m| m.claim == claim_name)
-            .expect("member");
-        let handle = member.snapshot_handle.as_deref().expect("handle");
-        let clone = PathBuf::from(handle.strip_prefix("reflink:").expect("reflink handle"));
-        // A copy of the clone, so the snapshot itself stays untouched (and deletable).
-        let copy = pool.join(format!("{mount}.img"));
-        agent_support::sh(
-            "cp",
-            &[
-                "--reflink=always",
-                &clone.to_string_lossy(),
-                &copy.to_string_lossy(),
-            ],
+            .find(|m| m.source_claim == source)
+            .unwrap_or_else(|| panic!("no member {source}: {restored:?}"));
+        assert_eq!(member.claim, format!("{source}-restored"));
+        assert_eq!(member.node, node.name, "the clone is on the member's node");
+        let claim = claims.get(&member.claim).await.expect("restored claim");
+        let annotations = claim.metadata.annotations.clone().unwrap_or_default();
+        assert_eq!(
+            annotations
+                .get("tandem.dev/restored-from")
+                .map(String::as_str),
+            Some(format!("{ns}/pg-1").as_str()),
+            "{annotations:?}"
         );
-        let device = scratch.attach(&copy, false);
-        let dir = disks.join(mount);
-        // The clone of an XFS carries the origin's UUID, which is mounted too.
-        let options: &[&str] = if fs == "xfs" { &["nouuid"] } else { &[] };
-        scratch.mount(&device, &dir, options);
-        restored.push((claim_name.replace("pg", "restored-"), dir));
+        assert_eq!(
+            annotations
+                .get("tandem.dev/consistency")
+                .map(String::as_str),
+            Some("FilesystemFrozen")
+        );
+        let claim_status = claim.status.as_ref().and_then(|s| s.phase.as_deref());
+        assert_eq!(claim_status, Some("Bound"));
+        let pv = pvs
+            .get(&member.persistent_volume)
+            .await
+            .expect("restored PV");
+        let spec = pv.spec.clone().expect("PV spec");
+        let claim_ref = spec.claim_ref.clone().expect("pre-bound");
+        assert_eq!(claim_ref.uid, claim.metadata.uid, "pre-bound to this claim");
+        let local = spec.local.clone().expect("a local PV");
+        assert_eq!(local.fs_type.as_deref(), Some(fs), "{spec:?}");
+        if fs == "xfs" {
+            assert_eq!(spec.mount_options, Some(vec!["nouuid".to_string()]));
+        }
+        let affinity = serde_json::to_value(&spec.node_affinity).expect("json");
+        assert!(
+            affinity.to_string().contains(&format!("\"{}\"", node.name)),
+            "{affinity}"
+        );
+        assert_eq!(
+            pv.metadata
+                .annotations
+                .unwrap_or_default()
+                .get("pv.kubernetes.io/provisioned-by")
+                .map(String::as_str),
+            Some("tandem.dev/restore")
+        );
     }
-    publish(
-        &client,
-        &ns,
-        &node_name,
-        &[
-            (&restored[0].0, &restored[0].1, &[]),
-            (&restored[1].0, &restored[1].1, &[]),
-        ],
-    )
-    .await;
-    let _thaw_restored = ThawOnDrop(restored.iter().map(|(_, d)| d.clone()).collect());
-    with_cluster(|c| {
-        apply(
-            c,
-            &format!("{ns}-restored"),
-            &postgres_pod(&ns, "restored", &restored[0].0, &restored[1].0, false),
-        );
-        c.kubectl_timeout(
-            &[
-                "-n",
-                &ns,
-                "wait",
-                "--for=condition=Ready",
-                "pod/restored",
-                "--timeout=90s",
-            ],
-            Duration::from_secs(100),
-        )
-        .unwrap_or_else(|e| {
-            panic!(
-                "PostgreSQL on the snapshot did not start: {e}\n{}",
-                c.kubectl(&["-n", &ns, "logs", "restored"])
-                    .unwrap_or_default()
-            )
-        });
+    eprintln!(
+        "[pg2] restored to new claims on {} and {} in {:.1} s (apply to both Bound)",
+        n0.name,
+        n1.name,
+        to_bound.as_secs_f64()
+    );
+
+    // The restored WAL claim, mounted by node 1's kubelet for a pod there...
+    let holder = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "wal-holder", "namespace": ns},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "hold", "image": images()["tandem_ref"], "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c", "test -d /wal/pg && sleep 3600"],
+                "volumeMounts": [{"name": "wal", "mountPath": "/wal"}]}],
+            "volumes": [{"name": "wal", "persistentVolumeClaim": {"claimName": "pgwal-restored"}}]
+        }
     });
-    let recovered = tokio::task::spawn_blocking(history("restored"))
-        .await
-        .expect("count")
-        .expect("history of the restored database");
+    apply(c, &format!("{ns}-holder"), &holder);
+    wait_ready(c, &ns, "wal-holder");
+    let holder_uid = c
+        .kubectl(&[
+            "-n",
+            &ns,
+            "get",
+            "pod",
+            "wal-holder",
+            "-o",
+            "jsonpath={.metadata.uid} {.spec.nodeName}",
+        ])
+        .expect("holder");
+    let (holder_uid, holder_node) = holder_uid.split_once(' ').expect("uid and node");
+    assert_eq!(holder_node, n1.name);
+    let wal_pv = &restored
+        .members
+        .iter()
+        .find(|m| m.source_claim == "pgwal")
+        .expect("wal")
+        .persistent_volume;
+    let restored_wal = n1
+        .kubelet_dir
+        .join("pods")
+        .join(holder_uid)
+        .join("volumes/kubernetes.io~local-volume")
+        .join(wal_pv);
+    assert!(
+        restored_wal.join("pg").is_dir(),
+        "the kubelet of {} mounted the restored WAL at {}",
+        n1.name,
+        restored_wal.display()
+    );
+    // ...and PostgreSQL on node 0 on the restored data claim and that WAL: crash recovery.
+    let restored_wal = restored_wal.display().to_string();
+    apply(
+        c,
+        &format!("{ns}-restored"),
+        &postgres_pod_with(
+            &ns,
+            "restored",
+            PodVolume::Claim("pgdata-restored"),
+            PodVolume::HostPath(&restored_wal),
+            false,
+        ),
+    );
+    wait_ready(c, &ns, "restored");
+    let recovered = history("restored").expect("history of the restored database");
     assert!(
         recovered > 0,
         "the restored database has no pgbench history"
     );
-    let balanced = psql(&ns, "restored", PGBENCH_BALANCED).expect("balance check");
+    let balanced = psql_in(c, &ns, "restored", PGBENCH_BALANCED).expect("balance check");
     assert_eq!(
         balanced.trim(),
         "t",
         "pgbench's balances do not add up in the restored database"
     );
     eprintln!(
-        "[pg] snapshot under load: {at_snapshot} transactions in history around the cut, {recovered} recovered, balances intact; freeze window {:?} ms",
+        "[pg2] snapshot under load across two nodes: {at_snapshot} transactions in history around the cut, {recovered} recovered on the restored claims, balances intact; freeze window {:?} ms",
         status.freeze_window_millis
     );
 
-    // Pods first (the kubelet's bind mounts hold the loop devices), then the snapshot.
-    with_cluster(|c| {
-        let _ = c.kubectl_timeout(
-            &[
-                "-n",
-                &ns,
-                "delete",
-                "pod",
-                "--all",
-                "--grace-period=0",
-                "--force",
-                "--wait=true",
-            ],
-            Duration::from_secs(60),
-        );
-    });
+    // Pods first (the kubelets' mounts hold the clones), then the restored claims: tandem, the
+    // external deleter, deletes their clones on both nodes and the PVs.
+    let _ = c.kubectl_timeout(
+        &[
+            "-n",
+            &ns,
+            "delete",
+            "pod",
+            "--all",
+            "--grace-period=0",
+            "--force",
+            "--wait=true",
+        ],
+        Duration::from_secs(60),
+    );
+    let label = format!("{GROUP_RESTORE_LABEL}=pg-back");
+    claims
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels(&label),
+        )
+        .await
+        .expect("delete restored claims");
+    eventually(WAIT, "the restored PVs deleted by tandem", || {
+        let pvs = pvs.clone();
+        let label = label.clone();
+        async move {
+            let left = pvs.list(&ListParams::default().labels(&label)).await.ok()?;
+            left.items.is_empty().then_some(())
+        }
+    })
+    .await;
+    for pool in [&pool0, &pool1] {
+        let clones = fs::read_dir(pool.join(".tandem-restores"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(clones, 0, "clones left in {}", pool.display());
+    }
+    restores
+        .delete("pg-back", &DeleteParams::default())
+        .await
+        .expect("delete GroupRestore");
     snapshots
         .delete("pg-1", &DeleteParams::default())
         .await
@@ -1099,24 +1290,8 @@ async fn postgres_under_pgbench_snapshot_recovers_balanced() {
         }
     })
     .await;
-    let pods_dir = with_cluster(|c| format!("{}/pods/", c.nodes[0].kubelet_dir.display()));
-    eventually(WAIT, "the kubelet unmounted the pods' volumes", || {
-        let pods_dir = pods_dir.clone();
-        let ns = ns.clone();
-        async move {
-            let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-            let held = info.lines().any(|l| {
-                l.split(' ')
-                    .nth(4)
-                    .is_some_and(|m| m.starts_with(&pods_dir) && m.contains(&ns))
-            });
-            (!held).then_some(())
-        }
-    })
-    .await;
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
-    let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    for name in ["pgdata", "pgwal", "restored-data", "restored-wal"] {
+    for name in ["pgdata", "pgwal"] {
         let _ = pvs
             .delete(&format!("{ns}-{name}"), &DeleteParams::default())
             .await;

@@ -273,7 +273,21 @@ lvcreate -q -L 320M -n thick2 vg0 && mkfs.xfs -q -f /dev/vg0/thick2 && mkdir -p 
   && dd if=/dev/urandom of=/mnt/thick2/synced.bin bs=1M count=64 2>/dev/null && echo thick2 > /mnt/thick2/marker.txt && sync
 check rthick-setup $? "a thick XFS volume of 320 MiB"
 restore_round rthick thick2 thick Copy
-umount /mnt/thick2; lvremove -q -f vg0/thick2 >/dev/null 2>&1
+echo "== restore: a thick copy that fails midway (its snapshot overflows) removes the new LV"
+out=$(agent --oneshot-volume /mnt/thick2 --oneshot-name rfail --oneshot-freeze Disabled --thick-cow-size 8M 2>/tmp/agent.err)
+[ "$(echo "$out" | json_field phase)" = Released ]; check rfail-cut $? "a thick snapshot with 8 MiB of copy-on-write space"
+umount /mnt/thick2
+( agent --oneshot-action restore --oneshot-name rfail >/tmp/rfail.out 2>&1; echo "RC=$?" >>/tmp/rfail.out ) &
+rp=$!
+# Once the clone LV exists the copy is under way: overflow the snapshot, whose reads then fail.
+i=0; while ! lvs --noheadings -o lv_name vg0 2>/dev/null | grep -q 'tandem-r.local.thick2' && [ $i -lt 300 ]; do sleep 0.05; i=$((i+1)); done
+dd if=/dev/urandom of=/dev/vg0/thick2 bs=1M count=24 seek=16 conv=fsync 2>/dev/null
+wait $rp
+grep 'rror' /tmp/rfail.out | tail -1 | cut -c1-300 | sed 's/^/    | /'
+! grep -q 'RC=0' /tmp/rfail.out; check rfail-failed $? "the restore failed"
+[ "$(lvs --noheadings -o lv_name vg0 | grep -c tandem-r)" = 0 ]; check rfail-no-leftover $? "the half-copied clone LV was removed"
+agent --oneshot-action delete --oneshot-name rfail >/dev/null 2>&1
+lvremove -q -f vg0/thick2 >/dev/null 2>&1
 [ "$(lvs --noheadings -o lv_name vg0 | grep -c tandem-r)" = 0 ]; check restore-no-leftover $? "no clone LV left"
 
 for v in vol1 vol2 thick1; do umount /mnt/$v; done

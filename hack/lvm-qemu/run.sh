@@ -1,5 +1,5 @@
 #!/bin/bash
-# LVM thin and thick snapshots by the real tandem agent, inside QEMU guests (TCG: software emulation;
+# LVM thin and thick snapshots (and restore clones of them) by the real tandem agent, inside QEMU guests (TCG: software emulation;
 # the CI host kernel has no device-mapper and its /dev/kvm cannot run stock kernels).
 #
 #   hack/lvm-qemu/run.sh                 # both kernels: Debian 12's 6.12 (must work) and 6.1 (must
@@ -16,7 +16,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 CACHE=${TANDEM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tandem/lvm-qemu}
 KERNELS=${KERNELS:-"6.12 6.1"}
-TIMEOUT=${TIMEOUT:-420}
+TIMEOUT=${TIMEOUT:-600}
 PACKAGES="qemu-system-x86 lvm2 thin-provisioning-tools busybox-static xfsprogs e2fsprogs kmod cpio binutils"
 
 missing=""

@@ -8,9 +8,9 @@
 //! - [`cut`]: cut / release / abort as a plain blocking API around a pure lifecycle
 //!   ([`cut::lifecycle`]); [`engine`] is the same API under its first name.
 //! - [`watch`]: the NodeSnapshot watch loop that drives the engine.
-//! - [`restore`]: the NodeRestore watch loop and the clone journal (clones of member snapshots).
 //! - [`oneshot`]: one-shot restores without an API server (clone, attach, delete the clones of a
 //!   one-shot cut).
+//! - [`restore`]: the NodeRestore watch loop and the clone journal (clones of member snapshots).
 
 pub mod backend;
 pub mod cut;
@@ -56,6 +56,16 @@ pub struct AgentArgs {
     #[arg(long, env = "TANDEM_THICK_COW_SIZE", default_value = "1G")]
     pub thick_cow_size: String,
 
+    /// Where restore clones' loop devices are linked, as `<dir>/<pv>` (a tmpfs on a node, so a
+    /// stale link never survives a reboot).
+    #[arg(long, env = "TANDEM_RESTORE_LINK_DIR", default_value = "/dev/tandem")]
+    pub restore_link_dir: PathBuf,
+
+    /// Where btrfs restore clones are bind-mounted, as `<dir>/<pv>` (default
+    /// `<kubelet dir>/plugins/tandem.dev/restores`, whose mounts reach the host).
+    #[arg(long, env = "TANDEM_RESTORE_MOUNT_DIR")]
+    pub restore_mount_dir: Option<PathBuf>,
+
     /// Only thaw what the journal says is still frozen (and delete its snapshots), then exit.
     #[arg(long)]
     pub recover_only: bool,
@@ -64,16 +74,6 @@ pub struct AgentArgs {
     /// exit (for hosts without Kubernetes, such as the LVM test guest). Repeatable.
     #[arg(long = "oneshot-volume", value_name = "PATH")]
     pub oneshot_volumes: Vec<PathBuf>,
-
-    /// Where reflink restore clones' loop devices are linked (`<dir>/<pv>`; a PV's `local.path`).
-    /// On a tmpfs such as /dev, so no stale link outlives a reboot.
-    #[arg(long, env = "TANDEM_RESTORE_LINK_DIR", default_value = "/dev/tandem")]
-    pub restore_link_dir: PathBuf,
-
-    /// Where btrfs restore clones are bind-mounted (`<dir>/<pv>`, the PV path `<dir>/<pv>/volume`).
-    /// Default: `<kubelet dir>/plugins/tandem.dev/restores`, whose mounts reach the host.
-    #[arg(long, env = "TANDEM_RESTORE_MOUNT_DIR")]
-    pub restore_mount_dir: Option<PathBuf>,
 
     /// One-shot: `cut` (freeze, snapshot, thaw), `delete` (delete the snapshots of an earlier cut
     /// of the same name and forget it), `restore` (clone the snapshots of an earlier cut of the same
@@ -108,7 +108,7 @@ pub enum AgentError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
-    Restores(#[from] restore::RestoreError),
+    Restore(#[from] restore::RestoreError),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("a blocking task failed: {0}")]
@@ -121,8 +121,8 @@ pub enum AgentError {
     Backend(#[from] backend::BackendError),
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
-    #[error("restore: {0}")]
-    Restore(String),
+    #[error("one-shot restore: {0}")]
+    OneshotRestore(String),
 }
 
 /// The engine configuration the flags ask for.

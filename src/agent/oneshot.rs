@@ -77,7 +77,7 @@ pub fn journal_path(state_dir: &Path, key: &str) -> PathBuf {
 }
 
 fn failed(why: impl Into<String>) -> AgentError {
-    AgentError::Restore(why.into())
+    AgentError::OneshotRestore(why.into())
 }
 
 fn read(path: &Path) -> Result<Option<OneshotRestore>, AgentError> {

@@ -18,9 +18,9 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand)]
-// Parsed once at start: the size of the agent's flags does not matter.
+// Parsed once at start; boxing the agent's flags would save nothing that matters.
 #[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
 enum Command {
     /// Run the controller (ConsistencyGroup and GroupSnapshot reconcilers).
     Controller(tandem::controller::ControllerArgs),

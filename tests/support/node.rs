@@ -953,6 +953,44 @@ pub fn with_cluster<T>(f: impl FnOnce(&Cluster) -> T) -> T {
 /// (initdb --waldir, a symlink across the two volumes). `init` makes a new cluster; otherwise it
 /// starts on what the volumes hold (a restore: crash recovery from the WAL).
 pub fn postgres_pod(ns: &str, name: &str, data: &str, wal: &str, init: bool) -> serde_json::Value {
+    postgres_pod_with(
+        ns,
+        name,
+        PodVolume::Claim(data),
+        PodVolume::Claim(wal),
+        init,
+    )
+}
+
+/// Where a pod's volume comes from: a claim, or a host folder (a volume of another node of the
+/// same host, which the kubelet of the pod's node cannot mount: see the two-node restore test).
+#[derive(Clone, Copy, Debug)]
+pub enum PodVolume<'a> {
+    Claim(&'a str),
+    HostPath(&'a str),
+}
+
+impl PodVolume<'_> {
+    fn source(self, name: &str) -> serde_json::Value {
+        match self {
+            PodVolume::Claim(claim) => {
+                json!({"name": name, "persistentVolumeClaim": {"claimName": claim}})
+            }
+            PodVolume::HostPath(path) => {
+                json!({"name": name, "hostPath": {"path": path, "type": "Directory"}})
+            }
+        }
+    }
+}
+
+/// [`postgres_pod`] with each volume a claim or a host folder.
+pub fn postgres_pod_with(
+    ns: &str,
+    name: &str,
+    data: PodVolume<'_>,
+    wal: PodVolume<'_>,
+    init: bool,
+) -> serde_json::Value {
     let bin = "/usr/lib/postgresql/15/bin";
     let start = if init {
         format!(
@@ -976,8 +1014,7 @@ pub fn postgres_pod(ns: &str, name: &str, data: &str, wal: &str, init: bool) -> 
                                    "periodSeconds": 1},
                 "volumeMounts": [{"name": "data", "mountPath": "/data"},
                                  {"name": "wal", "mountPath": "/wal"}]}],
-            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": data}},
-                        {"name": "wal", "persistentVolumeClaim": {"claimName": wal}}]
+            "volumes": [data.source("data"), wal.source("wal")]
         }
     })
 }

@@ -11,6 +11,22 @@
 //! clone is made only from a snapshot that carries the mark of the cut the restore names.
 //! `attach` re-creates whatever does not survive a reboot (loop device and link, LV activation,
 //! bind mount); it is idempotent and the agent runs it at start for every clone it keeps.
+//!
+//! Where things are:
+//! - reflink: `<pool>/.tandem-restores/<name>.img` (FICLONE needs the snapshot's filesystem), made
+//!   as a marked `.partial` and renamed without replacing; fsynced; a loop device without autoclear
+//!   (found again by the image's device and inode, never by path); the link `<link dir>/<pv>`.
+//! - LVM: `<vg>/<name>` tagged `tandem-restore` and `tandem-owner-<uid>`, every command scoped to
+//!   the VG's devices ([`lvm::VgScope`]). Thin: `lvcreate -s -kn` of the member snapshot, which the
+//!   clone does not depend on afterwards. Thick: a plain LV of the snapshot's size, copied in
+//!   process (O_DIRECT, 4 MiB at a time, fdatasync); a failed copy removes the LV.
+//! - btrfs: `<top level>/.tandem-restores/<name>/volume` (a writable snapshot), the directory and the
+//!   subvolume both marked; the directory (exactly the one opened: `open_tree` + `move_mount`) is
+//!   bind-mounted at `<mount dir>/<pv>`, nosuid and nodev, and the PV path is `<mount dir>/<pv>/volume`.
+//!
+//! The filesystem inside a block clone is read from its superblock ([`detect_filesystem`]: XFS,
+//! ext2/3/4, btrfs), so the agent needs neither blkid nor the member's recorded type; a PV of an
+//! XFS clone needs `nouuid` when it is mounted beside its origin (same filesystem uuid).
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;

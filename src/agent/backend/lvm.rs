@@ -1290,6 +1290,79 @@ mod tests {
         );
     }
 
+    /// Restore clones: thin, a thin snapshot of the member snapshot without the activation-skip
+    /// flag; thick, a plain LV of the snapshot's size in bytes; both tagged, both scoped.
+    #[test]
+    fn clone_commands_are_tagged_and_scoped() {
+        let scope = VgScope {
+            vg: "vg0".into(),
+            uuid: VG.into(),
+            devices: paths(&["/dev/vda"]),
+        };
+        let thin = thin_clone_args(&scope, "tandem.ns.g.pv.1", "tandem-r.ns.pv.2", "uid-r");
+        assert_eq!(
+            thin,
+            [
+                "-q",
+                "-s",
+                "-kn",
+                "-n",
+                "tandem-r.ns.pv.2",
+                "--addtag",
+                "tandem-restore",
+                "--addtag",
+                "tandem-owner-uid-r",
+                "--devices",
+                "/dev/vda",
+                "vg0/tandem.ns.g.pv.1"
+            ]
+        );
+        let thick = thick_clone_args(&scope, "tandem-r.ns.pv.2", "uid-r", 335_544_320);
+        assert!(
+            thick.windows(2).any(|w| w == ["-L", "335544320b"]),
+            "{thick:?}"
+        );
+        assert!(thick.iter().any(|a| a == "tandem-owner-uid-r"));
+        assert!(thick.ends_with(&["--devices", "/dev/vda", "vg0"].map(String::from)));
+        assert_eq!(
+            activate_args(&scope, "c"),
+            ["-q", "-ay", "-K", "--devices", "/dev/vda", "vg0/c"]
+        );
+        let row = |segtype: &str| LvRow {
+            lv_name: "s".into(),
+            segtype: segtype.into(),
+            lv_size: String::new(),
+            lv_tags: String::new(),
+            vg_uuid: String::new(),
+            vg_missing_pv_count: String::new(),
+        };
+        assert_eq!(kind_of(&row("thin")), BackendKind::LvmThin);
+        assert_eq!(kind_of(&row("linear")), BackendKind::LvmThick);
+    }
+
+    /// The thick copy: every byte, progress from 0 to the total (monotonic), and a source shorter
+    /// than the total is an error, not a short clone.
+    #[test]
+    fn copies_every_byte_and_reports_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        let total: usize = (9 << 20) + 4096 * 3;
+        let data: Vec<u8> = (0..total).map(|i| (i * 7 % 251) as u8).collect();
+        fs::write(&src, &data).unwrap();
+        fs::write(&dst, vec![0xffu8; total]).unwrap();
+        let mut seen = Vec::new();
+        copy_device(&src, &dst, total as u64, &mut |done, all| {
+            seen.push((done, all))
+        })
+        .unwrap();
+        assert!(fs::read(&dst).unwrap() == data, "the copy differs");
+        assert_eq!(seen.first(), Some(&(0, total as u64)));
+        assert_eq!(seen.last(), Some(&(total as u64, total as u64)));
+        assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "{seen:?}");
+        let err = copy_device(&src, &dst, total as u64 + 4096, &mut |_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("it ends at"), "{err}");
+    }
+
     /// L11: PVs no active LV uses are admitted by PV uuid, exactly one device each, of the VG.
     #[test]
     fn admits_unused_pvs_by_their_uuid_only() {

@@ -1,24 +1,24 @@
 //! Reconciles GroupRestores (mode NewClaims in [`new_claims`], InPlace in `in_place`) and, as
 //! the external deleter, the NodeRestores and PVs they leave behind ([`deleter`]).
 //!
-//! What the controller needs of the API for restores (the chart's RBAC):
+//! What the controller needs of the API for restores (the chart's RBAC), exactly:
 //!
-//! | API group         | resource                 | verbs                                    |
-//! |-------------------|--------------------------|------------------------------------------|
-//! | tandem.dev        | grouprestores            | get, list, watch, patch, update          |
-//! | tandem.dev        | grouprestores/status     | get, patch, update                       |
-//! | tandem.dev        | noderestores             | get, list, watch, create, patch, delete  |
-//! | tandem.dev        | groupsnapshots           | get, list, watch (already granted)       |
-//! | tandem.dev        | nodesnapshots            | get, list, watch (already granted)       |
-//! | "" (core)         | persistentvolumeclaims   | get, list, watch, create, patch, delete  |
-//! | "" (core)         | persistentvolumes        | get, list, watch, create, patch, delete  |
-//! | "" (core)         | resourcequotas           | list                                     |
-//! | storage.k8s.io    | storageclasses           | get                                      |
-//! | "" and events.k8s.io | events                | create, patch (already granted)          |
-//! | "" (core)         | nodes                    | list, watch (already granted)            |
+//! | API group      | resource               | verbs                                   | why |
+//! |----------------|------------------------|-----------------------------------------|-----|
+//! | tandem.dev     | grouprestores          | get, list, watch, patch                 | watch; finalizer (merge patch); the GroupSnapshot's deletion lists the restores from it |
+//! | tandem.dev     | grouprestores/status   | patch                                   | status (server-side apply) |
+//! | tandem.dev     | noderestores           | get, list, watch, create, patch, delete | one per node; action Abort, volumes[].release, the completed annotation; deleted once its clones are gone |
+//! | tandem.dev     | groupsnapshots         | get, list, watch                        | the source (and its wake-up) |
+//! | tandem.dev     | nodesnapshots          | list, watch                             | the uid of each member's cut (shared cache) |
+//! | "" (core)      | persistentvolumeclaims | get, list, watch, create, patch, delete | restored claims: created, provenance annotated, deleted on rollback |
+//! | "" (core)      | persistentvolumes      | get, list, watch, create, patch, delete | the pre-bound PVs: created, finalizer patched off, deleted (external deleter) |
+//! | "" (core)      | resourcequotas         | list                                    | the quota check before anything is made |
+//! | storage.k8s.io | storageclasses         | get                                     | the restore class exists with provisioner tandem.dev/restore |
+//! | events.k8s.io  | events                 | create, patch                           | Warning/Normal events on restores and on claims left Pending |
+//! | "" (core)      | nodes                  | list, watch                             | a Node's kubernetes.io/hostname label for the PV's node affinity |
 //!
-//! InPlace (the `in_place` module) needs more (pods list; deployments/statefulsets scale); its
-//! module says which.
+//! InPlace (the `in_place` module) needs more (pods list/watch, replicasets get,
+//! deployments/scale and statefulsets/scale get/patch).
 
 pub mod clones;
 pub mod deleter;
@@ -393,6 +393,11 @@ async fn reconcile_node_restore(
             &Patch::Merge(json!({"spec": {"action": NodeRestoreAction::Abort}})),
         )
         .await?;
+        // The claims that restore created for this node wait for nothing now.
+        if let Some(uid) = &uid {
+            let claims: Vec<String> = node.spec.volumes.iter().map(|v| v.claim.clone()).collect();
+            clones::delete_created_claims(&rctx, &namespace, uid, &claims).await?;
+        }
     }
     if steps.delete {
         info!(noderestore = %name, "every clone is gone: deleting");
