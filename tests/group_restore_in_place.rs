@@ -60,15 +60,16 @@ impl Drop for Sweep {
 /// Seeds of the file each claim holds at the snapshot.
 const CLAIMS: [(&str, u64); 2] = [("data", 11), ("wal", 22)];
 
-/// A group of two XFS claims on node `a`, a Ready snapshot `snap` of them holding `before.bin`,
-/// and `after.bin` written after it. The member PVs are set to reclaim Delete, so that the
-/// restore's switch to Retain shows.
+/// A group of two XFS claims, `data` on node `a` and `wal` on node `b` (one NodeRestore each), a
+/// Ready snapshot `snap` of them holding `before.bin`, and `after.bin` written after it. The
+/// member PVs are set to reclaim Delete, so that the restore's switch to Retain shows.
 async fn world_with_snapshot(name: &str) -> (World, GroupSnapshot, BTreeMap<String, String>) {
     let mut w = World::new(name).await;
-    for (claim, _) in CLAIMS {
-        w.add_volume(claim, "a", "xfs", &[("app", "shop")]).await;
+    for (claim, node) in [("data", "a"), ("wal", "b")] {
+        w.add_volume(claim, node, "xfs", &[("app", "shop")]).await;
     }
     w.start_agent("a");
+    w.start_agent("b");
     w.start_controller();
     w.create_group(
         "shop",
@@ -254,8 +255,13 @@ async fn in_place_brings_the_claims_back_under_their_names_and_keeps_the_old_vol
     let (mut w, _, hashes) = world_with_snapshot("ip-swap").await;
     let _sweep = Sweep(w.pool.clone());
     let before = claims_now(&w).await;
+    let applied = std::time::Instant::now();
     create_restore(&w, "back", json!({}), 120).await;
     let restore = wait_restore(&w, "back", RestorePhase::Completed).await;
+    eprintln!(
+        "InPlace restore of 2 members on 2 nodes: applied to Completed in {:?}",
+        applied.elapsed()
+    );
     let status = restore.status.expect("status");
 
     // The undo point: the old PVs, listed, kept with reclaim Retain and the label.
@@ -318,6 +324,54 @@ async fn in_place_brings_the_claims_back_under_their_names_and_keeps_the_old_vol
     // Done is done: nothing changes on a second look.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(claims_now(&w).await, after);
+
+    // A restored volume set to Retain outlives its claim (as an undo point does), clone and all;
+    // deleting the PV then removes the clone.
+    let (_, restored, _) = &after["data"];
+    volumes
+        .patch(
+            restored,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"persistentVolumeReclaimPolicy": "Retain"}})),
+        )
+        .await
+        .expect("Retain");
+    claims
+        .delete("data", &DeleteParams::default())
+        .await
+        .expect("delete data");
+    eventually(WAIT, "the restored PV Released", || {
+        let volumes = volumes.clone();
+        async move {
+            let pv = volumes.get(restored).await.ok()?;
+            (pv.status?.phase.as_deref() == Some("Released")).then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pv = volumes.get(restored).await.expect("kept PV");
+    assert!(
+        pv.metadata.deletion_timestamp.is_none(),
+        "a Retain PV was deleted"
+    );
+    let path = pv.spec.and_then(|s| s.local).map(|l| l.path).expect("path");
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "the clone of a Retain PV was removed"
+    );
+    volumes
+        .delete(restored, &DeleteParams::default())
+        .await
+        .expect("delete PV");
+    eventually(WAIT, "the PV and its clone gone", || {
+        let volumes = volumes.clone();
+        let path = path.clone();
+        async move {
+            let gone = volumes.get_opt(restored).await.ok()?.is_none();
+            (gone && !std::path::Path::new(&path).exists()).then_some(())
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -617,12 +671,15 @@ async fn a_failed_clone_leaves_the_claims_untouched_and_scales_back() {
 
 const HOLD: &str = "tandem.dev/test-hold";
 
-/// A Deployment `web` of `replicas` pods using `data`, whose pods carry a finalizer of the test:
-/// deleted, they stay (Terminating, still using the claim) until [`release`] removes it.
+/// A Deployment `web` of `replicas` pods on node `a` using `data`, whose pods carry a finalizer of
+/// the test: deleted, they stay (Terminating, still using the claim) until [`release`] removes it.
 async fn held_deployment(w: &World, replicas: i32) {
     let deployments: Api<Deployment> = w.env.api();
     let mut template = template("web", "data");
     template["metadata"]["finalizers"] = json!([HOLD]);
+    // Bound to a node (one with no kubelet): a pod being deleted there may still hold its mount,
+    // whatever phase PodGC gives it.
+    template["spec"]["nodeName"] = json!(w.node("a"));
     deployments
         .create(
             &PostParams::default(),
@@ -643,7 +700,8 @@ async fn held_deployment(w: &World, replicas: i32) {
     .await;
 }
 
-/// Removes the test's finalizer from every pod and claim that carries it.
+/// Removes the test's finalizer from every pod and claim that carries it (pods being deleted are
+/// then force-deleted).
 async fn release(w: &World) {
     let pods: Api<Pod> = w.env.api();
     for p in pods.list(&ListParams::default()).await.expect("pods").items {
@@ -655,6 +713,18 @@ async fn release(w: &World) {
             )
             .await
             .expect("release pod");
+            // No kubelet confirms a graceful deletion on the node: force it, as a kubelet would.
+            if p.metadata.deletion_timestamp.is_some() {
+                let force = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..DeleteParams::default()
+                };
+                match pods.delete(&p.name_any(), &force).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => panic!("force-delete pod: {e}"),
+                }
+            }
         }
     }
     let claims: Api<PersistentVolumeClaim> = w.env.api();
@@ -952,4 +1022,49 @@ async fn a_restore_deleted_while_fencing_scales_back_and_touches_nothing() {
     assert_eq!(claims_now(&w).await, before, "the claims were touched");
     assert!(node_restores(&w).await.is_empty());
     release(&w).await;
+}
+
+#[tokio::test]
+async fn a_pod_that_starts_using_a_claim_while_cloning_stops_the_swap_before_it_starts() {
+    if !require_root() {
+        return;
+    }
+    let (mut w, _, _) = world_with_snapshot("ip-late-pod").await;
+    let _sweep = Sweep(w.pool.clone());
+    let before = claims_now(&w).await;
+    // The node's agent is away: the restore waits in Cloning.
+    w.agent("a").stop();
+    create_restore(&w, "late", json!({}), 120).await;
+    wait_until(&w, "late", "Cloning", |r| {
+        phase_of(r) == RestorePhase::Cloning
+    })
+    .await;
+    let pods: Api<Pod> = w.env.api();
+    pods.create(&PostParams::default(), &pod("latecomer", &["data"]))
+        .await
+        .expect("pod");
+    w.start_agent("a");
+    let restore = wait_restore(&w, "late", RestorePhase::Failed).await;
+    let status = restore.status.expect("status");
+    let message = status.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("pods started using the claims") && message.contains("latecomer"),
+        "{message}"
+    );
+    assert!(status.pre_restore.is_empty(), "{:?}", status.pre_restore);
+    assert_eq!(claims_now(&w).await, before, "the claims were touched");
+    for (policy, label) in old_pv_marks(&w).await {
+        assert_eq!((policy.as_str(), label), ("Delete", None));
+    }
+    let restores_dir = w.pool.join(".tandem-restores");
+    eventually(WAIT, "every clone gone", || {
+        let restores_dir = restores_dir.clone();
+        async move {
+            let images = std::fs::read_dir(&restores_dir)
+                .map(|d| d.count())
+                .unwrap_or(0);
+            (images == 0).then_some(())
+        }
+    })
+    .await;
 }

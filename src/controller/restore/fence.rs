@@ -281,14 +281,21 @@ pub struct PodUse {
 }
 
 /// The pods (of the restore's namespace) that use any of `claims`: every pod not Succeeded or
-/// Failed whose volumes name one of them, also a pod being deleted (it may still have the volume
-/// mounted). Sorted by pod name.
+/// Failed whose volumes name one of them (also one being deleted), and a pod being deleted on a
+/// node whatever its phase (its kubelet may still be unmounting the volume; PodGC marks such pods
+/// Failed before they are gone). Sorted by pod name.
 pub fn pods_using(pods: &[Pod], claims: &BTreeSet<String>) -> Vec<PodUse> {
     let mut uses: Vec<PodUse> = pods
         .iter()
         .filter(|p| {
             let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            !matches!(phase, Some("Succeeded" | "Failed"))
+            let ended = matches!(phase, Some("Succeeded" | "Failed"));
+            let on_node = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .is_some_and(|n| !n.is_empty());
+            !ended || (on_node && p.metadata.deletion_timestamp.is_some())
         })
         .filter_map(|p| {
             let used: BTreeSet<String> = p
@@ -826,6 +833,31 @@ mod tests {
         let uses = pods_using(&pods, &claims);
         let names: Vec<&str> = uses.iter().map(|u| u.pod.as_str()).collect();
         assert_eq!(names, ["db-0", "no-phase", "pending"]);
+        // Being deleted: on a node it may still hold the mount whatever its phase; never
+        // scheduled, an ended pod holds nothing.
+        let deleting = |name: &str, phase: &str, node: Option<&str>| {
+            let mut p = pod(name, &["data"], phase, None);
+            p.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ));
+            p.spec.as_mut().unwrap().node_name = node.map(String::from);
+            p
+        };
+        let pods = [
+            deleting("failed-on-node", "Failed", Some("n1")),
+            deleting("failed-unscheduled", "Failed", None),
+            deleting("running-on-node", "Running", Some("n1")),
+            deleting("succeeded-on-node", "Succeeded", Some("n1")),
+        ];
+        let names: Vec<String> = pods_using(&pods, &claims)
+            .into_iter()
+            .map(|u| u.pod)
+            .collect();
+        assert_eq!(
+            names,
+            ["failed-on-node", "running-on-node", "succeeded-on-node"]
+        );
         assert_eq!(uses[0].claims, ["data", "wal"]);
         assert_eq!(uses[0].owner, Some(("StatefulSet".into(), "db".into())));
         assert!(describe_uses(&uses).contains("db-0 (claims data, wal)"));

@@ -453,6 +453,18 @@ pub fn restores_for_pod<P: kube::Resource>(
         .collect()
 }
 
+/// The restore of the PV a claim names in `spec.volumeName` (label `tandem.dev/group-restore`):
+/// a claim InPlace recreated binding to its clone wakes the swap.
+pub fn restore_of_claim_volume(
+    volumes: &Store<PersistentVolume>,
+    claim: &PersistentVolumeClaim,
+) -> Option<ObjectRef<GroupRestore>> {
+    let volume = claim.spec.as_ref()?.volume_name.as_deref()?;
+    let pv = volumes.get(&ObjectRef::new(volume))?;
+    let name = pv.labels().get(crate::api::GROUP_RESTORE_LABEL)?;
+    Some(ObjectRef::new(name).within(&claim.namespace()?))
+}
+
 fn member_claims(status: &GroupRestoreStatus) -> BTreeSet<String> {
     status
         .members

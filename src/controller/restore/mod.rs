@@ -174,6 +174,7 @@ pub async fn run_restore_controllers(
             None => Api::all(ctx.client.clone()),
         };
     let restores_for_pods = restores.clone();
+    let volumes_for_claims = ctx.volumes.clone();
     let group_restores = Controller::for_stream(restore_events, restores.clone())
         .watches_stream(
             watcher(pods_api, watcher::Config::default())
@@ -188,8 +189,10 @@ pub async fn run_restore_controllers(
                 Some(ObjectRef::<GroupRestore>::new(&n.spec.group_restore).within(&namespace))
             },
         )
-        .watches_stream(claim_objects.map(Ok::<_, watcher::Error>), |c| {
+        .watches_stream(claim_objects.map(Ok::<_, watcher::Error>), move |c| {
+            // Also a claim InPlace recreated (its labels are the old claim's): through its PV.
             restore_of_claim(&c)
+                .or_else(|| in_place::restore_of_claim_volume(&volumes_for_claims, &c))
         })
         .watches_stream(volume_objects.map(Ok::<_, watcher::Error>), |v| {
             restore_of_volume(&v)
