@@ -1202,6 +1202,20 @@ async fn gitops_claims_given_with_a_data_source_ref_are_filled_and_reapplying_ch
         let claim = w.claim(c).await.expect("claim stays");
         assert_eq!(claim.status.and_then(|s| s.phase).as_deref(), Some("Bound"));
     }
+    // Applying it again (a new GroupRestore of the same name) is refused with a message, never a
+    // second restore: its claims are bound already.
+    w.env.kubectl(&["apply", "-f", &path]).expect("apply again");
+    let again = w.wait_restore_phase("dr", RestorePhase::Failed).await;
+    assert_eq!(
+        condition_reason(&again, "Ready").as_deref(),
+        Some("ClaimMismatch"),
+        "{:?}",
+        again.status
+    );
+    let message = again.status.and_then(|s| s.message).unwrap_or_default();
+    assert!(message.contains("already Bound"), "{message}");
+    let (_, pvs, _) = w.restore_objects("dr").await;
+    assert_eq!(pvs.len(), 2, "nothing new");
     delete_restored_claims(&w, &r).await;
 }
 
