@@ -4,7 +4,8 @@
 //! pool, so every member is a reflink clone), and next to it the clone time of each node as its
 //! NodeRestore shows it (seen by a watch: from the NodeRestore's creation to its phase Cloned),
 //! the controller's share before the nodes start (apply to the last NodeRestore created) and after
-//! they finish (last Cloned to every claim Bound).
+//! they finish (last Cloned to the last PV created, then to every claim Bound by the PV
+//! controller).
 //!
 //! Run as root: `cargo bench --bench group_restore` (ROUNDS=N rounds per size, default 3;
 //! NODES=1,3 and VOLUMES=2,8,32 pick the sizes). Prints numbers; asserts no timing.
@@ -67,6 +68,8 @@ struct Seen {
     nodes: BTreeMap<String, (String, Instant, Option<Instant>)>,
     /// Restored claim name -> first seen Bound.
     bound: BTreeMap<String, Instant>,
+    /// Restored PV name -> first seen.
+    volumes: BTreeMap<String, Instant>,
 }
 
 fn watch_restore(w: &World, restore: &str) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
@@ -76,7 +79,9 @@ fn watch_restore(w: &World, restore: &str) -> (Arc<Mutex<Seen>>, tokio::task::Jo
     let claims: Api<PersistentVolumeClaim> = w.env.api();
     let nodes = watcher(node_restores, watcher::Config::default().labels(&label));
     let claims = watcher(claims, watcher::Config::default().labels(&label));
-    let (s1, s2) = (seen.clone(), seen.clone());
+    let pvs: Api<PersistentVolume> = Api::all(w.env.client.clone());
+    let pvs = watcher(pvs, watcher::Config::default().labels(&label));
+    let (s1, s2, s3) = (seen.clone(), seen.clone(), seen.clone());
     let task = tokio::spawn(async move {
         let nodes = nodes.for_each(move |event| {
             let seen = s1.clone();
@@ -118,7 +123,20 @@ fn watch_restore(w: &World, restore: &str) -> (Arc<Mutex<Seen>>, tokio::task::Jo
                 }
             }
         });
-        futures::join!(nodes, claims);
+        let pvs = pvs.for_each(move |event| {
+            let seen = s3.clone();
+            async move {
+                let now = Instant::now();
+                if let Ok(watcher::Event::Apply(v) | watcher::Event::InitApply(v)) = event {
+                    seen.lock()
+                        .expect("lock")
+                        .volumes
+                        .entry(v.name_any())
+                        .or_insert(now);
+                }
+            }
+        });
+        futures::join!(nodes, claims, pvs);
     });
     (seen, task)
 }
@@ -129,7 +147,9 @@ struct Round {
     to_nodes: Duration,
     /// Per node: NodeRestore seen to Cloned.
     clone_per_node: Vec<Duration>,
-    /// Last node Cloned to every claim Bound (PVs created, the PV controller binds).
+    /// Last node Cloned to the last PV created (the controller makes the PVs).
+    to_volumes: Duration,
+    /// Last PV created to every claim Bound (the PV controller binds).
     to_bind: Duration,
 }
 
@@ -189,11 +209,13 @@ async fn one_round(w: &World, members: usize, round: usize) -> Round {
         .filter_map(|(_, _, c)| *c)
         .max()
         .unwrap_or(bound_at);
+    let last_volume = seen.volumes.values().max().copied().unwrap_or(last_cloned);
     Round {
         to_bound: bound_at - applied,
         to_nodes: last_node.saturating_duration_since(applied),
         clone_per_node,
-        to_bind: bound_at.saturating_duration_since(last_cloned),
+        to_volumes: last_volume.saturating_duration_since(last_cloned),
+        to_bind: bound_at.saturating_duration_since(last_volume),
     }
 }
 
@@ -262,22 +284,24 @@ async fn one_size(nodes: usize, volumes: usize, rounds: usize) {
     w.create_snapshot("bench", "bench", "Delete").await;
     w.wait_phase("bench", GroupSnapshotPhase::Ready).await;
 
-    let (mut to_bound, mut to_nodes, mut clone, mut to_bind) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut to_bound, mut to_nodes, mut clone, mut to_volumes, mut to_bind) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let r = one_round(&w, volumes, round).await;
         to_bound.push(r.to_bound);
         to_nodes.push(r.to_nodes);
         clone.extend(r.clone_per_node);
+        to_volumes.push(r.to_volumes);
         to_bind.push(r.to_bind);
         clean_round(&w, round).await;
     }
     let (b_min, b_med, b_max) = agent_support::stats(to_bound);
     let (c_min, c_med, c_max) = agent_support::stats(clone);
     let (_, n_med, _) = agent_support::stats(to_nodes);
+    let (_, v_med, _) = agent_support::stats(to_volumes);
     let (_, p_med, _) = agent_support::stats(to_bind);
     println!(
-        "{nodes:>5} | {volumes:>7} | {b_min:>7.0} / {b_med:>7.0} / {b_max:>7.0} | {c_min:>7.0} / {c_med:>7.0} / {c_max:>7.0} | {n_med:>12.0} | {p_med:>13.0}"
+        "{nodes:>5} | {volumes:>7} | {b_min:>7.0} / {b_med:>7.0} / {b_max:>7.0} | {c_min:>7.0} / {c_med:>7.0} / {c_max:>7.0} | {n_med:>14.0} | {v_med:>17.0} | {p_med:>14.0}"
     );
     w.delete_snapshot("bench").await;
 }
@@ -293,7 +317,7 @@ async fn main() {
         "group restore (NewClaims): ext4 volumes on loop devices over one reflink XFS pool (method Clone), 4 MiB written per volume, {rounds} rounds per size"
     );
     println!(
-        "nodes | members | apply->all Bound min/med/max ms | clone per node min/med/max ms | ->nodes med ms | cloned->Bound med ms"
+        "nodes | members | apply->all Bound min/med/max ms | clone per node min/med/max ms | ->nodes med ms | cloned->PVs med ms | PVs->Bound med ms"
     );
     let list = |name: &str, default: &str| -> Vec<usize> {
         std::env::var(name)

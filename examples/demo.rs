@@ -208,9 +208,12 @@ async fn restore(w: &mut World, before: &BTreeMap<String, String>) {
     );
     let status = done.status.expect("status");
     println!(
-        "\n    {} members restored, consistency {:?}; apply to every claim Bound {} ms",
+        "\n    {} members restored, consistency {}; apply to every claim Bound {} ms",
         status.member_count,
-        status.consistency,
+        status
+            .consistency
+            .map(|c| format!("{c:?}"))
+            .unwrap_or_else(|| "MISSING".into()),
         to_bound.as_millis()
     );
     let claims: Api<PersistentVolumeClaim> = w.env.api();
@@ -258,10 +261,13 @@ async fn restore(w: &mut World, before: &BTreeMap<String, String>) {
             agent_support::sha256_file(&w.volumes[&member.source_claim].mount.join("state.bin"))
                 == before[&member.source_claim];
         println!(
-            "    {:<22} on {} ({:?}, {path})\n                           state.bin {}, after.bin {}, source after a write here {}",
+            "    {:<22} on {} ({}, {path})\n                           state.bin {}, after.bin {}, source after a write here {}",
             member.claim,
             member.node,
-            member.method,
+            member
+                .method
+                .map(|m| format!("{m:?}"))
+                .unwrap_or_else(|| "method MISSING".into()),
             if same { "identical" } else { "DIFFERENT" },
             if after { "PRESENT" } else { "absent" },
             if source_same { "untouched" } else { "CHANGED" }
@@ -274,6 +280,12 @@ async fn restore(w: &mut World, before: &BTreeMap<String, String>) {
         w.scratch.unmount(&mnt);
     }
 
+    let clone_files = || {
+        std::fs::read_dir(w.pool.join(".tandem-restores"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let clones_before = clone_files();
     step(
         "kubectl delete pvc -l tandem.dev/group-restore (tandem, the external deleter, deletes the clones and PVs)",
     );
@@ -300,9 +312,9 @@ async fn restore(w: &mut World, before: &BTreeMap<String, String>) {
         }
     })
     .await;
-    let left = std::fs::read_dir(w.pool.join(".tandem-restores"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    println!("    restored PVs left: 0; clone files left: {left}");
+    println!(
+        "    restored PVs left: 0; clone files: {clones_before} before, {} left",
+        clone_files()
+    );
     kubectl(w, &["delete", "grestore", RESTORE]);
 }

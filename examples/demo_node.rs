@@ -2,7 +2,9 @@
 //! image with no registry, starts a control plane and one real node (kubelet + containerd),
 //! installs the chart with helm, runs PostgreSQL (data and WAL on two local volumes) with pgbench
 //! in another pod, applies examples/consistency-group.yaml and examples/group-snapshot.yaml,
-//! shows what kubectl shows, and cleans everything up. Needs root and `make deps tools`.
+//! shows what kubectl shows, restores the snapshot to new claims (examples/group-restore.yaml),
+//! starts PostgreSQL on them and checks pgbench's balances, deletes the restored claims, and
+//! cleans everything up. Needs root and `make deps tools`.
 
 #[path = "../tests/agent_support/mod.rs"]
 mod agent_support;
@@ -12,7 +14,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::node::{Cluster, images, pgbench_pod, postgres_pod};
+use support::node::{Cluster, PGBENCH_BALANCED, images, pgbench_pod, postgres_pod};
 use support::repo_root;
 
 fn step(text: &str) {
@@ -263,6 +265,121 @@ fn main() {
     println!("    pgbench transactions: {}", count().trim());
     std::thread::sleep(Duration::from_secs(2));
     println!("    two seconds later:    {}", count().trim());
+
+    step("kubectl apply -f examples/group-restore.yaml: the snapshot to new claims, under load");
+    show(
+        &cluster,
+        &[
+            "-n",
+            ns,
+            "apply",
+            "-f",
+            &examples.join("group-restore.yaml").display().to_string(),
+        ],
+    );
+    let restored = Instant::now();
+    if let Err(e) = cluster.kubectl_timeout(
+        &[
+            "-n",
+            ns,
+            "wait",
+            "--for=jsonpath={.status.phase}=Completed",
+            "grouprestore/orders-db-1-restore",
+            "--timeout=120s",
+        ],
+        Duration::from_secs(130),
+    ) {
+        show(&cluster, &["-n", ns, "get", "grouprestore", "-o", "yaml"]);
+        panic!("the restore did not complete: {e}");
+    }
+    println!(
+        "    apply to every claim Bound: {:.1} s",
+        restored.elapsed().as_secs_f64()
+    );
+    show(&cluster, &["-n", ns, "get", "grouprestore,noderestore"]);
+    show(
+        &cluster,
+        &["-n", ns, "get", "pvc", "-l", "tandem.dev/group-restore"],
+    );
+
+    step("PostgreSQL on the restored claims: crash recovery, then pgbench's balance invariant");
+    apply(
+        &cluster,
+        ns,
+        "restored",
+        &postgres_pod(
+            ns,
+            "restored",
+            "orders-data-restored",
+            "orders-wal-restored",
+            false,
+        ),
+    );
+    wait_ready(&cluster, ns, "restored");
+    let sql = |sql: &str| {
+        cluster
+            .kubectl_timeout(
+                &[
+                    "-n", ns, "exec", "restored", "--", "psql", "-qAt", "-h", "/tmp", "-U",
+                    "postgres", "-c", sql,
+                ],
+                Duration::from_secs(15),
+            )
+            .unwrap_or_else(|e| format!("psql: {e}"))
+    };
+    println!(
+        "    recovered transactions: {}",
+        sql("select count(*) from pgbench_history").trim()
+    );
+    let balanced = sql(PGBENCH_BALANCED);
+    println!(
+        "    sum(abalance) = sum(bbalance) = sum(tbalance) = sum(history.delta): {}",
+        if balanced.trim() == "t" { "yes" } else { "NO" }
+    );
+    assert_eq!(
+        balanced.trim(),
+        "t",
+        "the restored database is not balanced"
+    );
+
+    step("kubectl delete pvc -l tandem.dev/group-restore (tandem deletes the clones and PVs)");
+    let _ = cluster.kubectl_timeout(
+        &[
+            "-n",
+            ns,
+            "delete",
+            "pod",
+            "restored",
+            "--grace-period=0",
+            "--force",
+            "--wait=true",
+        ],
+        Duration::from_secs(60),
+    );
+    show(
+        &cluster,
+        &[
+            "-n",
+            ns,
+            "delete",
+            "pvc",
+            "-l",
+            "tandem.dev/group-restore",
+            "--timeout=60s",
+        ],
+    );
+    let _ = cluster.kubectl_timeout(
+        &[
+            "wait",
+            "--for=delete",
+            "pv",
+            "-l",
+            "tandem.dev/group-restore",
+            "--timeout=60s",
+        ],
+        Duration::from_secs(70),
+    );
+    show(&cluster, &["get", "pv", "-l", "tandem.dev/group-restore"]);
 
     step(
         "kubectl delete groupsnapshot orders-db-1 (deletionPolicy Delete: the agent pod removes the clones); cleaning up",
