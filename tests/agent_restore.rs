@@ -885,3 +885,58 @@ async fn a_clone_that_cannot_be_deleted_keeps_the_finalizer_and_is_retried() {
     setup.assert_no_clone(&s);
     setup.finish(&s).await;
 }
+
+/// A clone journal entry that cannot be read leaves its NodeRestore as it is (never "lost", never
+/// finalized, a Warning event), and once repaired the agent knows its clones again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_journal_entry_leaves_the_restore_alone_until_repaired() {
+    require_root!();
+    let mut s = Scratch::new();
+    let _loops = LoopGuard(s.dir.path().to_path_buf());
+    let mut setup = Setup::new(&mut s, "rs-corrupt").await;
+    setup.create_restore("r", &[0, 1], |_, _| {}).await;
+    let cloned = setup.wait_phase("r", NodeRestorePhase::Cloned).await;
+    let uid = cloned.metadata.uid.clone().unwrap();
+    let file = setup.state.join("restores").join(format!("{uid}.json"));
+    setup.kill_agent();
+    let good = std::fs::read(&file).unwrap();
+    std::fs::write(&file, b"{ damaged").unwrap();
+    setup.start_agent(&s, None);
+    let api = setup.restores();
+    api.delete("r", &DeleteParams::default()).await.unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "a JournalUnreadable event",
+        || async {
+            let events = setup
+                .env
+                .kubectl(&["get", "events", "-o", "jsonpath={.items[*].reason}"])
+                .ok()?;
+            events.contains("JournalUnreadable").then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let left = api.get("r").await.unwrap();
+    assert!(
+        has_finalizer(&left),
+        "never finalized without knowing its clones"
+    );
+    assert_eq!(
+        left.status.unwrap().phase,
+        NodeRestorePhase::Cloned,
+        "never reported lost"
+    );
+    assert_eq!(setup.clone_images().len(), 2, "the clones are untouched");
+
+    // Repaired, and the agent restarted: the deletion goes through.
+    setup.kill_agent();
+    std::fs::write(&file, good).unwrap();
+    setup.start_agent(&s, None);
+    eventually(Duration::from_secs(60), "the NodeRestore gone", || async {
+        api.get_opt("r").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    setup.assert_no_clone(&s);
+    setup.finish(&s).await;
+}
