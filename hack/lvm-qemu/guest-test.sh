@@ -269,6 +269,25 @@ restore_round() { # restore_round NAME VOLUME KIND(thin|thick) METHOD
   [ $rc = 0 ] && ! lvs "vg0/$lv" >/dev/null 2>&1; check "$name-unrestore" $? "unrestore removes the clone LV"
 }
 restore_round rthin vol2 thin Clone
+echo "== restore: identity (a planted LV at the clone's name; a snapshot without its cut's tag)"
+out=$(agent --oneshot-volume /mnt/vol1 --oneshot-name rplant --oneshot-freeze Disabled 2>/tmp/agent.err)
+[ "$(echo "$out" | json_field phase)" = Released ]; check rplant-cut $? "a cut to restore"
+planted="tandem-r.local.vol1.$(printf %s restore-oneshot-local-rplant | sha256sum | cut -c1-8)"
+lvcreate -q -V 64M -T vg0/pool -n "$planted" >/dev/null; check rplant-setup $? "planted an untagged thin LV $planted"
+out=$(agent --oneshot-action restore --oneshot-name rplant 2>&1); rc=$?
+[ $rc != 0 ] && echo "$out" | grep -q "already exists"; check rplant-refused $? "restore refuses the planted LV (already exists)"
+agent --oneshot-action unrestore --oneshot-name rplant >/dev/null 2>&1
+lvs "vg0/$planted" >/dev/null 2>&1; check rplant-kept $? "the planted LV survived the restore and the unrestore"
+lvremove -q -f "vg0/$planted" >/dev/null 2>&1
+agent --oneshot-action unrestore --oneshot-name rplant >/dev/null 2>&1; check rplant-unrestore $? "unrestore once the planted LV is gone"
+rsnap=$(snap_name local rplant vol1)
+lvchange -q --deltag tandem-owner-oneshot-local-rplant "vg0/$rsnap" >/dev/null
+out=$(agent --oneshot-action restore --oneshot-name rplant 2>&1); rc=$?
+[ $rc != 0 ] && echo "$out" | grep -q "not this cut's snapshot"; check rsnap-not-ours $? "a snapshot without its cut's tag is not cloned"
+[ "$(lvs --noheadings -o lv_name vg0 | grep -c tandem-r)" = 0 ]; check rsnap-nothing-made $? "no clone LV made"
+agent --oneshot-action unrestore --oneshot-name rplant >/dev/null 2>&1
+lvremove -q -f "vg0/$rsnap" >/dev/null 2>&1; agent --oneshot-action delete --oneshot-name rplant >/dev/null 2>&1
+
 lvcreate -q -L 320M -n thick2 vg0 && mkfs.xfs -q -f /dev/vg0/thick2 && mkdir -p /mnt/thick2 && mount /dev/vg0/thick2 /mnt/thick2 \
   && dd if=/dev/urandom of=/mnt/thick2/synced.bin bs=1M count=64 2>/dev/null && echo thick2 > /mnt/thick2/marker.txt && sync
 check rthick-setup $? "a thick XFS volume of 320 MiB"

@@ -16,7 +16,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 CACHE=${TANDEM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tandem/lvm-qemu}
 KERNELS=${KERNELS:-"6.12 6.1"}
-TIMEOUT=${TIMEOUT:-600}
+TIMEOUT=${TIMEOUT:-900}
 PACKAGES="qemu-system-x86 lvm2 thin-provisioning-tools busybox-static xfsprogs e2fsprogs kmod cpio binutils"
 
 missing=""

@@ -590,6 +590,10 @@ fn clone_info(
 /// Attaches the clone open at `fd` to a loop device (the one already attached to it, if any) and
 /// points `link` at it; returns the device.
 fn publish(fd: &OwnedFd, image: &Path, link: &Path) -> Result<PathBuf, BackendError> {
+    // Two attaches of one clone at once (two agents' starts) would each find no loop device and
+    // attach one: the image's lock (released when `fd` closes) makes them take turns.
+    rustix::fs::flock(fd, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(errno(format!("lock {}", image.display())))?;
     let id = loopdev::file_id(fd, image)?;
     let device = match loopdev::find(id).into_iter().next() {
         Some(device) => device,
