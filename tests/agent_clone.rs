@@ -598,3 +598,49 @@ fn oneshot_restore_of_a_reflink_cut() {
         "the cut's snapshot stays until the cut is deleted"
     );
 }
+
+/// Attaches of one clone at once (an agent's start racing another call) make one loop device.
+#[test]
+fn concurrent_attaches_of_a_reflink_clone_make_one_loop_device() {
+    require_root!();
+    let mut s = Scratch::new();
+    let pool = s.pool("xfs");
+    let o = options(&s);
+    let mut clones = Clones::new(o.clone());
+    let v = s.volume(&pool, "a", "ext4", 64 << 20);
+    let snapshot = reflink_snapshot(&v, "pv-a", CUT);
+    let plan = clone::plan(&snapshot, "ns1", "pv-a", RESTORE, &o).unwrap();
+    let info = clones.create(&plan).unwrap();
+    let CloneHandle::Reflink { image, link, .. } = &info.handle else {
+        panic!()
+    };
+    let id = {
+        let f = std::fs::File::open(image).unwrap();
+        loopdev::file_id(&f, image).unwrap()
+    };
+    for round in 0..5 {
+        for device in loopdev::find(id) {
+            sh("losetup", &["-d", &device.to_string_lossy()]);
+        }
+        for _ in 0..100 {
+            if loopdev::find(id).is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let barrier = std::sync::Barrier::new(4);
+        std::thread::scope(|t| {
+            for _ in 0..4 {
+                t.spawn(|| {
+                    barrier.wait();
+                    clone::attach(&info.handle, &o).unwrap();
+                });
+            }
+        });
+        let found = loopdev::find(id);
+        assert_eq!(found.len(), 1, "round {round}: {found:?}");
+        assert_eq!(loop_of(link), found[0]);
+    }
+    assert_eq!(clone::delete(&info.handle, &o).unwrap(), Deleted::Removed);
+    backend::delete(&snapshot, &backend_options()).unwrap();
+}

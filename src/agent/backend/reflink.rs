@@ -591,13 +591,26 @@ fn clone_info(
 /// points `link` at it; returns the device.
 fn publish(fd: &OwnedFd, image: &Path, link: &Path) -> Result<PathBuf, BackendError> {
     // Two attaches of one clone at once (two agents' starts) would each find no loop device and
-    // attach one: the image's lock (released when `fd` closes) makes them take turns.
+    // attach one: the image's lock makes them take turns. The lock belongs to `fd`'s open file
+    // description, which is released when `fd` closes; the loop device gets another one (it keeps
+    // the file it is given open, and with it any lock on it, for as long as it is attached).
     rustix::fs::flock(fd, rustix::fs::FlockOperation::LockExclusive)
         .map_err(errno(format!("lock {}", image.display())))?;
     let id = loopdev::file_id(fd, image)?;
     let device = match loopdev::find(id).into_iter().next() {
         Some(device) => device,
-        None => loopdev::attach(fd, image)?,
+        None => {
+            let own = rustix::fs::open(
+                format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd)),
+                OFlags::RDWR | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(errno(format!("reopen {}", image.display())))?;
+            if loopdev::file_id(&own, image)? != id {
+                return Err(gone(format!("{} changed while reopened", image.display())));
+            }
+            loopdev::attach(&own, image)?
+        }
     };
     ensure_link(link, &device)?;
     Ok(device)
