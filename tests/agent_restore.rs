@@ -885,3 +885,102 @@ async fn a_clone_that_cannot_be_deleted_keeps_the_finalizer_and_is_retried() {
     setup.assert_no_clone(&s);
     setup.finish(&s).await;
 }
+
+/// A clone journal entry that cannot be read leaves its NodeRestore as it is (never "lost", never
+/// finalized, a Warning event), and once repaired the agent knows its clones again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_journal_entry_leaves_the_restore_alone_until_repaired() {
+    require_root!();
+    let mut s = Scratch::new();
+    let _loops = LoopGuard(s.dir.path().to_path_buf());
+    let mut setup = Setup::new(&mut s, "rs-corrupt").await;
+    setup.create_restore("r", &[0, 1], |_, _| {}).await;
+    let cloned = setup.wait_phase("r", NodeRestorePhase::Cloned).await;
+    let uid = cloned.metadata.uid.clone().unwrap();
+    let file = setup.state.join("restores").join(format!("{uid}.json"));
+    setup.kill_agent();
+    let good = std::fs::read(&file).unwrap();
+    std::fs::write(&file, b"{ damaged").unwrap();
+    setup.start_agent(&s, None);
+    let api = setup.restores();
+    api.delete("r", &DeleteParams::default()).await.unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "a JournalUnreadable event",
+        || async {
+            let events = setup
+                .env
+                .kubectl(&["get", "events", "-o", "jsonpath={.items[*].reason}"])
+                .ok()?;
+            events.contains("JournalUnreadable").then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let left = api.get("r").await.unwrap();
+    assert!(
+        has_finalizer(&left),
+        "never finalized without knowing its clones"
+    );
+    assert_eq!(
+        left.status.unwrap().phase,
+        NodeRestorePhase::Cloned,
+        "never reported lost"
+    );
+    assert_eq!(setup.clone_images().len(), 2, "the clones are untouched");
+
+    // Repaired, and the agent restarted: the deletion goes through.
+    setup.kill_agent();
+    std::fs::write(&file, good).unwrap();
+    setup.start_agent(&s, None);
+    for _ in 0..600 {
+        if api.get_opt("r").await.unwrap().is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(o) = api.get_opt("r").await.unwrap() {
+        let log = std::fs::read_to_string(s.path("agent.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "the NodeRestore is still there: {:?}\nagent log (last lines, newest first):\n{}",
+            o.status,
+            tail.join("\n")
+        );
+    }
+    setup.assert_no_clone(&s);
+    setup.finish(&s).await;
+}
+
+/// An agent restarted without a reboot (a DaemonSet rollout): the clones are still attached, the
+/// agent's start attaches them again without a second loop device, and it goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_without_a_reboot_keeps_its_clones_and_goes_on_working() {
+    require_root!();
+    let mut s = Scratch::new();
+    let _loops = LoopGuard(s.dir.path().to_path_buf());
+    let mut setup = Setup::new(&mut s, "rs-rollout").await;
+    setup.create_restore("r", &[0, 1], |_, _| {}).await;
+    setup.wait_phase("r", NodeRestorePhase::Cloned).await;
+    let loops = clone_loops(s.dir.path());
+    assert_eq!(loops.len(), 2);
+    setup.kill_agent();
+    setup.start_agent(&s, None);
+    // The restarted agent works: a second restore of the same snapshot is cloned.
+    setup.create_restore("r2", &[0], |_, _| {}).await;
+    setup.wait_phase("r2", NodeRestorePhase::Cloned).await;
+    let again = setup.restores().get("r").await.unwrap();
+    assert_eq!(
+        again.status.as_ref().unwrap().phase,
+        NodeRestorePhase::Cloned
+    );
+    let mut now = clone_loops(s.dir.path());
+    now.retain(|d| loops.contains(d));
+    assert_eq!(now.len(), 2, "the same loop devices, none added for r");
+    assert_eq!(clone_loops(s.dir.path()).len(), 3, "r's two and r2's one");
+    check_clones(&mut s, &setup, &again, &[0, 1], "rollout");
+    setup.delete_restore("r").await;
+    setup.delete_restore("r2").await;
+    setup.assert_no_clone(&s);
+    setup.finish(&s).await;
+}

@@ -177,25 +177,39 @@ async fn run_agent(args: AgentArgs) -> Result<(), AgentError> {
     if !args.oneshot_volumes.is_empty() || args.oneshot_action == "delete" {
         return tokio::task::spawn_blocking(move || oneshot(&engine, &args)).await?;
     }
-    // Restores share the engine's state directory and its lock: rolled back or attached again
-    // before either watch starts, then both watches run side by side.
-    let (restores, recovered) = {
+    // Restores share the engine's state directory and its lock. Their start (rolling back what a
+    // dead agent left half cloned, attaching the clones kept) runs beside the NodeSnapshot watch,
+    // never before it: a slow attach must not keep this node's cuts waiting. The NodeRestore watch
+    // starts once it is done.
+    let started = {
         let engine = engine.clone();
         let state_dir = args.state_dir.clone();
         let ops = std::sync::Arc::new(restore::Backends(clone_options(&args)));
         tokio::task::spawn_blocking(move || restore::Restores::start(&engine, &state_dir, ops))
-            .await??
     };
-    for r in &recovered {
-        tracing::info!(?r, "restore found at start");
-    }
     let client = kube::Client::try_default().await?;
     let node = args.node_name.clone();
-    let (snapshots, ()) = tokio::join!(
-        watch::run(client.clone(), engine, args),
-        restore::watch::run(client, restores, node)
-    );
-    snapshots
+    let restores = {
+        let client = client.clone();
+        async move {
+            let (restores, recovered) = started.await??;
+            for r in &recovered {
+                tracing::info!(?r, "restore found at start");
+            }
+            restore::watch::run(client, restores, node).await;
+            Ok::<(), AgentError>(())
+        }
+    };
+    // Both run until the shutdown signal; the NodeSnapshot watch thaws what it holds before it
+    // returns, so it is never cut short by the other's error (reported once both are done).
+    let (snapshots, restores) = tokio::join!(watch::run(client, engine, args), async {
+        let result = restores.await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "restores cannot run on this agent; NodeSnapshots go on");
+        }
+        result
+    });
+    snapshots.and(restores)
 }
 
 fn parse_freeze(s: &str) -> FreezePolicy {

@@ -97,8 +97,9 @@ pub enum Recovered {
         attached: usize,
         total: usize,
     },
-    /// An entry that cannot be read; its file is kept for a person.
-    Unreadable { error: String },
+    /// An entry that cannot be read; its file is kept for a person, and its NodeRestore is left
+    /// as it is (never reported as lost, never finalized) until the file is repaired.
+    Unreadable { key: String, error: String },
 }
 
 #[derive(Debug)]
@@ -116,6 +117,8 @@ struct Inner {
     cuts: Journal,
     ops: Arc<dyn CloneOps>,
     tracked: Mutex<HashMap<String, Tracked>>,
+    /// Entries that could not be read at start, by key, with the error.
+    unreadable: Mutex<HashMap<String, String>>,
     writing: Mutex<()>,
     on_change: Mutex<Option<Notifier>>,
     /// Test-only: a pause after each clone is made, so a test can kill the agent mid-restore.
@@ -175,18 +178,21 @@ impl Restores {
                 cuts: Journal::open(state_dir)?,
                 ops,
                 tracked: Mutex::new(HashMap::new()),
+                unreadable: Mutex::new(HashMap::new()),
                 writing: Mutex::new(()),
                 on_change: Mutex::new(None),
                 pause_between_clones,
             }),
         };
         let mut report = Vec::new();
-        for loaded in restores.inner.journal.all()? {
+        for (file_key, loaded) in restores.inner.journal.all()? {
             let mut entry = match loaded {
                 Ok(entry) => entry,
                 Err(e) => {
-                    tracing::error!(error = %e, "a restore journal entry cannot be read; its clones are not tracked (the file is kept)");
+                    tracing::error!(key = %file_key, error = %e, "a restore journal entry cannot be read; its NodeRestore is left alone until the file is repaired (the file is kept)");
+                    lock(&restores.inner.unreadable).insert(file_key.clone(), e.to_string());
                     report.push(Recovered::Unreadable {
+                        key: file_key,
                         error: e.to_string(),
                     });
                     continue;
@@ -245,6 +251,12 @@ impl Restores {
         if let Some(notify) = lock(&self.inner.on_change).as_ref() {
             notify(key);
         }
+    }
+
+    /// Why the journal entry of a restore could not be read at start (then nothing is known of
+    /// its clones, and nothing may be decided for it).
+    pub fn unreadable(&self, key: &str) -> Option<String> {
+        lock(&self.inner.unreadable).get(key).cloned()
     }
 
     /// The restore as it stands.

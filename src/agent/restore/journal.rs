@@ -237,22 +237,28 @@ impl RestoreJournal {
         }
     }
 
-    /// Reads every entry; one that cannot be read is returned as its error (and kept on disk:
-    /// the clones it names are never forgotten silently).
+    /// Reads every entry, with the key its file is named after; one that cannot be read is
+    /// returned as its error (and kept on disk: the clones it names are never forgotten silently).
+    #[allow(clippy::type_complexity)]
     pub fn all(
         &self,
-    ) -> Result<Vec<Result<RestoreEntry, RestoreJournalError>>, RestoreJournalError> {
+    ) -> Result<Vec<(String, Result<RestoreEntry, RestoreJournalError>)>, RestoreJournalError> {
         let mut out = Vec::new();
         for item in fs::read_dir(&self.dir).map_err(io(&self.dir))? {
             let path = item.map_err(io(&self.dir))?.path();
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
                 continue;
             }
-            out.push(
+            let key = path
+                .file_stem()
+                .map(|k| k.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            out.push((
+                key,
                 fs::read(&path)
                     .map_err(io(&path))
                     .and_then(|data| parse(&path, &data)),
-            );
+            ));
         }
         Ok(out)
     }
@@ -357,12 +363,10 @@ pub(crate) mod tests {
         assert_eq!(all.len(), 2);
         assert!(
             all.iter()
-                .any(|e| matches!(e, Err(RestoreJournalError::Corrupt { .. })))
+                .any(|(k, e)| k == "bad" && matches!(e, Err(RestoreJournalError::Corrupt { .. })))
         );
-        assert!(
-            all.iter()
-                .any(|e| matches!(e, Err(RestoreJournalError::TooNew { version: 7, .. })))
-        );
+        assert!(all.iter().any(|(k, e)| k == "newer"
+            && matches!(e, Err(RestoreJournalError::TooNew { version: 7, .. }))));
         assert!(j.dir().join("bad.json").exists());
     }
 

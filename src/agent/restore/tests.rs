@@ -472,3 +472,22 @@ fn a_copy_reports_its_progress_at_most_every_second_and_forgets_it_once_done() {
         notified.lock().unwrap()
     );
 }
+
+#[test]
+fn an_unreadable_entry_is_kept_and_its_restore_left_alone() {
+    let w = World::new();
+    let j = RestoreJournal::open(w.state.path()).unwrap();
+    std::fs::write(j.dir().join("broken-uid.json"), b"{ not json").unwrap();
+    let (r, recovered) = w.open(None);
+    assert!(matches!(
+        recovered.as_slice(),
+        [Recovered::Unreadable { key, .. }] if key == "broken-uid"
+    ));
+    assert!(r.view("broken-uid").is_none());
+    assert!(r.unreadable("broken-uid").unwrap().contains("corrupt"));
+    assert!(r.unreadable("other").is_none());
+    assert!(
+        j.dir().join("broken-uid.json").exists(),
+        "kept for a person"
+    );
+}

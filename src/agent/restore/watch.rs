@@ -45,6 +45,8 @@ struct Ctx {
     recorder: Recorder,
     refs: Arc<Mutex<HashMap<String, ObjectRef<NodeRestore>>>>,
     retries: Mutex<HashMap<String, u32>>,
+    /// NodeRestores already warned about (an unreadable journal entry).
+    warned: Mutex<HashSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -84,6 +86,7 @@ pub async fn run(client: Client, restores: Restores, node: String) {
         node,
         refs,
         retries: Mutex::default(),
+        warned: Mutex::default(),
     });
     Controller::new(api, watcher::Config::default().fields(&selector))
         .reconcile_on(changed)
@@ -128,6 +131,25 @@ async fn reconcile(obj: Arc<NodeRestore>, ctx: Arc<Ctx>) -> Result<Action, Watch
     };
     lock(&ctx.refs).insert(uid.clone(), ObjectRef::from_obj(obj.as_ref()));
     let api: Api<NodeRestore> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Some(error) = ctx.restores.unreadable(&uid) {
+        // Nothing is known of its clones: neither "lost" nor finalized, until a person repairs the
+        // file (the agent reads it again at its next start).
+        if lock(&ctx.warned).insert(uid.clone()) {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "JournalUnreadable".into(),
+                note: Some(format!(
+                    "the agent's clone journal entry of this NodeRestore cannot be read ({error}); its clones are left as they are until the file is repaired and the agent restarted"
+                )),
+                action: "Restore".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+                tracing::warn!(error = %e, "cannot publish event");
+            }
+        }
+        return Ok(Action::await_change());
+    }
     let current = obj.status.clone().unwrap_or_default();
     let generation = obj.metadata.generation;
     let deleting = obj.metadata.deletion_timestamp.is_some();
