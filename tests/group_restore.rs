@@ -970,6 +970,23 @@ async fn a_one_node_restore_of_xfs_and_ext4_members() {
     delete_restored_claims(&w, &r).await;
 }
 
+/// A btrfs filesystem on a loop image is cut and cloned by reflink like XFS and ext4; its clone
+/// has the origin's fsid, and mounts beside the mounted origin (the kernel gives a single-device
+/// clone a temporary fsid).
+#[tokio::test]
+async fn a_btrfs_image_member_is_restored_and_mounts_beside_its_origin() {
+    if !require_root() {
+        return;
+    }
+    let mut w = volume_world("gr-e2e-btrfs", &[("data", "a", "btrfs")]).await;
+    let (before, images) = snapshot_with_data(&w).await;
+    w.create_restore("bt", json!({"source": {"groupSnapshotName": "snap"}}))
+        .await;
+    let r = w.wait_restore_phase("bt", RestorePhase::Completed).await;
+    check_restored(&mut w, &r, &before, &images).await;
+    delete_restored_claims(&w, &r).await;
+}
+
 /// Makes a folder immutable for as long as it lives (chattr +i; undone on drop, also on panic).
 struct Immutable(std::path::PathBuf);
 
