@@ -95,7 +95,7 @@ impl World {
     ) {
         let volume = self
             .scratch
-            .volume(&self.pool.clone(), claim_name, fs, 64 << 20);
+            .volume(&self.pool.clone(), claim_name, fs, volume_size(fs));
         self.scratch.assert_owned(&volume.mount);
         let node = self.node(node);
         let pv = format!("{}-{claim_name}", self.env.namespace);
@@ -316,6 +316,11 @@ pub fn count_lines(path: &Path) -> usize {
     std::fs::read_to_string(path)
         .map(|t| t.lines().count())
         .unwrap_or(0)
+}
+
+/// 64 MiB, or what mkfs.btrfs needs at least (about 109 MiB).
+fn volume_size(fs: &str) -> u64 {
+    if fs == "btrfs" { 128 << 20 } else { 64 << 20 }
 }
 
 pub fn require_root() -> bool {
