@@ -3,10 +3,11 @@
 //! - [`api`]: the custom resources (no I/O).
 //! - [`controller`]: reconciles ConsistencyGroups and GroupSnapshots against the API server.
 //! - [`agent`]: the node agent (freeze, snapshot, thaw).
-//! - [`conditions`], [`finalizer`]: small Kubernetes helpers both share.
+//! - [`conditions`], [`events`], [`finalizer`]: small Kubernetes helpers both share.
 
 pub mod agent;
 pub mod api;
 pub mod conditions;
 pub mod controller;
+pub mod events;
 pub mod finalizer;
