@@ -1,0 +1,3 @@
+//! GroupSnapshotSchedule: cuts GroupSnapshots on a cron schedule and trims them by retention.
+
+pub mod retention;
