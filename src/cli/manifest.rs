@@ -277,6 +277,174 @@ pub fn edit_claims(
     Ok(set.into_iter().collect())
 }
 
+/// Flags of `schedule create`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScheduleFlags {
+    pub name: String,
+    pub namespace: Option<String>,
+    pub group: String,
+    pub cron: String,
+    pub time_zone: Option<String>,
+    pub suspend: bool,
+    pub starting_deadline: Option<Duration>,
+    pub deletion_policy: Option<String>,
+    pub keep_last: Option<u32>,
+    pub hourly: Option<u32>,
+    pub daily: Option<u32>,
+    pub weekly: Option<u32>,
+    pub monthly: Option<u32>,
+    pub yearly: Option<u32>,
+    pub max_age: Option<String>,
+    pub min_ready: Option<u32>,
+    pub delete_snapshots_with_schedule: bool,
+}
+
+/// A GroupSnapshotSchedule from `schedule create` flags. The cron expression and the zone are
+/// checked here (the controller's own parser, the bundled tzdb), so a typo is a usage error.
+pub fn group_snapshot_schedule(flags: &ScheduleFlags) -> Result<Value, ManifestError> {
+    if flags.name.len() > crate::api::MAX_SCHEDULE_NAME {
+        return Err(invalid(format!(
+            "a schedule's name has at most {} characters (its snapshots are <schedule>-<yyyymmddhhmm>)",
+            crate::api::MAX_SCHEDULE_NAME
+        )));
+    }
+    flags
+        .cron
+        .parse::<crate::controller::schedule::cron::Cron>()
+        .map_err(|e| invalid(format!("--cron {:?}: {e}", flags.cron)))?;
+    let zone = flags.time_zone.clone().unwrap_or_else(|| "UTC".into());
+    jiff::tz::TimeZone::get(&zone).map_err(|e| invalid(format!("--time-zone {zone:?}: {e}")))?;
+    let mut spec = json!({
+        "groupName": flags.group,
+        "schedule": flags.cron,
+        "timeZone": zone,
+    });
+    if flags.suspend {
+        spec["suspend"] = json!(true);
+    }
+    if let Some(deadline) = flags.starting_deadline {
+        spec["startingDeadlineSeconds"] = json!(deadline.as_secs().max(1));
+    }
+    if let Some(policy) = &flags.deletion_policy {
+        spec["template"] = json!({ "spec": { "deletionPolicy": policy } });
+    }
+    let mut retention = serde_json::Map::new();
+    for (key, value) in [
+        ("keepLast", flags.keep_last),
+        ("hourly", flags.hourly),
+        ("daily", flags.daily),
+        ("weekly", flags.weekly),
+        ("monthly", flags.monthly),
+        ("yearly", flags.yearly),
+        ("minReady", flags.min_ready),
+    ] {
+        if let Some(v) = value {
+            retention.insert(key.into(), json!(v));
+        }
+    }
+    if let Some(age) = &flags.max_age {
+        if !is_max_age(age) {
+            return Err(invalid(format!(
+                "--max-age {age:?}: like 30d, 12h or 1d12h"
+            )));
+        }
+        retention.insert("maxAge".into(), json!(age));
+    }
+    if flags.delete_snapshots_with_schedule {
+        retention.insert("deleteSnapshotsWithSchedule".into(), json!(true));
+    }
+    if !retention.is_empty() {
+        spec["retention"] = Value::Object(retention);
+    }
+    Ok(json!({
+        "apiVersion": api_version(),
+        "kind": "GroupSnapshotSchedule",
+        "metadata": metadata(&flags.name, flags.namespace.as_deref(), &BTreeMap::new()),
+        "spec": spec,
+    }))
+}
+
+/// What the API accepts as `retention.maxAge`: `([0-9]+(d|h|m|s))+`.
+fn is_max_age(text: &str) -> bool {
+    let mut rest = text;
+    if rest.is_empty() {
+        return false;
+    }
+    while !rest.is_empty() {
+        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 || !matches!(rest[digits..].chars().next(), Some('d' | 'h' | 'm' | 's')) {
+            return false;
+        }
+        rest = &rest[digits + 1..];
+    }
+    true
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+
+    #[test]
+    fn schedule_manifest() {
+        let flags = ScheduleFlags {
+            name: "nightly".into(),
+            group: "shop".into(),
+            cron: "30 2 * * *".into(),
+            time_zone: Some("Europe/Berlin".into()),
+            deletion_policy: Some("Retain".into()),
+            keep_last: Some(3),
+            daily: Some(7),
+            max_age: Some("30d".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            group_snapshot_schedule(&flags).expect("ok")["spec"],
+            json!({"groupName": "shop", "schedule": "30 2 * * *", "timeZone": "Europe/Berlin",
+                   "template": {"spec": {"deletionPolicy": "Retain"}},
+                   "retention": {"keepLast": 3, "daily": 7, "maxAge": "30d"}})
+        );
+        let defaults = ScheduleFlags {
+            name: "h".into(),
+            group: "g".into(),
+            cron: "@hourly".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            group_snapshot_schedule(&defaults).expect("ok")["spec"]["timeZone"],
+            "UTC"
+        );
+        assert!(is_max_age("1d12h") && is_max_age("90m") && !is_max_age("d") && !is_max_age("5x"));
+        for bad in [
+            ScheduleFlags {
+                cron: "61 * * * *".into(),
+                ..defaults.clone()
+            },
+            ScheduleFlags {
+                cron: "* * *".into(),
+                ..defaults.clone()
+            },
+            ScheduleFlags {
+                time_zone: Some("Mars/Olympus".into()),
+                ..defaults.clone()
+            },
+            ScheduleFlags {
+                name: "x".repeat(51),
+                ..defaults.clone()
+            },
+            ScheduleFlags {
+                max_age: Some("soon".into()),
+                ..defaults.clone()
+            },
+            ScheduleFlags {
+                max_age: Some("30".into()),
+                ..defaults.clone()
+            },
+        ] {
+            assert!(group_snapshot_schedule(&bad).is_err(), "{bad:?}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -181,6 +181,9 @@ pub enum CliCommand {
     /// Group restores: a snapshot to new claims or in place (Cinder `group-create-from-src`).
     #[command(subcommand)]
     Restore(RestoreCommand),
+    /// Group snapshot schedules: cron in a time zone, retention (storkctl/velero `schedule`).
+    #[command(subcommand, visible_alias = "sched")]
+    Schedule(ScheduleCommand),
     /// The nodes tandem's members live on: readiness, kernel, when the agent last reported, the
     /// backends and filesystems it has snapshotted.
     Nodes,
@@ -273,8 +276,15 @@ pub enum RestoreCommand {
     Create {
         name: String,
         /// The GroupSnapshot to restore (it must be Ready).
+        #[arg(
+            long,
+            required_unless_present = "from_schedule",
+            conflicts_with = "from_schedule"
+        )]
+        from_snapshot: Option<String>,
+        /// Restore the newest Ready snapshot of this GroupSnapshotSchedule (velero's --from-schedule).
         #[arg(long)]
-        from_snapshot: String,
+        from_schedule: Option<String>,
         /// One new claim per member (the default).
         #[arg(long, conflicts_with = "in_place")]
         new_claims: bool,
@@ -308,6 +318,77 @@ pub enum RestoreCommand {
     #[command(visible_alias = "info")]
     Show { name: String },
 }
+
+#[derive(Subcommand, Debug)]
+pub enum ScheduleCommand {
+    /// Snapshot a group on a cron schedule in a time zone, with retention.
+    Create {
+        name: String,
+        /// The ConsistencyGroup to snapshot.
+        #[arg(long)]
+        group: String,
+        /// Five cron fields or @hourly/@daily/@weekly/@monthly/@yearly.
+        #[arg(long)]
+        cron: String,
+        /// IANA time zone the cron is read in (default UTC; never the controller's local zone).
+        #[arg(long, visible_alias = "tz")]
+        time_zone: Option<String>,
+        /// Create it suspended.
+        #[arg(long)]
+        suspend: bool,
+        /// A run later than this after its due time is missed, not taken.
+        #[arg(long, value_parser = parse_duration_arg)]
+        starting_deadline: Option<Duration>,
+        /// The snapshots' deletion policy: Delete (default) or Retain.
+        #[arg(long, value_parser = ["Delete", "Retain"])]
+        deletion_policy: Option<String>,
+        /// Keep the newest N snapshots.
+        #[arg(long)]
+        keep_last: Option<u32>,
+        /// Keep the newest Ready snapshot of each of the last N hours (in the schedule's zone).
+        #[arg(long)]
+        hourly: Option<u32>,
+        /// ... of each of the last N days.
+        #[arg(long)]
+        daily: Option<u32>,
+        /// ... of each of the last N ISO weeks.
+        #[arg(long)]
+        weekly: Option<u32>,
+        /// ... of each of the last N months.
+        #[arg(long)]
+        monthly: Option<u32>,
+        /// ... of each of the last N years.
+        #[arg(long)]
+        yearly: Option<u32>,
+        /// Delete snapshots older than this (30d, 12h), within the other rules.
+        #[arg(long)]
+        max_age: Option<String>,
+        /// Never delete below this many Ready snapshots (default 1).
+        #[arg(long)]
+        min_ready: Option<u32>,
+        /// Delete the schedule's snapshots when the schedule is deleted (default: keep them).
+        #[arg(long)]
+        delete_snapshots_with_schedule: bool,
+        #[command(flatten)]
+        dry_run: DryRunFlag,
+    },
+    /// List schedules.
+    #[command(visible_alias = "ls")]
+    List,
+    /// A schedule: next and last run, last Ready snapshot, runs missed and skipped, kept counts.
+    #[command(visible_alias = "info")]
+    Show { name: String },
+    /// Delete schedules (their snapshots stay unless retention.deleteSnapshotsWithSchedule).
+    #[command(visible_alias = "rm")]
+    Delete { names: Vec<String> },
+    /// Stop taking snapshots (retention goes on).
+    Suspend { name: String },
+    /// Take snapshots again from the next due time.
+    Resume { name: String },
+}
+
+/// The label tandem puts on each GroupSnapshot a schedule takes.
+const SCHEDULE_LABEL: &str = "tandem.dev/schedule";
 
 /// Runs the plugin as `kubectl-tandem`: parses argv and returns the exit code.
 pub async fn main_as_plugin() -> u8 {
@@ -442,6 +523,7 @@ async fn execute(args: CliArgs) -> Result<(), CliError> {
         CliCommand::Group(command) => group(&ctx, command).await,
         CliCommand::Snapshot(command) => snapshot(&ctx, command).await,
         CliCommand::Restore(command) => restore(&ctx, command).await,
+        CliCommand::Schedule(command) => schedule(&ctx, command).await,
         CliCommand::Nodes => nodes(&ctx).await,
     }
 }
@@ -496,6 +578,11 @@ fn create_manifest(command: &CliCommand, namespace: Option<&str>) -> Result<Valu
             deadline,
             ..
         }) => {
+            let Some(from_snapshot) = from_snapshot else {
+                return Err(CliError::Usage(
+                    "say which snapshot: --from-snapshot or --from-schedule".into(),
+                ));
+            };
             let target = if *in_place {
                 RestoreTarget::InPlace {
                     scale_down: *scale_down,
@@ -519,6 +606,45 @@ fn create_manifest(command: &CliCommand, namespace: Option<&str>) -> Result<Valu
                 &no_labels,
             )?)
         }
+        CliCommand::Schedule(ScheduleCommand::Create {
+            name,
+            group,
+            cron,
+            time_zone,
+            suspend,
+            starting_deadline,
+            deletion_policy,
+            keep_last,
+            hourly,
+            daily,
+            weekly,
+            monthly,
+            yearly,
+            max_age,
+            min_ready,
+            delete_snapshots_with_schedule,
+            ..
+        }) => Ok(manifest::group_snapshot_schedule(
+            &manifest::ScheduleFlags {
+                name: name.clone(),
+                namespace: namespace.map(str::to_string),
+                group: group.clone(),
+                cron: cron.clone(),
+                time_zone: time_zone.clone(),
+                suspend: *suspend,
+                starting_deadline: *starting_deadline,
+                deletion_policy: deletion_policy.clone(),
+                keep_last: *keep_last,
+                hourly: *hourly,
+                daily: *daily,
+                weekly: *weekly,
+                monthly: *monthly,
+                yearly: *yearly,
+                max_age: max_age.clone(),
+                min_ready: *min_ready,
+                delete_snapshots_with_schedule: *delete_snapshots_with_schedule,
+            },
+        )?),
         _ => Err(CliError::Usage("not a create command".into())),
     }
 }
@@ -611,6 +737,11 @@ where
         + Serialize
         + std::fmt::Debug,
 {
+    if dry_run == DryRun::Client {
+        let manifest = create_manifest(command, ctx.global.namespace.as_deref())?;
+        print_dry_run(&manifest, ctx.global.output)?;
+        return Ok(serde_json::from_value(manifest)?);
+    }
     let manifest = create_manifest(command, Some(&ctx.namespace))?;
     let object: K = serde_json::from_value(manifest)?;
     let params = PostParams {
@@ -937,6 +1068,32 @@ async fn restore(ctx: &Ctx, command: RestoreCommand) -> Result<(), CliError> {
     let output = ctx.output();
     match command {
         RestoreCommand::Create {
+            from_schedule: Some(_),
+            ..
+        } => {
+            let mut command = command;
+            if let RestoreCommand::Create {
+                from_snapshot,
+                from_schedule,
+                ..
+            } = &mut command
+            {
+                let schedule = from_schedule.take().unwrap_or_default();
+                let found = ctx
+                    .api::<crate::api::GroupSnapshotSchedule>()
+                    .get(&schedule)
+                    .await?;
+                let Some(newest) = found.status.and_then(|s| s.last_ready_snapshot) else {
+                    return Err(CliError::Failed(format!(
+                        "schedule {schedule} has no Ready snapshot yet"
+                    )));
+                };
+                eprintln!("restoring {newest}, the newest Ready snapshot of schedule {schedule}");
+                *from_snapshot = Some(newest);
+            }
+            Box::pin(restore(ctx, command)).await
+        }
+        RestoreCommand::Create {
             ref dry_run,
             ref wait,
             ..
@@ -994,6 +1151,72 @@ async fn restore(ctx: &Ctx, command: RestoreCommand) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+async fn schedule(ctx: &Ctx, command: ScheduleCommand) -> Result<(), CliError> {
+    use crate::api::GroupSnapshotSchedule;
+    let now = jiff::Timestamp::now();
+    let output = ctx.output();
+    match command {
+        ScheduleCommand::Create { ref dry_run, .. } => {
+            let dry = dry_run.dry_run;
+            create::<GroupSnapshotSchedule>(ctx, &CliCommand::Schedule(command), dry).await?;
+            Ok(())
+        }
+        ScheduleCommand::List => {
+            let schedules = sorted(
+                ctx.list_api::<GroupSnapshotSchedule>()
+                    .list(&ListParams::default())
+                    .await?
+                    .items,
+            );
+            if !print_list(&schedules, output)? {
+                print!(
+                    "{}",
+                    render::schedules_table(
+                        &schedules,
+                        output == Output::Wide,
+                        ctx.global.all_namespaces,
+                        now
+                    )
+                );
+            }
+            Ok(())
+        }
+        ScheduleCommand::Show { name } => {
+            let schedule = ctx.api::<GroupSnapshotSchedule>().get(&name).await?;
+            if print_one(&schedule, output)? {
+                return Ok(());
+            }
+            let mut snapshots = ctx
+                .api::<GroupSnapshot>()
+                .list(&ListParams::default().labels(&format!("{SCHEDULE_LABEL}={name}")))
+                .await?
+                .items;
+            snapshots.sort_by_key(|s| std::cmp::Reverse(s.name_any()));
+            print!("{}", render::schedule_page(&schedule, &snapshots, now));
+            Ok(())
+        }
+        ScheduleCommand::Delete { names } => delete::<GroupSnapshotSchedule>(ctx, &names).await,
+        ScheduleCommand::Suspend { name } => set_suspend(ctx, &name, true).await,
+        ScheduleCommand::Resume { name } => set_suspend(ctx, &name, false).await,
+    }
+}
+
+async fn set_suspend(ctx: &Ctx, name: &str, suspend: bool) -> Result<(), CliError> {
+    let patch = json!({"spec": {"suspend": suspend}});
+    let updated = ctx
+        .api::<crate::api::GroupSnapshotSchedule>()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    if !print_one(&updated, ctx.output())? {
+        println!(
+            "{}/{name} {}",
+            kind_ref("GroupSnapshotSchedule"),
+            if suspend { "suspended" } else { "resumed" }
+        );
+    }
+    Ok(())
 }
 
 async fn nodes(ctx: &Ctx) -> Result<(), CliError> {

@@ -790,6 +790,219 @@ pub fn nodes_table(facts: &[NodeFacts], wide: bool, now: Timestamp) -> String {
     table(&base, &rows)
 }
 
+/// `schedule list`.
+pub fn schedules_table(
+    schedules: &[crate::api::GroupSnapshotSchedule],
+    wide: bool,
+    all: bool,
+    now: Timestamp,
+) -> String {
+    let mut base = vec![
+        "NAME",
+        "GROUP",
+        "SCHEDULE",
+        "ZONE",
+        "SUSPEND",
+        "NEXT-RUN",
+        "LAST-READY",
+        "KEPT",
+        "READY",
+        "AGE",
+    ];
+    if wide {
+        base.extend(["REASON", "MISSED", "SKIPPED"]);
+    }
+    let rows: Vec<Vec<String>> = schedules
+        .iter()
+        .map(|s| {
+            let status = s.status.clone().unwrap_or_default();
+            let mut row = vec![
+                s.name_any(),
+                s.spec.group_name.clone(),
+                s.spec.schedule.clone(),
+                s.spec.time_zone.clone(),
+                s.spec.suspend.to_string(),
+                or_none(status.next_run_time.as_ref().map(|t| in_time(t.0, now))),
+                or_none(status.last_ready_snapshot.clone()),
+                status.kept.total.to_string(),
+                ready_condition(&status.conditions),
+                age_of(&s.metadata, now),
+            ];
+            if wide {
+                row.push(
+                    status
+                        .conditions
+                        .iter()
+                        .find(|c| c.type_ == CONDITION_READY)
+                        .map(|c| c.reason.clone())
+                        .unwrap_or_else(|| "<none>".into()),
+                );
+                row.push(status.missed_runs.to_string());
+                row.push(status.skipped_runs.to_string());
+            }
+            with_namespace(all, s.namespace(), row)
+        })
+        .collect();
+    table(&headers(all, &base), &rows)
+}
+
+/// A future time as "in 5m", a past one as "5m ago".
+fn in_time(t: Timestamp, now: Timestamp) -> String {
+    let d = t.as_second() - now.as_second();
+    if d >= 0 {
+        format!("in {}", age(d))
+    } else {
+        format!("{} ago", age(-d))
+    }
+}
+
+/// `schedule show`: the spec, the status, and the schedule's snapshots.
+pub fn schedule_page(
+    schedule: &crate::api::GroupSnapshotSchedule,
+    snapshots: &[GroupSnapshot],
+    now: Timestamp,
+) -> String {
+    let status = schedule.status.clone().unwrap_or_default();
+    let mut out = String::new();
+    let field = |out: &mut String, k: &str, v: String| {
+        let _ = writeln!(out, "{:<16}{v}", format!("{k}:"));
+    };
+    field(&mut out, "Name", schedule.name_any());
+    field(
+        &mut out,
+        "Namespace",
+        schedule.namespace().unwrap_or_default(),
+    );
+    field(&mut out, "Group", schedule.spec.group_name.clone());
+    field(
+        &mut out,
+        "Schedule",
+        format!("{} in {}", schedule.spec.schedule, schedule.spec.time_zone),
+    );
+    field(&mut out, "Suspend", schedule.spec.suspend.to_string());
+    field(
+        &mut out,
+        "Deadline",
+        or_none(
+            schedule
+                .spec
+                .starting_deadline_seconds
+                .map(|s| format!("{s}s")),
+        ),
+    );
+    field(
+        &mut out,
+        "Deletion policy",
+        debug_word(schedule.spec.template.spec.deletion_policy),
+    );
+    field(
+        &mut out,
+        "Retention",
+        match &schedule.spec.retention {
+            None => "<none> (every snapshot is kept)".into(),
+            Some(r) => {
+                let mut parts = Vec::new();
+                for (k, v) in [
+                    ("keepLast", r.keep_last),
+                    ("hourly", r.hourly),
+                    ("daily", r.daily),
+                    ("weekly", r.weekly),
+                    ("monthly", r.monthly),
+                    ("yearly", r.yearly),
+                ] {
+                    if let Some(v) = v {
+                        parts.push(format!("{k} {v}"));
+                    }
+                }
+                if let Some(a) = &r.max_age {
+                    parts.push(format!("maxAge {a}"));
+                }
+                parts.push(format!("minReady {}", r.min_ready));
+                if r.delete_snapshots_with_schedule {
+                    parts.push("snapshots deleted with the schedule".into());
+                }
+                parts.join(", ")
+            }
+        },
+    );
+    field(
+        &mut out,
+        "Next run",
+        or_none(
+            status
+                .next_run_time
+                .as_ref()
+                .map(|t| format!("{} ({})", t.0, in_time(t.0, now))),
+        ),
+    );
+    field(
+        &mut out,
+        "Last run",
+        or_none(status.last_run_time.as_ref().map(|t| {
+            format!(
+                "{} ({})",
+                t.0,
+                status.last_run_snapshot.clone().unwrap_or_default()
+            )
+        })),
+    );
+    field(
+        &mut out,
+        "Last Ready",
+        or_none(status.last_ready_snapshot.clone()),
+    );
+    field(&mut out, "Active", or_none(status.active.clone()));
+    field(
+        &mut out,
+        "Runs",
+        format!(
+            "{} missed, {} skipped (one unfinished), {} deleted by retention",
+            status.missed_runs, status.skipped_runs, status.retention_deleted
+        ),
+    );
+    field(
+        &mut out,
+        "Kept",
+        format!(
+            "{} ({} Ready, {} Failed, {} pinned)",
+            status.kept.total, status.kept.ready, status.kept.failed, status.kept.pinned
+        ),
+    );
+    if let Some(message) = &status.message {
+        field(&mut out, "Message", message.clone());
+    }
+    if let Some(ready) = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION_READY)
+    {
+        field(
+            &mut out,
+            "Ready",
+            format!("{} ({}): {}", ready.status, ready.reason, ready.message),
+        );
+    }
+    out.push_str("\nSnapshots:\n");
+    let rows: Vec<Vec<String>> = snapshots
+        .iter()
+        .map(|s| {
+            let st = s.status.clone().unwrap_or_default();
+            vec![
+                s.name_any(),
+                debug_word(st.phase),
+                or_none(st.consistency.map(debug_word)),
+                or_none(st.freeze_window_millis),
+                age_of(&s.metadata, now),
+            ]
+        })
+        .collect();
+    out.push_str(&indent(&table(
+        &["NAME", "PHASE", "CONSISTENCY", "FREEZE-MS", "AGE"],
+        &rows,
+    )));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
