@@ -188,6 +188,30 @@ async fn dry_run_manifests_apply_twice_unchanged() {
             ],
             "grouprestore.tandem.dev/undo",
         ),
+        (
+            vec![
+                "schedule",
+                "create",
+                "nightly",
+                "--group",
+                "shop",
+                "--cron",
+                "30 2 * * *",
+                "--tz",
+                "Europe/Berlin",
+                "--deletion-policy",
+                "Retain",
+                "--keep-last",
+                "3",
+                "--daily",
+                "7",
+                "--max-age",
+                "30d",
+                "--min-ready",
+                "2",
+            ],
+            "groupsnapshotschedule.tandem.dev/nightly",
+        ),
     ] {
         let mut full = args.clone();
         full.extend(["--dry-run=client", "-o", "yaml"]);
@@ -327,6 +351,141 @@ async fn group_commands_against_the_api_server() {
     .await;
 }
 
+/// Schedules without a controller: create, list, show, suspend and resume, a bad cron or zone
+/// refused before anything is sent, restore --from-schedule of its newest Ready snapshot, delete.
+#[tokio::test]
+async fn schedule_commands_against_the_api_server() {
+    use tandem::api::GroupSnapshotSchedule;
+    let env = TestEnv::new("cli-schedule").await;
+    let kc = env.plane.kubeconfig.clone();
+    let ns = env.namespace.clone();
+    let created = tandem(
+        &kc,
+        &ns,
+        &[
+            "schedule",
+            "create",
+            "hourly",
+            "--group",
+            "shop",
+            "--cron",
+            "@hourly",
+            "--keep-last",
+            "5",
+        ],
+    )
+    .ok();
+    assert_eq!(
+        created.stdout.trim(),
+        "groupsnapshotschedule.tandem.dev/hourly created"
+    );
+    let schedules: kube::Api<GroupSnapshotSchedule> = env.api();
+    let schedule = schedules.get("hourly").await.expect("schedule");
+    assert_eq!(schedule.spec.time_zone, "UTC");
+    assert_eq!(schedule.spec.retention.and_then(|r| r.keep_last), Some(5));
+    for (args, why) in [
+        (vec!["--cron", "61 * * * *"], "--cron"),
+        (
+            vec!["--cron", "@hourly", "--tz", "Mars/Olympus"],
+            "--time-zone",
+        ),
+    ] {
+        let mut full = vec!["schedule", "create", "bad", "--group", "shop"];
+        full.extend(args);
+        let refused = tandem(&kc, &ns, &full);
+        assert_eq!(refused.code, 2, "{refused:?}");
+        assert!(refused.stderr.contains(why), "{refused:?}");
+    }
+    let table = tandem(&kc, &ns, &["schedule", "list"]).ok().stdout;
+    assert!(
+        table.starts_with("NAME")
+            && table
+                .lines()
+                .any(|l| l.starts_with("hourly ") && l.contains("@hourly")),
+        "{table}"
+    );
+    tandem(&kc, &ns, &["schedule", "suspend", "hourly"]).ok();
+    assert!(
+        schedules
+            .get("hourly")
+            .await
+            .expect("schedule")
+            .spec
+            .suspend
+    );
+    let show = tandem(&kc, &ns, &["schedule", "show", "hourly"])
+        .ok()
+        .stdout;
+    assert!(
+        show.contains("@hourly in UTC")
+            && show.contains("Suspend:        true")
+            && show.contains("keepLast 5"),
+        "{show}"
+    );
+    tandem(&kc, &ns, &["schedule", "resume", "hourly"]).ok();
+    assert!(
+        !schedules
+            .get("hourly")
+            .await
+            .expect("schedule")
+            .spec
+            .suspend
+    );
+
+    // No Ready snapshot yet: nothing to restore.
+    let none = tandem(
+        &kc,
+        &ns,
+        &["restore", "create", "r", "--from-schedule", "hourly"],
+    );
+    assert_eq!(none.code, 1, "{none:?}");
+    assert!(none.stderr.contains("no Ready snapshot"), "{none:?}");
+    admin(
+        &env,
+        &[
+            "patch",
+            "groupsnapshotschedule",
+            "hourly",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"lastReadySnapshot":"hourly-202611210300"}}"#,
+        ],
+        None,
+    )
+    .ok();
+    let manifest = tandem(
+        &kc,
+        &ns,
+        &[
+            "restore",
+            "create",
+            "r",
+            "--from-schedule",
+            "hourly",
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ],
+    )
+    .ok();
+    assert!(
+        manifest
+            .stdout
+            .contains("groupSnapshotName: hourly-202611210300"),
+        "{manifest:?}"
+    );
+    assert!(
+        admin(&env, &["get", "grouprestores", "-o", "name"], None)
+            .ok()
+            .stdout
+            .is_empty(),
+        "a client dry run creates nothing"
+    );
+    tandem(&kc, &ns, &["schedule", "delete", "hourly"]).ok();
+    assert!(schedules.get_opt("hourly").await.expect("get").is_none());
+}
+
 /// A user bound to the built-in `view` role (the chart's rules aggregate into it) lists and shows
 /// groups and snapshots, and cannot create: the error names the verb.
 #[tokio::test]
@@ -381,6 +540,7 @@ async fn view_user_lists_and_shows_but_cannot_create() {
         .stdout;
     assert!(show.contains("Group:") && show.contains("shop"), "{show}");
     tandem(&viewer, &ns, &["restore", "list"]).ok();
+    tandem(&viewer, &ns, &["schedule", "list"]).ok();
     // Nodes are not readable for a namespace viewer: the command says so and shows the rest.
     let nodes = tandem(&viewer, &ns, &["nodes"]).ok();
     assert!(nodes.stderr.contains("cannot list Nodes"), "{nodes:?}");
@@ -391,6 +551,9 @@ async fn view_user_lists_and_shows_but_cannot_create() {
         vec!["restore", "create", "r", "--from-snapshot", "shop-1"],
         vec!["snapshot", "delete", "shop-1"],
         vec!["group", "add", "shop", "wal"],
+        vec![
+            "schedule", "create", "s", "--group", "shop", "--cron", "@daily",
+        ],
     ] {
         let refused = tandem(&viewer, &ns, &args);
         assert_eq!(refused.code, 1, "{args:?}: {refused:?}");

@@ -488,34 +488,16 @@ async fn execute(args: CliArgs) -> Result<(), CliError> {
             );
             return Ok(());
         }
-        CliCommand::Group(GroupCommand::Create {
-            dry_run: DryRunFlag {
-                dry_run: DryRun::Client,
-            },
-            ..
-        })
-        | CliCommand::Snapshot(SnapshotCommand::Create {
-            dry_run: DryRunFlag {
-                dry_run: DryRun::Client,
-            },
-            ..
-        })
-        | CliCommand::Restore(RestoreCommand::Create {
-            dry_run: DryRunFlag {
-                dry_run: DryRun::Client,
-            },
-            ..
-        }) => {
-            let manifest = create_manifest(&args.command, global.namespace.as_deref())?;
-            return print_dry_run(&manifest, global.output);
+        command => {
+            if let Some(dry_run) = create_dry_run(command) {
+                // Bad flags are a usage error before any connection is tried, and a client dry
+                // run needs no API server (unless the snapshot comes from a schedule's status).
+                let manifest = create_manifest(command, global.namespace.as_deref())?;
+                if dry_run == DryRun::Client {
+                    return print_dry_run(&manifest, global.output);
+                }
+            }
         }
-        CliCommand::Group(GroupCommand::Create { .. })
-        | CliCommand::Snapshot(SnapshotCommand::Create { .. })
-        | CliCommand::Restore(RestoreCommand::Create { .. }) => {
-            // Bad flags are a usage error before any connection is tried.
-            create_manifest(&args.command, None)?;
-        }
-        _ => {}
     }
     let ctx = connect(&global).await?;
     match args.command {
@@ -525,6 +507,21 @@ async fn execute(args: CliArgs) -> Result<(), CliError> {
         CliCommand::Restore(command) => restore(&ctx, command).await,
         CliCommand::Schedule(command) => schedule(&ctx, command).await,
         CliCommand::Nodes => nodes(&ctx).await,
+    }
+}
+
+/// A create command's --dry-run, if it can be built from its flags alone.
+fn create_dry_run(command: &CliCommand) -> Option<DryRun> {
+    match command {
+        CliCommand::Group(GroupCommand::Create { dry_run, .. })
+        | CliCommand::Snapshot(SnapshotCommand::Create { dry_run, .. })
+        | CliCommand::Schedule(ScheduleCommand::Create { dry_run, .. })
+        | CliCommand::Restore(RestoreCommand::Create {
+            dry_run,
+            from_schedule: None,
+            ..
+        }) => Some(dry_run.dry_run),
+        _ => None,
     }
 }
 
