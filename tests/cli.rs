@@ -418,7 +418,9 @@ async fn schedule_commands_against_the_api_server() {
         .stdout;
     assert!(
         show.contains("@hourly in UTC")
-            && show.contains("Suspend:        true")
+            && show
+                .lines()
+                .any(|l| l.starts_with("Suspend:") && l.ends_with(" true"))
             && show.contains("keepLast 5"),
         "{show}"
     );
@@ -639,8 +641,13 @@ async fn snapshot_and_restore_wait_through_real_agents() {
     let page = tandem(&kc, &ns, &["snapshot", "show", "shop-1"])
         .ok()
         .stdout;
+    eprintln!(
+        "snapshot create --wait, stderr:\n{}\nsnapshot show:\n{page}",
+        cut.stderr
+    );
     assert!(
-        page.contains("Consistency:    FilesystemFrozen: all 2 members were frozen"),
+        page.lines().any(|l| l.starts_with("Consistency:")
+            && l.contains("FilesystemFrozen: all 2 members were frozen")),
         "{page}"
     );
     for window in &status.nodes {
@@ -681,6 +688,7 @@ async fn snapshot_and_restore_wait_through_real_agents() {
     assert_eq!(listed["items"][0]["status"]["phase"], "Ready");
 
     let nodes = tandem(&kc, &ns, &["nodes", "-o", "wide"]).ok().stdout;
+    eprintln!("nodes -o wide:\n{nodes}");
     for node in [&node_a, &node_b] {
         let line = nodes
             .lines()
@@ -741,6 +749,7 @@ async fn snapshot_and_restore_wait_through_real_agents() {
             "3s",
         ],
     );
+    eprintln!("a wait that times out, stderr:\n{}", stuck.stderr);
     assert_eq!(stuck.code, 3, "{stuck:?}");
     assert!(
         stuck.stderr.contains("timed out after 3s")

@@ -300,7 +300,7 @@ pub fn snapshot_page(
     let status = snapshot.status.clone().unwrap_or_default();
     let mut out = String::new();
     let field = |out: &mut String, k: &str, v: String| {
-        let _ = writeln!(out, "{:<16}{v}", format!("{k}:"));
+        let _ = writeln!(out, "{:<18}{v}", format!("{k}:"));
     };
     field(&mut out, "Name", snapshot.name_any());
     field(
@@ -429,7 +429,7 @@ pub fn group_page(group: &ConsistencyGroup, snapshots: &[GroupSnapshot], now: Ti
     let status = group.status.clone().unwrap_or_default();
     let mut out = String::new();
     let field = |out: &mut String, k: &str, v: String| {
-        let _ = writeln!(out, "{:<16}{v}", format!("{k}:"));
+        let _ = writeln!(out, "{:<18}{v}", format!("{k}:"));
     };
     field(&mut out, "Name", group.name_any());
     field(&mut out, "Namespace", group.namespace().unwrap_or_default());
@@ -537,7 +537,7 @@ pub fn restore_page(restore: &GroupRestore) -> String {
     let status = restore.status.clone().unwrap_or_default();
     let mut out = String::new();
     let field = |out: &mut String, k: &str, v: String| {
-        let _ = writeln!(out, "{:<16}{v}", format!("{k}:"));
+        let _ = writeln!(out, "{:<18}{v}", format!("{k}:"));
     };
     field(&mut out, "Name", restore.name_any());
     field(
@@ -865,7 +865,7 @@ pub fn schedule_page(
     let status = schedule.status.clone().unwrap_or_default();
     let mut out = String::new();
     let field = |out: &mut String, k: &str, v: String| {
-        let _ = writeln!(out, "{:<16}{v}", format!("{k}:"));
+        let _ = writeln!(out, "{:<18}{v}", format!("{k}:"));
     };
     field(&mut out, "Name", schedule.name_any());
     field(
