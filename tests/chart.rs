@@ -20,12 +20,13 @@ use support::{TestEnv, repo_root, with_plane};
 /// afresh, applying deploy/) hold this for writing; tests that need the CRDs hold it for reading.
 static CRD_LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-const CRD_NAMES: [&str; 5] = [
+const CRD_NAMES: [&str; 6] = [
     "consistencygroups.tandem.dev",
     "groupsnapshots.tandem.dev",
     "nodesnapshots.tandem.dev",
     "grouprestores.tandem.dev",
     "noderestores.tandem.dev",
+    "groupsnapshotschedules.tandem.dev",
 ];
 
 /// `helm template RELEASE charts/tandem --namespace NAMESPACE ARGS...`, parsed.
@@ -190,6 +191,7 @@ fn template_with_default_values_renders_every_part_wired_to_the_binary() {
         "Service/tandem-controller-metrics",
         "CustomResourceDefinition/consistencygroups.tandem.dev",
         "CustomResourceDefinition/groupsnapshots.tandem.dev",
+        "CustomResourceDefinition/groupsnapshotschedules.tandem.dev",
         "CustomResourceDefinition/nodesnapshots.tandem.dev",
         "CustomResourceDefinition/grouprestores.tandem.dev",
         "CustomResourceDefinition/noderestores.tandem.dev",
@@ -1355,6 +1357,14 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "patch deployments.apps --subresource=scale",
         "get statefulsets.apps --subresource=scale",
         "patch statefulsets.apps --subresource=scale",
+        // Schedules: each run creates a GroupSnapshot; retention deletes them.
+        "get groupsnapshotschedules.tandem.dev -A",
+        "list groupsnapshotschedules.tandem.dev -A",
+        "watch groupsnapshotschedules.tandem.dev -A",
+        "patch groupsnapshotschedules.tandem.dev",
+        "patch groupsnapshotschedules.tandem.dev --subresource=status",
+        "create groupsnapshots.tandem.dev",
+        "delete groupsnapshots.tandem.dev",
     ] {
         expect(&mut wrong, &controller, "controller", check, true);
     }
@@ -1378,11 +1388,12 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "create consistencygroups.tandem.dev",
         "delete consistencygroups.tandem.dev",
         "update consistencygroups.tandem.dev",
-        "create groupsnapshots.tandem.dev",
-        "delete groupsnapshots.tandem.dev",
         "update groupsnapshots.tandem.dev",
         "update nodesnapshots.tandem.dev",
         "patch nodesnapshots.tandem.dev --subresource=status",
+        "create groupsnapshotschedules.tandem.dev",
+        "delete groupsnapshotschedules.tandem.dev",
+        "update groupsnapshotschedules.tandem.dev --subresource=status",
         "update consistencygroups.tandem.dev --subresource=finalizers",
         // Restores: workloads only through their scale, pods only listed, no class or quota
         // written, the restore and NodeRestore statuses each written by its own party.

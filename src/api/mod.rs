@@ -10,6 +10,8 @@ mod group_restore;
 #[allow(clippy::duplicated_attributes)]
 mod group_snapshot;
 #[allow(clippy::duplicated_attributes)]
+mod group_snapshot_schedule;
+#[allow(clippy::duplicated_attributes)]
 mod node_restore;
 #[allow(clippy::duplicated_attributes)]
 mod node_snapshot;
@@ -17,6 +19,7 @@ mod node_snapshot;
 pub use consistency_group::*;
 pub use group_restore::*;
 pub use group_snapshot::*;
+pub use group_snapshot_schedule::*;
 pub use node_restore::*;
 pub use node_snapshot::*;
 
@@ -70,6 +73,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         NodeSnapshot::crd(),
         GroupRestore::crd(),
         NodeRestore::crd(),
+        GroupSnapshotSchedule::crd(),
     ]
 }
 

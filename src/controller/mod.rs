@@ -10,6 +10,7 @@ pub mod membership;
 mod metrics;
 mod orphans;
 pub mod restore;
+pub mod schedule;
 mod snapshot;
 
 use std::collections::{HashMap, HashSet};
