@@ -181,6 +181,115 @@ fn lines_in_pod(ns: &str, file: &str) -> Vec<String> {
     .collect()
 }
 
+/// `chattr +i` on a folder for as long as it lives (root cannot create files in it then).
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(dir: &Path) -> Immutable {
+        std::fs::create_dir_all(dir).expect("snapshot folder");
+        node::run(std::process::Command::new("chattr").arg("+i").arg(dir))
+            .unwrap_or_else(|e| panic!("chattr +i {}: {e}", dir.display()));
+        Immutable(dir.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = node::run(std::process::Command::new("chattr").arg("-i").arg(&self.0));
+    }
+}
+
+/// Takes the agent off the node (its DaemonSet selects no node) or puts it back, and waits.
+fn agent_on_node(on: bool) {
+    let selector = if on {
+        json!({"tandem.dev/test-no-agent": null})
+    } else {
+        json!({"tandem.dev/test-no-agent": "true"})
+    };
+    let patch = json!({"spec": {"template": {"spec": {"nodeSelector": selector}}}}).to_string();
+    with_cluster(|c| {
+        c.kubectl(&[
+            "-n",
+            "tandem-system",
+            "patch",
+            "daemonset",
+            "tandem-agent",
+            "--type=merge",
+            "-p",
+            &patch,
+        ])
+        .unwrap_or_else(|e| panic!("patch the agent: {e}"));
+        if on {
+            c.kubectl_timeout(
+                &[
+                    "-n",
+                    "tandem-system",
+                    "rollout",
+                    "status",
+                    "daemonset/tandem-agent",
+                    "--timeout=90s",
+                ],
+                Duration::from_secs(100),
+            )
+            .unwrap_or_else(|e| panic!("agent back: {e}"));
+        } else {
+            c.kubectl_timeout(
+                &[
+                    "-n",
+                    "tandem-system",
+                    "wait",
+                    "--for=delete",
+                    "pod",
+                    "-l",
+                    "app.kubernetes.io/component=agent",
+                    "--timeout=60s",
+                ],
+                Duration::from_secs(70),
+            )
+            .unwrap_or_else(|e| panic!("agent gone: {e}"));
+        }
+    });
+}
+
+/// SIGKILLs the controller's container (its pod restarts it): no shutdown of any kind.
+fn kill_controller() {
+    with_cluster(|c| {
+        let id = c
+            .kubectl(&[
+                "-n",
+                "tandem-system",
+                "get",
+                "pod",
+                "-l",
+                "app.kubernetes.io/component=controller",
+                "-o",
+                "jsonpath={.items[0].status.containerStatuses[0].containerID}",
+            ])
+            .unwrap_or_else(|e| panic!("controller container: {e}"));
+        let id = id.trim().trim_start_matches("containerd://").to_string();
+        assert!(!id.is_empty(), "the controller has a container");
+        c.nodes[0]
+            .ctr(&["task", "kill", "-s", "SIGKILL", &id])
+            .unwrap_or_else(|e| panic!("kill the controller: {e}"));
+    });
+}
+
+/// Every hold of `status` was released (once: a run records one release) and every Post hook
+/// finished.
+fn assert_all_released_once(status: &GroupSnapshotStatus) {
+    for run in &status.hooks {
+        match run.mode {
+            tandem::api::HookMode::Hold => {
+                assert!(run.released_at.is_some(), "{run:?}");
+                assert_eq!(run.state, HookRunState::Succeeded, "{run:?}");
+            }
+            tandem::api::HookMode::Exec => {
+                assert_eq!(run.state, HookRunState::Succeeded, "{run:?}");
+            }
+        }
+    }
+}
+
 async fn finished(api: &Api<GroupSnapshot>, name: &str) -> GroupSnapshotStatus {
     eventually(
         WAIT,
@@ -213,8 +322,11 @@ fn reason(status: &GroupSnapshotStatus) -> String {
 /// rights the snapshot fails fast with HooksNotPermitted; with them a hold is held across the cut
 /// (ApplicationQuiesced); a failing Pre hook under Fail cuts nothing (HookFailed); a hold that is
 /// never ready times out (HookFailed, its command killed in the container by its own deadline);
-/// a failing hook under Continue is cut and named. Each case ends with the hold released, the
-/// Post hook run once, no NodeSnapshot frozen or left over, and the right phase.
+/// a failing hook under Continue is cut and named; a wrapped hold in a container without
+/// `timeout` fails its probe; the agent that cannot cut, the agent gone (the barrier's deadline
+/// passes), the controller SIGKILLed mid-hold (the hold's command ends on stdin EOF, the restarted
+/// controller fails the snapshot) and mid-Post-hook (not run again). Each case ends with the hold
+/// released, the Post hook run once, no NodeSnapshot frozen or left over, and the right phase.
 #[tokio::test(flavor = "multi_thread")]
 async fn hooks_on_a_real_node_run_around_the_barrier_and_every_failure_ends_clean() {
     if !node::can_run_nodes() {
@@ -280,7 +392,9 @@ async fn hooks_on_a_real_node_run_around_the_barrier_and_every_failure_ends_clea
                     "securityContext": {"runAsUser": 0},
                     "containers": [{"name": "app", "image": image, "imagePullPolicy": "Never",
                         "command": ["/bin/sh", "-c", "while true; do date >> /data/log; sleep 0.1; done"],
-                        "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                        "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                        // No `timeout` (nor anything else) in here: for the probe.
+                        {"name": "bare", "image": "localhost/tandem/pause:1", "imagePullPolicy": "Never"}],
                     "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]
                 }
             }),
@@ -526,20 +640,208 @@ async fn hooks_on_a_real_node_run_around_the_barrier_and_every_failure_ends_clea
     assert_eq!(status.failed_hooks, ["flush/app"], "{status:?}");
     assert_eq!(lines_in_pod(&ns, "/tmp/post.log").len(), 4);
 
-    // Nothing frozen: the app's volume takes writes, and every NodeSnapshot was released.
-    for n in nodes
-        .list(&ListParams::default())
+    // 6. A wrapped hold in a container without `timeout`: the probe fails it before it starts,
+    // with a message that says what to do; nothing cut.
+    let bare = json!({"name": "bare-lock", "mode": "Hold", "container": "bare",
+        "command": ["/pause"], "readyWhen": {"stdoutLine": "READY"}, "timeoutSeconds": 5});
+    set_hooks(json!([bare, post])).await;
+    snapshots
+        .create(&PostParams::default(), &snap("no-timeout"))
         .await
-        .expect("nsnaps")
-        .items
-    {
+        .expect("create");
+    let status = finished(&snapshots, "no-timeout").await;
+    assert_eq!(reason(&status), "HookFailed", "{status:?}");
+    let run = status
+        .hooks
+        .iter()
+        .find(|r| r.name == "bare-lock")
+        .expect("run");
+    assert!(
+        run.message
+            .as_deref()
+            .is_some_and(|m| m.contains("needs the `timeout` utility in container bare")),
+        "{run:?}"
+    );
+    assert!(node_snapshots_of("no-timeout".into()).await.is_empty());
+    assert_eq!(lines_in_pod(&ns, "/tmp/post.log").len(), 5);
+
+    // 7. The agent cannot cut (its snapshot folder is immutable): the node fails, the hold is
+    // released once, the Post hook runs once, nothing is kept.
+    set_hooks(json!([hold, post])).await;
+    let snapshot_dir = pool.join(".tandem-snapshots");
+    let immutable = Immutable::set(&snapshot_dir);
+    snapshots
+        .create(&PostParams::default(), &snap("agent-fails"))
+        .await
+        .expect("create");
+    let status = finished(&snapshots, "agent-fails").await;
+    drop(immutable);
+    assert_eq!(status.phase, GroupSnapshotPhase::Failed, "{status:?}");
+    assert_eq!(reason(&status), "SnapshotFailed", "{status:?}");
+    assert_all_released_once(&status);
+    assert_eq!(lines_in_pod(&ns, "/tmp/hold.log").len(), 2);
+    assert_eq!(lines_in_pod(&ns, "/tmp/post.log").len(), 6);
+    for n in node_snapshots_of("agent-fails".into()).await {
         let phase = n.status.map(|s| s.phase);
         assert!(
-            matches!(phase, Some(tandem::api::NodePhase::Released)),
-            "{:?} {phase:?}",
-            n.metadata.name
+            matches!(
+                phase,
+                Some(tandem::api::NodePhase::Failed | tandem::api::NodePhase::Aborted)
+            ),
+            "{phase:?}"
         );
     }
+
+    // 8. The agent is gone (its DaemonSet selects no node): the barrier's deadline passes, the
+    // hold is released once, the Post hook runs once.
+    agent_on_node(false);
+    snapshots
+        .create(&PostParams::default(), &snap("deadline"))
+        .await
+        .expect("create");
+    let status = finished(&snapshots, "deadline").await;
+    assert_eq!(status.phase, GroupSnapshotPhase::Failed, "{status:?}");
+    assert_eq!(reason(&status), "SnapshotFailed", "{status:?}");
+    assert_all_released_once(&status);
+    assert_eq!(lines_in_pod(&ns, "/tmp/hold.log").len(), 3);
+    assert_eq!(lines_in_pod(&ns, "/tmp/post.log").len(), 7);
+
+    // 9. The controller is killed (SIGKILL) while the hold is held (the agent still gone, so the
+    // barrier waits): the hold's command ends in its container (stdin EOF, or its deadline); the
+    // restarted controller marks the hold lost, fails the snapshot (HookFailed) and runs the Post
+    // hook once.
+    let hold_pid = json!({"name": "lock", "mode": "Hold", "container": "app",
+        "command": ["sh", "-c", "echo $$ > /tmp/killed.pid; echo READY; read line; echo \"released $line\" >> /tmp/hold.log"],
+        "readyWhen": {"stdoutLine": "READY"}, "timeoutSeconds": 10});
+    groups
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"freezeTimeoutSeconds": 3}})),
+        )
+        .await
+        .expect("patch group");
+    set_hooks(json!([hold_pid, post])).await;
+    snapshots
+        .create(&PostParams::default(), &snap("controller-killed"))
+        .await
+        .expect("create");
+    eventually(WAIT, "the hold held", || {
+        let snapshots = snapshots.clone();
+        async move {
+            let status = snapshots.get("controller-killed").await.ok()?.status?;
+            (status.phase == GroupSnapshotPhase::Cutting
+                && status.hooks.iter().any(|r| r.state == HookRunState::Held))
+            .then_some(())
+        }
+    })
+    .await;
+    kill_controller();
+    let status = finished(&snapshots, "controller-killed").await;
+    assert_eq!(status.phase, GroupSnapshotPhase::Failed, "{status:?}");
+    assert_eq!(reason(&status), "HookFailed", "{status:?}");
+    let lock = status.hooks.iter().find(|r| r.name == "lock").expect("run");
+    assert_eq!(lock.state, HookRunState::Failed, "{lock:?}");
+    assert!(
+        lock.message
+            .as_deref()
+            .is_some_and(|m| m.contains("controller restarted")),
+        "{lock:?}"
+    );
+    let after = status
+        .hooks
+        .iter()
+        .find(|r| r.name == "after")
+        .expect("run");
+    assert_eq!(after.state, HookRunState::Succeeded, "{after:?}");
+    assert_eq!(lines_in_pod(&ns, "/tmp/post.log").len(), 8);
+    eventually(
+        Duration::from_secs(30),
+        "the killed controller's hold ended in its container",
+        || {
+            let ns = ns.clone();
+            async move {
+                let pid = lines_in_pod(&ns, "/tmp/killed.pid").first()?.clone();
+                lines_in_pod(&ns, &format!("/proc/{pid}/cmdline"))
+                    .is_empty()
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // It ended on stdin EOF (its deadline would have killed it before it wrote a line).
+    assert_eq!(
+        lines_in_pod(&ns, "/tmp/hold.log")
+            .last()
+            .map(String::as_str),
+        Some("released "),
+        "the hold's command saw stdin EOF when the controller died"
+    );
+    agent_on_node(true);
+
+    // 10. The controller is killed while a Post hook runs: the restarted controller does not run
+    // it again (it was recorded as started), and says it may have been interrupted.
+    let slow_post = json!({"name": "after", "phase": "Post",
+        "command": ["sh", "-c", "echo start >> /tmp/slow.log; sleep 5; echo post >> /tmp/post.log"]});
+    set_hooks(json!([hold, slow_post])).await;
+    snapshots
+        .create(&PostParams::default(), &snap("killed-in-post"))
+        .await
+        .expect("create");
+    eventually(WAIT, "the Post hook running", || {
+        let snapshots = snapshots.clone();
+        async move {
+            let status = snapshots.get("killed-in-post").await.ok()?.status?;
+            status
+                .hooks
+                .iter()
+                .any(|r| r.name == "after" && r.state == HookRunState::Running)
+                .then_some(())
+        }
+    })
+    .await;
+    kill_controller();
+    let status = finished(&snapshots, "killed-in-post").await;
+    assert_eq!(status.phase, GroupSnapshotPhase::Ready, "{status:?}");
+    let after = status
+        .hooks
+        .iter()
+        .find(|r| r.name == "after")
+        .expect("run");
+    assert_eq!(after.state, HookRunState::Failed, "{after:?}");
+    assert!(
+        after
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("may have been interrupted")),
+        "{after:?}"
+    );
+    assert_eq!(status.failed_hooks, ["after/app"], "{status:?}");
+    assert_eq!(lines_in_pod(&ns, "/tmp/slow.log"), ["start"], "run once");
+
+    // Nothing frozen: the app's volume takes writes, and every NodeSnapshot was released or,
+    // once the agent is back, aborted.
+    eventually(WAIT, "every NodeSnapshot released or aborted", || {
+        let nodes = nodes.clone();
+        async move {
+            let all = nodes.list(&ListParams::default()).await.ok()?.items;
+            let open: Vec<_> = all
+                .iter()
+                .filter(|n| {
+                    !matches!(
+                        n.status.as_ref().map(|s| s.phase),
+                        Some(
+                            tandem::api::NodePhase::Released
+                                | tandem::api::NodePhase::Aborted
+                                | tandem::api::NodePhase::Failed
+                        )
+                    )
+                })
+                .collect();
+            open.is_empty().then_some(())
+        }
+    })
+    .await;
     with_cluster(|c| {
         c.kubectl_timeout(
             &[
