@@ -40,6 +40,9 @@ async fn the_api_server_accepts_well_formed_hooks_and_refuses_incomplete_ones() 
         "    - {name: lock, mode: Hold, container: db, command: [mysql], stdin: \"FLUSH TABLES WITH READ LOCK;\\n\", readyWhen: {stdoutLine: READY}, release: {stdin: \"UNLOCK TABLES;\\n\"}}\n    - {name: flush, command: [sync], timeoutSeconds: 5, onError: Continue}\n    - {name: after, phase: Post, pods: Selector, selector: {matchLabels: {app: db}}, command: [\"true\"]}\n",
     );
     apply(&env, &good).expect("a well-formed quiesce spec is accepted");
+    let example = std::fs::read_to_string(repo_root().join("examples/quiesce-hooks.yaml"))
+        .expect("the example");
+    apply(&env, &example).expect("the README's example is accepted");
     let defaults = env
         .kubectl(&[
             "get",
