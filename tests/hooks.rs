@@ -254,6 +254,51 @@ fn agent_on_node(on: bool) {
     });
 }
 
+/// The label of GroupSnapshots whose move to Cutting the test's admission policy refuses.
+const DENY_CUTTING: &str = "hooks-test/deny-cutting";
+
+/// Installs (or removes) an admission policy that refuses, in `ns`, every GroupSnapshot status
+/// write to phase Cutting of a snapshot labelled [`DENY_CUTTING`].
+fn deny_cutting(ns: &str, on: bool) {
+    let name = format!("{ns}-deny-cutting");
+    with_cluster(|c| {
+        if !on {
+            let _ = c.kubectl(&[
+                "delete",
+                "validatingadmissionpolicybinding,validatingadmissionpolicy",
+                &name,
+                "--ignore-not-found",
+            ]);
+            return;
+        }
+        kubectl_apply(
+            c,
+            &format!("{name}-policy"),
+            &json!({
+                "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+                "metadata": {"name": name},
+                "spec": {
+                    "failurePolicy": "Fail",
+                    "matchConstraints": {"resourceRules": [{"apiGroups": ["tandem.dev"], "apiVersions": ["*"],
+                        "operations": ["UPDATE"], "resources": ["groupsnapshots/status"]}]},
+                    "validations": [{"expression": format!("!has(object.metadata.labels) || !('{DENY_CUTTING}' in object.metadata.labels) || !has(object.status) || !has(object.status.phase) || object.status.phase != 'Cutting'"),
+                        "message": "test: no Cutting"}]
+                }
+            }),
+        );
+        kubectl_apply(
+            c,
+            &format!("{name}-binding"),
+            &json!({
+                "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+                "metadata": {"name": name},
+                "spec": {"policyName": name, "validationActions": ["Deny"],
+                    "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}}
+            }),
+        );
+    });
+}
+
 /// SIGKILLs the controller's container (its pod restarts it): no shutdown of any kind.
 fn kill_controller() {
     with_cluster(|c| {
@@ -740,6 +785,8 @@ async fn hooks_on_a_real_node_run_around_the_barrier_and_every_failure_ends_clea
     })
     .await;
     kill_controller();
+    // The agent comes back meanwhile, and aborts what the restarted controller tells it to.
+    agent_on_node(true);
     let status = finished(&snapshots, "controller-killed").await;
     assert_eq!(status.phase, GroupSnapshotPhase::Failed, "{status:?}");
     assert_eq!(reason(&status), "HookFailed", "{status:?}");
@@ -780,7 +827,6 @@ async fn hooks_on_a_real_node_run_around_the_barrier_and_every_failure_ends_clea
         Some("released "),
         "the hold's command saw stdin EOF when the controller died"
     );
-    agent_on_node(true);
 
     // 10. The controller is killed while a Post hook runs: the restarted controller does not run
     // it again (it was recorded as started), and says it may have been interrupted.
@@ -821,6 +867,73 @@ async fn hooks_on_a_real_node_run_around_the_barrier_and_every_failure_ends_clea
     );
     assert_eq!(status.failed_hooks, ["after/app"], "{status:?}");
     assert_eq!(lines_in_pod(&ns, "/tmp/slow.log"), ["start"], "run once");
+
+    // 11. The quiesce's result cannot be recorded (an admission policy refuses the status write
+    // that moves it to Cutting): it is given up at its deadline, not retried forever; the hold is
+    // released once, the Post hook runs once, nothing is cut.
+    set_hooks(json!([hold, post])).await;
+    deny_cutting(&ns, true);
+    // Probed on a finished snapshot (a dry run changes nothing).
+    with_cluster(|c| {
+        c.kubectl(&[
+            "-n",
+            &ns,
+            "label",
+            "groupsnapshot",
+            "quiesced",
+            &format!("{DENY_CUTTING}=true"),
+        ])
+    })
+    .expect("label");
+    let probe = json!({"status": {"phase": "Cutting"}}).to_string();
+    eventually(WAIT, "the admission policy in force", || {
+        let (ns, probe) = (ns.clone(), probe.clone());
+        async move {
+            with_cluster(|c| {
+                c.kubectl(&[
+                    "-n",
+                    &ns,
+                    "patch",
+                    "groupsnapshot",
+                    "quiesced",
+                    "--subresource=status",
+                    "--type=merge",
+                    "-p",
+                    &probe,
+                    "--dry-run=server",
+                ])
+            })
+            .err()
+            .filter(|e| e.contains("no Cutting"))
+            .map(|_| ())
+        }
+    })
+    .await;
+    let mut unrecorded = snap("unrecorded");
+    unrecorded.metadata.labels = Some([(DENY_CUTTING.to_string(), "true".to_string())].into());
+    snapshots
+        .create(&PostParams::default(), &unrecorded)
+        .await
+        .expect("create");
+    let status = finished(&snapshots, "unrecorded").await;
+    deny_cutting(&ns, false);
+    assert_eq!(status.phase, GroupSnapshotPhase::Failed, "{status:?}");
+    assert_eq!(reason(&status), "HookFailed", "{status:?}");
+    assert!(
+        status
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("could not be recorded within its deadline")),
+        "{status:?}"
+    );
+    assert_all_released_once(&status);
+    assert!(node_snapshots_of("unrecorded".into()).await.is_empty());
+    assert_eq!(
+        lines_in_pod(&ns, "/tmp/hold.log")
+            .last()
+            .map(String::as_str),
+        Some("released now")
+    );
 
     // Nothing frozen: the app's volume takes writes, and every NodeSnapshot was released or,
     // once the agent is back, aborted.

@@ -527,8 +527,10 @@ async fn quiesce(
     if let Some(runs) = ctx.hooks.unrecorded(&uid) {
         // The quiesce ran in this process, but its status write failed: write it again.
         status.hooks = runs;
-        if expired {
-            return give_up_quiesce(snapshot, status, api, ctx, &spec, deadline).await;
+        let now = MicroTime(Timestamp::now());
+        if hook_plan::unrecorded_expired(&status.hooks, freeze_timeout, &now).unwrap_or(expired) {
+            let bound = Duration::from_secs(u64::try_from(freeze_timeout).unwrap_or(10));
+            return give_up_quiesce(snapshot, status, api, ctx, &spec, bound).await;
         }
     } else if started && !ctx.hooks.active(&uid) {
         // This process restarted mid-quiesce: what ran is unknown, and no hold holds any more.
@@ -606,7 +608,7 @@ async fn give_up_quiesce(
     run_post(api, &name, &namespace, ctx, spec, &mut status).await?;
     finish_hook_fields(&mut status);
     let message = format!(
-        "the quiesce could not be recorded within its deadline of {} s; nothing was cut",
+        "the quiesce could not be recorded within its deadline ({} s); nothing was cut",
         deadline.as_secs()
     );
     fail(

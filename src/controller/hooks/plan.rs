@@ -156,6 +156,20 @@ pub fn quiesce_deadline(spec: &QuiesceSpec, freeze_timeout_seconds: i32) -> Dura
     pre + hold + Duration::from_secs(2)
 }
 
+/// A quiesce that ended but could not be recorded is given up once the barrier that would have
+/// followed it must have given up too: `freezeTimeoutSeconds` after the last hold was ready (or
+/// the last Pre hook ended), before any hold reaches its in-container deadline. None without a
+/// run that ended its quiesce step.
+pub fn unrecorded_expired(
+    runs: &[HookRun],
+    freeze_timeout_seconds: i32,
+    now: &MicroTime,
+) -> Option<bool> {
+    let ended = barrier_start(runs)?;
+    let waited = now.0.duration_since(ended.0);
+    Some(waited > jiff::SignedDuration::from_secs(i64::from(freeze_timeout_seconds.max(1))))
+}
+
 /// The consistency reached: ApplicationQuiesced only when hooks ran, every run succeeded and
 /// every member was frozen.
 pub fn consistency(all_frozen: bool, hooks_ran: bool, runs: &[HookRun]) -> Consistency {
@@ -366,6 +380,18 @@ mod tests {
         assert_eq!(quiesce_deadline(&s, 10), Duration::from_secs(48));
         let none = spec(json!([]), "Fail");
         assert_eq!(quiesce_deadline(&none, 10), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn an_unrecorded_quiesce_is_given_up_when_its_barrier_would_be() {
+        let mut hold = run("h", HookMode::Hold, None, HookRunState::Held);
+        hold.ready_at = Some(at(1_000));
+        let runs = [hold];
+        assert_eq!(unrecorded_expired(&runs, 3, &at(3_900)), Some(false));
+        assert_eq!(unrecorded_expired(&runs, 3, &at(4_001)), Some(true));
+        // Nonsense from outside: at least a second.
+        assert_eq!(unrecorded_expired(&runs, 0, &at(1_500)), Some(false));
+        assert_eq!(unrecorded_expired(&[], 3, &at(9_000)), None);
     }
 
     #[test]
