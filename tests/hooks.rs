@@ -373,8 +373,10 @@ fn reason(status: &GroupSnapshotStatus) -> String {
 /// a failing hook under Continue is cut and named; a wrapped hold in a container without
 /// `timeout` fails its probe; the agent that cannot cut, the agent gone (the barrier's deadline
 /// passes), the controller SIGKILLed mid-hold (the hold's command ends on stdin EOF, the restarted
-/// controller fails the snapshot) and mid-Post-hook (not run again). Each case ends with the hold
-/// released, the Post hook run once, no NodeSnapshot frozen or left over, and the right phase.
+/// controller fails the snapshot) and mid-Post-hook (not run again), a status write refused (given
+/// up at its deadline), a hold that exits 1 after its release (recorded, not failed). Each case
+/// ends with the hold released, the Post hook run once, no NodeSnapshot frozen or left over, and
+/// the right phase.
 #[tokio::test(flavor = "multi_thread")]
 async fn hooks_on_a_real_node_run_around_the_barrier_and_every_failure_ends_clean() {
     if !node::can_run_nodes() {
@@ -933,6 +935,35 @@ async fn hooks_on_a_real_node_run_around_the_barrier_and_every_failure_ends_clea
             .last()
             .map(String::as_str),
         Some("released now")
+    );
+
+    // 12. A hold that exits badly once released held through the cut: recorded, not a failure.
+    let dying = json!({"name": "lock", "mode": "Hold", "container": "app",
+        "command": ["sh", "-c", "echo READY; read line; echo gone >&2; exit 1"],
+        "readyWhen": {"stdoutLine": "READY"}, "timeoutSeconds": 10});
+    set_hooks(json!([dying, post])).await;
+    snapshots
+        .create(&PostParams::default(), &snap("dies-after-release"))
+        .await
+        .expect("create");
+    let status = finished(&snapshots, "dies-after-release").await;
+    assert_eq!(status.phase, GroupSnapshotPhase::Ready, "{status:?}");
+    assert_eq!(
+        status.consistency,
+        Some(Consistency::ApplicationQuiesced),
+        "{status:?}"
+    );
+    let lock = status.hooks.iter().find(|r| r.name == "lock").expect("run");
+    assert_eq!(
+        (lock.state, lock.exit_code),
+        (HookRunState::Succeeded, Some(1)),
+        "{lock:?}"
+    );
+    assert!(
+        lock.message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("released; then exited 1")),
+        "{lock:?}"
     );
 
     // Nothing frozen: the app's volume takes writes, and every NodeSnapshot was released or,
