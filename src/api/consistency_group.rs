@@ -3,7 +3,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::FreezePolicy;
+use super::{FreezePolicy, QuiesceSpec};
 
 /// A named set of volumes that is snapshotted at one point in time.
 ///
@@ -63,6 +63,13 @@ pub struct ConsistencyGroupSpec {
     #[serde(default = "default_freeze_timeout_seconds")]
     #[schemars(range(min = 1, max = 300))]
     pub freeze_timeout_seconds: i32,
+
+    /// Commands run in the pods that use the members, ordered around the cut: every Pre hook,
+    /// every Hold ready, the cut on every node, every hold released with the thaw, every Post
+    /// hook. Needs exec rights: bind the ClusterRole `tandem-hook-runner` to the controller in
+    /// this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce: Option<QuiesceSpec>,
 }
 
 /// A selector with no requirement matches everything.

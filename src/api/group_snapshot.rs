@@ -3,7 +3,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::Consistency;
+use super::{Consistency, HookRun, HooksPolicy};
 
 /// A point-in-time snapshot of every member of a ConsistencyGroup.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -22,6 +22,7 @@ use super::Consistency;
     printcolumn(name = "Consistency", type_ = "string", json_path = ".status.consistency"),
     printcolumn(name = "Members", type_ = "integer", json_path = ".status.memberCount"),
     printcolumn(name = "Freeze-ms", type_ = "integer", description = "Overall freeze window: first freeze to last thaw", json_path = ".status.freezeWindowMillis"),
+    printcolumn(name = "Quiesce-ms", type_ = "integer", priority = 1, description = "Quiesce window: first hold ready to last hold released", json_path = ".status.quiesceWindowMillis"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -41,6 +42,12 @@ pub struct GroupSnapshotSpec {
     #[serde(default)]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.deletionPolicy is immutable: it was copied to the member snapshots when they were made"))]
     pub deletion_policy: DeletionPolicy,
+
+    /// `Run` (default): run the group's quiesce hooks around the cut. `Skip`: do not (the
+    /// snapshot is at most FilesystemFrozen). Cannot be changed.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.hooks is immutable"))]
+    pub hooks: HooksPolicy,
 }
 
 /// What happens to member snapshots when their GroupSnapshot is deleted.
@@ -63,6 +70,8 @@ pub enum GroupSnapshotPhase {
     /// Waiting to start (for example behind another snapshot of the same volumes).
     #[default]
     Pending,
+    /// Quiesce hooks are running: Pre hooks, then the holds becoming ready.
+    Quiescing,
     /// Nodes are freezing and cutting their members.
     Cutting,
     /// Every node has cut; nodes are thawing.
@@ -87,7 +96,8 @@ pub struct GroupSnapshotStatus {
     #[serde(default)]
     pub phase: GroupSnapshotPhase,
 
-    /// The guarantee reached: `FilesystemFrozen` or `Independent`. Unset until Ready.
+    /// The guarantee reached: `ApplicationQuiesced`, `FilesystemFrozen` or `Independent`. Unset
+    /// until Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<Consistency>,
 
@@ -106,6 +116,22 @@ pub struct GroupSnapshotStatus {
     /// Overall freeze window in milliseconds: from the first freeze on any node to the last thaw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze_window_millis: Option<i64>,
+
+    /// Every quiesce hook in every pod it ran in, with timings and exit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub hooks: Vec<HookRun>,
+
+    /// The hooks that failed (`name` or `name/pod`): under `onError: Continue` the snapshot is cut
+    /// anyway and these say why it is not ApplicationQuiesced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub failed_hooks: Vec<String>,
+
+    /// The quiesce window in milliseconds: from the first hold ready to the last hold released
+    /// (the application's pause; the freeze window is inside it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce_window_millis: Option<i64>,
 
     /// When the snapshot started.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -13,12 +13,14 @@ mod group_snapshot;
 mod node_restore;
 #[allow(clippy::duplicated_attributes)]
 mod node_snapshot;
+mod quiesce;
 
 pub use consistency_group::*;
 pub use group_restore::*;
 pub use group_snapshot::*;
 pub use node_restore::*;
 pub use node_snapshot::*;
+pub use quiesce::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -53,6 +55,9 @@ pub enum FreezePolicy {
 /// What point-in-time guarantee a group snapshot reached.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Consistency {
+    /// Every quiesce hook succeeded (every hold was held across the cut) and every member was
+    /// frozen: the application itself was quiesced.
+    ApplicationQuiesced,
     /// Every member was frozen before any member was thawed: the set is crash-consistent.
     FilesystemFrozen,
     /// At least one member was not frozen: each snapshot is consistent on its own only.

@@ -810,6 +810,7 @@ async fn drive(
                 ctx.metrics.freeze_window(window as f64 / 1000.0);
             }
             ctx.metrics.snapshot_finished(match consistency {
+                Consistency::ApplicationQuiesced => "ready_quiesced",
                 Consistency::FilesystemFrozen => "ready_frozen",
                 Consistency::Independent => "ready_independent",
             });
