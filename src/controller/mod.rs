@@ -5,6 +5,7 @@
 
 pub mod barrier;
 mod group;
+pub mod hooks;
 mod http;
 pub mod membership;
 mod metrics;
@@ -108,6 +109,8 @@ pub struct Context {
     pub ready: Arc<AtomicBool>,
     /// When this process started reconciling.
     pub started: std::time::Instant,
+    /// The quiesce hooks' open holds, by GroupSnapshot uid.
+    pub hooks: hooks::Sessions,
 }
 
 impl Context {
@@ -288,6 +291,7 @@ async fn run_controllers(
         node_snapshots_changed,
         ready,
         started: std::time::Instant::now(),
+        hooks: Default::default(),
     });
     let readiness = async {
         // However long the first lists take: each attempt waits a bounded time.

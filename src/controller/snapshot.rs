@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -20,11 +20,13 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::barrier::{NodeView, Step, next_step};
+use super::hooks::{self, plan as hook_plan};
 use super::{CONTROLLER_NAME, Context, Error, cache_ready, publish_event};
 use crate::api::{
     CONDITION_READY, Consistency, ConsistencyGroup, DeletionPolicy, FreezePolicy, GroupRestore,
-    GroupSnapshot, GroupSnapshotPhase, GroupSnapshotStatus, MemberSnapshot, NodeAction,
-    NodeFreezeWindow, NodePhase, NodeSnapshot, NodeSnapshotSpec, NodeVolume, RestorePhase,
+    GroupSnapshot, GroupSnapshotPhase, GroupSnapshotStatus, HookMode, HooksPolicy, MemberSnapshot,
+    NodeAction, NodeFreezeWindow, NodePhase, NodeSnapshot, NodeSnapshotSpec, NodeVolume,
+    QuiesceSpec, RestorePhase,
 };
 use crate::conditions::condition;
 use crate::finalizer;
@@ -112,13 +114,20 @@ async fn reconcile(snapshot: Arc<GroupSnapshot>, ctx: Arc<Context>) -> Result<Ac
 
     let active = matches!(
         snapshot.status.as_ref().map(|s| s.phase),
-        Some(GroupSnapshotPhase::Cutting | GroupSnapshotPhase::Releasing)
+        Some(
+            GroupSnapshotPhase::Quiescing
+                | GroupSnapshotPhase::Cutting
+                | GroupSnapshotPhase::Releasing
+        )
     );
     if !active || snapshot.metadata.deletion_timestamp.is_some() {
         // Whoever waited for this snapshot to finish with its volumes may start now.
         ctx.wake_waiters(&namespace, &name);
     }
     if snapshot.metadata.deletion_timestamp.is_some() {
+        if let Some(uid) = snapshot.uid() {
+            ctx.hooks.abandon(&uid);
+        }
         return cleanup(&snapshot, &api, &nodes_api, &ctx).await;
     }
     if let Some(patch) = finalizer::adding(snapshot.as_ref(), FINALIZER) {
@@ -133,6 +142,7 @@ async fn reconcile(snapshot: Arc<GroupSnapshot>, ctx: Arc<Context>) -> Result<Ac
         GroupSnapshotPhase::Pending if status.members.is_empty() => {
             start(&snapshot, status, &api, &ctx).await
         }
+        GroupSnapshotPhase::Quiescing => quiesce(&snapshot, status, &api, &ctx).await,
         _ => drive(&snapshot, status, &api, &nodes_api, &ctx).await,
     }
 }
@@ -332,6 +342,22 @@ async fn start(
         return fail(snapshot, status, api, ctx, "UnsupportedMembers", message).await;
     }
 
+    // Hooks need exec rights in this namespace: checked before anything is quiesced or cut.
+    let quiesce_spec = hooks_of(snapshot, &group);
+    if quiesce_spec.is_some()
+        && let Some(message) = hooks::exec_denied(&ctx.client, &namespace).await?
+    {
+        return fail(
+            snapshot,
+            status,
+            api,
+            ctx,
+            hooks::REASON_NOT_PERMITTED,
+            message,
+        )
+        .await;
+    }
+
     let members: Vec<MemberSnapshot> = group_status
         .members
         .iter()
@@ -377,6 +403,12 @@ async fn start(
 
     let nodes: BTreeSet<String> = members.iter().map(|m| m.node.clone()).collect();
     status.phase = GroupSnapshotPhase::Cutting;
+    if let Some(spec) = &quiesce_spec {
+        let pods = hooks::list_pods(&ctx.client, &namespace).await?;
+        let claims: BTreeSet<&str> = members.iter().map(|m| m.claim.as_str()).collect();
+        status.hooks = hooks::plan_runs(spec, &pods, &claims);
+        status.phase = GroupSnapshotPhase::Quiescing;
+    }
     status.member_count = i32::try_from(members.len()).unwrap_or(i32::MAX);
     status.members = members;
     status.nodes = nodes
@@ -393,7 +425,11 @@ async fn start(
         &status.conditions,
         CONDITION_READY,
         false,
-        "Cutting",
+        if status.phase == GroupSnapshotPhase::Quiescing {
+            "Quiescing"
+        } else {
+            "Cutting"
+        },
         format!(
             "cutting {} volumes on {} nodes",
             status.member_count,
@@ -443,6 +479,115 @@ fn record_shape(
         .or_else(|| volume_spec.and_then(|s| s.storage_class_name.clone()));
 }
 
+/// The group's quiesce hooks, when this snapshot runs them (`spec.hooks: Run` and at least one).
+fn hooks_of(snapshot: &GroupSnapshot, group: &ConsistencyGroup) -> Option<QuiesceSpec> {
+    if snapshot.spec.hooks == HooksPolicy::Skip {
+        return None;
+    }
+    group.spec.quiesce.clone().filter(|q| !q.hooks.is_empty())
+}
+
+/// The quiesce spec a running snapshot's hooks follow (the group's, as of now).
+async fn running_hooks(snapshot: &GroupSnapshot, ctx: &Context) -> Result<QuiesceSpec, Error> {
+    let namespace = snapshot.namespace().ok_or(Error::MissingNamespace)?;
+    let groups: Api<ConsistencyGroup> = Api::namespaced(ctx.client.clone(), &namespace);
+    Ok(groups
+        .get_opt(&snapshot.spec.group_name)
+        .await?
+        .and_then(|g| g.spec.quiesce)
+        .unwrap_or_default())
+}
+
+/// Runs every Pre hook and opens every hold, then lets the barrier start; or, when a `Fail` hook
+/// failed, releases what was opened, runs the Post hooks and fails with nothing cut.
+async fn quiesce(
+    snapshot: &GroupSnapshot,
+    mut status: GroupSnapshotStatus,
+    api: &Api<GroupSnapshot>,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let name = snapshot.name_any();
+    let namespace = snapshot.namespace().ok_or(Error::MissingNamespace)?;
+    let uid = snapshot.uid().ok_or(Error::MissingUid)?;
+    let spec = running_hooks(snapshot, ctx).await?;
+    let started = status.hooks.iter().any(|r| r.started_at.is_some());
+    if started && !ctx.hooks.active(&uid) {
+        // This process restarted mid-quiesce: what ran is unknown, and no hold holds any more.
+        hook_plan::mark_lost(&mut status.hooks, |_| false, MicroTime(Timestamp::now()));
+    } else if !started {
+        // Recorded before any exec, so a restart from here on knows hooks may have run.
+        let now = MicroTime(Timestamp::now());
+        for run in status.hooks.iter_mut().filter(|r| hooks::is_quiesce(r)) {
+            run.started_at.get_or_insert(now.clone());
+        }
+        write_status(api, &name, &status).await?;
+        let freeze_timeout = {
+            let groups: Api<ConsistencyGroup> = Api::namespaced(ctx.client.clone(), &namespace);
+            groups
+                .get_opt(&snapshot.spec.group_name)
+                .await?
+                .map_or(10, |g| g.spec.freeze_timeout_seconds)
+        };
+        hooks::quiesce(
+            &ctx.client,
+            &namespace,
+            &uid,
+            &ctx.hooks,
+            &spec,
+            freeze_timeout,
+            &mut status.hooks,
+        )
+        .await;
+    } else {
+        // Running in this process right now (a reconcile raced the one that runs it).
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    match hook_plan::may_cut(&spec, &status.hooks) {
+        Ok(()) => {
+            status.phase = GroupSnapshotPhase::Cutting;
+            status.failed_hooks = hook_plan::failed(&status.hooks);
+            write_status(api, &name, &status).await?;
+            Ok(Action::requeue(Duration::from_millis(10)))
+        }
+        Err(failed) => {
+            hooks::release(&uid, &ctx.hooks, &spec, &mut status.hooks).await;
+            hooks::post(&ctx.client, &namespace, &spec, &mut status.hooks).await;
+            let message = hook_failure_message(&status, &failed, "nothing was cut");
+            finish_hook_fields(&mut status);
+            fail(
+                snapshot,
+                status,
+                api,
+                ctx,
+                hooks::REASON_HOOK_FAILED,
+                message,
+            )
+            .await
+        }
+    }
+}
+
+fn hook_failure_message(status: &GroupSnapshotStatus, failed: &[String], outcome: &str) -> String {
+    let details: Vec<String> = status
+        .hooks
+        .iter()
+        .filter(|r| failed.contains(&hook_plan::label(r)))
+        .map(|r| {
+            format!(
+                "{}: {}",
+                hook_plan::label(r),
+                r.message.as_deref().unwrap_or("failed")
+            )
+        })
+        .collect();
+    format!("hook(s) failed ({}); {outcome}", details.join("; "))
+}
+
+fn finish_hook_fields(status: &mut GroupSnapshotStatus) {
+    status.failed_hooks = hook_plan::failed(&status.hooks);
+    status.quiesce_window_millis = hook_plan::quiesce_window_millis(&status.hooks);
+}
+
 /// Group conditions that mean its members cannot be resolved at all (no point in waiting).
 const UNRESOLVABLE_GROUP: [&str; 2] = ["TooManyMembers", "InvalidSelector"];
 
@@ -465,7 +610,9 @@ async fn first_overlap(
             };
             if !matches!(
                 other_status.phase,
-                GroupSnapshotPhase::Cutting | GroupSnapshotPhase::Releasing
+                GroupSnapshotPhase::Quiescing
+                    | GroupSnapshotPhase::Cutting
+                    | GroupSnapshotPhase::Releasing
             ) {
                 continue;
             }
@@ -616,11 +763,64 @@ async fn drive(
         .copied()
         .filter(|n| !existing.contains_key(*n))
         .collect();
-    let started = status
-        .start_time
+    let barrier_start = hook_plan::barrier_start(&status.hooks)
+        .map(|t| Time(t.0))
+        .or_else(|| status.start_time.clone());
+    let started = barrier_start
         .as_ref()
         .map(elapsed_since)
         .unwrap_or_default();
+    let has_hooks = !status.hooks.is_empty();
+    let holds = status.hooks.iter().any(|r| r.mode == HookMode::Hold);
+    let hook_spec = if has_hooks {
+        running_hooks(snapshot, ctx).await?
+    } else {
+        QuiesceSpec::default()
+    };
+    if has_hooks && status.phase == GroupSnapshotPhase::Cutting {
+        // A hold lost to a restart, or one that ended on its own, no longer holds: under Fail
+        // nothing may be cut, so every node aborts.
+        let live = |r: &crate::api::HookRun| ctx.hooks.live(&uid, r);
+        let lost = hook_plan::mark_lost(&mut status.hooks, live, MicroTime(Timestamp::now()));
+        hooks::check_holds(&uid, &ctx.hooks, &mut status.hooks);
+        if hook_plan::may_cut(&hook_spec, &status.hooks).is_err() {
+            let to_abort: Vec<String> = existing
+                .values()
+                .filter(|n| n.spec.action == NodeAction::Cut)
+                .map(|n| n.name_any())
+                .collect();
+            if !to_abort.is_empty() || lost > 0 {
+                info!(snapshot = %name, "a hook failed before the release: aborting every node");
+                hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks).await;
+                set_action(nodes_api, &to_abort, NodeAction::Abort).await?;
+                write_status(api, &name, &status).await?;
+            }
+        }
+    }
+    if !missing.is_empty() && hook_plan::may_cut(&hook_spec, &status.hooks).is_err() {
+        // Nothing was created yet (or only some): nothing more is.
+        let message = hook_failure_message(
+            &status,
+            &hook_plan::may_cut(&hook_spec, &status.hooks)
+                .err()
+                .unwrap_or_default(),
+            "nothing was cut",
+        );
+        let others: Vec<String> = existing.values().map(|n| n.name_any()).collect();
+        set_action(nodes_api, &others, NodeAction::Abort).await?;
+        hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks).await;
+        hooks::post(&ctx.client, &namespace, &hook_spec, &mut status.hooks).await;
+        finish_hook_fields(&mut status);
+        return fail(
+            snapshot,
+            status,
+            api,
+            ctx,
+            hooks::REASON_HOOK_FAILED,
+            message,
+        )
+        .await;
+    }
     if !missing.is_empty() {
         if status.phase != GroupSnapshotPhase::Cutting {
             // NodeSnapshots vanished after the cut started (deleted by hand): that is a failure.
@@ -636,7 +836,8 @@ async fn drive(
             .map(|g| (g.spec.freeze, g.spec.freeze_timeout_seconds))
             .unwrap_or((FreezePolicy::Required, 10));
         let deadline = Duration::from_secs(u64::try_from(freeze.1).unwrap_or(10)) + AGENT_GRACE;
-        let single_node = by_node.len() == 1;
+        // With holds, the controller checks them before any node thaws: no early release.
+        let single_node = by_node.len() == 1 && !holds;
         let objects = missing
             .iter()
             .map(|node| node_snapshot_for(snapshot, freeze, node, &by_node[node], single_node))
@@ -766,7 +967,13 @@ async fn drive(
         Step::Release(nodes) => {
             let cut_duration = started.as_secs_f64();
             ctx.metrics.cut_duration(cut_duration);
-            set_action(nodes_api, &names_of(&existing, &nodes), NodeAction::Release).await?;
+            // Every hold is released at once, together with the thaw.
+            let names = names_of(&existing, &nodes);
+            let (released, ()) = futures::join!(
+                set_action(nodes_api, &names, NodeAction::Release),
+                hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks),
+            );
+            released?;
             status.phase = GroupSnapshotPhase::Releasing;
             fill_members(&mut status, &existing);
             write_status(api, &name, &status).await?;
@@ -775,28 +982,56 @@ async fn drive(
             Ok(wake(deadline * 2 + AGENT_GRACE))
         }
         Step::Abort(nodes) => {
-            set_action(nodes_api, &names_of(&existing, &nodes), NodeAction::Abort).await?;
+            let names = names_of(&existing, &nodes);
+            let (aborted, ()) = futures::join!(
+                set_action(nodes_api, &names, NodeAction::Abort),
+                hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks),
+            );
+            aborted?;
+            if has_hooks {
+                write_status(api, &name, &status).await?;
+            }
             Ok(wake(deadline * 2 + AGENT_GRACE))
         }
         Step::Ready => {
             fill_members(&mut status, &existing);
+            if has_hooks {
+                hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks).await;
+                hooks::post(&ctx.client, &namespace, &hook_spec, &mut status.hooks).await;
+                finish_hook_fields(&mut status);
+            }
             let all_frozen = status.members.iter().all(|m| m.frozen);
-            let consistency = if all_frozen {
-                Consistency::FilesystemFrozen
+            let consistency = hook_plan::consistency(all_frozen, has_hooks, &status.hooks);
+            let consistency = if has_hooks || consistency == Consistency::Independent {
+                consistency
             } else {
-                Consistency::Independent
+                Consistency::FilesystemFrozen
             };
             status.phase = GroupSnapshotPhase::Ready;
             status.consistency = Some(consistency);
             status.completion_time = Some(now());
             status.message = None;
             let window = status.freeze_window_millis;
-            let message = format!(
+            let mut message = format!(
                 "{} volumes on {} nodes, {consistency:?}, freeze window {} ms",
                 status.member_count,
                 existing.len(),
                 window.map_or("-".into(), |w| w.to_string())
             );
+            if let Some(quiesce) = status.quiesce_window_millis {
+                message.push_str(&format!(", quiesce window {quiesce} ms"));
+            }
+            if !status.failed_hooks.is_empty() {
+                message.push_str(&format!(
+                    "; hook(s) failed: {}",
+                    status.failed_hooks.join(", ")
+                ));
+                status.message = Some(hook_failure_message(
+                    &status,
+                    &status.failed_hooks.clone(),
+                    "cut anyway (onError: Continue)",
+                ));
+            }
             status.conditions = vec![condition(
                 &status.conditions,
                 CONDITION_READY,
@@ -820,8 +1055,18 @@ async fn drive(
         }
         Step::Failed(message) => {
             fill_members(&mut status, &existing);
-            let message = format!("{message}; every partial snapshot was removed");
-            fail(snapshot, status, api, ctx, "SnapshotFailed", message).await
+            let mut message = format!("{message}; every partial snapshot was removed");
+            let mut reason = "SnapshotFailed";
+            if has_hooks {
+                hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks).await;
+                hooks::post(&ctx.client, &namespace, &hook_spec, &mut status.hooks).await;
+                if let Err(failed) = hook_plan::may_cut(&hook_spec, &status.hooks) {
+                    reason = hooks::REASON_HOOK_FAILED;
+                    message = hook_failure_message(&status, &failed, "nothing was kept");
+                }
+                finish_hook_fields(&mut status);
+            }
+            fail(snapshot, status, api, ctx, reason, message).await
         }
     }
 }
