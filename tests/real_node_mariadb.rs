@@ -12,6 +12,10 @@
 //! MariaDB's binlog scan ("Recovering after a crash using ...") runs in both cases and finds no
 //! prepared transaction to resolve.
 //!
+//! Each restore also runs the group's post-restore hook (a row written by `mariadb` in the server
+//! started on the restored claims, once it is Ready): exactly once, recorded in the GroupRestore's
+//! status.
+//!
 //! The harness runs both nodes' kubelets on one host, so (as in tests/real_node.rs) MariaDB runs
 //! on node 0 with the datadir claim mounted by that node's kubelet and the binlog volume of node
 //! 1 reached through a host folder. Needs root; skips with a message otherwise.
@@ -31,8 +35,10 @@ use support::node::{self, mariadb_images};
 use support::objects::{claim, local_volume};
 use support::{client_for, eventually, repo_root};
 use tandem::api::{
-    Consistency, GroupRestore, GroupSnapshot, GroupSnapshotPhase, GroupSnapshotStatus, RestorePhase,
+    Consistency, GroupRestore, GroupSnapshot, GroupSnapshotPhase, GroupSnapshotStatus,
+    HookRunState, RestorePhase,
 };
+use tandem::controller::restore::post_hooks::CONDITION_POST_RESTORE_HOOKS;
 
 const WAIT: Duration = Duration::from_secs(120);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(20);
@@ -144,9 +150,7 @@ fn install_chart_per_node(c: &node::Cluster) {
             "--wait".into(),
             "--timeout=180s".into(),
         ];
-        if i == 0 {
-            args.extend(["--set".into(), "hooks.clusterWide=true".into()]);
-        } else {
+        if i > 0 {
             args.extend([
                 "--set".into(),
                 "controller.replicas=0,crds.install=false,restore.storageClass.create=false,controller.finalizerGuard.enabled=false,rbac.aggregateToDefaultRoles=false,metrics.service.enabled=false".into(),
@@ -386,6 +390,26 @@ async fn restore_and_start(
     assert_eq!(balanced, "1", "the load's invariant in the restored data");
     let orders = sql(c, ns, &server, "SELECT COUNT(*) FROM shop.orders").expect("orders");
     eprintln!("[mariadb] {restore}: {orders} orders in the restored data, balanced");
+    // The group's post-restore hook ran once, in the server (the holder has no container
+    // mariadb), once it was Ready.
+    let status = eventually(WAIT, "the post-restore hooks done", || {
+        let restores = restores.clone();
+        async move {
+            let status = restores.get(restore).await.ok()?.status?;
+            let done = status.conditions.iter().find(|c| {
+                c.type_ == CONDITION_POST_RESTORE_HOOKS && c.reason != "WaitingForPods"
+            })?;
+            assert_eq!(done.status, "True", "{status:?}");
+            Some(status)
+        }
+    })
+    .await;
+    assert_eq!(status.post_restore_hooks.len(), 1, "{status:?}");
+    let run = &status.post_restore_hooks[0];
+    assert_eq!(run.pod.as_deref(), Some(server.as_str()), "{run:?}");
+    assert_eq!(run.state, HookRunState::Succeeded, "{run:?}");
+    let marks = sql(c, ns, &server, "SELECT COUNT(*) FROM shop.restored").expect("marks");
+    assert_eq!(marks, "1", "the post-restore hook ran exactly once");
     c.kubectl(&["-n", ns, "logs", &server, "-c", "mariadb"])
         .expect("server log")
 }
@@ -415,7 +439,7 @@ fn hold_hook() -> serde_json::Value {
         "command": ["mariadb", "--unbuffered", "-N"],
         "stdin": ready,
         "readyWhen": {"stdoutLine": "TANDEM_READY"},
-        "release": {"stdin": "SET GLOBAL innodb_max_dirty_pages_pct = 90, GLOBAL innodb_max_dirty_pages_pct_lwm = 0; UNLOCK TABLES;\n", "closeStdin": true},
+        "release": {"stdin": "SET GLOBAL innodb_max_dirty_pages_pct = 90; UNLOCK TABLES;\n", "closeStdin": true},
         "timeoutSeconds": 60
     })
 }
@@ -483,6 +507,23 @@ async fn mariadb_two_nodes(c: &node::Cluster) {
     })
     .await;
 
+    // Exec rights for the controller in this namespace (what binding tandem-hook-runner grants).
+    apply(
+        c,
+        &ns,
+        &json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "hook-runner"},
+            "rules": [{"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["get", "create"]}]}),
+    );
+    apply(
+        c,
+        &ns,
+        &json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "hook-runner"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "hook-runner"},
+            "subjects": [{"kind": "ServiceAccount", "name": "tandem-controller", "namespace": RELEASE_NAMESPACE}]}),
+    );
+
     // The group, with the hold hook (a snapshot with hooks Skip does not run it).
     let groups: Api<tandem::api::ConsistencyGroup> = Api::namespaced(client.clone(), &ns);
     groups
@@ -490,7 +531,9 @@ async fn mariadb_two_nodes(c: &node::Cluster) {
             &PostParams::default(),
             &serde_json::from_value(json!({"metadata": {"name": "db"},
                 "spec": {"selector": {"matchLabels": {"app": "db"}}, "freezeTimeoutSeconds": 30,
-                         "quiesce": {"onHookError": "Fail", "hooks": [hold_hook()]}}}))
+                         "quiesce": {"onHookError": "Fail", "hooks": [hold_hook()],
+                                     "postRestore": [{"name": "mark-restored", "container": "mariadb",
+                                         "command": ["mariadb", "-e", "CREATE TABLE shop.restored (at TIMESTAMP) ENGINE=InnoDB; INSERT INTO shop.restored VALUES (NOW())"]}]}}}))
             .expect("group"),
         )
         .await
@@ -533,6 +576,41 @@ async fn mariadb_two_nodes(c: &node::Cluster) {
         log.contains(CRASH_RECOVERY),
         "the crash-consistent copy needs InnoDB crash recovery:\n{log}"
     );
+
+    // With the hook: the read lock held across the cut, and no InnoDB crash recovery.
+    let held = cut(&client, &ns, "db-held", "Run").await;
+    assert_eq!(
+        held.consistency,
+        Some(Consistency::ApplicationQuiesced),
+        "{held:?}"
+    );
+    let hold = held
+        .hooks
+        .iter()
+        .find(|h| h.name == "read-lock")
+        .unwrap_or_else(|| panic!("no run of the hold: {held:?}"));
+    assert_eq!(hold.pod.as_deref(), Some("db"), "{hold:?}");
+    assert_eq!(hold.state, HookRunState::Succeeded, "{hold:?}");
+    eprintln!(
+        "[mariadb] held cut: quiesce window {:?} ms, freeze window {:?} ms",
+        held.quiesce_window_millis, held.freeze_window_millis
+    );
+    let at_held = orders().expect("orders");
+    eventually(WAIT, "the load goes on after the release", || {
+        let n = orders();
+        async move { n.filter(|n| *n > at_held + 100) }
+    })
+    .await;
+    let log = restore_and_start(c, &client, &ns, "db-held", "held").await;
+    eprintln!(
+        "[mariadb] restored from the held cut:\n{}",
+        recovery_lines(&log)
+    );
+    assert!(
+        !log.contains(CRASH_RECOVERY),
+        "the copy cut under the hold needs no InnoDB crash recovery:\n{log}"
+    );
+    assert!(log.contains("InnoDB: End of log at LSN="), "{log}");
 
     cleanup(c, &client, &ns, &namespaces).await;
 }
