@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::control_plane::tools_bin;
 use support::node::{self, mariadb_images, shared_cluster, with_cluster};
+use tandem::controller::hooks::exec::Hold as TandemHold;
 
 const NS: &str = "exec-hold";
 const POD: &str = "db";
@@ -314,5 +315,52 @@ fn a_command_that_ignores_stdin_outlives_its_exec_unless_wrapped_in_timeout() {
     hold.kill();
     poll("timeout -s KILL to end the wrapped hold", || {
         !alive("/tmp/wrapped.pid")
+    });
+}
+
+/// Items 1.2 and 1.3 through tandem's own exec (kube's WebSocket client, the hooks' `Hold`): a
+/// release closes stdin with a v5 close and the `mariadb` hold exits 0; a session dropped without
+/// a release (what a dying controller leaves) also ends the command, and the lock goes with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn tandems_exec_releases_a_hold_by_closing_stdin_and_a_dropped_session_ends_it() {
+    if !require_root() {
+        return;
+    }
+    pod();
+    let kubeconfig = with_cluster(|c| c.plane.kubeconfig.clone());
+    let client = support::client_for(&kubeconfig).await;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, NS);
+    let command: Vec<String> = ["mariadb", "--unbuffered", "-N"].map(String::from).to_vec();
+    let ready = "FLUSH TABLES WITH READ LOCK; SELECT 'TANDEM_READY';\n";
+    let write =
+        || sh("mariadb -e 'SET SESSION lock_wait_timeout=1; INSERT INTO hold.t VALUES (2)'");
+    let open = || {
+        TandemHold::open(
+            &pods,
+            POD,
+            "mariadb",
+            &command,
+            Some(ready),
+            "TANDEM_READY",
+            Duration::from_secs(30),
+        )
+    };
+
+    let hold = open().await.expect("the hold is ready");
+    let blocked = tokio::task::block_in_place(write).expect_err("a write under the lock");
+    assert!(blocked.contains("Lock wait timeout"), "{blocked}");
+    let outcome = hold
+        .release(Some("UNLOCK TABLES;\n"), true, Duration::from_secs(10))
+        .await;
+    assert!(outcome.success, "released cleanly: {outcome:?}");
+    tokio::task::block_in_place(write).expect("a write after the release");
+
+    let hold = open().await.expect("the hold is ready again");
+    tokio::task::block_in_place(write).expect_err("a write under the lock");
+    drop(hold);
+    tokio::task::block_in_place(|| {
+        poll("the lock to go with the dropped session", || {
+            write().is_ok()
+        })
     });
 }
