@@ -179,6 +179,7 @@ fn template_with_default_values_renders_every_part_wired_to_the_binary() {
         "ClusterRoleBinding/tandem-agent",
         "ClusterRole/tandem-edit",
         "ClusterRole/tandem-view",
+        "ClusterRole/tandem-hook-runner",
         "ValidatingAdmissionPolicy/tandem-agent-node-restriction",
         "ValidatingAdmissionPolicyBinding/tandem-agent-node-restriction",
         "ValidatingAdmissionPolicy/tandem-group-snapshot-finalizer",
@@ -907,7 +908,7 @@ async fn kubectl_apply_of_deploy_twice_changes_nothing() {
     let first = kubectl_admin(&["apply", "-f", &deploy]);
     assert!(first.contains("daemonset.apps/tandem-agent"), "{first}");
     let before = live_objects(&[&deploy]);
-    assert_eq!(before.len(), 26, "every object of deploy/ exists");
+    assert_eq!(before.len(), 27, "every object of deploy/ exists");
     // The API server accepted them as they are: the pod template really reaches a Pod.
     let deploy_ok = kubectl_admin(&[
         "-n",
@@ -964,7 +965,7 @@ async fn kubectl_apply_of_deploy_twice_changes_nothing() {
     let before = live_objects(&[&file]);
     kubectl_admin(&ssa);
     let after = live_objects(&[&file]);
-    assert_eq!(before.len(), 20);
+    assert_eq!(before.len(), 21);
     assert_eq!(before, after, "a second server-side apply changed objects");
 
     // Leave the cluster-wide objects of deploy/ behind for no one (CRDs stay: other tests use them).
@@ -1000,10 +1001,10 @@ async fn helm_install_upgrade_and_uninstall_in_the_control_plane() {
     assert!(out.contains("crds.install is false"), "NOTES: {out}");
     let manifest = helm_ok(&["get", "manifest", "tandem-it", "-n", ns]);
     let objects = parse_objects(&manifest);
-    assert_eq!(objects.len(), 20, "{:?}", kinds_and_names(&objects));
+    assert_eq!(objects.len(), 21, "{:?}", kinds_and_names(&objects));
     let (_dir, file) = temp_file("manifest.yaml", &manifest);
     let live = live_objects(&[file.to_str().unwrap()]);
-    assert_eq!(live.len(), 20, "every object is in the API server");
+    assert_eq!(live.len(), 21, "every object is in the API server");
     // The API server took the restore StorageClass as rendered.
     let sc: Value = serde_json::from_str(&kubectl_admin(&[
         "get",
