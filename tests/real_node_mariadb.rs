@@ -507,20 +507,13 @@ async fn mariadb_two_nodes(c: &node::Cluster) {
     })
     .await;
 
-    // Exec rights for the controller in this namespace (what binding tandem-hook-runner grants).
-    apply(
-        c,
-        &ns,
-        &json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": {"name": "hook-runner"},
-            "rules": [{"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["get", "create"]}]}),
-    );
+    // Exec rights for the controller in this namespace: the admin binds the chart's ClusterRole.
     apply(
         c,
         &ns,
         &json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
             "metadata": {"name": "hook-runner"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "hook-runner"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "tandem-hook-runner"},
             "subjects": [{"kind": "ServiceAccount", "name": "tandem-controller", "namespace": RELEASE_NAMESPACE}]}),
     );
 
