@@ -12,9 +12,9 @@
 //! MariaDB's binlog scan ("Recovering after a crash using ...") runs in both cases and finds no
 //! prepared transaction to resolve.
 //!
-//! Each restore also runs the group's post-restore hook (a row written by `mariadb` in the server
-//! started on the restored claims, once it is Ready): exactly once, recorded in the GroupRestore's
-//! status.
+//! Each restore also runs the group's post-restore hooks in the server started on the restored
+//! claims, once it is Ready: one writes a row (exactly once), the next fails under `onError:
+//! Continue`, and the GroupRestore's status records both (condition PostRestoreHooks HookFailed).
 //!
 //! The harness runs both nodes' kubelets on one host, so (as in tests/real_node.rs) MariaDB runs
 //! on node 0 with the datadir claim mounted by that node's kubelet and the binlog volume of node
@@ -390,8 +390,8 @@ async fn restore_and_start(
     assert_eq!(balanced, "1", "the load's invariant in the restored data");
     let orders = sql(c, ns, &server, "SELECT COUNT(*) FROM shop.orders").expect("orders");
     eprintln!("[mariadb] {restore}: {orders} orders in the restored data, balanced");
-    // The group's post-restore hook ran once, in the server (the holder has no container
-    // mariadb), once it was Ready.
+    // The group's post-restore hooks ran once each, in the server (the holder has no container
+    // mariadb), once it was Ready: the first wrote its row, the second failed (exit 3) and says so.
     let status = eventually(WAIT, "the post-restore hooks done", || {
         let restores = restores.clone();
         async move {
@@ -399,15 +399,51 @@ async fn restore_and_start(
             let done = status.conditions.iter().find(|c| {
                 c.type_ == CONDITION_POST_RESTORE_HOOKS && c.reason != "WaitingForPods"
             })?;
-            assert_eq!(done.status, "True", "{status:?}");
-            Some(status)
+            Some((status.clone(), done.clone()))
         }
     })
     .await;
-    assert_eq!(status.post_restore_hooks.len(), 1, "{status:?}");
-    let run = &status.post_restore_hooks[0];
-    assert_eq!(run.pod.as_deref(), Some(server.as_str()), "{run:?}");
-    assert_eq!(run.state, HookRunState::Succeeded, "{run:?}");
+    let (status, done) = status;
+    assert_eq!(
+        (done.status.as_str(), done.reason.as_str()),
+        ("False", "HookFailed"),
+        "{done:?}"
+    );
+    assert!(
+        done.message.contains(&format!("failing/{server}")),
+        "{done:?}"
+    );
+    let runs: Vec<_> = status
+        .post_restore_hooks
+        .iter()
+        .map(|r| (r.name.as_str(), r.pod.as_deref(), r.state, r.exit_code))
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            (
+                "mark-restored",
+                Some(server.as_str()),
+                HookRunState::Succeeded,
+                Some(0)
+            ),
+            (
+                "failing",
+                Some(server.as_str()),
+                HookRunState::Failed,
+                Some(3)
+            ),
+        ],
+        "{status:?}"
+    );
+    let failed = &status.post_restore_hooks[1];
+    assert!(
+        failed
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("no replica to reset")),
+        "the end of stderr: {failed:?}"
+    );
     let marks = sql(c, ns, &server, "SELECT COUNT(*) FROM shop.restored").expect("marks");
     assert_eq!(marks, "1", "the post-restore hook ran exactly once");
     c.kubectl(&["-n", ns, "logs", &server, "-c", "mariadb"])
@@ -526,7 +562,9 @@ async fn mariadb_two_nodes(c: &node::Cluster) {
                 "spec": {"selector": {"matchLabels": {"app": "db"}}, "freezeTimeoutSeconds": 30,
                          "quiesce": {"onHookError": "Fail", "hooks": [hold_hook()],
                                      "postRestore": [{"name": "mark-restored", "container": "mariadb",
-                                         "command": ["mariadb", "-e", "CREATE TABLE shop.restored (at TIMESTAMP) ENGINE=InnoDB; INSERT INTO shop.restored VALUES (NOW())"]}]}}}))
+                                         "command": ["mariadb", "-e", "CREATE TABLE shop.restored (at TIMESTAMP) ENGINE=InnoDB; INSERT INTO shop.restored VALUES (NOW())"]},
+                                         {"name": "failing", "container": "mariadb", "onError": "Continue",
+                                         "command": ["sh", "-c", "echo no replica to reset >&2; exit 3"]}]}}}))
             .expect("group"),
         )
         .await

@@ -262,18 +262,10 @@ pub async fn reconcile(
     if interrupted(&mut status.post_restore_hooks) {
         clones::write_status(&api, &name, &status).await?;
     }
-    if let Some(message) = exec_denied(&rctx.ctx.client, &namespace).await? {
-        set_condition(
-            &mut status,
-            generation,
-            (false, "HooksNotPermitted", message),
-        );
-        clones::write_status(&api, &name, &status).await?;
-        return Ok(Some(Action::await_change()));
-    }
     let claims: Vec<String> = status.members.iter().map(|m| m.claim.clone()).collect();
     let claims: BTreeSet<&str> = claims.iter().map(String::as_str).collect();
     let pods_api: Api<Pod> = Api::namespaced(rctx.ctx.client.clone(), &namespace);
+    let mut permitted = false;
     loop {
         let pods = list_pods(&rctx.ctx.client, &namespace).await?;
         let past_deadline = clones::remaining(
@@ -322,6 +314,19 @@ pub async fn reconcile(
                 return Ok(Some(Action::requeue(POLL)));
             }
             Next::Run { hook, targets } => {
+                // Exec rights, asked only when there is something to run.
+                if !permitted
+                    && let Some(message) = exec_denied(&rctx.ctx.client, &namespace).await?
+                {
+                    set_condition(
+                        &mut status,
+                        generation,
+                        (false, "HooksNotPermitted", message),
+                    );
+                    clones::write_status(&api, &name, &status).await?;
+                    return Ok(Some(Action::await_change()));
+                }
+                permitted = true;
                 let hook = &hooks[hook];
                 let first = status.post_restore_hooks.len();
                 for (pod, container) in &targets {
