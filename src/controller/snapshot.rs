@@ -510,24 +510,39 @@ async fn quiesce(
     let namespace = snapshot.namespace().ok_or(Error::MissingNamespace)?;
     let uid = snapshot.uid().ok_or(Error::MissingUid)?;
     let spec = running_hooks(snapshot, ctx).await?;
+    let freeze_timeout = {
+        let groups: Api<ConsistencyGroup> = Api::namespaced(ctx.client.clone(), &namespace);
+        groups
+            .get_opt(&snapshot.spec.group_name)
+            .await?
+            .map_or(10, |g| g.spec.freeze_timeout_seconds)
+    };
+    // Bounded: a quiesce whose status cannot be written is given up at its deadline.
+    let deadline = hook_plan::quiesce_deadline(&spec, freeze_timeout);
+    let expired = status
+        .start_time
+        .as_ref()
+        .is_some_and(|t| elapsed_since(t) > deadline);
     let started = status.hooks.iter().any(|r| r.started_at.is_some());
-    if started && !ctx.hooks.active(&uid) {
+    if let Some(runs) = ctx.hooks.unrecorded(&uid) {
+        // The quiesce ran in this process, but its status write failed: write it again.
+        status.hooks = runs;
+        if expired {
+            return give_up_quiesce(snapshot, status, api, ctx, &spec, deadline).await;
+        }
+    } else if started && !ctx.hooks.active(&uid) {
         // This process restarted mid-quiesce: what ran is unknown, and no hold holds any more.
         hook_plan::mark_lost(&mut status.hooks, |_| false, MicroTime(Timestamp::now()));
     } else if !started {
+        if expired {
+            return give_up_quiesce(snapshot, status, api, ctx, &spec, deadline).await;
+        }
         // Recorded before any exec, so a restart from here on knows hooks may have run.
         let now = MicroTime(Timestamp::now());
         for run in status.hooks.iter_mut().filter(|r| hooks::is_quiesce(r)) {
             run.started_at.get_or_insert(now.clone());
         }
         write_status(api, &name, &status).await?;
-        let freeze_timeout = {
-            let groups: Api<ConsistencyGroup> = Api::namespaced(ctx.client.clone(), &namespace);
-            groups
-                .get_opt(&snapshot.spec.group_name)
-                .await?
-                .map_or(10, |g| g.spec.freeze_timeout_seconds)
-        };
         hooks::quiesce(
             &ctx.client,
             &namespace,
@@ -538,20 +553,27 @@ async fn quiesce(
             &mut status.hooks,
         )
         .await;
+    } else if expired {
+        // Holds of this process with no result to record (cannot happen; bounded anyway).
+        hook_plan::mark_lost(&mut status.hooks, |_| false, MicroTime(Timestamp::now()));
+        return give_up_quiesce(snapshot, status, api, ctx, &spec, deadline).await;
     } else {
-        // Running in this process right now (a reconcile raced the one that runs it).
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     match hook_plan::may_cut(&spec, &status.hooks) {
         Ok(()) => {
             status.phase = GroupSnapshotPhase::Cutting;
             status.failed_hooks = hook_plan::failed(&status.hooks);
-            write_status(api, &name, &status).await?;
+            if let Err(e) = write_status(api, &name, &status).await {
+                // Kept here, so the next reconcile writes it again instead of waiting on it.
+                ctx.hooks.remember(&uid, &status.hooks);
+                return Err(e);
+            }
             Ok(Action::requeue(Duration::from_millis(10)))
         }
         Err(failed) => {
             hooks::release(&uid, &ctx.hooks, &spec, &mut status.hooks).await;
-            hooks::post(&ctx.client, &namespace, &spec, &mut status.hooks).await;
+            run_post(api, &name, &namespace, ctx, &spec, &mut status).await?;
             let message = hook_failure_message(&status, &failed, "nothing was cut");
             finish_hook_fields(&mut status);
             fail(
@@ -565,6 +587,59 @@ async fn quiesce(
             .await
         }
     }
+}
+
+/// A quiesce that could not be recorded within its deadline: every hold released, the Post hooks
+/// run, and the snapshot failed with nothing cut.
+async fn give_up_quiesce(
+    snapshot: &GroupSnapshot,
+    mut status: GroupSnapshotStatus,
+    api: &Api<GroupSnapshot>,
+    ctx: &Context,
+    spec: &QuiesceSpec,
+    deadline: Duration,
+) -> Result<Action, Error> {
+    let name = snapshot.name_any();
+    let namespace = snapshot.namespace().ok_or(Error::MissingNamespace)?;
+    let uid = snapshot.uid().ok_or(Error::MissingUid)?;
+    hooks::release(&uid, &ctx.hooks, spec, &mut status.hooks).await;
+    run_post(api, &name, &namespace, ctx, spec, &mut status).await?;
+    finish_hook_fields(&mut status);
+    let message = format!(
+        "the quiesce could not be recorded within its deadline of {} s; nothing was cut",
+        deadline.as_secs()
+    );
+    fail(
+        snapshot,
+        status,
+        api,
+        ctx,
+        hooks::REASON_HOOK_FAILED,
+        message,
+    )
+    .await
+}
+
+/// Runs the Post hooks left, each recorded as started before it runs (at most once, even across
+/// a restart of the controller).
+async fn run_post(
+    api: &Api<GroupSnapshot>,
+    name: &str,
+    namespace: &str,
+    ctx: &Context,
+    spec: &QuiesceSpec,
+    status: &mut GroupSnapshotStatus,
+) -> Result<(), Error> {
+    if !hooks::post_left(&status.hooks) {
+        return Ok(());
+    }
+    let base = status.clone();
+    hooks::post(&ctx.client, namespace, spec, &mut status.hooks, |runs| {
+        let mut recorded = base.clone();
+        recorded.hooks = runs;
+        async move { write_status(api, name, &recorded).await }
+    })
+    .await
 }
 
 fn hook_failure_message(status: &GroupSnapshotStatus, failed: &[String], outcome: &str) -> String {
@@ -809,7 +884,7 @@ async fn drive(
         let others: Vec<String> = existing.values().map(|n| n.name_any()).collect();
         set_action(nodes_api, &others, NodeAction::Abort).await?;
         hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks).await;
-        hooks::post(&ctx.client, &namespace, &hook_spec, &mut status.hooks).await;
+        run_post(api, &name, &namespace, ctx, &hook_spec, &mut status).await?;
         finish_hook_fields(&mut status);
         return fail(
             snapshot,
@@ -997,7 +1072,7 @@ async fn drive(
             fill_members(&mut status, &existing);
             if has_hooks {
                 hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks).await;
-                hooks::post(&ctx.client, &namespace, &hook_spec, &mut status.hooks).await;
+                run_post(api, &name, &namespace, ctx, &hook_spec, &mut status).await?;
                 finish_hook_fields(&mut status);
             }
             let all_frozen = status.members.iter().all(|m| m.frozen);
@@ -1059,7 +1134,7 @@ async fn drive(
             let mut reason = "SnapshotFailed";
             if has_hooks {
                 hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks).await;
-                hooks::post(&ctx.client, &namespace, &hook_spec, &mut status.hooks).await;
+                run_post(api, &name, &namespace, ctx, &hook_spec, &mut status).await?;
                 if let Err(failed) = hook_plan::may_cut(&hook_spec, &status.hooks) {
                     reason = hooks::REASON_HOOK_FAILED;
                     message = hook_failure_message(&status, &failed, "nothing was kept");

@@ -185,6 +185,48 @@ pub async fn run(
     }
 }
 
+/// The command that shows a container has `timeout` (coreutils' or busybox's).
+pub const TIMEOUT_PROBE: [&str; 5] = ["timeout", "-s", "KILL", "5", "true"];
+
+/// What a failed [`TIMEOUT_PROBE`] means, in words a person can act on.
+pub fn timeout_missing(container: &str, probe: &Outcome) -> Outcome {
+    Outcome::failed(format!(
+        "wrap: Timeout needs the `timeout` utility in container {container} and `{}` failed ({}): add coreutils or busybox to the image, or set wrap: None with a command that ends on stdin EOF",
+        TIMEOUT_PROBE.join(" "),
+        probe.message.as_deref().unwrap_or("no exit status")
+    ))
+}
+
+/// Checks that `container` can run `timeout` (before a wrapped hold, whose deadline it is).
+pub async fn probe_timeout(pods: &Api<Pod>, pod: &str, container: &str) -> Result<(), Outcome> {
+    let probe: Vec<String> = TIMEOUT_PROBE.iter().map(|s| s.to_string()).collect();
+    let outcome = run(pods, pod, container, &probe, Duration::from_secs(10)).await;
+    if outcome.success {
+        Ok(())
+    } else {
+        Err(timeout_missing(container, &outcome))
+    }
+}
+
+/// How a hold ended once its release was sent: it held through the cut, so it succeeded
+/// whatever its exit; how it ended is kept in the message.
+pub fn after_release(outcome: Outcome) -> Outcome {
+    if outcome.success {
+        return outcome;
+    }
+    Outcome {
+        success: true,
+        message: Some(format!(
+            "released; then {}",
+            outcome
+                .message
+                .as_deref()
+                .unwrap_or("ended without an exit status")
+        )),
+        ..outcome
+    }
+}
+
 /// A hold: a running command with its stdin open.
 pub struct Hold {
     stdin: Option<tokio::io::WriteHalf<tokio::io::SimplexStream>>,
@@ -284,6 +326,8 @@ impl Hold {
 
     /// Releases: writes `text`, closes stdin if asked, and waits at most `grace` for the command
     /// to end. A command that ended before its release had not held through the cut: failure.
+    /// One that ends badly (or not at all) after the release was sent held through it: success,
+    /// with how it ended in the message ([`after_release`]).
     pub async fn release(
         mut self,
         text: Option<&str>,
@@ -320,7 +364,7 @@ impl Hold {
             )),
         };
         self.abort();
-        outcome
+        after_release(outcome)
     }
 
     /// Closes the session without a release text (stdin EOF), waiting at most `grace`.
@@ -363,6 +407,42 @@ mod tests {
             ["timeout", "-s", "KILL", "1", "mysql", "-N"]
         );
         assert_eq!(wrapped(&command, HookWrap::None, Duration::ZERO), command);
+    }
+
+    #[test]
+    fn a_hold_that_dies_after_its_release_is_recorded_not_failed() {
+        let ok = Outcome {
+            exit_code: Some(0),
+            success: true,
+            message: None,
+        };
+        assert_eq!(after_release(ok.clone()), ok);
+        let died = after_release(Outcome {
+            exit_code: Some(1),
+            success: false,
+            message: Some("exited 1: lost connection".into()),
+        });
+        assert!(died.success, "{died:?}");
+        assert_eq!(died.exit_code, Some(1));
+        assert_eq!(
+            died.message.as_deref(),
+            Some("released; then exited 1: lost connection")
+        );
+        let stream = after_release(Outcome::failed(String::new()));
+        assert!(stream.success);
+    }
+
+    #[test]
+    fn a_missing_timeout_says_what_to_do() {
+        let missing = timeout_missing(
+            "db",
+            &Outcome::failed("exec: \"timeout\": executable file not found in $PATH".into()),
+        );
+        let message = missing.message.unwrap_or_default();
+        assert!(!missing.success);
+        for needle in ["container db", "executable file not found", "wrap: None"] {
+            assert!(message.contains(needle), "{needle} in {message}");
+        }
     }
 
     #[test]

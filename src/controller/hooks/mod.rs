@@ -21,7 +21,7 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use tracing::{info, warn};
 
-use crate::api::{HookMode, HookPhase, HookRun, HookRunState, QuiesceHook, QuiesceSpec};
+use crate::api::{HookMode, HookPhase, HookRun, HookRunState, HookWrap, QuiesceHook, QuiesceSpec};
 use plan::Step;
 
 /// The reason of a snapshot that ends Failed because of a hook.
@@ -35,16 +35,24 @@ fn now() -> MicroTime {
 
 type Key = (String, String);
 
+/// What this process keeps of one snapshot's quiesce: its open holds, and the runs of a quiesce
+/// that ended here but whose status write failed (written again by the next reconcile).
+#[derive(Default)]
+struct Entry {
+    holds: BTreeMap<Key, exec::Hold>,
+    unrecorded: Option<Vec<HookRun>>,
+}
+
 /// The holds this process has open, by GroupSnapshot uid. A snapshot with an entry here has its
 /// quiesce running in this process; after a restart there is none, and the runs it recorded as
 /// running are lost ([`plan::mark_lost`]).
 #[derive(Default)]
 pub struct Sessions {
-    inner: Mutex<HashMap<String, BTreeMap<Key, exec::Hold>>>,
+    inner: Mutex<HashMap<String, Entry>>,
 }
 
 impl Sessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeMap<Key, exec::Hold>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -57,7 +65,7 @@ impl Sessions {
     pub fn live(&self, uid: &str, run: &HookRun) -> bool {
         self.lock()
             .get(uid)
-            .is_some_and(|h| h.contains_key(&key(run)))
+            .is_some_and(|e| e.holds.contains_key(&key(run)))
     }
 
     fn begin(&self, uid: &str) {
@@ -68,11 +76,22 @@ impl Sessions {
         self.lock()
             .entry(uid.to_string())
             .or_default()
+            .holds
             .insert(key, hold);
     }
 
     fn take(&self, uid: &str) -> BTreeMap<Key, exec::Hold> {
-        self.lock().remove(uid).unwrap_or_default()
+        self.lock().remove(uid).map(|e| e.holds).unwrap_or_default()
+    }
+
+    /// Keeps the runs of a quiesce that ended in this process but could not be recorded.
+    pub fn remember(&self, uid: &str, runs: &[HookRun]) {
+        self.lock().entry(uid.to_string()).or_default().unrecorded = Some(runs.to_vec());
+    }
+
+    /// The runs of a quiesce that ended here and is not recorded yet, taken.
+    pub fn unrecorded(&self, uid: &str) -> Option<Vec<HookRun>> {
+        self.lock().get_mut(uid).and_then(|e| e.unrecorded.take())
     }
 
     /// Drops every hold of `uid` (its GroupSnapshot is being deleted): the sessions close, and the
@@ -85,8 +104,8 @@ impl Sessions {
     pub fn ended_early(&self, uid: &str) -> Vec<(Key, exec::Outcome)> {
         self.lock()
             .get(uid)
-            .map(|holds| {
-                holds
+            .map(|e| {
+                e.holds
                     .iter()
                     .filter_map(|(k, h)| h.ended().map(|o| (k.clone(), o)))
                     .collect()
@@ -179,54 +198,67 @@ fn record(run: &mut HookRun, outcome: exec::Outcome) {
     run.message = outcome.message.map(|m| m.chars().take(1000).collect());
 }
 
-/// Runs the Exec hooks of `step` still unfinished, hook by hook in list order, each in parallel
-/// across its pods. With `stop_on_fail`, a failed `Fail` hook ends the step (the rest stay Pending).
-async fn run_exec_step(
+/// Runs one Exec hook in the pods of `indexes`, in parallel, and records how each run ended.
+async fn run_exec_hook(
     pods: &Api<Pod>,
-    spec: &QuiesceSpec,
+    hook: &QuiesceHook,
     runs: &mut [HookRun],
-    step: Step,
-    stop_on_fail: bool,
+    indexes: &[usize],
 ) {
-    let order: Vec<String> = spec.hooks.iter().map(|h| h.name.clone()).collect();
-    for name in order {
-        if stop_on_fail && !plan::keep_going(spec, runs) {
+    let deadline = plan::exec_deadline(hook);
+    let command = exec::wrapped(&hook.command, hook.wrap, deadline);
+    let outcomes = futures::future::join_all(indexes.iter().map(|&i| {
+        let pod = runs[i].pod.clone().unwrap_or_default();
+        let container = runs[i].container.clone().unwrap_or_default();
+        let command = command.clone();
+        async move {
+            // The container ends it at `deadline`; tandem waits a little longer to see it.
+            exec::run(
+                pods,
+                &pod,
+                &container,
+                &command,
+                deadline + Duration::from_secs(2),
+            )
+            .await
+        }
+    }))
+    .await;
+    for (&i, outcome) in indexes.iter().zip(outcomes) {
+        info!(hook = %runs[i].name, pod = ?runs[i].pod, success = outcome.success, "hook ran");
+        record(&mut runs[i], outcome);
+    }
+}
+
+fn mark_running(runs: &mut [HookRun], indexes: &[usize]) {
+    for &i in indexes {
+        runs[i].state = HookRunState::Running;
+        runs[i].started_at = Some(now());
+    }
+}
+
+/// The unfinished runs of `step` of the hook `name`.
+fn runs_of(runs: &[HookRun], step: Step, name: &str) -> Vec<usize> {
+    plan::unfinished(runs, step)
+        .into_iter()
+        .filter(|&i| runs[i].name == name)
+        .collect()
+}
+
+/// Runs the Pre hooks still unfinished, hook by hook in list order, each in parallel across its
+/// pods; a failed `Fail` hook ends the step (the rest stay Pending). They were recorded as started
+/// before the quiesce began.
+async fn run_pre(pods: &Api<Pod>, spec: &QuiesceSpec, runs: &mut [HookRun]) {
+    for hook in &spec.hooks {
+        if !plan::keep_going(spec, runs) {
             return;
         }
-        let indexes: Vec<usize> = plan::unfinished(runs, step)
-            .into_iter()
-            .filter(|&i| runs[i].name == name)
-            .collect();
-        let Some(hook) = spec.hooks.iter().find(|h| h.name == name) else {
+        let indexes = runs_of(runs, Step::Pre, &hook.name);
+        if indexes.is_empty() {
             continue;
-        };
-        let deadline = plan::exec_deadline(hook);
-        let command = exec::wrapped(&hook.command, hook.wrap, deadline);
-        for &i in &indexes {
-            runs[i].state = HookRunState::Running;
-            runs[i].started_at = Some(now());
         }
-        let outcomes = futures::future::join_all(indexes.iter().map(|&i| {
-            let pod = runs[i].pod.clone().unwrap_or_default();
-            let container = runs[i].container.clone().unwrap_or_default();
-            let command = command.clone();
-            async move {
-                // The container ends it at `deadline`; tandem waits a little longer to see it.
-                exec::run(
-                    pods,
-                    &pod,
-                    &container,
-                    &command,
-                    deadline + Duration::from_secs(2),
-                )
-                .await
-            }
-        }))
-        .await;
-        for (&i, outcome) in indexes.iter().zip(outcomes) {
-            info!(hook = %runs[i].name, pod = ?runs[i].pod, success = outcome.success, "hook ran");
-            record(&mut runs[i], outcome);
-        }
+        mark_running(runs, &indexes);
+        run_exec_hook(pods, hook, runs, &indexes).await;
     }
 }
 
@@ -243,7 +275,7 @@ pub async fn quiesce(
 ) {
     sessions.begin(uid);
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    run_exec_step(&pods, spec, runs, Step::Pre, true).await;
+    run_pre(&pods, spec, runs).await;
     if !plan::keep_going(spec, runs) {
         return;
     }
@@ -264,6 +296,12 @@ pub async fn quiesce(
                     message: Some("the hook was removed from the group".into()),
                 });
             };
+            let pod = run.pod.as_deref().unwrap_or_default();
+            let container = run.container.as_deref().unwrap_or_default();
+            if hook.wrap == HookWrap::Timeout {
+                // Without `timeout` in the container the hold would have no deadline there.
+                exec::probe_timeout(&pods, pod, container).await?;
+            }
             let deadline =
                 plan::hold_deadline(&hook, freeze_timeout_seconds, spec.release_grace_seconds);
             let command = exec::wrapped(&hook.command, hook.wrap, deadline);
@@ -274,8 +312,8 @@ pub async fn quiesce(
                 .unwrap_or_default();
             exec::Hold::open(
                 &pods,
-                run.pod.as_deref().unwrap_or_default(),
-                run.container.as_deref().unwrap_or_default(),
+                pod,
+                container,
                 &command,
                 hook.stdin.as_deref(),
                 &ready,
@@ -359,10 +397,42 @@ pub async fn release(uid: &str, sessions: &Sessions, spec: &QuiesceSpec, runs: &
     plan::mark_lost(runs, |_| false, now());
 }
 
-/// Runs every Post hook not yet finished (always, whatever failed before).
-pub async fn post(client: &Client, namespace: &str, spec: &QuiesceSpec, runs: &mut [HookRun]) {
+/// Runs every Post hook not yet finished (always, whatever failed before), hook by hook in list
+/// order. Each is recorded as started (`persist`) before it runs, so a restarted controller never
+/// runs it again (it finds it Running, and marks it as maybe interrupted); and as finished after.
+/// An error means a hook could not be recorded as started, and did not run.
+pub async fn post<P, F>(
+    client: &Client,
+    namespace: &str,
+    spec: &QuiesceSpec,
+    runs: &mut [HookRun],
+    mut persist: P,
+) -> Result<(), crate::controller::Error>
+where
+    P: FnMut(Vec<HookRun>) -> F,
+    F: std::future::Future<Output = Result<(), crate::controller::Error>>,
+{
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    run_exec_step(&pods, spec, runs, Step::Post, false).await;
+    for hook in &spec.hooks {
+        let indexes = runs_of(runs, Step::Post, &hook.name);
+        if indexes.is_empty() {
+            continue;
+        }
+        mark_running(runs, &indexes);
+        if let Err(e) = persist(runs.to_vec()).await {
+            for &i in &indexes {
+                runs[i].state = HookRunState::Pending;
+                runs[i].started_at = None;
+            }
+            return Err(e);
+        }
+        run_exec_hook(&pods, hook, runs, &indexes).await;
+        // The final status write records it too; this one only narrows the window.
+        if let Err(e) = persist(runs.to_vec()).await {
+            warn!(hook = %hook.name, error = %e, "could not record a finished Post hook yet");
+        }
+    }
+    Ok(())
 }
 
 /// Whether `runs` has Post hooks left.

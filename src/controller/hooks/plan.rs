@@ -116,14 +116,44 @@ pub fn mark_lost(runs: &mut [HookRun], live: impl Fn(&HookRun) -> bool, now: Mic
         if active && !live(run) {
             run.state = HookRunState::Failed;
             run.finished_at.get_or_insert(now.clone());
-            run.message = Some(
-                "the controller restarted while this ran; the session was lost (with wrap: Timeout the command ends at its in-container deadline)"
-                    .into(),
-            );
+            run.message = Some(lost_message(run).into());
             marked += 1;
         }
     }
     marked
+}
+
+/// Why a run lost to a restart failed: a Post hook may have been interrupted and is not run again
+/// (a hook runs at most once); a Pre hook or a hold no longer holds.
+pub fn lost_message(run: &HookRun) -> &'static str {
+    match step_of_run(run) {
+        Step::Post => {
+            "the controller restarted while this Post hook ran: it may have been interrupted, and is not run again (with wrap: Timeout it ends at its in-container deadline)"
+        }
+        Step::Pre | Step::Hold => {
+            "the controller restarted while this ran; the session was lost (with wrap: Timeout the command ends at its in-container deadline)"
+        }
+    }
+}
+
+/// The longest a quiesce may take from the snapshot's start: every Pre hook in turn (each with
+/// tandem's 2 s of slack), then the longest hold's whole life. A quiesce still not recorded by
+/// then is given up: every hold has ended in its container anyway.
+pub fn quiesce_deadline(spec: &QuiesceSpec, freeze_timeout_seconds: i32) -> Duration {
+    let pre: Duration = spec
+        .hooks
+        .iter()
+        .filter(|h| step_of(h) == Step::Pre)
+        .map(|h| exec_deadline(h) + Duration::from_secs(2))
+        .sum();
+    let hold = spec
+        .hooks
+        .iter()
+        .filter(|h| step_of(h) == Step::Hold)
+        .map(|h| hold_deadline(h, freeze_timeout_seconds, spec.release_grace_seconds))
+        .max()
+        .unwrap_or_default();
+    pre + hold + Duration::from_secs(2)
 }
 
 /// The consistency reached: ApplicationQuiesced only when hooks ran, every run succeeded and
@@ -323,6 +353,22 @@ mod tests {
     }
 
     #[test]
+    fn a_quiesce_is_bounded_by_its_pre_hooks_and_its_longest_hold() {
+        let s = spec(
+            json!([{"name": "a", "command": ["x"], "timeoutSeconds": 3},
+                   {"name": "b", "command": ["x"], "timeoutSeconds": 4},
+                   {"name": "p", "phase": "Post", "command": ["x"], "timeoutSeconds": 100},
+                   {"name": "h", "mode": "Hold", "readyWhen": {"stdoutLine": "R"}, "command": ["x"], "timeoutSeconds": 10},
+                   {"name": "i", "mode": "Hold", "readyWhen": {"stdoutLine": "R"}, "command": ["x"], "timeoutSeconds": 20}]),
+            "Fail",
+        );
+        // (3 + 2) + (4 + 2) + (20 + 10 + 5) + 2
+        assert_eq!(quiesce_deadline(&s, 10), Duration::from_secs(48));
+        let none = spec(json!([]), "Fail");
+        assert_eq!(quiesce_deadline(&none, 10), Duration::from_secs(2));
+    }
+
+    #[test]
     fn sessions_lost_to_a_restart_fail_and_only_those() {
         use HookRunState::*;
         let mut runs = vec![
@@ -337,5 +383,16 @@ mod tests {
         assert_eq!(states, [Failed, Succeeded, Held, Pending]);
         assert_eq!(unfinished(&runs, Step::Post), [3]);
         assert_eq!(unfinished(&runs, Step::Hold), [2]);
+        // A Post hook found running after a restart is not run again, and says so.
+        let mut posts = vec![run("after", HookMode::Exec, Some(HookPhase::Post), Running)];
+        assert_eq!(mark_lost(&mut posts, |_| false, at(0)), 1);
+        assert!(unfinished(&posts, Step::Post).is_empty());
+        assert!(
+            posts[0]
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("may have been interrupted")),
+            "{posts:?}"
+        );
     }
 }
