@@ -7,10 +7,12 @@
 #              (<image.repository>:<appVersion>), entrypoint and user as in the Dockerfile
 #   pause      the pod sandbox (a static C program), so kubelet needs no registry either
 #   postgres   with --postgres: the base + postgresql-15, for the application tests
+#   mariadb    with --mariadb: the base + mariadb-server + mariadb-client (10.11), for the
+#              quiesce hook tests
 #
-#   hack/image/build.sh [--postgres] [TANDEM_BIN]     (default: $CARGO_TARGET_DIR/debug/tandem)
+#   hack/image/build.sh [--postgres] [--mariadb] [TANDEM_BIN]  (default: $CARGO_TARGET_DIR/debug/tandem)
 #
-# Prints KEY=PATH lines (pause, tandem, tandem_config, tandem_ref, postgres). Output folder:
+# Prints KEY=PATH lines (pause, tandem, tandem_config, tandem_ref, postgres, mariadb). Output folder:
 # $TANDEM_IMAGE_DIR (default ~/.cache/tandem/image). Times on 2 cores: the base ~60-90 s the first
 # time (mostly downloads), then the tandem image ~3-5 s (strip + hash the binary layer).
 set -euo pipefail
@@ -19,7 +21,15 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 out=${TANDEM_IMAGE_DIR:-$HOME/.cache/tandem/image}
 postgres=false
-if [[ ${1:-} == --postgres ]]; then postgres=true; shift; fi
+mariadb=false
+while [[ ${1:-} == --* ]]; do
+  case $1 in
+    --postgres) postgres=true ;;
+    --mariadb) mariadb=true ;;
+    *) echo "build.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
 bin=${1:-${CARGO_TARGET_DIR:-$repo/target}/debug/tandem}
 [[ -x $bin ]] || { echo "build.sh: no tandem binary at $bin (cargo build --bin tandem)" >&2; exit 1; }
 mkdir -p "$out"
@@ -99,4 +109,18 @@ JSON
   fi
   echo "postgres=$out/postgres.oci.tar"
   echo "postgres_ref=localhost/tandem/postgres:15"
+fi
+
+if $mariadb; then
+  # The tests make their own datadir on a claim (mariadb-install-db); the image's /var/lib/mysql
+  # is not used.
+  maria=$(rootfs mariadb "mariadb-server mariadb-client procps")
+  if [[ ! -f $out/mariadb.oci.tar || $out/mariadb.oci.tar -ot $maria ]]; then
+    cat > "$out/mariadb.config.json" <<JSON
+{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin","LANG=C.UTF-8"],"Entrypoint":["/bin/sh","-c"],"Cmd":["sleep infinity"],"WorkingDir":"/"}
+JSON
+    "$here/oci-image.sh" "$out/mariadb.oci.tar" localhost/tandem/mariadb:10.11 "$out/mariadb.config.json" "$maria"
+  fi
+  echo "mariadb=$out/mariadb.oci.tar"
+  echo "mariadb_ref=localhost/tandem/mariadb:10.11"
 fi

@@ -258,6 +258,12 @@ pub struct GroupRestoreStatus {
     /// What went wrong, in words a person can act on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The group's post-restore hooks (ConsistencyGroup `spec.quiesce.postRestore`), one run per
+    /// hook and pod, run once the restored claims are used by Running and Ready pods; the
+    /// condition `PostRestoreHooks` says where they stand.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub post_restore_hooks: Vec<super::HookRun>,
     /// `Ready` and its reason.
     #[serde(default)]
     pub conditions: Vec<Condition>,

@@ -121,31 +121,40 @@ pub fn can_run_nodes() -> bool {
 /// The images hack/image/build.sh made (KEY=PATH lines), built once per test binary.
 pub fn images() -> &'static BTreeMap<String, String> {
     static IMAGES: OnceLock<BTreeMap<String, String>> = OnceLock::new();
-    IMAGES.get_or_init(|| {
-        // Tests get the binary cargo built for them; the demo (an example) the debug build.
-        let binary = option_env!("CARGO_BIN_EXE_tandem")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                std::env::var_os("CARGO_TARGET_DIR")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| repo_root().join("target"))
-                    .join("debug/tandem")
-            });
-        let started = Instant::now();
-        let out = run(Command::new(repo_root().join("hack/image/build.sh"))
-            .arg("--postgres")
-            .arg(&binary)
-            .stderr(Stdio::inherit()))
-        .unwrap_or_else(|e| panic!("building tandem's image: {e}"));
-        eprintln!(
-            "[node] images ready in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-        out.lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    })
+    IMAGES.get_or_init(|| build_images(&["--postgres"]))
+}
+
+/// [`images`] plus the MariaDB image (`mariadb`, `mariadb_ref`), which only the quiesce hook
+/// tests need, built on first use.
+pub fn mariadb_images() -> &'static BTreeMap<String, String> {
+    static IMAGES: OnceLock<BTreeMap<String, String>> = OnceLock::new();
+    IMAGES.get_or_init(|| build_images(&["--postgres", "--mariadb"]))
+}
+
+fn build_images(flags: &[&str]) -> BTreeMap<String, String> {
+    // Tests get the binary cargo built for them; the demo (an example) the debug build.
+    let binary = option_env!("CARGO_BIN_EXE_tandem")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo_root().join("target"))
+                .join("debug/tandem")
+        });
+    let started = Instant::now();
+    let out = run(Command::new(repo_root().join("hack/image/build.sh"))
+        .args(flags)
+        .arg(&binary)
+        .stderr(Stdio::inherit()))
+    .unwrap_or_else(|e| panic!("building tandem's image: {e}"));
+    eprintln!(
+        "[node] images ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    out.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// One real node: its folder, network namespace, containerd and kubelet.

@@ -26,6 +26,7 @@ mod fence;
 mod in_place;
 mod new_claims;
 pub mod plan;
+pub mod post_hooks;
 pub mod quota;
 pub mod validate;
 
@@ -303,6 +304,12 @@ async fn reconcile(restore: Arc<GroupRestore>, rctx: Arc<RestoreContext>) -> Res
     {
         api.patch(&name, &PatchParams::default(), &patch).await?;
         return Ok(Action::await_change());
+    }
+    // Completed: the group's post-restore hooks, once pods use the restored claims.
+    if restore.metadata.deletion_timestamp.is_none()
+        && let Some(action) = post_hooks::reconcile(&restore, &rctx).await?
+    {
+        return Ok(action);
     }
     match restore.spec.mode {
         RestoreMode::NewClaims => new_claims::reconcile(&restore, &rctx).await,
