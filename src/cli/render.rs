@@ -249,6 +249,16 @@ pub fn consistency_why(snapshot: &GroupSnapshot, freeze: Option<FreezePolicy>) -
         return "not reached yet (no status)".into();
     };
     match (status.phase, status.consistency) {
+        (_, Some(Consistency::ApplicationQuiesced)) => format!(
+            "ApplicationQuiesced: every quiesce hook succeeded ({} run(s)) and all {} members were frozen before any was thawed, so a restore needs no crash recovery",
+            status.hooks.len(),
+            status.members.len()
+        ),
+        (_, Some(Consistency::FilesystemFrozen)) if !status.failed_hooks.is_empty() => format!(
+            "FilesystemFrozen: all {} members were frozen before any was thawed (crash-consistent), but hook(s) {} failed, so the applications were not quiesced",
+            status.members.len(),
+            status.failed_hooks.join(", ")
+        ),
         (_, Some(Consistency::FilesystemFrozen)) => format!(
             "FilesystemFrozen: all {} members were frozen before any was thawed, so the set is crash-consistent (one point in time)",
             status.members.len()
@@ -409,6 +419,39 @@ pub fn snapshot_page(
         ],
         &rows,
     )));
+
+    if !status.hooks.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nQuiesce hooks (window {}):",
+            status
+                .quiesce_window_millis
+                .map(|ms| format!("{ms} ms, first hold ready to last release"))
+                .unwrap_or_else(|| "<none>".into())
+        );
+        let rows: Vec<Vec<String>> = status
+            .hooks
+            .iter()
+            .map(|h| {
+                vec![
+                    h.name.clone(),
+                    debug_word(h.mode),
+                    h.phase.map(debug_word).unwrap_or_else(|| "<none>".into()),
+                    or_none(h.pod.clone()),
+                    or_none(h.container.clone()),
+                    debug_word(h.state),
+                    or_none(h.exit_code),
+                    h.message.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str(&indent(&table(
+            &[
+                "HOOK", "MODE", "PHASE", "POD", "CONTAINER", "STATE", "EXIT", "MESSAGE",
+            ],
+            &rows,
+        )));
+    }
     out
 }
 
