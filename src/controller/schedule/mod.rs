@@ -331,6 +331,7 @@ async fn reconcile(
         RunAction::Take(t) => {
             let child = snapshot_name(&name, t);
             if take(&snapshots, &schedule, &child, t).await? {
+                crash_after_create_for_tests();
                 ctx.metrics.schedule_runs("started", 1);
                 info!(%namespace, schedule = %name, snapshot = %child, "took a scheduled snapshot");
                 publish(
@@ -381,6 +382,16 @@ async fn reconcile(
             .await;
         }
         RunAction::Idle | RunAction::Suspended => {}
+    }
+    // A snapshot taken just before a crash (its status never written) is the last run too.
+    if let Some(newest) = children.last()
+        && status
+            .last_run_time
+            .as_ref()
+            .is_none_or(|t| t.0 < newest.scheduled)
+    {
+        status.last_run_time = Some(Time(newest.scheduled));
+        status.last_run_snapshot = Some(newest.name.clone());
     }
     status.last_schedule_time = Some(Time(run.handled_up_to));
     status.next_run_time = run.next.map(Time);
@@ -443,6 +454,18 @@ async fn reconcile(
         }
         None => Action::await_change(),
     })
+}
+
+/// Debug builds only (what `cargo test` builds): with `TANDEM_TEST_ONLY_SCHEDULE_EXIT_AFTER_CREATE`
+/// set, the process exits right after creating a scheduled snapshot, before the status records it:
+/// the worst moment for a crash.
+fn crash_after_create_for_tests() {
+    if cfg!(debug_assertions)
+        && std::env::var_os("TANDEM_TEST_ONLY_SCHEDULE_EXIT_AFTER_CREATE").is_some()
+    {
+        warn!("test-only: exiting right after creating a scheduled snapshot");
+        std::process::exit(3);
+    }
 }
 
 fn count(children: &[Child], f: impl Fn(&Child) -> bool) -> i32 {
