@@ -432,6 +432,20 @@ async fn a_bad_cron_or_time_zone_is_refused_with_a_condition_and_takes_nothing()
             .is_empty()
     );
 
+    // The example applies and is Ready (its group does not exist: nothing is due before 11:00).
+    let example = support::repo_root().join("examples/group-snapshot-schedule.yaml");
+    w.env
+        .kubectl(&["apply", "-f", &example.to_string_lossy()])
+        .expect("apply the example");
+    wait_schedule(&w, "orders-db-hourly", "the example Ready", |s| {
+        s.status.as_ref().is_some_and(|st| {
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        }) && next_run(s).as_deref() == Some("2025-01-06T11:00:00Z")
+    })
+    .await;
+
     // A name too long for `<schedule>-<yyyymmddhhmm>` is refused by the API server.
     let long = "s".repeat(51);
     let refused = api
@@ -563,6 +577,26 @@ async fn retention_removes_the_backend_snapshots_from_the_nodes_and_retain_keeps
             status.last_ready_snapshot.as_deref(),
             Some(format!("{name}-202501061200").as_str())
         );
+    }
+    // What a person sees: the next run, the newest Ready snapshot and how many are kept.
+    let table = w
+        .env
+        .kubectl(&["get", "gsched", "-o", "wide"])
+        .expect("kubectl get");
+    eprintln!("{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("drop "))
+        .unwrap_or_default();
+    for cell in [
+        "db",
+        "0 * * * *",
+        "Europe/Berlin",
+        "2025-01-06T13:00:00Z",
+        "drop-202501061200",
+        "Scheduled",
+    ] {
+        assert!(row.contains(cell), "{cell}: {table}");
     }
     assert_eq!(
         metric(port, "tandem_schedule_retention_deleted_total").await,
