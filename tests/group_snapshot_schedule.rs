@@ -644,3 +644,98 @@ async fn retention_removes_the_backend_snapshots_from_the_nodes_and_retain_keeps
     })
     .await;
 }
+
+#[tokio::test]
+async fn suspend_takes_nothing_and_delete_snapshots_with_schedule_spares_only_pinned() {
+    if !require_root() {
+        return;
+    }
+    let mut w = world_with_volume("gsched-suspend", true).await;
+    let clock = TestClock::new(&w);
+    clock.set("2025-01-06T10:59:00Z");
+    let port = support::control_plane::free_port();
+    start_controller(&mut w, &clock, port, &[]);
+    create_group(&w).await;
+    create_schedule(
+        &w,
+        "db",
+        hourly(json!({"retention": {"keepLast": 5, "deleteSnapshotsWithSchedule": true}})),
+    )
+    .await;
+    wait_schedule(&w, "db", "next run", |s| next_run(s).is_some()).await;
+    clock.set("2025-01-06T11:00:05Z");
+    wait_children(&w, "db", &["db-202501061100"]).await;
+
+    let api: Api<GroupSnapshotSchedule> = w.env.api();
+    let suspend = |on: bool| {
+        let api = api.clone();
+        async move {
+            api.patch(
+                "db",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"suspend": on}})),
+            )
+            .await
+            .expect("suspend");
+        }
+    };
+    suspend(true).await;
+    wait_schedule(&w, "db", "Suspended", |s| {
+        s.status.as_ref().is_some_and(|st| {
+            st.next_run_time.is_none() && st.conditions.iter().any(|c| c.reason == "Suspended")
+        })
+    })
+    .await;
+    clock.set("2025-01-06T12:00:05Z");
+    wait_schedule(&w, "db", "12:00 passed while suspended", |s| {
+        last_schedule(s).as_deref() == Some("2025-01-06T12:00:05Z")
+    })
+    .await;
+    assert_eq!(children(&w, "db").await, ["db-202501061100"]);
+    // Resumed: the run due while suspended is not taken later.
+    suspend(false).await;
+    let s = wait_schedule(&w, "db", "resumed", |s| next_run(s).is_some()).await;
+    assert_eq!(next_run(&s).as_deref(), Some("2025-01-06T13:00:00Z"));
+    assert_eq!(children(&w, "db").await, ["db-202501061100"]);
+    clock.set("2025-01-06T13:00:05Z");
+    wait_children(&w, "db", &["db-202501061100", "db-202501061300"]).await;
+
+    // Pin the first; deleting the schedule deletes the other with it.
+    let snapshots: Api<GroupSnapshot> = w.env.api();
+    snapshots
+        .patch(
+            "db-202501061100",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"tandem.dev/retain": "true"}}})),
+        )
+        .await
+        .expect("pin");
+    eventually(WAIT, "the schedule counts the pin", || {
+        let api = api.clone();
+        async move {
+            let s = api.get("db").await.ok()?;
+            (s.status?.kept.pinned == 1).then_some(())
+        }
+    })
+    .await;
+    api.delete("db", &DeleteParams::default())
+        .await
+        .expect("delete schedule");
+    eventually(WAIT, "schedule and its unpinned snapshot gone", || {
+        let (api, snapshots) = (api.clone(), snapshots.clone());
+        async move {
+            let schedule_gone = api.get_opt("db").await.ok()?.is_none();
+            let other_gone = snapshots.get_opt("db-202501061300").await.ok()?.is_none();
+            (schedule_gone && other_gone).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        snapshots
+            .get_opt("db-202501061100")
+            .await
+            .expect("get")
+            .is_some(),
+        "the pinned snapshot went with the schedule"
+    );
+}
