@@ -739,3 +739,78 @@ async fn suspend_takes_nothing_and_delete_snapshots_with_schedule_spares_only_pi
         "the pinned snapshot went with the schedule"
     );
 }
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // The fields after the command name (which may hold spaces) start after its ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A measurement (run with `--ignored`): idle schedules cost no writes and next to no CPU between
+/// their due times. 500 yearly schedules on the system clock.
+#[tokio::test]
+#[ignore]
+async fn idle_schedules_write_nothing_and_use_no_cpu_between_due_times() {
+    let mut w = World::new("gsched-idle").await;
+    w.start_controller();
+    let pid = w.controller.as_mut().and_then(|c| c.pid()).expect("pid");
+    let count = 500;
+    let started = std::time::Instant::now();
+    for i in 0..count {
+        create_schedule(
+            &w,
+            &format!("s{i}"),
+            json!({"groupName": "db", "schedule": "0 0 1 1 *"}),
+        )
+        .await;
+    }
+    let api: Api<GroupSnapshotSchedule> = w.env.api();
+    let versions = eventually(Duration::from_secs(300), "every schedule evaluated", || {
+        let api = api.clone();
+        async move {
+            let items = api.list(&ListParams::default()).await.ok()?.items;
+            let done = items.len() == count && items.iter().all(|s| next_run(s).is_some());
+            done.then(|| {
+                items
+                    .into_iter()
+                    .map(|s| (s.name_any(), s.resource_version()))
+                    .collect::<Vec<_>>()
+            })
+        }
+    })
+    .await;
+    let settled = started.elapsed();
+    let (cpu_before, rss) = (cpu_ticks(pid), rss_kib(pid));
+    let window = Duration::from_secs(20);
+    tokio::time::sleep(window).await;
+    let cpu = cpu_ticks(pid) - cpu_before;
+    let after: Vec<_> = api
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .map(|s| (s.name_any(), s.resource_version()))
+        .collect();
+    eprintln!(
+        "{count} schedules evaluated {settled:?} after the first create; then {window:?} idle: {cpu} CPU ticks, RSS {rss} KiB"
+    );
+    let mut before = versions;
+    let mut after = after;
+    before.sort();
+    after.sort();
+    assert_eq!(before, after, "an idle schedule was written");
+    assert!(cpu < 100, "{cpu} ticks of CPU in {window:?} of idling");
+}
