@@ -10,7 +10,7 @@ pub mod cron;
 pub mod plan;
 pub mod retention;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,15 +48,22 @@ pub const RETAIN_ANNOTATION: &str = "tandem.dev/retain";
 /// On a schedule with `retention.deleteSnapshotsWithSchedule`: its snapshots go with it.
 pub const SCHEDULE_FINALIZER: &str = "tandem.dev/schedule";
 
+/// The longest a schedule sleeps before it looks at the clock again.
+const MAX_REQUEUE: Duration = Duration::from_secs(24 * 3600);
+
 struct ScheduleContext {
     ctx: Arc<Context>,
     clock: Arc<dyn Clock>,
     /// Every GroupSnapshot that carries [`SCHEDULE_LABEL`].
     children: Store<GroupSnapshot>,
-    /// Per schedule uid: the last status written, in case the watch cache has not caught up yet
-    /// (a snapshot event can wake the schedule before its own status write comes back), so a due
-    /// time is never counted twice.
+    /// Per schedule uid: the last status written. The controller is the status's only writer (one
+    /// leader; a lost lease ends the process), so this is never older than the watch cache, which
+    /// may not have caught up yet (a snapshot event can wake the schedule before its own status
+    /// write comes back): a due time or a deletion is never counted twice, nor lost.
     written: Mutex<HashMap<String, GroupSnapshotScheduleStatus>>,
+    /// Snapshots (namespace, name) retention or the schedule's deletion asked to delete, until the
+    /// cache shows them going: never deleted (and counted) twice.
+    deleting: Mutex<HashSet<(String, String)>>,
 }
 
 /// Runs the GroupSnapshotSchedule controller.
@@ -90,6 +97,7 @@ pub async fn run_schedule_controller(ctx: Arc<Context>, namespace: Option<&str>)
         clock,
         children,
         written: Mutex::default(),
+        deleting: Mutex::default(),
     });
     Controller::new(schedules, watcher::Config::default())
         .watches_stream(events, |snapshot: GroupSnapshot| {
@@ -190,17 +198,31 @@ async fn reconcile(
     let api: Api<GroupSnapshotSchedule> = Api::namespaced(ctx.client.clone(), &namespace);
     let snapshots: Api<GroupSnapshot> = Api::namespaced(ctx.client.clone(), &namespace);
     cache_ready(&sc.children, "GroupSnapshots of schedules").await?;
-    let mut children: Vec<Child> = sc
+    let mine: Vec<Arc<GroupSnapshot>> = sc
         .children
         .state()
-        .iter()
+        .into_iter()
         .filter(|s| {
             s.namespace().as_deref() == Some(namespace.as_str())
                 && s.labels().get(SCHEDULE_LABEL) == Some(&name)
-                && s.metadata.deletion_timestamp.is_none()
         })
-        .map(|s| Child::of(s))
         .collect();
+    let mut children: Vec<Child> = {
+        let mut deleting = sc.deleting.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget the deletions the cache has caught up with.
+        for s in &mine {
+            if s.metadata.deletion_timestamp.is_some() {
+                deleting.remove(&(namespace.clone(), s.name_any()));
+            }
+        }
+        mine.iter()
+            .filter(|s| {
+                s.metadata.deletion_timestamp.is_none()
+                    && !deleting.contains(&(namespace.clone(), s.name_any()))
+            })
+            .map(|s| Child::of(s))
+            .collect()
+    };
     children.sort_by(|a, b| a.scheduled.cmp(&b.scheduled).then(a.name.cmp(&b.name)));
 
     let delete_with_schedule = schedule
@@ -235,18 +257,13 @@ async fn reconcile(
     }
 
     let cached = schedule.status.clone().unwrap_or_default();
-    let mut status = {
-        let written = sc.written.lock().unwrap_or_else(|p| p.into_inner());
-        match written.get(&uid) {
-            Some(w)
-                if w.last_schedule_time.as_ref().map(|t| t.0)
-                    > cached.last_schedule_time.as_ref().map(|t| t.0) =>
-            {
-                w.clone()
-            }
-            _ => cached.clone(),
-        }
-    };
+    let mut status = sc
+        .written
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&uid)
+        .cloned()
+        .unwrap_or_else(|| cached.clone());
     let generation = schedule.metadata.generation;
 
     // A schedule that cannot run says why, and waits for a change.
@@ -291,6 +308,11 @@ async fn reconcile(
     .max()
     // A new schedule starts from its creation (or now, if the clock reads earlier).
     .unwrap_or(created.min(now));
+    // A changed spec (another cron, resumed, ...) starts from the change: runs its old or new
+    // schedule would have had before are neither caught up nor counted.
+    let spec_changed =
+        status.observed_generation.is_some() && status.observed_generation != generation;
+    let last = if spec_changed { last.max(now) } else { last };
     let run = plan::plan(&Inputs {
         cron: &cron,
         zone: &zone,
@@ -449,8 +471,10 @@ async fn reconcile(
 
     Ok(match run.next {
         Some(next) => {
+            // At most a day: the runtime's timer wheel holds about two years, and a schedule of
+            // 29 February waits up to eight.
             let wait = Duration::try_from(next.duration_since(now)).unwrap_or_default();
-            Action::requeue(wait.max(Duration::from_millis(200)))
+            Action::requeue(wait.clamp(Duration::from_millis(200), MAX_REQUEUE))
         }
         None => Action::await_change(),
     })
@@ -605,6 +629,10 @@ async fn apply_retention(
             continue;
         };
         delete_snapshot(&snapshots, child).await?;
+        sc.deleting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((namespace.clone(), child.clone()));
         deleted += 1;
         sc.ctx.metrics.retention_deleted();
         info!(%namespace, schedule = %schedule.name_any(), snapshot = %child, %reason, "retention deleted a snapshot");
@@ -649,6 +677,12 @@ async fn refuse(
         write_status(&api, &name, &status).await?;
         warn!(%namespace, schedule = %name, %reason, %message, "schedule refused");
         publish(&sc.ctx, schedule, EventType::Warning, reason, message).await;
+    }
+    if let Some(uid) = schedule.uid() {
+        sc.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid, status);
     }
     Ok(Action::await_change())
 }
