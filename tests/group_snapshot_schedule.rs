@@ -665,6 +665,13 @@ async fn suspend_takes_nothing_and_delete_snapshots_with_schedule_spares_only_pi
     wait_schedule(&w, "db", "next run", |s| next_run(s).is_some()).await;
     clock.set("2025-01-06T11:00:05Z");
     wait_children(&w, "db", &["db-202501061100"]).await;
+    // Finished before 13:00, or that run would (rightly) be skipped.
+    let snapshots: Api<GroupSnapshot> = w.env.api();
+    eventually(WAIT, "the first snapshot finished", || {
+        let snapshots = snapshots.clone();
+        async move { finished(&snapshots.get("db-202501061100").await.ok()?).then_some(()) }
+    })
+    .await;
 
     let api: Api<GroupSnapshotSchedule> = w.env.api();
     let suspend = |on: bool| {
@@ -701,7 +708,6 @@ async fn suspend_takes_nothing_and_delete_snapshots_with_schedule_spares_only_pi
     wait_children(&w, "db", &["db-202501061100", "db-202501061300"]).await;
 
     // Pin the first; deleting the schedule deletes the other with it.
-    let snapshots: Api<GroupSnapshot> = w.env.api();
     snapshots
         .patch(
             "db-202501061100",
