@@ -1,8 +1,12 @@
 # tandem: the two things a fresh machine needs (see README.md), and their parts.
-.PHONY: test demo demo-node deps tools lint unit model lvm-qemu crds bench
+.PHONY: test demo demo-node deps tools lint suites unit model lvm-qemu crds bench
 
-## Everything CI runs: system packages, the test control plane, lint, every test.
-test: deps tools lint unit lvm-qemu
+## Everything CI runs: system packages, the test control plane, lint, every test (the Rust test
+## binaries and the LVM guests, in two lanes at once: hack/run-suites.sh).
+test: deps tools lint suites
+
+suites:
+	hack/run-suites.sh
 
 deps:
 	hack/install-test-deps.sh

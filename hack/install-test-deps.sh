@@ -10,6 +10,7 @@ packages=(
   qemu-system-x86 busybox-static kmod cpio zstd binutils  # the LVM guest (software emulation)
   containerd runc containernetworking-plugins iptables    # the real node (kubelet's runtime, pod network)
   mmdebstrap gcc libc6-dev                        # tandem's image and the pause image, no registry
+  jq                                              # hack/run-suites.sh lists the test binaries
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -516,11 +516,17 @@ async fn publish_volume_in(
 }
 
 fn start_controller(env: &TestEnv) -> tokio::task::JoinHandle<()> {
+    start_controller_with(
+        env,
+        ControllerArgs {
+            namespace: Some(env.namespace.clone()),
+            ..Default::default()
+        },
+    )
+}
+
+fn start_controller_with(env: &TestEnv, args: ControllerArgs) -> tokio::task::JoinHandle<()> {
     let client = env.client.clone();
-    let args = ControllerArgs {
-        namespace: Some(env.namespace.clone()),
-        ..Default::default()
-    };
     tokio::spawn(async move {
         if let Err(e) = tandem::controller::run(client, args).await {
             panic!("controller stopped: {e}");
@@ -804,6 +810,113 @@ async fn explicit_claims_report_each_problem_and_emit_events() {
 }
 
 #[tokio::test]
+async fn a_trailing_claim_cache_never_reports_an_existing_claim_missing() {
+    let env = TestEnv::new("cg-lag").await;
+    // Each PVC event reaches the controller's cache 5 s after the one before.
+    let controller = start_controller_with(
+        &env,
+        ControllerArgs {
+            namespace: Some(env.namespace.clone()),
+            test_only_claim_cache_lag_ms: Some(5000),
+            ..Default::default()
+        },
+    );
+    // Once the cache holds the first claim, the lag has begun: the claim created next trails.
+    let groups: Api<ConsistencyGroup> = env.api();
+    publish_volume(&env, "warmup", "node-a", &[], &[]).await;
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(group("probe", json!({"claims": ["warmup"]}))).expect("group"),
+        )
+        .await
+        .expect("create probe group");
+    wait_members(&env, "probe", &[("warmup", true)]).await;
+    publish_volume(&env, "data", "node-a", &[], &[]).await;
+    let claims: Api<PersistentVolumeClaim> = env.api();
+    eventually(WAIT, "claim data bound", || {
+        let claims = claims.clone();
+        async move {
+            let phase = claims.get("data").await.ok()?.status?.phase?;
+            (phase == "Bound").then_some(())
+        }
+    })
+    .await;
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(group("g", json!({"claims": ["data"]}))).expect("group"),
+        )
+        .await
+        .expect("create group");
+    let first = eventually(WAIT, "the group's first status", || {
+        let groups = groups.clone();
+        async move {
+            let status = groups.get("g").await.ok()?.status?;
+            (!status.members.is_empty()).then_some(status.members)
+        }
+    })
+    .await;
+    assert!(
+        first[0].supported && first[0].claim == "data",
+        "an existing claim was reported as {:?}: {:?}",
+        first[0].reason,
+        first[0].message
+    );
+    controller.abort();
+}
+
+#[tokio::test]
+async fn a_later_warning_says_what_the_later_reconcile_found() {
+    let env = TestEnv::new("cg-notes").await;
+    let controller = start_controller(&env);
+    let groups: Api<ConsistencyGroup> = env.api();
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(group("g", json!({"claims": ["first"]}))).expect("group"),
+        )
+        .await
+        .expect("create group");
+    let events: Api<Event> = env.api();
+    let notes = || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            Some(
+                list.items
+                    .into_iter()
+                    .filter(|e| e.reason.as_deref() == Some("MembersUnsupported"))
+                    .filter_map(|e| e.note)
+                    .collect::<Vec<String>>(),
+            )
+        }
+    };
+    eventually(WAIT, "a warning naming claim first", || async {
+        notes()
+            .await
+            .filter(|n| n.iter().any(|n| n.contains("first (ClaimNotFound")))
+    })
+    .await;
+    groups
+        .patch(
+            "g",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"claims": ["second"]}})),
+        )
+        .await
+        .expect("patch group");
+    // Same reason, other claims: a new event, not a repeat of the first one's note.
+    eventually(WAIT, "a warning naming claim second", || async {
+        notes()
+            .await
+            .filter(|n| n.iter().any(|n| n.contains("second (ClaimNotFound")))
+    })
+    .await;
+    controller.abort();
+}
+
+#[tokio::test]
 async fn resource_quota_caps_groups_per_namespace() {
     let env = TestEnv::new("cg-quota").await;
     let quotas: Api<ResourceQuota> = env.api();
@@ -904,7 +1017,11 @@ async fn leader_election_runs_one_controller_and_hands_over() {
         (http_get(leader_port, "/readyz")?.0 == 200).then_some(())
     })
     .await;
-    assert_eq!(http_get(follower_port, "/healthz").map(|r| r.0), Some(200));
+    // The follower may still be starting (a busy machine): alive once it answers at all.
+    eventually(WAIT, "follower alive", || async move {
+        (http_get(follower_port, "/healthz")?.0 == 200).then_some(())
+    })
+    .await;
     assert_eq!(http_get(follower_port, "/readyz").map(|r| r.0), Some(503));
     let (code, metrics) = http_get(leader_port, "/metrics").expect("metrics");
     assert_eq!(code, 200);

@@ -26,6 +26,8 @@ enum Command {
     Controller(tandem::controller::ControllerArgs),
     /// Run the node agent (freezes, snapshots and thaws this node's volumes).
     Agent(tandem::agent::AgentArgs),
+    /// The command line, as `kubectl tandem` runs it (the binary invoked as `kubectl-tandem` is it).
+    Cli(tandem::cli::CliArgs),
     /// Print the CustomResourceDefinitions as YAML, or write one file per kind into --out.
     Crds {
         /// Folder to write `<plural>.yaml` files into, instead of printing.
@@ -36,14 +38,26 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Invoked as `kubectl-tandem` (a symlink, a copy, Krew's install): the kubectl plugin.
+    let plugin = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .is_some_and(|name| name.starts_with("kubectl-tandem"));
+    // A command line logs only warnings (kube's own), unless RUST_LOG says otherwise.
+    let cli = plugin || std::env::args().nth(1).as_deref() == Some("cli");
+    let default_filter = if cli { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         // Colour only for a person at a terminal: container logs (kubectl logs) get plain text.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if plugin {
+        return ExitCode::from(tandem::cli::main_as_plugin().await);
+    }
     let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match Cli::parse().command {
         Command::Controller(args) => match kube::Client::try_default().await {
             Ok(client) => tandem::controller::run(client, args)
@@ -52,6 +66,7 @@ async fn main() -> ExitCode {
             Err(e) => Err(format!("cannot reach the Kubernetes API: {e}").into()),
         },
         Command::Agent(args) => tandem::agent::run(args).await,
+        Command::Cli(args) => return ExitCode::from(tandem::cli::run(args).await),
         Command::Crds { out } => write_crds(out),
     };
     match result {

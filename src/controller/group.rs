@@ -16,7 +16,10 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::membership::{HOSTNAME_LABEL, name_nodes, nodes_by_hostname, resolve_members};
+use super::membership::{
+    HOSTNAME_LABEL, REASON_CLAIM_NOT_FOUND, REASON_VOLUME_NOT_FOUND, name_nodes, nodes_by_hostname,
+    resolve_members,
+};
 use super::{CONTROLLER_NAME, Context, Error, caches_ready, publish_event};
 use crate::api::{CONDITION_READY, ConsistencyGroup, ConsistencyGroupStatus, GroupMember};
 use crate::conditions::condition;
@@ -83,12 +86,31 @@ async fn reconcile(group: Arc<ConsistencyGroup>, ctx: Arc<Context>) -> Result<Ac
     let previous = group.status.clone().unwrap_or_default();
     let generation = group.metadata.generation;
 
-    let status = match resolve_members(
+    let mut resolved = resolve_members(
         &namespace,
         &group.spec,
         claims.iter().map(Arc::as_ref),
         volumes.iter().map(Arc::as_ref),
-    ) {
+    );
+    // The caches trail the API server: a claim created a moment before its group may not be in
+    // them yet. A member newly reported missing is looked up live before anyone is told so.
+    if let Ok(members) = &resolved {
+        let (missing_claims, missing_volumes) = new_absences(&previous.members, members);
+        if !missing_claims.is_empty() || !missing_volumes.is_empty() {
+            let (live_claims, live_volumes) =
+                fetch_live(&ctx, &namespace, &missing_claims, &missing_volumes).await?;
+            if !live_claims.is_empty() || !live_volumes.is_empty() {
+                resolved = resolve_members(
+                    &namespace,
+                    &group.spec,
+                    claims.iter().map(Arc::as_ref).chain(&live_claims),
+                    volumes.iter().map(Arc::as_ref).chain(&live_volumes),
+                );
+            }
+        }
+    }
+
+    let status = match resolved {
         Ok(mut members) => {
             let nodes = ctx.nodes.state();
             let by_hostname = nodes_by_hostname(nodes.iter().map(|n| {
@@ -275,6 +297,57 @@ fn unsupported_members_note(before: &[GroupMember], after: &[GroupMember]) -> Op
     Some(note)
 }
 
+/// The claims and volumes that `members` newly reports as missing (not already so in `previous`):
+/// the ones a trailing cache may only not have seen yet. Bounded by what changed, so a group with
+/// long-missing members costs no API call per reconcile.
+fn new_absences(previous: &[GroupMember], members: &[GroupMember]) -> (Vec<String>, Vec<String>) {
+    let already = |m: &GroupMember| {
+        previous
+            .iter()
+            .any(|p| p.claim == m.claim && p.reason == m.reason && !p.supported)
+    };
+    let mut claims = Vec::new();
+    let mut volumes = Vec::new();
+    for member in members.iter().filter(|m| !m.supported && !already(m)) {
+        match member.reason.as_deref() {
+            Some(REASON_CLAIM_NOT_FOUND) => claims.push(member.claim.clone()),
+            Some(REASON_VOLUME_NOT_FOUND) => volumes.extend(member.persistent_volume.clone()),
+            _ => {}
+        }
+    }
+    (claims, volumes)
+}
+
+/// Reads `claims` (of `namespace`) and `volumes` from the API server; the ones that do not exist
+/// are left out.
+async fn fetch_live(
+    ctx: &Context,
+    namespace: &str,
+    claims: &[String],
+    volumes: &[String],
+) -> Result<(Vec<PersistentVolumeClaim>, Vec<PersistentVolume>), Error> {
+    let claims_api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    let volumes_api: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let mut live_claims = Vec::new();
+    for name in claims {
+        live_claims.extend(claims_api.get_opt(name).await?);
+    }
+    let mut live_volumes = Vec::new();
+    for name in volumes {
+        live_volumes.extend(volumes_api.get_opt(name).await?);
+    }
+    // A claim that exists live may be bound to a volume the cache has not seen either.
+    for claim in &live_claims {
+        let volume = claim.spec.as_ref().and_then(|s| s.volume_name.as_deref());
+        if let Some(volume) =
+            volume.filter(|v| !v.is_empty() && ctx.volumes.get(&ObjectRef::new(v)).is_none())
+        {
+            live_volumes.extend(volumes_api.get_opt(volume).await?);
+        }
+    }
+    Ok((live_claims, live_volumes))
+}
+
 fn error_policy(group: Arc<ConsistencyGroup>, error: &Error, _ctx: Arc<Context>) -> Action {
     warn!(group = %group.name_any(), error = %error, "will retry");
     Action::requeue(Duration::from_secs(5))
@@ -315,5 +388,53 @@ mod tests {
         );
         // Supported members never appear.
         assert_eq!(unsupported_members_note(&[], &[member("ok", None)]), None);
+    }
+
+    #[test]
+    fn only_newly_missing_claims_and_volumes_are_looked_up_live() {
+        let lost = GroupMember {
+            persistent_volume: Some("pv-lost".into()),
+            ..member("lost", Some(REASON_VOLUME_NOT_FOUND))
+        };
+        let now = vec![
+            member("ok", None),
+            member("new", Some(REASON_CLAIM_NOT_FOUND)),
+            member("old", Some(REASON_CLAIM_NOT_FOUND)),
+            member("pending", Some("ClaimNotBound")),
+            lost.clone(),
+        ];
+        // (case, previous members, claims to look up, volumes to look up)
+        type Case<'a> = (&'a str, Vec<GroupMember>, Vec<&'a str>, Vec<&'a str>);
+        let cases: Vec<Case> = vec![
+            (
+                "first reconcile",
+                vec![],
+                vec!["new", "old"],
+                vec!["pv-lost"],
+            ),
+            (
+                "already missing before",
+                vec![member("old", Some(REASON_CLAIM_NOT_FOUND)), lost.clone()],
+                vec!["new"],
+                vec![],
+            ),
+            (
+                "was supported, now missing",
+                vec![member("new", None), member("old", None)],
+                vec!["new", "old"],
+                vec!["pv-lost"],
+            ),
+            (
+                "missing for another reason before",
+                vec![member("new", Some("ClaimNotBound"))],
+                vec!["new", "old"],
+                vec!["pv-lost"],
+            ),
+        ];
+        for (case, previous, claims, volumes) in cases {
+            let (c, v) = new_absences(&previous, &now);
+            assert_eq!(c, claims, "{case}: claims");
+            assert_eq!(v, volumes, "{case}: volumes");
+        }
     }
 }

@@ -14,6 +14,11 @@ use crate::api::{ConsistencyGroupSpec, GroupMember, MAX_MEMBERS};
 /// The label kubelets set to the node name; local volumes pin themselves to a node with it.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 
+/// A member's reason when its claim does not exist.
+pub const REASON_CLAIM_NOT_FOUND: &str = "ClaimNotFound";
+/// A member's reason when the volume its claim is bound to does not exist.
+pub const REASON_VOLUME_NOT_FOUND: &str = "VolumeNotFound";
+
 /// Why a group's members cannot be resolved.
 #[derive(Debug, thiserror::Error)]
 pub enum SelectorError {
@@ -147,7 +152,7 @@ fn resolve_member(
     let Some(claim) = claim else {
         return unsupported(
             member,
-            "ClaimNotFound",
+            REASON_CLAIM_NOT_FOUND,
             format!("PersistentVolumeClaim {namespace}/{name} does not exist"),
         );
     };
@@ -181,14 +186,14 @@ fn resolve_member(
     let Some(volume) = volumes.get(volume_name) else {
         return unsupported(
             member,
-            "VolumeNotFound",
+            REASON_VOLUME_NOT_FOUND,
             format!("PersistentVolume {volume_name} bound to the claim does not exist"),
         );
     };
     let Some(spec) = volume.spec.as_ref() else {
         return unsupported(
             member,
-            "VolumeNotFound",
+            REASON_VOLUME_NOT_FOUND,
             format!("PersistentVolume {volume_name} has no spec"),
         );
     };

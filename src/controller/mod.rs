@@ -18,10 +18,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::events::Recorder;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use kube::core::PartialObjectMeta;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -57,6 +58,11 @@ pub struct ControllerArgs {
     /// `tandem.dev/restore`).
     #[arg(long, env = "TANDEM_RESTORE_STORAGE_CLASS")]
     pub restore_storage_class: Option<String>,
+
+    /// Test only, ignored by release builds: after each PVC watch event, wait this long before the
+    /// next reaches the cache, so tests can show a trailing cache never reports claims missing.
+    #[arg(long, hide = true)]
+    pub test_only_claim_cache_lag_ms: Option<u64>,
 }
 
 /// The Lease that elects the one active controller replica.
@@ -256,12 +262,17 @@ async fn run_controllers(
     tokio::spawn(node_events.for_each(|_| async {}));
     let (claim_events, restore_claims) = restore::tee(claim_events);
     let (volume_events, restore_volumes) = restore::tee(volume_events);
-    let claim_events = drive_in_background("claims", claim_events, None);
-    let volume_events = drive_in_background("volumes", volume_events, None);
+    let claim_cache_lag = args
+        .test_only_claim_cache_lag_ms
+        .filter(|_| cfg!(debug_assertions))
+        .map(std::time::Duration::from_millis);
+    let claim_events = drive_in_background("claims", claim_events, None, claim_cache_lag);
+    let volume_events = drive_in_background("volumes", volume_events, None, None);
     let node_snapshot_events = drive_in_background(
         "nodesnapshots",
         node_snapshot_events,
         Some(node_snapshots_changed.clone()),
+        None,
     );
     let (wake, woken) = tokio::sync::mpsc::unbounded_channel();
     let woken = futures::stream::unfold(
@@ -331,11 +342,13 @@ async fn run_controllers(
 }
 
 /// Polls `events` on a task of its own and hands them on through an unbounded channel,
-/// notifying `changed` (if any) of each.
+/// notifying `changed` (if any) of each; `lag` (tests only) waits after each event, so the cache
+/// the stream fills trails the API server.
 fn drive_in_background<T: Send + 'static>(
     name: &'static str,
     events: impl futures::Stream<Item = T> + Send + 'static,
     changed: Option<Arc<tokio::sync::Notify>>,
+    lag: Option<std::time::Duration>,
 ) -> impl futures::Stream<Item = T> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -348,6 +361,9 @@ fn drive_in_background<T: Send + 'static>(
             }
             if tx.send(event).is_err() {
                 break;
+            }
+            if let Some(lag) = lag {
+                tokio::time::sleep(lag).await;
             }
         }
     });

@@ -156,8 +156,9 @@ pub async fn run_restore_controllers(
     let (node_restore_events, node_restore_copies) = tee(node_restore_events);
     let (restore_events, restore_copies) = tee(restore_events);
     let (volume_objects, volume_copies) = tee_ok(volume_objects);
-    let node_restore_events = super::drive_in_background("noderestores", node_restore_events, None);
-    let restore_events = super::drive_in_background("grouprestores", restore_events, None);
+    let node_restore_events =
+        super::drive_in_background("noderestores", node_restore_events, None, None);
+    let restore_events = super::drive_in_background("grouprestores", restore_events, None, None);
 
     let rctx = Arc::new(RestoreContext {
         ctx: ctx.clone(),

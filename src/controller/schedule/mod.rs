@@ -83,7 +83,7 @@ pub async fn run_schedule_controller(ctx: Arc<Context>, namespace: Option<&str>)
     )
     .default_backoff()
     .touched_objects();
-    let events = drive_in_background("scheduled groupsnapshots", events, None);
+    let events = drive_in_background("scheduled groupsnapshots", events, None, None);
     let (clock, ticks) = clock::from_env();
     let ticks = match ticks {
         Some(rx) => {

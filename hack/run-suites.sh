@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Runs every test of `make test` in two lanes at once, because most of a test's time is spent
+# waiting on an API server, a kubelet or a QEMU guest, not on the CPU:
+#   node lane   the LVM QEMU guests (hack/lvm-qemu/run.sh), then the test binaries that start real
+#               nodes (kubelet + containerd), one at a time: they share the host's cgroups and loop
+#               devices, so they never overlap each other
+#   api lane    every other test binary (each starts its own control plane), one at a time
+# Each binary's output is kept in a log and printed whole when it ends, so lanes never interleave
+# lines. Exits non-zero if anything failed, after printing each suite's time.
+#
+#   hack/run-suites.sh            everything
+#   LVM_QEMU=0 hack/run-suites.sh without the QEMU guests
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# The real-node binaries (tests/support/node.rs users) go to the node lane.
+NODE_SUITES=${NODE_SUITES:-"real_node real_node_mariadb hooks exec_hold"}
+logs=$(mktemp -d "${TMPDIR:-/tmp}/tandem-suites.XXXXXX")
+trap 'rm -rf "$logs"' EXIT
+
+# Build everything first (one cargo at a time), then list the test executables it built.
+cargo test --lib --bins --tests --no-run || exit 1
+mapfile -t built < <(cargo test --lib --bins --tests --no-run --message-format=json 2>/dev/null |
+  jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test)
+         | "\(.target.kind[0]):\(.target.name) \(.executable)"' | sort)
+
+node_lane=() api_lane=()
+for entry in "${built[@]}"; do
+  name=${entry%% *}
+  if [[ " $NODE_SUITES " == *" ${name#*:} "* ]]; then node_lane+=("$entry"); else api_lane+=("$entry"); fi
+done
+
+# run_suite NAME COMMAND...: runs it with its output in a log, then prints the log and a status line.
+run_suite() {
+  local name=$1; shift
+  local log="$logs/${name//[:\/]/_}.log" start=$SECONDS rc
+  "$@" >"$log" 2>&1
+  rc=$?
+  {
+    echo "===== $name ($((SECONDS - start)) s, exit $rc) ====="
+    cat "$log"
+  } | flock "$logs/.print" cat
+  echo "$name $((SECONDS - start)) $rc" >>"$logs/summary"
+  return $rc
+}
+
+run_lane() {
+  local failed=0 entry
+  for entry in "$@"; do
+    if [[ $entry == lvm-qemu ]]; then
+      run_suite lvm-qemu bash hack/lvm-qemu/run.sh || failed=1
+    else
+      run_suite "${entry%% *}" "${entry#* }" || failed=1
+    fi
+  done
+  return $failed
+}
+
+start=$SECONDS
+lvm=()
+[[ ${LVM_QEMU:-1} == 1 ]] && lvm=(lvm-qemu)
+run_lane "${lvm[@]}" "${node_lane[@]}" &
+node_pid=$!
+run_lane "${api_lane[@]}" &
+api_pid=$!
+wait $node_pid; node_rc=$?
+wait $api_pid; api_rc=$?
+
+echo "===== suites (seconds, exit code) ====="
+sort -k2 -n -r "$logs/summary" | awk '{printf "%-32s %5d s  exit %d\n", $1, $2, $3}'
+echo "all suites: $((SECONDS - start)) s"
+if (( node_rc != 0 || api_rc != 0 )); then
+  echo "FAILED:" && awk '$3 != 0 {print "  " $1}' "$logs/summary"
+  exit 1
+fi
