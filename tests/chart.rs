@@ -1456,6 +1456,9 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "create grouprestores.tandem.dev",
         "delete grouprestores.tandem.dev",
         "list noderestores.tandem.dev",
+        "create groupsnapshotschedules.tandem.dev",
+        "patch groupsnapshotschedules.tandem.dev",
+        "delete groupsnapshotschedules.tandem.dev",
     ] {
         expect(&mut wrong, "editor", "editor", check, true);
     }
@@ -1466,9 +1469,24 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
         "create nodesnapshots.tandem.dev",
         "patch nodesnapshots.tandem.dev --subresource=status",
         "patch consistencygroups.tandem.dev --subresource=status",
+        "patch groupsnapshotschedules.tandem.dev --subresource=status",
     ] {
         expect(&mut wrong, "editor", "editor", check, false);
     }
+    expect(
+        &mut wrong,
+        "viewer",
+        "viewer",
+        "list groupsnapshotschedules.tandem.dev",
+        true,
+    );
+    expect(
+        &mut wrong,
+        "viewer",
+        "viewer",
+        "create groupsnapshotschedules.tandem.dev",
+        false,
+    );
     expect(
         &mut wrong,
         "viewer",
@@ -1527,7 +1545,9 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
             "events.events.k8s.io [] [] [create patch]",
             "groupsnapshots.tandem.dev/finalizers [] [] [update]",
             "groupsnapshots.tandem.dev/status [] [] [patch]",
-            "groupsnapshots.tandem.dev [] [] [get list watch patch]",
+            "groupsnapshots.tandem.dev [] [] [get list watch patch create delete]",
+            "groupsnapshotschedules.tandem.dev [] [] [get list watch patch]",
+            "groupsnapshotschedules.tandem.dev/status [] [] [patch]",
             "leases.coordination.k8s.io [] [tandem-controller] [get update patch]",
             "leases.coordination.k8s.io [] [] [create]",
             "nodesnapshots.tandem.dev [] [] [get list watch create patch delete]",

@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -16,6 +17,14 @@ struct ControllerLabels {
     controller: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScheduleLabels {
+    namespace: String,
+    schedule: String,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 /// Every metric the controller exports.
 pub struct Metrics {
     registry: Registry,
@@ -23,6 +32,12 @@ pub struct Metrics {
     cut_duration: Histogram,
     snapshots: Family<OutcomeLabels, Counter>,
     reconcile_errors: Family<ControllerLabels, Counter>,
+    schedule_runs: Family<OutcomeLabels, Counter>,
+    retention_deleted: Counter,
+    last_ready_timestamp: Family<ScheduleLabels, FloatGauge>,
+    last_ready_age: Family<ScheduleLabels, FloatGauge>,
+    /// Per schedule: when its newest Ready snapshot became Ready (the age is computed at scrape).
+    last_ready: std::sync::Mutex<std::collections::HashMap<ScheduleLabels, f64>>,
 }
 
 impl Default for Metrics {
@@ -54,12 +69,41 @@ impl Default for Metrics {
             "Reconciles that failed and will be retried",
             reconcile_errors.clone(),
         );
+        let schedule_runs = Family::<OutcomeLabels, Counter>::default();
+        let retention_deleted = Counter::default();
+        let last_ready_timestamp = Family::<ScheduleLabels, FloatGauge>::default();
+        let last_ready_age = Family::<ScheduleLabels, FloatGauge>::default();
+        registry.register(
+            "schedule_runs",
+            "Due runs of GroupSnapshotSchedules by outcome: started, skipped (one was unfinished), missed (too late or during downtime), ready, failed",
+            schedule_runs.clone(),
+        );
+        registry.register(
+            "schedule_retention_deleted",
+            "GroupSnapshots deleted by schedule retention",
+            retention_deleted.clone(),
+        );
+        registry.register(
+            "schedule_last_ready_timestamp_seconds",
+            "When the newest Ready GroupSnapshot of a schedule became Ready (Unix seconds)",
+            last_ready_timestamp.clone(),
+        );
+        registry.register(
+            "schedule_last_ready_age_seconds",
+            "Age of the newest Ready GroupSnapshot of a schedule, at scrape time",
+            last_ready_age.clone(),
+        );
         Metrics {
             registry,
             freeze_window,
             cut_duration,
             snapshots,
             reconcile_errors,
+            schedule_runs,
+            retention_deleted,
+            last_ready_timestamp,
+            last_ready_age,
+            last_ready: Default::default(),
         }
     }
 }
@@ -89,8 +133,55 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts `n` due runs of a schedule with `outcome`.
+    pub fn schedule_runs(&self, outcome: &str, n: u64) {
+        if n > 0 {
+            self.schedule_runs
+                .get_or_create(&OutcomeLabels {
+                    outcome: outcome.into(),
+                })
+                .inc_by(n);
+        }
+    }
+
+    pub fn retention_deleted(&self) {
+        self.retention_deleted.inc();
+    }
+
+    /// Records when the newest Ready snapshot of a schedule became Ready (None: it has none, or
+    /// the schedule is gone).
+    pub fn schedule_last_ready(&self, namespace: &str, schedule: &str, unix_seconds: Option<f64>) {
+        let labels = ScheduleLabels {
+            namespace: namespace.into(),
+            schedule: schedule.into(),
+        };
+        let mut last = self.last_ready.lock().unwrap_or_else(|p| p.into_inner());
+        match unix_seconds {
+            Some(t) => {
+                self.last_ready_timestamp.get_or_create(&labels).set(t);
+                last.insert(labels, t);
+            }
+            None => {
+                self.last_ready_timestamp.remove(&labels);
+                self.last_ready_age.remove(&labels);
+                last.remove(&labels);
+            }
+        }
+    }
+
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
+        let now = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
+        for (labels, t) in self
+            .last_ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            self.last_ready_age
+                .get_or_create(labels)
+                .set((now - t).max(0.0));
+        }
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
             text.clear();

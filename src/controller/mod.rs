@@ -334,6 +334,7 @@ async fn run_controllers(
                 restore_claims,
                 restore_volumes,
             ),
+            schedule::run_schedule_controller(ctx.clone(), args.namespace.as_deref()),
         )
     };
     // The controllers end on SIGTERM/SIGINT (graceful drain).
