@@ -117,6 +117,11 @@ pub struct GroupSnapshotTemplateSpec {
     /// from the nodes. `Retain`: they are kept as standalone NodeSnapshots.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+
+    /// `Run` (default): each run's snapshot runs the group's quiesce hooks around its cut.
+    /// `Skip`: the scheduled snapshots are at most FilesystemFrozen.
+    #[serde(default)]
+    pub hooks: crate::api::HooksPolicy,
 }
 
 /// Which of a schedule's snapshots to keep. Each rule keeps some; a snapshot kept by any rule is

@@ -447,7 +447,14 @@ pub fn snapshot_page(
             .collect();
         out.push_str(&indent(&table(
             &[
-                "HOOK", "MODE", "PHASE", "POD", "CONTAINER", "STATE", "EXIT", "MESSAGE",
+                "HOOK",
+                "MODE",
+                "PHASE",
+                "POD",
+                "CONTAINER",
+                "STATE",
+                "EXIT",
+                "MESSAGE",
             ],
             &rows,
         )));

@@ -561,6 +561,7 @@ async fn take(
         "spec": {
             "groupName": schedule.spec.group_name,
             "deletionPolicy": template.spec.deletion_policy,
+            "hooks": template.spec.hooks,
         },
     }))?;
     match snapshots.create(&PostParams::default(), &snapshot).await {
