@@ -910,7 +910,7 @@ async fn kubectl_apply_of_deploy_twice_changes_nothing() {
     let first = kubectl_admin(&["apply", "-f", &deploy]);
     assert!(first.contains("daemonset.apps/tandem-agent"), "{first}");
     let before = live_objects(&[&deploy]);
-    assert_eq!(before.len(), 27, "every object of deploy/ exists");
+    assert_eq!(before.len(), 28, "every object of deploy/ exists");
     // The API server accepted them as they are: the pod template really reaches a Pod.
     let deploy_ok = kubectl_admin(&[
         "-n",

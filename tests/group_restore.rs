@@ -323,16 +323,24 @@ async fn report_cloned(
     only: Option<&str>,
 ) -> Vec<NodeRestore> {
     let nodes: Api<NodeRestore> = w.env.api();
+    let restores: Api<GroupRestore> = w.env.api();
     let selector = format!("{GROUP_RESTORE_LABEL}={restore}");
-    let listed = eventually(WAIT, "NodeRestores", || {
+    // The controller creates one NodeRestore per node, one after another: wait for all of them.
+    let listed = eventually(WAIT, "a NodeRestore on every member's node", || {
         let nodes = nodes.clone();
+        let restores = restores.clone();
         let selector = selector.clone();
         async move {
+            let status = restores.get(restore).await.ok()?.status?;
+            let member_nodes: std::collections::BTreeSet<String> =
+                status.members.iter().map(|m| m.node.clone()).collect();
             let l = nodes
                 .list(&ListParams::default().labels(&selector))
                 .await
                 .ok()?;
-            (!l.items.is_empty()).then_some(l.items)
+            let listed: std::collections::BTreeSet<String> =
+                l.items.iter().map(|n| n.spec.node_name.clone()).collect();
+            (!member_nodes.is_empty() && member_nodes.is_subset(&listed)).then_some(l.items)
         }
     })
     .await;
