@@ -855,9 +855,19 @@ async fn drive(
         QuiesceSpec::default()
     };
     if has_hooks && status.phase == GroupSnapshotPhase::Cutting {
+        let live = |r: &crate::api::HookRun| ctx.hooks.live(&uid, r);
+        // A cached object older than this process's last write shows holds it has released since
+        // as still held, and so as lost: before calling any hold lost, make sure this is the
+        // latest status (only then: the barrier's usual path reads nothing more).
+        let mut probe = status.hooks.clone();
+        if hook_plan::mark_lost(&mut probe, live, MicroTime(Timestamp::now())) > 0 {
+            let latest = api.get(&name).await?;
+            if latest.resource_version() != snapshot.resource_version() {
+                return Ok(Action::requeue(Duration::from_millis(200)));
+            }
+        }
         // A hold lost to a restart, or one that ended on its own, no longer holds: under Fail
         // nothing may be cut, so every node aborts.
-        let live = |r: &crate::api::HookRun| ctx.hooks.live(&uid, r);
         let lost = hook_plan::mark_lost(&mut status.hooks, live, MicroTime(Timestamp::now()));
         hooks::check_holds(&uid, &ctx.hooks, &mut status.hooks);
         if hook_plan::may_cut(&hook_spec, &status.hooks).is_err() {
