@@ -975,6 +975,53 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// Two replicas that start together race for a free Lease. Exactly one may win: before each
+/// replica wrote the Lease as its own field manager, the loser's apply was not refused and both
+/// led (until their first renewal, 25 s later), which is what made the test below flaky.
+#[tokio::test]
+async fn two_replicas_starting_together_never_both_lead() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use tandem::controller::{LEADER_LEASE, leader_lease};
+
+    let env = TestEnv::new("cg-lease-race").await;
+    let leases: Api<Lease> = env.api();
+    let decided = Duration::from_secs(3);
+    for round in 0..10 {
+        let (a, b) = tokio::join!(
+            leader_lease(env.client.clone(), &env.namespace, "replica-a"),
+            leader_lease(env.client.clone(), &env.namespace, "replica-b"),
+        );
+        let (a, b) = (a.expect("manager a"), b.expect("manager b"));
+        // `changed` returns once this replica's leadership changes: true when it takes the Lease.
+        // The loser waits out the winner's lease, far longer than `decided`.
+        let (won_a, won_b) = tokio::join!(
+            tokio::time::timeout(decided, a.changed()),
+            tokio::time::timeout(decided, b.changed()),
+        );
+        let leaders: Vec<&str> = [("replica-a", won_a), ("replica-b", won_b)]
+            .into_iter()
+            .filter(|(_, won)| matches!(won, Ok(Ok(true))))
+            .map(|(name, _)| name)
+            .collect();
+        let holder = leases
+            .get(LEADER_LEASE)
+            .await
+            .expect("lease")
+            .spec
+            .and_then(|s| s.holder_identity);
+        assert_eq!(
+            leaders.len(),
+            1,
+            "round {round}: leaders {leaders:?}, the Lease names {holder:?}"
+        );
+        assert_eq!(holder.as_deref(), Some(leaders[0]), "round {round}");
+        leases
+            .delete(LEADER_LEASE, &Default::default())
+            .await
+            .expect("delete lease");
+    }
+}
+
 #[tokio::test]
 async fn leader_election_runs_one_controller_and_hands_over() {
     use k8s_openapi::api::coordination::v1::Lease;

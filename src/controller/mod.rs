@@ -181,12 +181,7 @@ async fn lead_and_run(
     let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
     let identity =
         std::env::var("POD_NAME").unwrap_or_else(|_| format!("tandem-{}", std::process::id()));
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), LEADER_LEASE)
-        .with_namespace(&namespace)
-        .with_identity(&identity)
-        .with_field_manager(CONTROLLER_NAME)
-        .build()
-        .await?;
+    let manager = leader_lease(client.clone(), &namespace, &identity).await?;
     let (mut leading, lease_task) = manager.watch().await;
     tracing::info!(%namespace, %identity, "waiting for the leader lease {LEADER_LEASE}");
     while !*leading.borrow_and_update() {
@@ -209,6 +204,37 @@ async fn lead_and_run(
     };
     lease_task.abort();
     result
+}
+
+/// The manager of this replica's claim on the leader Lease.
+pub async fn leader_lease(
+    client: Client,
+    namespace: &str,
+    identity: &str,
+) -> Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError> {
+    kube_lease_manager::LeaseManagerBuilder::new(client, LEADER_LEASE)
+        .with_namespace(namespace)
+        .with_identity(identity)
+        .with_field_manager(lease_field_manager(identity))
+        .build()
+        .await
+}
+
+/// The field manager of one replica's writes to the Lease. It must differ per replica: taking a
+/// free Lease is a server-side apply of `holderIdentity`, and only an owner *other* than the
+/// writer makes the API server refuse it. With one name for all, two replicas starting together
+/// both took the Lease, and both led until their first renewal.
+fn lease_field_manager(identity: &str) -> String {
+    // Field managers are at most 128 characters; a replica's name is unique at its end.
+    const MAX: usize = 128;
+    let prefix = format!("{CONTROLLER_NAME}-lease-");
+    let room = MAX - prefix.len();
+    let start = identity
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| identity.len() - i <= room)
+        .unwrap_or(identity.len());
+    format!("{prefix}{}", &identity[start..])
 }
 
 async fn run_controllers(
@@ -413,5 +439,36 @@ async fn publish_event(
     };
     if let Err(e) = ctx.recorder.publish(&event, reference).await {
         tracing::warn!(error = %e, "cannot publish event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lease_field_manager;
+
+    #[test]
+    fn each_replica_writes_the_lease_as_its_own_field_manager() {
+        let long_a = format!("{}-a", "x".repeat(300));
+        let long_b = format!("{}-b", "x".repeat(300));
+        let table = [
+            (
+                "tandem-controller-7d9f-abcde",
+                "tandem-controller-7d9f-fghij",
+            ),
+            ("ctl-1", "ctl-2"),
+            (long_a.as_str(), long_b.as_str()),
+        ];
+        for (a, b) in table {
+            let (fa, fb) = (lease_field_manager(a), lease_field_manager(b));
+            assert_ne!(fa, fb, "{a} and {b} share a field manager");
+            assert!(fa.len() <= 128 && fb.len() <= 128, "{fa} / {fb}");
+            assert!(fa.starts_with("tandem-controller-lease-"), "{fa}");
+        }
+        assert_eq!(
+            lease_field_manager("ctl-1"),
+            "tandem-controller-lease-ctl-1"
+        );
+        // A name of multi-byte characters is cut at a character boundary.
+        assert!(lease_field_manager(&"é".repeat(200)).len() <= 128);
     }
 }
