@@ -190,6 +190,7 @@ async fn write_status(
             &Patch::Apply(&patch),
         )
         .await?;
+        tracing::debug!(name = %obj.name_any(), phase = ?status.phase, "status written");
     }
     Ok(())
 }
@@ -205,6 +206,7 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
         return Ok(Action::await_change());
     };
     lock(&ctx.refs).insert(uid.clone(), ObjectRef::from_obj(obj.as_ref()));
+    tracing::debug!(%namespace, %name, %uid, action = ?obj.spec.action, phase = ?obj.status.as_ref().map(|s| s.phase), "NodeSnapshot seen");
     let api: Api<NodeSnapshot> = Api::namespaced(ctx.client.clone(), &namespace);
 
     if obj.metadata.deletion_timestamp.is_some() {
@@ -306,6 +308,7 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
                 let engine = ctx.engine.clone();
                 let key = uid.clone();
                 drive(move || engine.release(&key)).await?;
+                tracing::debug!(%namespace, %name, %uid, "release done");
                 let engine = ctx.engine.clone();
                 let key = uid.clone();
                 tokio::task::spawn_blocking(move || engine.status(&key)).await??

@@ -933,7 +933,10 @@ async fn drive(
         let params = PostParams::default();
         let outcomes = futures::future::join_all(objects.iter().map(|object| async {
             let outcome = match nodes_api.create(&params, object).await {
-                Ok(_) => CreateOutcome::Created,
+                Ok(_) => {
+                    tracing::debug!(snapshot = %name, node = %object.spec.node_name, "NodeSnapshot created");
+                    CreateOutcome::Created
+                }
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     // Ours (created a moment ago, not cached yet), or someone else's object.
                     let found = nodes_api.get_opt(&object.name_any()).await?;
@@ -1056,11 +1059,13 @@ async fn drive(
             ctx.metrics.cut_duration(cut_duration);
             // Every hold is released at once, together with the thaw.
             let names = names_of(&existing, &nodes);
+            tracing::debug!(snapshot = %name, nodes = names.len(), "every node cut: releasing");
             let (released, ()) = futures::join!(
                 set_action(nodes_api, &names, NodeAction::Release),
                 hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks),
             );
             released?;
+            tracing::debug!(snapshot = %name, "release patched");
             status.phase = GroupSnapshotPhase::Releasing;
             fill_members(&mut status, &existing);
             write_status(api, &name, &status).await?;

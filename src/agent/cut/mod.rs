@@ -560,6 +560,7 @@ impl Engine {
         }
 
         // 4. syncfs all, then FIFREEZE all, in parallel; each result registers as it returns.
+        tracing::debug!(key = %req.key, targets = targets.len(), "intent journaled: syncfs");
         executor::freeze_all(
             targets,
             ops.as_ref(),
@@ -610,9 +611,11 @@ impl Engine {
         }
 
         // 5. Cut the snapshots.
+        tracing::debug!(key = %req.key, failures = failures.len(), "freezes returned: cutting");
         if let Err(message) = self.cut_snapshots(req, cut, prepared) {
             return self.fail(cut, message);
         }
+        tracing::debug!(key = %req.key, "snapshots cut");
 
         // 6. Thaw at once, or hold.
         {
@@ -678,6 +681,7 @@ struct Sink<'a> {
 
 impl FreezeSink for Sink<'_> {
     fn may_freeze(&self) -> bool {
+        tracing::debug!(key = %self.cut.key, "all flushed: freezing");
         lock(&self.cut.state).phase.accepts_freezes()
     }
 
@@ -727,6 +731,7 @@ impl FreezeSink for Sink<'_> {
             }
         }
         if state.in_flight == 0 {
+            tracing::debug!(key = %self.cut.key, "every freeze returned");
             state.apply(CutEvent::FreezesReturned);
         }
         let over = state.phase.is_over();
