@@ -373,3 +373,61 @@ impl Scratch {
         self.made.push(Made::Mount(dst.to_path_buf()));
     }
 }
+
+impl Scratch {
+    /// A reflink pool of `size` bytes (sparse): for benchmarks with many volumes.
+    pub fn pool_sized(&mut self, fs: &str, size: u64) -> PathBuf {
+        let img = self.path(&format!("pool-{fs}.img"));
+        self.image(&img, size);
+        let dev = self.attach(&img, false);
+        self.mkfs(&dev, fs);
+        let mnt = self.path(&format!("pool-{fs}"));
+        self.mount(&dev, &mnt, &[]);
+        mnt
+    }
+
+    /// Like [`Scratch::volume`], but says what failed instead of panicking (a benchmark that
+    /// wants as many loop devices as the machine gives goes on with those it got).
+    pub fn try_volume(
+        &mut self,
+        pool: &Path,
+        name: &str,
+        fs: &str,
+        size: u64,
+    ) -> Result<Volume, String> {
+        let image = pool.join(format!("{name}.img"));
+        fs::File::create(&image)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| format!("image {}: {e}", image.display()))?;
+        let img = image.to_string_lossy().into_owned();
+        let (code, out) = sh_status("losetup", &["--find", "--show", &img]);
+        let device = out.trim().to_string();
+        if code != 0 || !device.starts_with("/dev/loop") {
+            let _ = fs::remove_file(&image);
+            return Err(format!("losetup: {}", out.trim()));
+        }
+        self.made.push(Made::Loop(device.clone()));
+        let (code, out) = match fs {
+            "ext4" => sh_status("mkfs.ext4", &["-q", "-F", &device]),
+            "xfs" => sh_status("mkfs.xfs", &["-q", "-f", &device]),
+            other => return Err(format!("no mkfs for {other}")),
+        };
+        if code != 0 {
+            return Err(format!("mkfs: {out}"));
+        }
+        let mount = self.path(&format!("vol-{name}"));
+        fs::create_dir_all(&mount).map_err(|e| format!("mount dir: {e}"))?;
+        let m = mount.to_string_lossy().into_owned();
+        let (code, out) = sh_status("mount", &[&device, &m]);
+        if code != 0 {
+            return Err(format!("mount: {out}"));
+        }
+        self.made.push(Made::Mount(mount.clone()));
+        Ok(Volume {
+            image,
+            device,
+            mount,
+            fs: fs.into(),
+        })
+    }
+}

@@ -559,3 +559,256 @@ pub fn condition_reason(restore: &tandem::api::GroupRestore, type_: &str) -> Opt
         .find(|c| c.type_ == type_)
         .map(|c| c.reason.clone())
 }
+
+/// Benchmarks: many volumes and namespaces, objects without devices, a controller of every
+/// namespace.
+impl World {
+    /// A world whose reflink pool has `pool_size` bytes (sparse), for many volumes.
+    pub async fn with_pool_size(name: &str, pool_size: u64) -> World {
+        let env = TestEnv::new(name).await;
+        let mut scratch = Scratch::new();
+        let pool = scratch.pool_sized("xfs", pool_size);
+        World {
+            agents: BTreeMap::new(),
+            controller: None,
+            volumes: BTreeMap::new(),
+            pool,
+            scratch,
+            env,
+        }
+    }
+
+    /// Publishes a local PV at `path` on `node` (a short node name) and a claim of `namespace`
+    /// bound to it; nothing is made on the machine (the path need not exist).
+    pub async fn publish_volume(
+        &self,
+        namespace: &str,
+        claim_name: &str,
+        node: &str,
+        path: &str,
+        labels: &[(&str, &str)],
+    ) {
+        let node = self.node(node);
+        let pv = format!("{namespace}-{claim_name}");
+        let volumes: Api<PersistentVolume> = Api::all(self.env.client.clone());
+        volumes
+            .create(
+                &PostParams::default(),
+                &local_volume(&pv, path, &node, namespace, claim_name, &[]),
+            )
+            .await
+            .expect("create PV");
+        let claims: Api<PersistentVolumeClaim> =
+            Api::namespaced(self.env.client.clone(), namespace);
+        claims
+            .create(
+                &PostParams::default(),
+                &claim(claim_name, Some(&pv), labels),
+            )
+            .await
+            .expect("create PVC");
+    }
+
+    /// Like [`World::add_volume`] with a size and a namespace of the claim's own; says what failed
+    /// (no free loop device, say) instead of panicking. The claim name is the volume's key.
+    pub async fn try_add_volume_in(
+        &mut self,
+        namespace: &str,
+        claim_name: &str,
+        node: &str,
+        size: u64,
+        labels: &[(&str, &str)],
+    ) -> Result<(), String> {
+        let volume = self
+            .scratch
+            .try_volume(&self.pool.clone(), claim_name, "ext4", size)?;
+        self.scratch.assert_owned(&volume.mount);
+        self.publish_volume(
+            namespace,
+            claim_name,
+            node,
+            &volume.mount.to_string_lossy(),
+            labels,
+        )
+        .await;
+        self.volumes.insert(claim_name.into(), volume);
+        Ok(())
+    }
+
+    /// Starts a controller of every namespace (no `--namespace`), with extra flags.
+    pub fn start_controller_all_namespaces(&mut self, extra: &[&str]) {
+        let mut args = vec!["controller"];
+        args.extend_from_slice(extra);
+        let cmd = &mut self.tandem(&args);
+        self.controller = Some(Daemon::spawn("controller", cmd, &self.logs()));
+    }
+
+    /// Creates a ConsistencyGroup in `namespace` (no wait).
+    pub async fn create_group_in(&self, namespace: &str, name: &str, spec: serde_json::Value) {
+        let groups: Api<ConsistencyGroup> = Api::namespaced(self.env.client.clone(), namespace);
+        groups
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec}))
+                    .expect("group"),
+            )
+            .await
+            .expect("create group");
+    }
+
+    /// Waits until a group of `namespace` is Ready with `members` members.
+    pub async fn wait_group_members_in(
+        &self,
+        namespace: &str,
+        name: &str,
+        members: usize,
+        timeout: Duration,
+    ) {
+        let groups: Api<ConsistencyGroup> = Api::namespaced(self.env.client.clone(), namespace);
+        eventually(timeout, &format!("group {namespace}/{name} Ready"), || {
+            let groups = groups.clone();
+            async move {
+                let g = groups.get(name).await.ok()?;
+                let status = g.status?;
+                let ready = status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                (status.observed_generation == g.metadata.generation
+                    && ready
+                    && status.members.len() == members)
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Creates a GroupSnapshot in `namespace` (no wait).
+    pub async fn create_snapshot_in(&self, namespace: &str, name: &str, group: &str) {
+        let snapshots: Api<GroupSnapshot> = Api::namespaced(self.env.client.clone(), namespace);
+        snapshots
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name},
+                    "spec": {"groupName": group, "deletionPolicy": "Delete"}}))
+                .expect("snapshot"),
+            )
+            .await
+            .expect("create snapshot");
+    }
+}
+
+/// Benchmarks: what a process costs, and what the metrics endpoints say.
+pub mod measure {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    /// Resident memory of a process, in KiB (0 if it is gone).
+    pub fn rss_kib(pid: u32) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// User plus system CPU time of a process, in clock ticks (1/100 s).
+    pub fn cpu_ticks(pid: u32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime is 14th, stime 15th.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        field(11) + field(12)
+    }
+
+    /// A plain HTTP GET on loopback (the controller's /metrics); the body, or None.
+    pub fn http_get(addr: &str, path: &str) -> Option<String> {
+        let mut s = std::net::TcpStream::connect(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+    }
+
+    /// The sum of every sample of the Prometheus metric `name` whose labels contain all of
+    /// `labels` (`key="value"` each) and none of `without`; None if no sample matched.
+    pub fn metric_sum(text: &str, name: &str, labels: &[&str], without: &[&str]) -> Option<f64> {
+        let mut sum = None;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            let (set, value) = match rest.strip_prefix('{') {
+                Some(r) => match r.rsplit_once("} ") {
+                    Some((set, value)) => (set, value),
+                    None => continue,
+                },
+                None if rest.starts_with(' ') => ("", rest),
+                None => continue,
+            };
+            if !labels.iter().all(|l| set.contains(l)) || without.iter().any(|l| set.contains(l)) {
+                continue;
+            }
+            if let Ok(v) = value.trim().parse::<f64>() {
+                *sum.get_or_insert(0.0) += v;
+            }
+        }
+        sum
+    }
+
+    /// The median of some numbers (0 for none).
+    pub fn median(mut v: Vec<f64>) -> f64 {
+        if v.is_empty() {
+            return 0.0;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    }
+}
+
+/// Trace: the timestamps of a process log (tracing-subscriber's default format, microseconds).
+pub mod trace {
+    use std::path::Path;
+
+    /// One log line: when (µs since the epoch) and the whole text.
+    pub struct Line {
+        pub micros: i64,
+        pub text: String,
+    }
+
+    pub fn read(path: &Path) -> Vec<Line> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (stamp, _) = l.split_once(' ')?;
+                let t: jiff::Timestamp = stamp.parse().ok()?;
+                Some(Line {
+                    micros: t.as_microsecond(),
+                    text: l.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// The first line that contains every one of `needles`.
+    pub fn first(lines: &[Line], needles: &[&str]) -> Option<i64> {
+        lines
+            .iter()
+            .find(|l| needles.iter().all(|n| l.text.contains(n)))
+            .map(|l| l.micros)
+    }
+}
