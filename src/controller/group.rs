@@ -24,6 +24,9 @@ use super::{CONTROLLER_NAME, Context, Error, caches_ready, publish_event};
 use crate::api::{CONDITION_READY, ConsistencyGroup, ConsistencyGroupStatus, GroupMember};
 use crate::conditions::condition;
 
+/// How many groups reconcile at once.
+const RECONCILE_CONCURRENCY: u16 = 16;
+
 /// Runs the ConsistencyGroup controller; a PVC or PV change re-reconciles the groups it can affect.
 pub async fn run_group_controller(
     ctx: Arc<Context>,
@@ -35,7 +38,11 @@ pub async fn run_group_controller(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    let controller = Controller::new(groups_api, watcher::Config::default());
+    // Bounded: 10,000 groups reconciled at once held 10,000 requests in flight, and the heap
+    // they grew stayed the process's for good.
+    let controller = Controller::new(groups_api, watcher::Config::default()).with_config(
+        kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+    );
     let groups = controller.store();
     let groups_for_volumes = groups.clone();
     let (claims, volumes) = (ctx.claims.clone(), ctx.volumes.clone());
