@@ -1046,9 +1046,10 @@ async fn a_label_change_reconciles_only_the_groups_it_can_affect() {
     wait_members(&env, "g1", &[("c0", true), ("c1", true)]).await;
     wait_members(&env, "g0", &[]).await;
     let cost = settled_reconciles(port).await - before;
-    // g0 and g1, each once for the claim and once for its own status write; before, all 30.
+    // g0 and g1, each once for the claim and once for its own status write (a late binding
+    // update of another claim may add its own group's two); before, all 30 groups.
     assert!(
-        (2..=6).contains(&cost),
+        (2..=8).contains(&cost),
         "one label change cost {cost} reconciles of {GROUPS} groups"
     );
 }
