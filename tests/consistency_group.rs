@@ -975,6 +975,85 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// The controller's count of ConsistencyGroup reconciles, once it has stopped moving.
+async fn settled_reconciles(port: u16) -> u64 {
+    let read = move || {
+        let (_, metrics) = http_get(port, "/metrics")?;
+        metrics
+            .lines()
+            .find(|l| l.starts_with("tandem_reconciles_total{controller=\"consistency_group\"}"))?
+            .split_whitespace()
+            .last()?
+            .parse::<u64>()
+            .ok()
+    };
+    let mut last = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = tokio::task::spawn_blocking(read).await.ok().flatten();
+        if now.is_some() && now == last {
+            return now.unwrap_or_default();
+        }
+        last = now;
+    }
+}
+
+/// One claim's label change reconciles the groups it can affect (the one it left, the one it
+/// joined), not every group of the namespace over every claim.
+#[tokio::test]
+async fn a_label_change_reconciles_only_the_groups_it_can_affect() {
+    let env = TestEnv::new("cg-fanout").await;
+    let port = support::control_plane::free_port();
+    let _controller = start_controller_with(
+        &env,
+        ControllerArgs {
+            namespace: Some(env.namespace.clone()),
+            http_addr: Some(format!("127.0.0.1:{port}").parse().expect("address")),
+            ..Default::default()
+        },
+    );
+    const GROUPS: usize = 30;
+    let groups: Api<ConsistencyGroup> = env.api();
+    for i in 0..GROUPS {
+        let app = format!("app-{i}");
+        publish_volume(&env, &format!("c{i}"), "node-a", &[("app", &app)], &[]).await;
+        groups
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(group(
+                    &format!("g{i}"),
+                    json!({"selector": {"matchLabels": {"app": app}}}),
+                ))
+                .expect("group"),
+            )
+            .await
+            .expect("create group");
+    }
+    for i in 0..GROUPS {
+        wait_members(&env, &format!("g{i}"), &[(&format!("c{i}"), true)]).await;
+    }
+    let before = settled_reconciles(port).await;
+
+    let claims: Api<PersistentVolumeClaim> = env.api();
+    claims
+        .patch(
+            "c0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"app": "app-1"}}})),
+        )
+        .await
+        .expect("relabel");
+    wait_members(&env, "g1", &[("c0", true), ("c1", true)]).await;
+    wait_members(&env, "g0", &[]).await;
+    let cost = settled_reconciles(port).await - before;
+    // g0 and g1, each once for the claim and once for its own status write (a late binding
+    // update of another claim may add its own group's two); before, all 30 groups.
+    assert!(
+        (2..=8).contains(&cost),
+        "one label change cost {cost} reconciles of {GROUPS} groups"
+    );
+}
+
 /// Two replicas that start together race for a free Lease. Exactly one may win: before each
 /// replica wrote the Lease as its own field manager, the loser's apply was not refused and both
 /// led (until their first renewal, 25 s later), which is what made the test below flaky.

@@ -17,14 +17,17 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::membership::{
-    HOSTNAME_LABEL, REASON_CLAIM_NOT_FOUND, REASON_VOLUME_NOT_FOUND, name_nodes, nodes_by_hostname,
-    resolve_members,
+    HOSTNAME_LABEL, REASON_CLAIM_NOT_FOUND, REASON_VOLUME_NOT_FOUND, claim_may_affect, name_nodes,
+    nodes_by_hostname, resolve_members_with, volume_may_affect,
 };
 use super::{CONTROLLER_NAME, Context, Error, caches_ready, publish_event};
 use crate::api::{CONDITION_READY, ConsistencyGroup, ConsistencyGroupStatus, GroupMember};
 use crate::conditions::condition;
 
-/// Runs the ConsistencyGroup controller; PVC and PV changes re-reconcile the groups of their namespace.
+/// How many groups reconcile at once.
+const RECONCILE_CONCURRENCY: u16 = 16;
+
+/// Runs the ConsistencyGroup controller; a PVC or PV change re-reconciles the groups it can affect.
 pub async fn run_group_controller(
     ctx: Arc<Context>,
     namespace: Option<&str>,
@@ -35,20 +38,43 @@ pub async fn run_group_controller(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    let controller = Controller::new(groups_api, watcher::Config::default());
+    // Bounded: 10,000 groups reconciled at once held 10,000 requests in flight, and the heap
+    // they grew stayed the process's for good.
+    let controller = Controller::new(groups_api, watcher::Config::default()).with_config(
+        kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+    );
     let groups = controller.store();
     let groups_for_volumes = groups.clone();
+    let (claims, volumes) = (ctx.claims.clone(), ctx.volumes.clone());
     controller
         .watches_stream(claim_events, move |claim| {
-            groups_in(&groups, claim.namespace().as_deref())
-        })
-        .watches_stream(volume_events, move |volume| {
-            let claim_namespace = volume
+            let volume_labels = claim
                 .spec
                 .as_ref()
-                .and_then(|s| s.claim_ref.as_ref())
-                .and_then(|r| r.namespace.clone());
-            groups_in(&groups_for_volumes, claim_namespace.as_deref())
+                .and_then(|s| s.volume_name.as_deref())
+                .and_then(|v| volumes.get(&ObjectRef::new(v)));
+            let volume_labels = volume_labels.as_ref().map(|v| v.labels());
+            groups_affected(&groups, claim.namespace().as_deref(), |group| {
+                claim_may_affect(group, &claim.name_any(), claim.labels(), volume_labels)
+            })
+        })
+        .watches_stream(volume_events, move |volume| {
+            let claim_ref = volume.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
+            let namespace = claim_ref.and_then(|r| r.namespace.clone());
+            let claim = claim_ref
+                .zip(namespace.as_deref())
+                .and_then(|(r, ns)| claims.get(&ObjectRef::new(r.name.as_deref()?).within(ns)));
+            let claim_name = claim_ref.and_then(|r| r.name.as_deref());
+            groups_affected(&groups_for_volumes, namespace.as_deref(), |group| {
+                let claim_affects = claim_name.is_some_and(|name| {
+                    let labels = claim
+                        .as_ref()
+                        .map(|c| c.labels().clone())
+                        .unwrap_or_default();
+                    claim_may_affect(group, name, &labels, Some(volume.labels()))
+                });
+                volume_may_affect(group, &volume.name_any(), volume.labels(), claim_affects)
+            })
         })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -60,10 +86,12 @@ pub async fn run_group_controller(
         .await;
 }
 
-/// Every group of a namespace: a PVC or PV change can only affect groups of the claim's namespace.
-fn groups_in(
+/// The groups of `namespace` that `affected` picks: a PVC or PV change can only affect groups of
+/// the claim's namespace, and of those only the ones that name, select or list it.
+fn groups_affected(
     groups: &kube::runtime::reflector::Store<ConsistencyGroup>,
     namespace: Option<&str>,
+    affected: impl Fn(&ConsistencyGroup) -> bool,
 ) -> Vec<ObjectRef<ConsistencyGroup>> {
     let Some(namespace) = namespace else {
         return Vec::new();
@@ -71,26 +99,29 @@ fn groups_in(
     groups
         .state()
         .iter()
-        .filter(|g| g.namespace().as_deref() == Some(namespace))
+        .filter(|g| g.metadata.namespace.as_deref() == Some(namespace))
+        .filter(|g| affected(g))
         .map(|g| ObjectRef::from_obj(g.as_ref()))
         .collect()
 }
 
 async fn reconcile(group: Arc<ConsistencyGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
     tracing::debug!(group = %group.name_any(), "reconcile");
+    ctx.metrics.reconciled("consistency_group");
     caches_ready(&ctx).await?;
     tracing::debug!(group = %group.name_any(), "caches ready");
     let namespace = group.namespace().ok_or(Error::MissingNamespace)?;
     let claims = ctx.claims.state();
-    let volumes = ctx.volumes.state();
     let previous = group.status.clone().unwrap_or_default();
     let generation = group.metadata.generation;
+    let cached_volume = |name: &str| ctx.volumes.get(&ObjectRef::new(name));
 
-    let mut resolved = resolve_members(
+    let mut resolved = resolve_members_with(
         &namespace,
         &group.spec,
         claims.iter().map(Arc::as_ref),
-        volumes.iter().map(Arc::as_ref),
+        cached_volume,
+        || ctx.volumes.state(),
     );
     // The caches trail the API server: a claim created a moment before its group may not be in
     // them yet. A member newly reported missing is looked up live before anyone is told so.
@@ -100,11 +131,25 @@ async fn reconcile(group: Arc<ConsistencyGroup>, ctx: Arc<Context>) -> Result<Ac
             let (live_claims, live_volumes) =
                 fetch_live(&ctx, &namespace, &missing_claims, &missing_volumes).await?;
             if !live_claims.is_empty() || !live_volumes.is_empty() {
-                resolved = resolve_members(
+                let live_volumes: Vec<Arc<PersistentVolume>> =
+                    live_volumes.into_iter().map(Arc::new).collect();
+                let volume = |name: &str| {
+                    live_volumes
+                        .iter()
+                        .find(|v| v.metadata.name.as_deref() == Some(name))
+                        .cloned()
+                        .or_else(|| cached_volume(name))
+                };
+                resolved = resolve_members_with(
                     &namespace,
                     &group.spec,
                     claims.iter().map(Arc::as_ref).chain(&live_claims),
-                    volumes.iter().map(Arc::as_ref).chain(&live_volumes),
+                    volume,
+                    || {
+                        let mut all = ctx.volumes.state();
+                        all.extend(live_volumes.iter().cloned());
+                        all
+                    },
                 );
             }
         }

@@ -4,12 +4,14 @@
 //! volume whose claimRef points elsewhere is never a member, whatever its labels say.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Deref;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 
-use crate::api::{ConsistencyGroupSpec, GroupMember, MAX_MEMBERS};
+use crate::api::{ConsistencyGroup, ConsistencyGroupSpec, GroupMember, MAX_MEMBERS};
 
 /// The label kubelets set to the node name; local volumes pin themselves to a node with it.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
@@ -80,13 +82,33 @@ pub fn resolve_members<'a>(
     claims: impl IntoIterator<Item = &'a PersistentVolumeClaim>,
     volumes: impl IntoIterator<Item = &'a PersistentVolume>,
 ) -> Result<Vec<GroupMember>, SelectorError> {
-    let claims: BTreeMap<String, &PersistentVolumeClaim> = claims
+    let volumes: BTreeMap<&str, &PersistentVolume> = volumes
         .into_iter()
-        .filter(|c| c.namespace().as_deref() == Some(namespace))
-        .map(|c| (c.name_any(), c))
+        .filter_map(|v| Some((v.metadata.name.as_deref()?, v)))
         .collect();
-    let volumes: BTreeMap<String, &PersistentVolume> =
-        volumes.into_iter().map(|v| (v.name_any(), v)).collect();
+    resolve_members_with(
+        namespace,
+        spec,
+        claims,
+        |name| volumes.get(name).copied(),
+        || volumes.values().copied().collect(),
+    )
+}
+
+/// [`resolve_members`] over a volume lookup by name: what a reconcile costs is then its own
+/// members, not every volume of the cluster. `all_volumes` is only called for a `volumeSelector`.
+pub fn resolve_members_with<'a, V: Deref<Target = PersistentVolume>>(
+    namespace: &str,
+    spec: &ConsistencyGroupSpec,
+    claims: impl IntoIterator<Item = &'a PersistentVolumeClaim>,
+    volume: impl Fn(&str) -> Option<V>,
+    all_volumes: impl FnOnce() -> Vec<V>,
+) -> Result<Vec<GroupMember>, SelectorError> {
+    let claims: BTreeMap<&str, &PersistentVolumeClaim> = claims
+        .into_iter()
+        .filter(|c| c.metadata.namespace.as_deref() == Some(namespace))
+        .filter_map(|c| Some((c.metadata.name.as_deref()?, c)))
+        .collect();
 
     let mut names: BTreeSet<String> = spec.claims.iter().flatten().cloned().collect();
     if let Some(selector) = &spec.selector {
@@ -95,14 +117,14 @@ pub fn resolve_members<'a>(
             claims
                 .iter()
                 .filter(|(_, c)| selector.matches(c.labels()))
-                .map(|(name, _)| name.clone()),
+                .map(|(name, _)| name.to_string()),
         );
     }
     if let Some(selector) = &spec.volume_selector {
         let selector = parse_selector("volumeSelector", selector)?;
         names.extend(
-            volumes
-                .values()
+            all_volumes()
+                .iter()
                 .filter(|v| selector.matches(v.labels()))
                 .filter_map(|v| v.spec.as_ref()?.claim_ref.as_ref())
                 .filter(|r| r.namespace.as_deref() == Some(namespace))
@@ -119,10 +141,57 @@ pub fn resolve_members<'a>(
     Ok(names
         .into_iter()
         .map(|name| {
-            let claim = claims.get(&name).copied();
-            resolve_member(namespace, name, claim, &volumes)
+            let claim = claims.get(name.as_str()).copied();
+            let bound = claim
+                .and_then(|c| c.spec.as_ref()?.volume_name.as_deref())
+                .and_then(&volume);
+            resolve_member(namespace, name, claim, bound.as_deref())
         })
         .collect())
+}
+
+/// Whether a change to the claim `name` (with `labels`, bound to a volume with `volume_labels`)
+/// can change the members of `group`: the group names it, selects it now, or listed it before
+/// (a claim relabelled away must leave). A watch event reconciles only these groups.
+pub fn claim_may_affect(
+    group: &ConsistencyGroup,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    volume_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    let spec = &group.spec;
+    spec.claims.iter().flatten().any(|c| c == name)
+        || lists_member(group, |m| m.claim == name)
+        || selects(spec.selector.as_ref(), labels)
+        || volume_labels.is_some_and(|l| selects(spec.volume_selector.as_ref(), l))
+}
+
+/// Whether a change to the volume `name` (with `labels`, claimed by the claim `claim` of the
+/// group's namespace, if any) can change the members of `group`. `claim_affects` answers for
+/// that claim (see [`claim_may_affect`]).
+pub fn volume_may_affect(
+    group: &ConsistencyGroup,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    claim_affects: bool,
+) -> bool {
+    claim_affects
+        || lists_member(group, |m| m.persistent_volume.as_deref() == Some(name))
+        || selects(group.spec.volume_selector.as_ref(), labels)
+}
+
+fn lists_member(group: &ConsistencyGroup, test: impl Fn(&GroupMember) -> bool) -> bool {
+    group
+        .status
+        .as_ref()
+        .is_some_and(|s| s.members.iter().any(test))
+}
+
+/// A selector that cannot be parsed selects nothing: its group reports that whatever changes.
+fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    selector
+        .and_then(|s| Selector::try_from(s.clone()).ok())
+        .is_some_and(|s| s.matches(labels))
 }
 
 fn parse_selector(
@@ -143,7 +212,7 @@ fn resolve_member(
     namespace: &str,
     name: String,
     claim: Option<&PersistentVolumeClaim>,
-    volumes: &BTreeMap<String, &PersistentVolume>,
+    bound: Option<&PersistentVolume>,
 ) -> GroupMember {
     let member = GroupMember {
         claim: name.clone(),
@@ -183,7 +252,7 @@ fn resolve_member(
         persistent_volume: Some(volume_name.to_string()),
         ..member
     };
-    let Some(volume) = volumes.get(volume_name) else {
+    let Some(volume) = bound else {
         return unsupported(
             member,
             REASON_VOLUME_NOT_FOUND,
@@ -614,5 +683,123 @@ mod tests {
             members.iter().map(|m| m.claim.as_str()).collect::<Vec<_>>(),
             ["x", "y"]
         );
+    }
+
+    fn group_of(spec: ConsistencyGroupSpec, members: &[(&str, &str)]) -> ConsistencyGroup {
+        let mut group = ConsistencyGroup::new("g", spec);
+        group.metadata.namespace = Some("a".into());
+        group.status = Some(crate::api::ConsistencyGroupStatus {
+            members: members
+                .iter()
+                .map(|(claim, volume)| GroupMember {
+                    claim: claim.to_string(),
+                    persistent_volume: Some(volume.to_string()),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+        group
+    }
+
+    type Labels = BTreeMap<String, String>;
+    /// (group spec, members it lists, claim, claim labels, its volume's labels, affected)
+    type ClaimRow<'a> = (
+        &'a ConsistencyGroupSpec,
+        &'a [(&'a str, &'a str)],
+        &'a str,
+        &'a Labels,
+        Option<&'a Labels>,
+        bool,
+    );
+    /// (members the group lists, volume, volume labels, its claim affects the group, affected)
+    type VolumeRow<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a Labels, bool, bool);
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_claim_change_reaches_only_the_groups_it_can_affect() {
+        let by_selector = ConsistencyGroupSpec {
+            selector: Some(labels(&[("app", "db")])),
+            ..Default::default()
+        };
+        let by_name = ConsistencyGroupSpec {
+            claims: Some(vec!["data".into()]),
+            ..Default::default()
+        };
+        let by_volume = ConsistencyGroupSpec {
+            volume_selector: Some(labels(&[("tier", "gold")])),
+            ..Default::default()
+        };
+        let broken = ConsistencyGroupSpec {
+            selector: Some(LabelSelector {
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: "app".into(),
+                    operator: "Sideways".into(),
+                    values: None,
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let db = map(&[("app", "db")]);
+        let web = map(&[("app", "web")]);
+        let gold = map(&[("tier", "gold")]);
+        let table: [ClaimRow; 10] = [
+            (&by_selector, &[], "data", &db, None, true),
+            (&by_selector, &[], "data", &web, None, false),
+            // Relabelled away: it was a member, so the group must drop it.
+            (&by_selector, &[("data", "pv1")], "data", &web, None, true),
+            (&by_name, &[], "data", &web, None, true),
+            (&by_name, &[], "logs", &db, None, false),
+            (&by_volume, &[], "data", &web, Some(&gold), true),
+            (&by_volume, &[], "data", &web, Some(&web), false),
+            (&by_volume, &[], "data", &web, None, false),
+            (&broken, &[], "data", &db, None, false),
+            (&broken, &[("data", "pv1")], "data", &db, None, true),
+        ];
+        for (i, (spec, members, name, claim_labels, volume_labels, want)) in
+            table.into_iter().enumerate()
+        {
+            let group = group_of(spec.clone(), members);
+            assert_eq!(
+                claim_may_affect(&group, name, claim_labels, volume_labels),
+                want,
+                "row {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_volume_change_reaches_only_the_groups_it_can_affect() {
+        let by_volume = ConsistencyGroupSpec {
+            volume_selector: Some(labels(&[("tier", "gold")])),
+            ..Default::default()
+        };
+        let gold = map(&[("tier", "gold")]);
+        let plain = map(&[]);
+        let table: [VolumeRow; 5] = [
+            (&[], "pv1", &gold, false, true),
+            (&[], "pv1", &plain, false, false),
+            // Relabelled away, or its claim's change matters: the group must look again.
+            (&[("data", "pv1")], "pv1", &plain, false, true),
+            (&[("data", "pv2")], "pv1", &plain, false, false),
+            (&[], "pv1", &plain, true, true),
+        ];
+        for (i, (members, name, volume_labels, claim_affects, want)) in
+            table.into_iter().enumerate()
+        {
+            let group = group_of(by_volume.clone(), members);
+            assert_eq!(
+                volume_may_affect(&group, name, volume_labels, claim_affects),
+                want,
+                "row {i}"
+            );
+        }
     }
 }

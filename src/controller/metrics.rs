@@ -32,6 +32,7 @@ pub struct Metrics {
     cut_duration: Histogram,
     snapshots: Family<OutcomeLabels, Counter>,
     reconcile_errors: Family<ControllerLabels, Counter>,
+    reconciles: Family<ControllerLabels, Counter>,
     schedule_runs: Family<OutcomeLabels, Counter>,
     retention_deleted: Counter,
     last_ready_timestamp: Family<ScheduleLabels, FloatGauge>,
@@ -49,6 +50,12 @@ impl Default for Metrics {
         let cut_duration = Histogram::new(buckets());
         let snapshots = Family::<OutcomeLabels, Counter>::default();
         let reconcile_errors = Family::<ControllerLabels, Counter>::default();
+        let reconciles = Family::<ControllerLabels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciles run, by controller (what one watch event costs)",
+            reconciles.clone(),
+        );
         registry.register(
             "freeze_window_seconds",
             "First freeze to last thaw of a group snapshot, across its nodes",
@@ -99,6 +106,7 @@ impl Default for Metrics {
             cut_duration,
             snapshots,
             reconcile_errors,
+            reconciles,
             schedule_runs,
             retention_deleted,
             last_ready_timestamp,
@@ -121,6 +129,14 @@ impl Metrics {
         self.snapshots
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn reconciled(&self, controller: &str) {
+        self.reconciles
+            .get_or_create(&ControllerLabels {
+                controller: controller.into(),
             })
             .inc();
     }

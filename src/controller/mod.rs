@@ -263,13 +263,13 @@ async fn run_controllers(
     let (volumes, volumes_writer) = reflector::store();
     let claim_events = reflector(
         claims_writer,
-        watcher(claims_api, watcher::Config::default()),
+        watcher(claims_api, watcher::Config::default()).modify(slim),
     )
     .default_backoff()
     .touched_objects();
     let volume_events = reflector(
         volumes_writer,
-        watcher(volumes_api, watcher::Config::default()),
+        watcher(volumes_api, watcher::Config::default()).modify(slim),
     )
     .default_backoff()
     .touched_objects();
@@ -368,6 +368,17 @@ async fn run_controllers(
         _ = controllers => Ok(()),
         _ = readiness => Ok(()),
         _ = orphans::sweep(ctx.clone()) => Ok(()),
+    }
+}
+
+/// Drops what no reconcile reads from a cached object (the field managers and kubectl's copy of
+/// the last applied object): most of a PVC's or PV's size, kept once per claim and volume of the
+/// cluster.
+fn slim<K: kube::Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
 }
 
