@@ -37,11 +37,13 @@ async fn assert_failed_clean(w: &World, name: &str) -> String {
 
 /// Two nodes, one volume each; only node a's agent runs, so once the snapshot `s` of group `g`
 /// starts, node a cuts and holds its freeze while it waits for node b.
-async fn node_a_holding_its_freeze(mut w: World, fs: (&str, &str), timeout: u32) -> World {
+async fn both_nodes_holding_their_freeze(mut w: World, fs: (&str, &str), timeout: u32) -> World {
     w.add_volume("a1", "a", fs.0, &[]).await;
     w.add_volume("b1", "b", fs.1, &[]).await;
     w.start_agent("a");
-    w.start_controller();
+    w.start_agent("b");
+    // Both nodes prepare, freeze on one trigger and cut; the release waits (test-only delay).
+    w.start_controller_with(&["--test-only-release-delay-ms", "600000"]);
     w.create_group(
         "g",
         json!({"claims": ["a1", "b1"], "freezeTimeoutSeconds": timeout}),
@@ -49,6 +51,7 @@ async fn node_a_holding_its_freeze(mut w: World, fs: (&str, &str), timeout: u32)
     .await;
     w.create_snapshot("s", "g", "Delete").await;
     w.wait_node_phase("a", NodePhase::Cut).await;
+    w.wait_node_phase("b", NodePhase::Cut).await;
     w
 }
 
@@ -58,7 +61,7 @@ async fn an_agent_killed_mid_freeze_thaws_when_it_restarts() {
         return;
     }
     let mut w =
-        node_a_holding_its_freeze(World::new("fault-agent").await, ("xfs", "ext4"), 30).await;
+        both_nodes_holding_their_freeze(World::new("fault-agent").await, ("xfs", "ext4"), 30).await;
     assert!(
         !w.accepts_writes("a1", Duration::from_millis(500)),
         "node a should hold its freeze"
@@ -76,8 +79,12 @@ async fn an_agent_killed_mid_freeze_thaws_when_it_restarts() {
         w.accepts_writes("a1", Duration::from_secs(10)),
         "the restarted agent did not thaw a1"
     );
-    w.start_agent("b");
+    // Node b, still holding, is aborted by the controller.
     let message = assert_failed_clean(&w, "s").await;
+    assert!(
+        w.accepts_writes("b1", Duration::from_secs(5)),
+        "b1 stayed frozen"
+    );
     assert!(message.contains(&w.node("a")), "{message}");
 }
 
@@ -86,11 +93,10 @@ async fn the_controller_killed_between_cut_and_release_leaves_nothing_frozen() {
     if !require_root() {
         return;
     }
-    let mut w = node_a_holding_its_freeze(World::new("fault-ctl").await, ("ext4", "xfs"), 4).await;
+    let mut w =
+        both_nodes_holding_their_freeze(World::new("fault-ctl").await, ("ext4", "xfs"), 4).await;
+    // Both hold their freeze, and nobody is left to release them.
     w.controller.as_mut().expect("controller").kill9();
-    // Node b cuts too, but nobody is left to release them.
-    w.start_agent("b");
-    w.wait_node_phase("b", NodePhase::Cut).await;
     // Each agent's own watchdog thaws and deletes the void snapshots.
     w.wait_node_phase("a", NodePhase::Aborted).await;
     w.wait_node_phase("b", NodePhase::Aborted).await;
@@ -118,6 +124,12 @@ async fn a_node_that_never_answers_times_the_snapshot_out() {
     )
     .await;
     w.create_snapshot("s", "g", "Delete").await;
+    // Node a prepares and waits for the trigger: a node that never answers freezes nobody.
+    w.wait_node_phase("a", NodePhase::Prepared).await;
+    assert!(
+        w.accepts_writes("a1", Duration::from_millis(500)),
+        "node a froze while node b had not prepared"
+    );
     let message = assert_failed_clean(&w, "s").await;
     assert!(
         message.contains(&w.node("b")),
@@ -134,7 +146,7 @@ async fn the_api_server_stopped_during_a_freeze_does_not_keep_it_frozen() {
     // thread, which outlives it.
     let mut plane = ControlPlane::start(&support::repo_root().join("crds"));
     let env = TestEnv::on_private(&plane, "fault-api").await;
-    let mut w = node_a_holding_its_freeze(World::with_env(env), ("xfs", "ext4"), 4).await;
+    let w = both_nodes_holding_their_freeze(World::with_env(env), ("xfs", "ext4"), 4).await;
     plane.kill("kube-apiserver");
     // With no API server at all, node a's watchdog thaws on the agent's own clock.
     assert!(
@@ -142,8 +154,11 @@ async fn the_api_server_stopped_during_a_freeze_does_not_keep_it_frozen() {
         "a1 stayed frozen while the API server was down"
     );
     assert!(w.snapshot_files().is_empty(), "{:?}", w.snapshot_files());
+    assert!(
+        w.accepts_writes("b1", Duration::from_secs(15)),
+        "b1 stayed frozen while the API server was down"
+    );
     plane.restart("kube-apiserver");
-    w.start_agent("b");
     let message = assert_failed_clean(&w, "s").await;
     assert!(message.contains("freezeTimeoutSeconds"), "{message}");
     drop(w);
@@ -234,8 +249,10 @@ async fn overlapping_groups_never_freeze_the_same_volume_at_once() {
     w.add_volume("shared", "a", "xfs", &[]).await;
     w.add_volume("first", "b", "xfs", &[]).await;
     w.add_volume("second", "a", "ext4", &[]).await;
-    w.start_agent("a"); // node b's agent comes later, so the first snapshot holds "shared"
-    w.start_controller();
+    w.start_agent("a");
+    w.start_agent("b");
+    // The first snapshot holds "shared" for a while before its release (test-only delay).
+    w.start_controller_with(&["--test-only-release-delay-ms", "10000"]);
     w.create_group(
         "one",
         json!({"claims": ["shared", "first"], "freezeTimeoutSeconds": 60}),
@@ -268,7 +285,6 @@ async fn overlapping_groups_never_freeze_the_same_volume_at_once() {
         "two-1 started while one-1 froze the shared volume"
     );
 
-    w.start_agent("b");
     w.wait_phase("one-1", GroupSnapshotPhase::Ready).await;
     let second = w.wait_phase("two-1", GroupSnapshotPhase::Ready).await;
     assert_eq!(

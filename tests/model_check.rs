@@ -259,6 +259,8 @@ enum Action {
     ControllerGivesUp,
     GroupSnapshotGone,
     Observe(usize),
+    /// The agent's Prepare finds a volume it cannot cut: Failed, nothing frozen anywhere.
+    PrepareRefused(usize),
     Begin {
         node: usize,
         ok: bool,
@@ -455,6 +457,14 @@ impl Tandem {
         if node.api.is_some() {
             out.push(Action::Observe(n));
         }
+        if self.bounds.all_failures
+            && node.cut.is_none()
+            && node.api.is_some_and(|a| {
+                a.action == NodeAction::Prepare && a.phase == NodePhase::Pending && !a.deleting
+            })
+        {
+            out.push(Action::PrepareRefused(n));
+        }
         let Some(cut) = &node.cut else {
             return;
         };
@@ -572,6 +582,13 @@ impl Tandem {
                 }
                 w.group.as_mut()?.phase = GroupPhase::Releasing;
             }
+            Step::Cut(names) => {
+                for i in names.iter().filter_map(index) {
+                    if let Some(api) = w.nodes[i].api.as_mut() {
+                        api.action = NodeAction::Cut;
+                    }
+                }
+            }
             Step::Abort(names) => {
                 for i in names.iter().filter_map(index) {
                     if let Some(api) = w.nodes[i].api.as_mut() {
@@ -610,10 +627,16 @@ impl Tandem {
                     deleting: false,
                     frozen_together: false,
                 });
-                // The controller creates every NodeSnapshot at once.
+                // The controller creates every NodeSnapshot at once; across nodes they prepare
+                // first.
+                let action = if w.nodes.len() > 1 {
+                    NodeAction::Prepare
+                } else {
+                    NodeAction::Cut
+                };
                 for node in &mut w.nodes {
                     node.api = Some(NodeSnapshot {
-                        action: NodeAction::Cut,
+                        action,
                         phase: NodePhase::Pending,
                         retain,
                         deleting: false,
@@ -647,6 +670,15 @@ impl Tandem {
                 let phase = node.cut.as_ref().map(|c| c.phase);
                 match phase {
                     None if api.deleting => node.api = None,
+                    // Prepare checks and flushes: no cut, nothing frozen, nothing journaled
+                    // (and so nothing a restart forgets). Done once; a refusal is modelled
+                    // by `PrepareRefused`.
+                    None if api.action == NodeAction::Prepare => {
+                        if api.phase != NodePhase::Pending {
+                            return None;
+                        }
+                        node.api.as_mut()?.phase = NodePhase::Prepared;
+                    }
                     None => {
                         node.cut = Some(Cut {
                             generation: w.generation,
@@ -659,6 +691,7 @@ impl Tandem {
                             // Merged with the intent's journal write unless a refusal is modelled.
                             NodeAction::Cut if !self.bounds.all_failures => self.begin(w, n, true),
                             NodeAction::Cut => {}
+                            NodeAction::Prepare => return None,
                             NodeAction::Release => self.event(w, n, CutEvent::Release),
                             NodeAction::Abort => self.event(w, n, CutEvent::Abort),
                         }
@@ -685,11 +718,18 @@ impl Tandem {
                         CutPhase::Deleting { .. } | CutPhase::Forgotten => return None,
                     },
                     Some(_) => match api.action {
-                        NodeAction::Cut => return None,
+                        NodeAction::Cut | NodeAction::Prepare => return None,
                         NodeAction::Release => self.event(w, n, CutEvent::Release),
                         NodeAction::Abort => self.event(w, n, CutEvent::Abort),
                     },
                 }
+            }
+            Action::PrepareRefused(n) => {
+                let api = w.nodes[n].api.as_mut()?;
+                if api.action != NodeAction::Prepare || api.phase != NodePhase::Pending {
+                    return None;
+                }
+                api.phase = NodePhase::Failed;
             }
             Action::Begin { node: n, ok } => self.begin(w, n, ok),
             Action::IssueFreezes(n) => {
@@ -1044,6 +1084,20 @@ impl Model for Tandem {
                         .all(|o| o.owner != w.generation)
             }),
             Property::always(RETAINED_IS_KEPT, |_, w: &World| !w.retained_deleted),
+            Property::always(ONE_TRIGGER, |_, w: &World| {
+                let freezing = w.nodes.iter().any(|n| {
+                    n.cut.as_ref().is_some_and(|c| c.generation == w.generation)
+                        && n.fs
+                            .iter()
+                            .any(|f| matches!(f, Fs::Frozen | Fs::FreezeInFlight))
+                });
+                let unprepared = w.nodes.iter().any(|n| {
+                    n.api.is_some_and(|a| {
+                        a.action == NodeAction::Prepare && a.phase == NodePhase::Pending
+                    })
+                });
+                !(freezing && unprepared)
+            }),
             Property::always(THAW_REPORTED_TRUTHFULLY, |_, w: &World| {
                 w.nodes.iter().all(|n| {
                     !n.api.is_some_and(|a| {
@@ -1157,6 +1211,7 @@ const READY_IS_ONE_CUT: &str =
 const FREEZE_BOUNDED: &str = "no filesystem stays frozen past its watchdog deadline";
 const FAILED_LEAVES_NOTHING: &str = "a Failed group snapshot leaves no snapshot of its cut";
 const RETAINED_IS_KEPT: &str = "a retained snapshot is never deleted";
+const ONE_TRIGGER: &str = "no node freezes while another is still preparing (one trigger)";
 const REUSED_NAME_MEETS_RETAINED: &str =
     "a retained snapshot outlives its GroupSnapshot and meets the next one of that name";
 const KEPT_ONLY_FROM_READY: &str = "Retain keeps only the snapshots of a Ready GroupSnapshot";
@@ -1402,6 +1457,37 @@ fn retain_keeps_half_of_a_group_that_never_became_ready() {
             ..ONE_GENERATION
         },
         KEPT_ONLY_FROM_READY,
+    );
+}
+
+/// A barrier that sends each node its Cut as soon as that node has prepared, not once all have.
+fn cuts_each_node_once_prepared(nodes: &[NodeView], deadline: bool, give_up: bool) -> Step {
+    let prepared: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.action == NodeAction::Prepare && n.phase == NodePhase::Prepared)
+        .map(|n| n.node.clone())
+        .collect();
+    let failing = nodes.iter().any(|n| {
+        matches!(n.phase, NodePhase::Failed | NodePhase::Aborted) || n.action == NodeAction::Abort
+    });
+    if !prepared.is_empty() && !failing && !deadline {
+        return Step::Cut(prepared);
+    }
+    barrier::next_step(nodes, deadline, give_up)
+}
+
+#[test]
+fn mutant_barrier_cutting_each_node_once_it_prepared_is_caught() {
+    assert_caught(
+        Rules {
+            next_step: cuts_each_node_once_prepared,
+            ..Rules::default()
+        },
+        Bounds {
+            crashes: 0,
+            ..ONE_GENERATION
+        },
+        ONE_TRIGGER,
     );
 }
 

@@ -23,7 +23,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 
-use crate::api::{DeletionPolicy, NodeAction, NodePhase, NodeSnapshot, NodeSnapshotStatus};
+use crate::api::{
+    DeletionPolicy, NodeAction, NodePhase, NodeSnapshot, NodeSnapshotStatus, NodeVolume,
+};
 use crate::finalizer;
 
 use super::discovery;
@@ -52,7 +54,13 @@ struct Ctx {
     refs: Arc<Mutex<HashMap<String, ObjectRef<NodeSnapshot>>>>,
     /// Consecutive retries per uid, for the backoff.
     retries: Mutex<HashMap<String, u32>>,
+    /// Per uid: the volumes a Prepare checked (and the spec they were checked for), so the cut
+    /// that follows spends no API call between another node's freeze and this one's.
+    prepared: Mutex<HashMap<String, PreparedVolumes>>,
 }
+
+/// The spec's volumes and what checking them found.
+type PreparedVolumes = (Vec<NodeVolume>, Vec<VolumeRequest>);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -94,6 +102,7 @@ pub async fn run(client: Client, engine: Engine, args: AgentArgs) -> Result<(), 
         kubelet_dir: args.kubelet_dir.clone(),
         refs,
         retries: Mutex::default(),
+        prepared: Mutex::default(),
     });
     Controller::new(api, watcher::Config::default().fields(&selector))
         .reconcile_on(changed)
@@ -239,6 +248,7 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
             api.patch(&name, &PatchParams::default(), &patch).await?;
             lock(&ctx.refs).remove(&uid);
             lock(&ctx.retries).remove(&uid);
+            lock(&ctx.prepared).remove(&uid);
             tracing::info!(%namespace, %name, retain, "snapshots finalized");
         }
         return Ok(Action::await_change());
@@ -251,33 +261,51 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
     let generation = obj.metadata.generation;
 
     let desired: Option<NodeSnapshotStatus> = match obj.spec.action {
+        NodeAction::Prepare => match known {
+            Some(status) => Some(status),
+            // Prepared already (or refused): nothing more until the controller decides.
+            None if current.phase != NodePhase::Pending => None,
+            None => match checked(&obj, &ctx, &api).await? {
+                Err(message) => Some(failed(generation, &message)),
+                Ok(volumes) => {
+                    let req = cut_request(&obj, &uid, volumes.clone());
+                    let engine = ctx.engine.clone();
+                    let prepared =
+                        tokio::task::spawn_blocking(move || engine.prepare(&req)).await?;
+                    Some(match prepared {
+                        Ok(()) => {
+                            lock(&ctx.prepared)
+                                .insert(uid.clone(), (obj.spec.volumes.clone(), volumes));
+                            tracing::debug!(%namespace, %name, "prepared");
+                            NodeSnapshotStatus {
+                                observed_generation: generation,
+                                phase: NodePhase::Prepared,
+                                message: Some(
+                                    "every volume checked and flushed; nothing is frozen yet"
+                                        .into(),
+                                ),
+                                ..Default::default()
+                            }
+                        }
+                        Err(refused) => NodeSnapshotStatus {
+                            volumes: refused.volumes,
+                            ..failed(generation, &refused.message)
+                        },
+                    })
+                }
+            },
+        },
         NodeAction::Cut => match known {
             Some(status) => Some(status),
             None if current.phase == NodePhase::Cut => Some(failed(
                 generation,
                 "the agent has no record of this cut (its state directory was lost); nothing of it is frozen",
             )),
-            None if current.phase != NodePhase::Pending => None,
-            // The finalizer goes on alongside the checks (both before any freeze): a refused
-            // request merely carries it until the NodeSnapshot is deleted.
-            None => match futures::future::join(validate(&obj, &ctx), ensure_finalizer(&api, &obj))
-                .await
-            {
-                (Err(e), _) | (_, Err(e)) => return Err(e),
-                (Ok(Err(message)), Ok(())) => Some(failed(generation, &message)),
-                (Ok(Ok(volumes)), Ok(())) => {
-                    let req = CutRequest {
-                        key: uid.clone(),
-                        namespace: namespace.clone(),
-                        name: name.clone(),
-                        group_snapshot: obj.spec.group_snapshot.clone(),
-                        freeze: obj.spec.freeze,
-                        freeze_timeout: Duration::from_secs(
-                            u64::try_from(obj.spec.freeze_timeout_seconds.max(1)).unwrap_or(1),
-                        ),
-                        release_after_cut: obj.spec.release_after_cut,
-                        volumes,
-                    };
+            None if !matches!(current.phase, NodePhase::Pending | NodePhase::Prepared) => None,
+            None => match prepared_or_checked(&obj, &ctx, &api, &uid).await? {
+                Err(message) => Some(failed(generation, &message)),
+                Ok(volumes) => {
+                    let req = cut_request(&obj, &uid, volumes);
                     // Register the cut, then run it on its own thread: the status comes from
                     // the engine, so a freeze that hangs can never wedge this object.
                     let engine = ctx.engine.clone();
@@ -314,12 +342,20 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
                 tokio::task::spawn_blocking(move || engine.status(&key)).await??
             }
             Some(status) => Some(status),
-            None if current.phase == NodePhase::Pending || current.phase == NodePhase::Cut => Some(
-                failed(generation, "asked to release a cut this agent never made"),
-            ),
+            None if matches!(
+                current.phase,
+                NodePhase::Pending | NodePhase::Prepared | NodePhase::Cut
+            ) =>
+            {
+                Some(failed(
+                    generation,
+                    "asked to release a cut this agent never made",
+                ))
+            }
             None => None,
         },
         NodeAction::Abort => {
+            lock(&ctx.prepared).remove(&uid);
             let engine = ctx.engine.clone();
             let key = uid.clone();
             drive(move || {
@@ -377,6 +413,54 @@ fn failed(generation: Option<i64>, message: &str) -> NodeSnapshotStatus {
         phase: NodePhase::Failed,
         message: Some(message.to_string()),
         ..Default::default()
+    }
+}
+
+/// The cut request of a NodeSnapshot, over its checked volumes.
+fn cut_request(obj: &NodeSnapshot, uid: &str, volumes: Vec<VolumeRequest>) -> CutRequest {
+    CutRequest {
+        key: uid.to_string(),
+        namespace: obj.namespace().unwrap_or_default(),
+        name: obj.name_any(),
+        group_snapshot: obj.spec.group_snapshot.clone(),
+        freeze: obj.spec.freeze,
+        freeze_timeout: Duration::from_secs(
+            u64::try_from(obj.spec.freeze_timeout_seconds.max(1)).unwrap_or(1),
+        ),
+        release_after_cut: obj.spec.release_after_cut,
+        volumes,
+    }
+}
+
+/// Checks the volumes and puts the finalizer on, both before any freeze (a refused request
+/// merely carries the finalizer until the NodeSnapshot is deleted). `Ok(Err)` is a refusal.
+async fn checked(
+    obj: &NodeSnapshot,
+    ctx: &Ctx,
+    api: &Api<NodeSnapshot>,
+) -> Result<Result<Vec<VolumeRequest>, String>, AgentError> {
+    let (checked, finalizer) =
+        futures::future::join(validate(obj, ctx), ensure_finalizer(api, obj)).await;
+    finalizer?;
+    checked
+}
+
+/// The volumes this agent's Prepare checked for this very spec, or a fresh check (after a
+/// restart, or for a cut that was never prepared).
+async fn prepared_or_checked(
+    obj: &NodeSnapshot,
+    ctx: &Ctx,
+    api: &Api<NodeSnapshot>,
+    uid: &str,
+) -> Result<Result<Vec<VolumeRequest>, String>, AgentError> {
+    let kept = lock(&ctx.prepared).remove(uid);
+    match kept {
+        Some((spec, volumes))
+            if spec == obj.spec.volumes && obj.finalizers().iter().any(|f| f == FINALIZER) =>
+        {
+            Ok(Ok(volumes))
+        }
+        _ => checked(obj, ctx, api).await,
     }
 }
 

@@ -102,6 +102,10 @@ pub enum NodeAction {
     /// Freeze the volumes, cut their snapshots and hold the freeze.
     #[default]
     Cut,
+    /// Check every volume and flush its filesystem, freezing nothing, then report `Prepared`: a
+    /// group on several nodes prepares everywhere first, so that every node freezes on one
+    /// `Cut` with little left to flush.
+    Prepare,
     /// Thaw and keep the snapshots.
     Release,
     /// Thaw and delete the snapshots.
@@ -134,6 +138,8 @@ pub enum NodePhase {
     /// The agent has not acted yet.
     #[default]
     Pending,
+    /// Every volume checked and flushed; nothing is frozen. Waiting for `Cut`.
+    Prepared,
     /// The volumes are frozen and their snapshots cut; the freeze is held until `Release`.
     Cut,
     /// The volumes are thawed and the snapshots kept.

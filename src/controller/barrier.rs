@@ -1,6 +1,7 @@
 //! The freeze barrier's decisions, as pure logic: given what every node reported, what the
-//! controller does next. Every member must be frozen before any is thawed, so nodes are released
-//! only when all of them have cut; any failure or a deadline aborts all of them.
+//! controller does next. Across nodes, every node first prepares (checks and flushes, freezing
+//! nothing) and all freeze on one trigger. Every member must be frozen before any is thawed, so
+//! nodes are released only when all of them have cut; any failure or a deadline aborts all.
 
 use crate::api::{NodeAction, NodePhase};
 
@@ -18,6 +19,9 @@ pub struct NodeView {
 pub enum Step {
     /// Nothing to do until a node reports (or the deadline passes).
     Wait,
+    /// Every node has prepared (checked and flushed, nothing frozen): tell these nodes to
+    /// freeze and cut, all at once.
+    Cut(Vec<String>),
     /// Every node has cut: tell these nodes to thaw and keep their snapshots.
     Release(Vec<String>),
     /// Tell these nodes to thaw and delete their snapshots.
@@ -67,6 +71,17 @@ pub fn next_step(nodes: &[NodeView], deadline_passed: bool, give_up: bool) -> St
             .collect();
         if unanswered.is_empty() || give_up {
             return Step::Failed(failure_message(nodes, deadline_passed, &unanswered));
+        }
+        return Step::Wait;
+    }
+    // A node asked to prepare either has (Prepared) or has not yet; the trigger waits for all.
+    let preparing: Vec<&NodeView> = nodes
+        .iter()
+        .filter(|n| n.action == NodeAction::Prepare)
+        .collect();
+    if !preparing.is_empty() {
+        if preparing.iter().all(|n| n.phase == NodePhase::Prepared) {
+            return Step::Cut(preparing.iter().map(|n| n.node.clone()).collect());
         }
         return Step::Wait;
     }
@@ -142,6 +157,54 @@ mod tests {
             action,
             phase,
             message: None,
+        }
+    }
+
+    #[test]
+    fn every_node_prepares_then_all_cut_on_one_trigger() {
+        use NodeAction::{Abort, Cut, Prepare};
+        use NodePhase::{Failed, Pending, Prepared};
+        let prepared = |n| node(n, Prepare, Prepared);
+        let table: [(Vec<NodeView>, bool, Step); 6] = [
+            (
+                vec![prepared("a"), prepared("b")],
+                false,
+                Step::Cut(vec!["a".into(), "b".into()]),
+            ),
+            // Nobody freezes while one node is still preparing.
+            (
+                vec![prepared("a"), node("b", Prepare, Pending)],
+                false,
+                Step::Wait,
+            ),
+            // A trigger that reached only some nodes is sent to the rest.
+            (
+                vec![node("a", Cut, Pending), prepared("b")],
+                false,
+                Step::Cut(vec!["b".into()]),
+            ),
+            // A node that cannot cut fails its Prepare: nothing was frozen anywhere.
+            (
+                vec![prepared("a"), node("b", Prepare, Failed)],
+                false,
+                Step::Abort(vec!["a".into()]),
+            ),
+            (
+                vec![prepared("a"), node("b", Prepare, Pending)],
+                true,
+                Step::Abort(vec!["a".into(), "b".into()]),
+            ),
+            (
+                vec![
+                    node("a", Abort, NodePhase::Aborted),
+                    node("b", Prepare, Failed),
+                ],
+                false,
+                Step::Failed("node b: failed without a message".into()),
+            ),
+        ];
+        for (i, (nodes, deadline, want)) in table.into_iter().enumerate() {
+            assert_eq!(next_step(&nodes, deadline, false), want, "row {i}");
         }
     }
 

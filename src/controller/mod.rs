@@ -64,6 +64,11 @@ pub struct ControllerArgs {
     /// next reaches the cache, so tests can show a trailing cache never reports claims missing.
     #[arg(long, hide = true)]
     pub test_only_claim_cache_lag_ms: Option<u64>,
+
+    /// Test only, ignored by release builds: release a group snapshot's nodes no sooner than this
+    /// long after its barrier started, so fault tests can act while every node holds its freeze.
+    #[arg(long, hide = true)]
+    pub test_only_release_delay_ms: Option<u64>,
 }
 
 /// The Lease that elects the one active controller replica.
@@ -118,6 +123,8 @@ pub struct Context {
     pub started: std::time::Instant,
     /// The quiesce hooks' open holds, by GroupSnapshot uid.
     pub hooks: hooks::Sessions,
+    /// Tests only (`--test-only-release-delay-ms`, debug builds).
+    pub test_only_release_delay: Option<std::time::Duration>,
 }
 
 impl Context {
@@ -330,6 +337,10 @@ async fn run_controllers(
         ready,
         started: std::time::Instant::now(),
         hooks: Default::default(),
+        test_only_release_delay: args
+            .test_only_release_delay_ms
+            .filter(|_| cfg!(debug_assertions))
+            .map(std::time::Duration::from_millis),
     });
     let readiness = async {
         // However long the first lists take: each attempt waits a bounded time.

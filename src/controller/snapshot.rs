@@ -764,6 +764,7 @@ fn node_snapshot_for(
     node: &str,
     members: &[&MemberSnapshot],
     single_node: bool,
+    prepare_first: bool,
 ) -> Result<NodeSnapshot, Error> {
     let name = snapshot.name_any();
     let uid = snapshot.uid().ok_or(Error::MissingUid)?;
@@ -780,7 +781,11 @@ fn node_snapshot_for(
         NodeSnapshotSpec {
             node_name: node.into(),
             group_snapshot: name.clone(),
-            action: NodeAction::Cut,
+            action: if prepare_first {
+                NodeAction::Prepare
+            } else {
+                NodeAction::Cut
+            },
             release_after_cut: single_node,
             freeze: group_freeze.0,
             freeze_timeout_seconds: group_freeze.1,
@@ -873,7 +878,7 @@ async fn drive(
         if hook_plan::may_cut(&hook_spec, &status.hooks).is_err() {
             let to_abort: Vec<String> = existing
                 .values()
-                .filter(|n| n.spec.action == NodeAction::Cut)
+                .filter(|n| matches!(n.spec.action, NodeAction::Cut | NodeAction::Prepare))
                 .map(|n| n.name_any())
                 .collect();
             if !to_abort.is_empty() || lost > 0 {
@@ -925,9 +930,20 @@ async fn drive(
         let deadline = Duration::from_secs(u64::try_from(freeze.1).unwrap_or(10)) + AGENT_GRACE;
         // With holds, the controller checks them before any node thaws: no early release.
         let single_node = by_node.len() == 1 && !holds;
+        // Across nodes, every node first checks and flushes (Prepare); they freeze on one Cut.
+        let prepare_first = by_node.len() > 1;
         let objects = missing
             .iter()
-            .map(|node| node_snapshot_for(snapshot, freeze, node, &by_node[node], single_node))
+            .map(|node| {
+                node_snapshot_for(
+                    snapshot,
+                    freeze,
+                    node,
+                    &by_node[node],
+                    single_node,
+                    prepare_first,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         // All nodes at once: a node that hears late freezes late and widens the group's window.
         let params = PostParams::default();
@@ -1055,6 +1071,9 @@ async fn drive(
             })
         }
         Step::Release(nodes) => {
+            if let Some(delay) = ctx.test_only_release_delay.filter(|d| started < *d) {
+                return Ok(Action::requeue(delay - started));
+            }
             let cut_duration = started.as_secs_f64();
             ctx.metrics.cut_duration(cut_duration);
             // Every hold is released at once, together with the thaw.
@@ -1072,6 +1091,13 @@ async fn drive(
             // Wake up even if no node ever answers the release (its agent died with it), so the
             // barrier can give up on it.
             Ok(wake(deadline * 2 + AGENT_GRACE))
+        }
+        Step::Cut(nodes) => {
+            // Every node prepared: all freeze on this one trigger.
+            let names = names_of(&existing, &nodes);
+            set_action(nodes_api, &names, NodeAction::Cut).await?;
+            tracing::debug!(snapshot = %name, nodes = names.len(), "cut patched");
+            Ok(wake(deadline))
         }
         Step::Abort(nodes) => {
             let names = names_of(&existing, &nodes);

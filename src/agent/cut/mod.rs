@@ -112,6 +112,14 @@ pub enum EngineError {
     NotSettled { key: String, why: String },
 }
 
+/// Why a cut would fail, found by [`Engine::prepare`] before anything was frozen.
+#[derive(Debug, Clone)]
+pub struct PrepareRefused {
+    pub message: String,
+    /// Per volume, what was found (as a failed cut reports it).
+    pub volumes: Vec<VolumeStatus>,
+}
+
 /// Called from any engine thread with a cut's key (see [`Engine::set_change_notifier`]).
 pub type Notifier = Box<dyn Fn(&str) + Send + Sync>;
 /// Called (from the watchdog's thread) with a cut's key after the watchdog aborted it.
@@ -412,6 +420,41 @@ impl Engine {
         }
         cuts.insert(req.key.clone(), cut.clone());
         Ok(Begun::New(cut))
+    }
+
+    /// The Prepare step of a cut across nodes: resolves and plans every volume as the cut will,
+    /// and flushes every filesystem it would freeze, in parallel. Nothing is frozen, registered
+    /// or journaled, so there is nothing to recover and it may run any number of times. Later the
+    /// cut's own flush finds little left, and every node freezes soon after the one trigger.
+    pub fn prepare(&self, req: &CutRequest) -> Result<(), PrepareRefused> {
+        let mounts = discovery::read_mountinfo().map_err(|e| PrepareRefused {
+            message: e.to_string(),
+            volumes: Vec::new(),
+        })?;
+        let prepared = plan::prepare(
+            req,
+            &mounts,
+            &self.inner.guard,
+            &self.inner.config.backend,
+            &self.inner.config.sysfs_block,
+        )
+        .map_err(|failure| PrepareRefused {
+            message: failure.message,
+            volumes: failure.volumes,
+        })?;
+        let ops = self.inner.config.freeze_ops.as_ref();
+        std::thread::scope(|s| {
+            for target in prepared.freeze_targets() {
+                s.spawn(move || {
+                    // A flush that fails here is the cut's to report: it flushes again.
+                    let path = &target.mount.mount_point;
+                    if let Err(e) = ops.open(&target.mount).and_then(|fd| ops.syncfs(&fd, path)) {
+                        tracing::debug!(path = %path.display(), error = %e, "prepare: flush failed");
+                    }
+                });
+            }
+        });
+        Ok(())
     }
 
     /// Runs a registered cut as far as it goes (held, or ended).

@@ -181,7 +181,8 @@ impl CutState {
             .map(Consistency::describe)
             .unwrap_or("nothing was cut");
         let message = match phase {
-            NodePhase::Pending => None,
+            // A cut's own state never renders these: it begins only once asked to cut.
+            NodePhase::Pending | NodePhase::Prepared => None,
             NodePhase::Cut => Some(format!(
                 "snapshots cut, freeze held until release; {consistency}"
             )),
