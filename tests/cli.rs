@@ -576,7 +576,7 @@ async fn view_user_lists_and_shows_but_cannot_create() {
 
 /// Real agents: `snapshot create --wait` to Ready, `show` with members, freeze per node and
 /// consistency, `nodes`, a restore to new claims with `--wait`, a wait that times out (exit 3)
-/// naming the node still cutting, a wait on a failing snapshot (exit 1), and delete --wait.
+/// naming the node still preparing, a wait on a failing snapshot (exit 1), and delete --wait.
 #[tokio::test]
 async fn snapshot_and_restore_wait_through_real_agents() {
     if !require_root() {
@@ -734,7 +734,7 @@ async fn snapshot_and_restore_wait_through_real_agents() {
         admin(&w.env, &["delete", "pvc", claim, "--wait=false"], None).ok();
     }
 
-    // Node b's agent is gone: the wait runs out, exit 3, naming the node still cutting.
+    // Node b's agent is gone: the wait runs out, exit 3, naming the node the trigger waits for.
     w.agent("b").stop();
     let stuck = tandem(
         &kc,
@@ -755,7 +755,7 @@ async fn snapshot_and_restore_wait_through_real_agents() {
         stuck.stderr.contains("timed out after 3s")
             && stuck
                 .stderr
-                .contains(&format!("still cutting: {node_b} (Pending)")),
+                .contains(&format!("still preparing: {node_b} (Pending)")),
         "{stuck:?}"
     );
     // A snapshot that fails: exit 1 with the controller's reason.

@@ -4,8 +4,8 @@
 use kube::ResourceExt;
 
 use crate::api::{
-    GroupRestore, GroupSnapshot, GroupSnapshotPhase, NodePhase, NodeRestore, NodeSnapshot,
-    RestorePhase,
+    GroupRestore, GroupSnapshot, GroupSnapshotPhase, NodeAction, NodePhase, NodeRestore,
+    NodeSnapshot, RestorePhase,
 };
 
 /// Where a waited-for object stands.
@@ -19,7 +19,7 @@ pub enum Progress {
     Going(String),
 }
 
-/// A GroupSnapshot's progress: its phase, how many nodes have cut, and which are still cutting.
+/// A GroupSnapshot's progress: its phase, how many nodes have prepared or cut, and which not yet.
 pub fn snapshot_progress(snapshot: &GroupSnapshot, node_snapshots: &[NodeSnapshot]) -> Progress {
     let name = snapshot.name_any();
     let status = snapshot.status.clone().unwrap_or_default();
@@ -67,21 +67,34 @@ pub fn snapshot_progress(snapshot: &GroupSnapshot, node_snapshots: &[NodeSnapsho
             .unwrap_or_default();
         return Progress::Going(format!("{:?}: no node asked to cut yet{why}", status.phase));
     }
-    let done = |p: NodePhase| matches!(p, NodePhase::Cut | NodePhase::Released);
-    let mut cutting = Vec::new();
-    let mut cut = 0;
+    // Across nodes, every node prepares before any cuts: say which ones the trigger waits for.
+    let preparing = mine.iter().any(|n| n.spec.action == NodeAction::Prepare);
+    let (goal, verb) = if preparing {
+        ("prepared", "preparing")
+    } else {
+        ("cut", "cutting")
+    };
+    let done = |p: NodePhase| {
+        if preparing {
+            p == NodePhase::Prepared
+        } else {
+            matches!(p, NodePhase::Cut | NodePhase::Released)
+        }
+    };
+    let mut waiting = Vec::new();
+    let mut reached = 0;
     for n in &mine {
         let phase = n.status.as_ref().map(|s| s.phase).unwrap_or_default();
         if done(phase) {
-            cut += 1;
+            reached += 1;
         } else {
-            cutting.push(format!("{} ({phase:?})", n.spec.node_name));
+            waiting.push(format!("{} ({phase:?})", n.spec.node_name));
         }
     }
-    cutting.sort();
-    let mut line = format!("{:?}: {cut}/{} nodes cut", status.phase, mine.len());
-    if !cutting.is_empty() {
-        line.push_str(&format!("; still cutting: {}", cutting.join(", ")));
+    waiting.sort();
+    let mut line = format!("{:?}: {reached}/{} nodes {goal}", status.phase, mine.len());
+    if !waiting.is_empty() {
+        line.push_str(&format!("; still {verb}: {}", waiting.join(", ")));
     }
     Progress::Going(line)
 }
@@ -198,6 +211,17 @@ mod tests {
             Progress::Going(
                 "Cutting: 1/3 nodes cut; still cutting: b (Pending), c (Pending)".into()
             )
+        );
+        let mut preparing = [
+            nsnap("a", "s", Some("Prepared")),
+            nsnap("b", "s", Some("Pending")),
+        ];
+        for n in &mut preparing {
+            n.spec.action = NodeAction::Prepare;
+        }
+        assert_eq!(
+            snapshot_progress(&gsnap("Cutting"), &preparing),
+            Progress::Going("Cutting: 1/2 nodes prepared; still preparing: b (Pending)".into())
         );
         assert_eq!(
             snapshot_progress(&gsnap("Pending"), &[]),
