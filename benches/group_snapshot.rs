@@ -461,14 +461,15 @@ async fn idle_controller(groups: usize, idle: Duration) {
     );
 
     // One label change: c5 leaves g5 and joins g6.
+    // The controller label as it landed (`consistency_group`), or as first announced.
     let reconciles = || {
         http_get(&addr, "/metrics").and_then(|t| {
-            metric_sum(
-                &t,
-                "tandem_reconciles_total",
-                &["controller=\"consistencygroup\""],
-                &[],
-            )
+            [
+                "controller=\"consistency_group\"",
+                "controller=\"consistencygroup\"",
+            ]
+            .iter()
+            .find_map(|label| metric_sum(&t, "tandem_reconciles_total", &[label], &[]))
         })
     };
     if groups < 7 {
@@ -503,7 +504,7 @@ async fn idle_controller(groups: usize, idle: Duration) {
             a - b
         ),
         _ => println!(
-            "        one claim relabelled (group=g5 -> g6, seen in both groups' status after {} ms): the controller's /metrics at {addr} has no tandem_reconciles_total{{controller=\"consistencygroup\"}} (not exported by this build), so the reconciles it caused were not counted; groups that label can affect: 2 of {groups}",
+            "        one claim relabelled (group=g5 -> g6, seen in both groups' status after {} ms): the controller's /metrics at {addr} has no tandem_reconciles_total{{controller=\"consistency_group\"}} (not exported by this build), so the reconciles it caused were not counted; groups that label can affect: 2 of {groups}",
             seen.as_millis()
         ),
     }
