@@ -60,7 +60,8 @@ struct Group {
 }
 
 /// When each GroupSnapshot was first seen in a final phase, by a watch of every namespace.
-type Finished = Arc<Mutex<BTreeMap<(String, String), (Instant, GroupSnapshotPhase, String)>>>;
+type Finished =
+    Arc<Mutex<BTreeMap<(String, String), (Instant, GroupSnapshotPhase, String, Option<i64>)>>>;
 
 fn watch_snapshots(client: kube::Client) -> (Finished, tokio::task::JoinHandle<()>) {
     let seen: Finished = Arc::default();
@@ -86,6 +87,7 @@ fn watch_snapshots(client: kube::Client) -> (Finished, tokio::task::JoinHandle<(
                                 now,
                                 status.phase,
                                 message,
+                                status.freeze_window_millis,
                             ));
                         }
                     }
@@ -100,15 +102,17 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Creates every snapshot at once and waits until all are final; per snapshot (namespace index,
-/// apply->final, phase, message).
+/// What came of one snapshot: namespace index, apply->final, phase, message, freeze window (ms).
+type Outcome = (usize, Duration, GroupSnapshotPhase, String, Option<i64>);
+
+/// Creates every snapshot at once and waits until all are final.
 async fn snapshot_all(
     w: &World,
     namespaces: &[String],
     groups: &[&Group],
     prefix: &str,
     seen: &Finished,
-) -> Vec<(usize, Duration, GroupSnapshotPhase, String)> {
+) -> Vec<Outcome> {
     let applied: Vec<(usize, String, Instant)> =
         futures::future::join_all(groups.iter().map(|g| async move {
             let ns = &namespaces[g.ns];
@@ -137,8 +141,14 @@ async fn snapshot_all(
     applied
         .iter()
         .map(|(i, name, at)| {
-            let (end, phase, message) = &seen[&(namespaces[*i].clone(), name.clone())];
-            (*i, end.duration_since(*at), *phase, message.clone())
+            let (end, phase, message, window) = &seen[&(namespaces[*i].clone(), name.clone())];
+            (
+                *i,
+                end.duration_since(*at),
+                *phase,
+                message.clone(),
+                *window,
+            )
         })
         .collect()
 }
@@ -377,7 +387,7 @@ async fn main() {
     if part_group && let Some(a) = groups.iter().find(|g| g.name == "a") {
         dirty(&w, plan, &a.members, 1);
         let results = snapshot_all(&w, &namespaces, &[a], "snap", &seen).await;
-        let (_, took, phase, message) = &results[0];
+        let (_, took, phase, message, _) = &results[0];
         let api: Api<GroupSnapshot> = Api::namespaced(w.env.client.clone(), &namespaces[0]);
         let done = api.get("snap-a").await.expect("snapshot");
         let window = done.status.as_ref().and_then(|s| s.freeze_window_millis);
@@ -419,13 +429,14 @@ async fn main() {
         for g in &burst {
             dirty(&w, plan, &g.members, 2);
         }
-        let report = |label: &str, results: &[(usize, Duration, GroupSnapshotPhase, String)]| {
+        let report = |label: &str, results: &[Outcome]| {
             println!("{label}");
-            println!("  namespace | snapshots | apply->Ready min / median / max ms | failed");
+            println!(
+                "  namespace | snapshots | apply->Ready min / median / max ms | freeze window median / max ms | failed"
+            );
             let mut spans = Vec::new();
             for (i, ns) in namespaces.iter().enumerate() {
-                let mine: Vec<&(usize, Duration, GroupSnapshotPhase, String)> =
-                    results.iter().filter(|r| r.0 == i).collect();
+                let mine: Vec<&Outcome> = results.iter().filter(|r| r.0 == i).collect();
                 if mine.is_empty() {
                     continue;
                 }
@@ -436,13 +447,16 @@ async fn main() {
                     .filter(|r| r.2 != GroupSnapshotPhase::Ready)
                     .map(|r| r.3.as_str())
                     .collect();
+                let windows: Vec<f64> = mine.iter().filter_map(|r| r.4).map(|w| w as f64).collect();
                 println!(
-                    "  {:>9} | {:>9} | {:>8.0} / {:>8.0} / {:>8.0} | {}{}",
+                    "  {:>9} | {:>9} | {:>8.0} / {:>8.0} / {:>8.0} | {:>12.0} / {:>8.0} | {}{}",
                     format!("ns{i}"),
                     mine.len(),
                     t[0],
                     t[t.len() / 2],
                     t[t.len() - 1],
+                    median(windows.clone()),
+                    windows.iter().copied().fold(0.0, f64::max),
                     failed.len(),
                     failed.first().map_or(String::new(), |m| format!(" ({m})"))
                 );
