@@ -9,7 +9,8 @@
 //!
 //! Run as root: `cargo bench --bench group_snapshot` (ROUNDS=N rounds per size, default 3;
 //! NODES=1,3,10 and VOLUMES=2,8,32 pick the sizes; TRACE=3x32 the traced size, `none` to skip;
-//! IDLE_GROUPS=1000, 0 to skip; IDLE_SECS=20). Prints numbers; asserts no timing.
+//! IDLE_GROUPS=1000, 0 to skip; IDLE_SECS=20; PREBIND=0 leaves binding to the control plane).
+//! Prints numbers; asserts no timing.
 
 #[path = "../tests/agent_support/mod.rs"]
 mod agent_support;
@@ -352,12 +353,34 @@ fn requests_between(
     (total, parts.join(", "))
 }
 
+/// Marks the pre-bound claim `name` of `namespace` and its PV `Bound`, as the binder would.
+async fn mark_bound(w: &World, namespace: &str, name: &str) {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    let bound = Patch::Merge(json!({"status": {"phase": "Bound"}}));
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(w.env.client.clone(), namespace);
+    let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+    // Failures only slow the bench down to the binder's pace: it waits for Bound below.
+    let _ = volumes
+        .patch_status(
+            &format!("{namespace}-{name}"),
+            &PatchParams::default(),
+            &bound,
+        )
+        .await;
+    let _ = claims
+        .patch_status(name, &PatchParams::default(), &bound)
+        .await;
+}
+
 async fn idle_controller(groups: usize, idle: Duration) {
     let mut w = World::new("bench-idle").await;
     let api: Api<ConsistencyGroup> = w.env.api();
     let ns = w.env.namespace.clone();
     let created = Instant::now();
-    // Objects only: a group per claim, each claim bound to a local PV on one of 10 nodes.
+    // Objects only: a group per claim, each claim bound to a local PV on one of 10 nodes. The
+    // test control plane's binder binds about 3 claims a second; PREBIND=1 (default) writes both
+    // sides' `Bound` status itself (the claim and PV already name each other).
+    let prebind = env_usize("PREBIND", 1) == 1;
     let w_ref = &w;
     futures::stream::iter(0..groups)
         .for_each_concurrent(16, |i| {
@@ -373,6 +396,9 @@ async fn idle_controller(groups: usize, idle: Duration) {
                         &[("group", g.as_str())],
                     )
                     .await;
+                if prebind {
+                    mark_bound(w_ref, &ns, &format!("c{i}")).await;
+                }
                 w_ref
                     .create_group_in(&ns, &g, json!({"selector": {"matchLabels": {"group": g}}}))
                     .await;
