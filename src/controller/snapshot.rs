@@ -1072,7 +1072,11 @@ async fn drive(
         }
         Step::Release(nodes) => {
             if let Some(delay) = ctx.test_only_release_delay.filter(|d| started < *d) {
-                return Ok(Action::requeue(delay - started));
+                // Look again every second, as the barrier's own wake-ups would: a watch that
+                // recovers slowly from an API server outage must not hide the nodes' aborts.
+                return Ok(Action::requeue(
+                    (delay - started).min(Duration::from_secs(1)),
+                ));
             }
             let cut_duration = started.as_secs_f64();
             ctx.metrics.cut_duration(cut_duration);
