@@ -455,9 +455,7 @@ async fn prepared_or_checked(
 ) -> Result<Result<Vec<VolumeRequest>, String>, AgentError> {
     let kept = lock(&ctx.prepared).remove(uid);
     match kept {
-        Some((spec, volumes))
-            if spec == obj.spec.volumes && obj.finalizers().iter().any(|f| f == FINALIZER) =>
-        {
+        Some((spec, volumes)) if spec == obj.spec.volumes && finalizer::has(obj, FINALIZER) => {
             Ok(Ok(volumes))
         }
         _ => checked(obj, ctx, api).await,

@@ -427,21 +427,7 @@ impl Engine {
     /// or journaled, so there is nothing to recover and it may run any number of times. Later the
     /// cut's own flush finds little left, and every node freezes soon after the one trigger.
     pub fn prepare(&self, req: &CutRequest) -> Result<(), PrepareRefused> {
-        let mounts = discovery::read_mountinfo().map_err(|e| PrepareRefused {
-            message: e.to_string(),
-            volumes: Vec::new(),
-        })?;
-        let prepared = plan::prepare(
-            req,
-            &mounts,
-            &self.inner.guard,
-            &self.inner.config.backend,
-            &self.inner.config.sysfs_block,
-        )
-        .map_err(|failure| PrepareRefused {
-            message: failure.message,
-            volumes: failure.volumes,
-        })?;
+        let prepared = self.plan(req)?;
         let ops = self.inner.config.freeze_ops.as_ref();
         std::thread::scope(|s| {
             for target in prepared.freeze_targets() {
@@ -457,22 +443,31 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs a registered cut as far as it goes (held, or ended).
-    pub(crate) fn run(&self, req: &CutRequest, cut: &Arc<Cut>) {
-        // 1. Resolve and plan every volume before anything is frozen.
-        let mounts = match discovery::read_mountinfo() {
-            Ok(m) => m,
-            Err(e) => return self.fail_planned(cut, Vec::new(), e.to_string()),
-        };
-        let prepared = match plan::prepare(
+    /// Resolves and plans every volume of `req` against the node's mounts (no I/O on them).
+    fn plan(&self, req: &CutRequest) -> Result<Prepared, PrepareRefused> {
+        let mounts = discovery::read_mountinfo().map_err(|e| PrepareRefused {
+            message: e.to_string(),
+            volumes: Vec::new(),
+        })?;
+        plan::prepare(
             req,
             &mounts,
             &self.inner.guard,
             &self.inner.config.backend,
             &self.inner.config.sysfs_block,
-        ) {
+        )
+        .map_err(|failure| PrepareRefused {
+            message: failure.message,
+            volumes: failure.volumes,
+        })
+    }
+
+    /// Runs a registered cut as far as it goes (held, or ended).
+    pub(crate) fn run(&self, req: &CutRequest, cut: &Arc<Cut>) {
+        // 1. Resolve and plan every volume before anything is frozen.
+        let prepared = match self.plan(req) {
             Ok(p) => p,
-            Err(failure) => return self.fail_planned(cut, failure.volumes, failure.message),
+            Err(refused) => return self.fail_planned(cut, refused.volumes, refused.message),
         };
         let targets = prepared.freeze_targets();
         self.freeze_and_cut(req, cut, &prepared, &targets);
