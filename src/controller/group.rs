@@ -65,13 +65,14 @@ pub async fn run_group_controller(
                 .zip(namespace.as_deref())
                 .and_then(|(r, ns)| claims.get(&ObjectRef::new(r.name.as_deref()?).within(ns)));
             let claim_name = claim_ref.and_then(|r| r.name.as_deref());
+            // Once per event, not once per group of the namespace.
+            let claim_labels = claim
+                .as_ref()
+                .map(|c| c.labels().clone())
+                .unwrap_or_default();
             groups_affected(&groups_for_volumes, namespace.as_deref(), |group| {
                 let claim_affects = claim_name.is_some_and(|name| {
-                    let labels = claim
-                        .as_ref()
-                        .map(|c| c.labels().clone())
-                        .unwrap_or_default();
-                    claim_may_affect(group, name, &labels, Some(volume.labels()))
+                    claim_may_affect(group, name, &claim_labels, Some(volume.labels()))
                 });
                 volume_may_affect(group, &volume.name_any(), volume.labels(), claim_affects)
             })
