@@ -54,7 +54,8 @@ pub fn sh_status(program: &str, args: &[&str]) -> (i32, String) {
 
 enum Made {
     Loop(String),
-    Mount(PathBuf),
+    /// A mount, and the loop device made for it when an image file was mounted.
+    Mount(PathBuf, Option<String>),
 }
 
 /// A scratch area under /var/tmp with everything it made, undone in reverse order on drop.
@@ -139,21 +140,39 @@ impl Scratch {
         };
     }
 
+    /// Mounts `dev` on `dir`. An image file is attached to a loop device of its own first
+    /// (read-only for an `ro` mount) and detached with the mount: left to mount(8), the
+    /// auto-cleared loop device of an earlier mount of the same file can still be releasing,
+    /// and a second mount with other flags then fails with "already mounted".
     pub fn mount(&mut self, dev: &str, dir: &Path, options: &[&str]) {
         fs::create_dir_all(dir).expect("mount dir");
+        let is_image =
+            !options.contains(&"bind") && fs::metadata(dev).map(|m| m.is_file()).unwrap_or(false);
+        let image_loop = is_image.then(|| {
+            let read_only = options.contains(&"ro");
+            let loop_dev = self.attach(Path::new(dev), read_only);
+            // The mount owns it from here (it is detached after the unmount).
+            self.made.pop();
+            loop_dev
+        });
+        let source = image_loop.as_deref().unwrap_or(dev);
         let d = dir.to_string_lossy().into_owned();
+        let joined = options.join(",");
         let mut args: Vec<&str> = Vec::new();
         if !options.is_empty() {
             args.push("-o");
-        }
-        let joined = options.join(",");
-        if !options.is_empty() {
             args.push(&joined);
         }
-        args.push(dev);
+        args.push(source);
         args.push(&d);
-        sh("mount", &args);
-        self.made.push(Made::Mount(dir.to_path_buf()));
+        let (code, out) = sh_status("mount", &args);
+        if code != 0 {
+            if let Some(l) = &image_loop {
+                let _ = sh_status("losetup", &["-d", l]);
+            }
+            panic!("mount {} failed: {out}", args.join(" "));
+        }
+        self.made.push(Made::Mount(dir.to_path_buf(), image_loop));
     }
 
     /// Unmounts a mount made here (before drop), thawing it first.
@@ -161,10 +180,11 @@ impl Scratch {
         if let Some(pos) = self
             .made
             .iter()
-            .position(|m| matches!(m, Made::Mount(d) if d == dir))
+            .position(|m| matches!(m, Made::Mount(d, _) if d == dir))
         {
-            self.made.remove(pos);
-            undo_mount(dir);
+            if let Made::Mount(dir, image_loop) = self.made.remove(pos) {
+                undo_mount(&dir, image_loop.as_deref());
+            }
         }
     }
 
@@ -222,7 +242,7 @@ impl Scratch {
     }
 }
 
-fn undo_mount(dir: &Path) {
+fn undo_mount(dir: &Path, image_loop: Option<&str>) {
     // Always thaw before unmounting: a frozen superblock survives the unmount.
     if let Ok(fd) = tandem::agent::freeze::open_dir(dir) {
         let _ = tandem::agent::freeze::thaw(&fd, dir);
@@ -232,13 +252,19 @@ fn undo_mount(dir: &Path) {
     if code != 0 {
         let _ = sh_status("umount", &["-l", &d]);
     }
+    if let Some(dev) = image_loop {
+        let (code, out) = sh_status("losetup", &["-d", dev]);
+        if code != 0 {
+            eprintln!("cleanup: losetup -d {dev}: {out}");
+        }
+    }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
         while let Some(m) = self.made.pop() {
             match m {
-                Made::Mount(dir) => undo_mount(&dir),
+                Made::Mount(dir, image_loop) => undo_mount(&dir, image_loop.as_deref()),
                 Made::Loop(dev) => {
                     let (code, out) = sh_status("losetup", &["-d", &dev]);
                     if code != 0 {
@@ -370,7 +396,7 @@ impl Scratch {
             "mount",
             &["--bind", &src.to_string_lossy(), &dst.to_string_lossy()],
         );
-        self.made.push(Made::Mount(dst.to_path_buf()));
+        self.made.push(Made::Mount(dst.to_path_buf(), None));
     }
 }
 
@@ -422,7 +448,7 @@ impl Scratch {
         if code != 0 {
             return Err(format!("mount: {out}"));
         }
-        self.made.push(Made::Mount(mount.clone()));
+        self.made.push(Made::Mount(mount.clone(), None));
         Ok(Volume {
             image,
             device,
