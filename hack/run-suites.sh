@@ -6,7 +6,10 @@
 #               devices, so they never overlap each other
 #   api lane    every other test binary (each starts its own control plane), one at a time
 # Each binary's output is kept in a log and printed whole when it ends, so lanes never interleave
-# lines. Exits non-zero if anything failed, after printing each suite's time.
+# lines. A test binary whose tests fail runs those tests once more, alone: if they pass then, the
+# suite counts as passed and the summary names them FLAKY (with the first run's log printed above),
+# so a flake is seen and fixed, never hidden. Exits non-zero if anything failed twice, after printing
+# each suite's time.
 #
 #   hack/run-suites.sh            everything
 #   LVM_QEMU=0 hack/run-suites.sh without the QEMU guests
@@ -30,11 +33,26 @@ for entry in "${built[@]}"; do
 done
 
 # run_suite NAME COMMAND...: runs it with its output in a log, then prints the log and a status line.
+# A libtest binary's failed tests get one more run (see the header).
 run_suite() {
   local name=$1; shift
   local log="$logs/${name//[:\/]/_}.log" start=$SECONDS rc
   "$@" >"$log" 2>&1
   rc=$?
+  local failed_tests=()
+  if (( rc != 0 )) && [[ $name == *:* ]]; then
+    mapfile -t failed_tests < <(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$log")
+    if (( ${#failed_tests[@]} > 0 )); then
+      {
+        echo "----- $name: ${#failed_tests[@]} failed test(s), run once more alone: ${failed_tests[*]}"
+        "$@" --exact "${failed_tests[@]}"
+      } >>"$log" 2>&1
+      rc=$?
+      if (( rc == 0 )); then
+        printf '%s\n' "${failed_tests[@]/#/$name }" >>"$logs/flaky"
+      fi
+    fi
+  fi
   {
     echo "===== $name ($((SECONDS - start)) s, exit $rc) ====="
     cat "$log"
@@ -68,6 +86,10 @@ wait $api_pid; api_rc=$?
 echo "===== suites (seconds, exit code) ====="
 sort -k2 -n -r "$logs/summary" | awk '{printf "%-32s %5d s  exit %d\n", $1, $2, $3}'
 echo "all suites: $((SECONDS - start)) s"
+if [[ -s $logs/flaky ]]; then
+  echo "FLAKY (failed, then passed when run again alone; fix them):"
+  sed 's/^/  /' "$logs/flaky"
+fi
 if (( node_rc != 0 || api_rc != 0 )); then
   echo "FAILED:" && awk '$3 != 0 {print "  " $1}' "$logs/summary"
   exit 1
