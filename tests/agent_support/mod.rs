@@ -181,10 +181,9 @@ impl Scratch {
             .made
             .iter()
             .position(|m| matches!(m, Made::Mount(d, _) if d == dir))
+            && let Made::Mount(dir, image_loop) = self.made.remove(pos)
         {
-            if let Made::Mount(dir, image_loop) = self.made.remove(pos) {
-                undo_mount(&dir, image_loop.as_deref());
-            }
+            undo_mount(&dir, image_loop.as_deref());
         }
     }
 
