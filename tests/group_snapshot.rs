@@ -108,7 +108,13 @@ async fn cross_node_group_snapshot_is_one_point_in_time() {
         );
     }
     for n in w.node_snapshots().await {
-        assert_eq!(n.spec.action, NodeAction::Release);
+        // Released by the agents themselves once every node had cut, or by the controller if
+        // it came first.
+        assert!(
+            matches!(n.spec.action, NodeAction::Cut | NodeAction::Release),
+            "{:?}",
+            n.spec
+        );
         assert_eq!(n.status.expect("status").phase, NodePhase::Released);
     }
     w.assert_nothing_frozen();
@@ -213,6 +219,83 @@ async fn cross_node_group_snapshot_is_one_point_in_time() {
         "clones left behind: {:?}",
         w.snapshot_files()
     );
+}
+
+/// The agents release each other: with the controller's release held back (test-only delay),
+/// the snapshot still becomes Ready at once, every node released itself (its action is still
+/// `Cut`), and the snapshots hold what was written before.
+#[tokio::test]
+async fn across_nodes_the_agents_release_themselves_once_every_node_has_cut() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("gs-siblings").await;
+    for (claim, node, fs) in [
+        ("data", "a", "xfs"),
+        ("wal", "b", "ext4"),
+        ("log", "c", "xfs"),
+    ] {
+        w.add_volume(claim, node, fs, &[("app", "shop")]).await;
+    }
+    for node in ["a", "b", "c"] {
+        w.start_agent(node);
+    }
+    w.start_controller_with(&["--test-only-release-delay-ms", "600000"]);
+    w.create_group(
+        "shop",
+        json!({"selector": {"matchLabels": {"app": "shop"}}, "freezeTimeoutSeconds": 60}),
+    )
+    .await;
+    let mut before = BTreeMap::new();
+    for (claim, volume) in &w.volumes {
+        let hash = agent_support::write_file(&volume.mount.join("before.bin"), 1 << 20, 3, true);
+        before.insert(claim.clone(), hash);
+    }
+
+    w.create_snapshot("shop-1", "shop", "Delete").await;
+    let snapshot = w.wait_phase("shop-1", GroupSnapshotPhase::Ready).await;
+    let status = snapshot.status.expect("status");
+    assert_eq!(status.consistency, Some(Consistency::FilesystemFrozen));
+    assert!(status.members.iter().all(|m| m.frozen), "{status:?}");
+    let nodes = w.node_snapshots().await;
+    assert_eq!(nodes.len(), 3);
+    let mut group_nodes: Vec<String> = ["a", "b", "c"].iter().map(|n| w.node(n)).collect();
+    group_nodes.sort();
+    for n in &nodes {
+        assert_eq!(n.spec.group_nodes, group_nodes, "{:?}", n.spec);
+        assert_eq!(
+            n.spec.action,
+            NodeAction::Cut,
+            "the controller released {}, not its agent",
+            n.spec.node_name
+        );
+        assert_eq!(
+            n.status.as_ref().map(|s| s.phase),
+            Some(NodePhase::Released)
+        );
+    }
+    w.assert_nothing_frozen();
+    for volume in w.volumes.values() {
+        agent_support::write_file(&volume.mount.join("after.bin"), 4096, 7, true);
+    }
+    let claims: Vec<String> = w.volumes.keys().cloned().collect();
+    for claim in claims {
+        let member = status
+            .members
+            .iter()
+            .find(|m| m.claim == claim)
+            .expect("member");
+        let clone = clone_path(member.snapshot_handle.as_deref().expect("handle"));
+        let fs = w.volumes[&claim].fs.clone();
+        let mnt = open_snapshot(&mut w.scratch, &clone, &fs, &claim);
+        assert_eq!(
+            agent_support::sha256_file(&mnt.join("before.bin")),
+            before[&claim],
+            "{claim}"
+        );
+        assert!(!mnt.join("after.bin").exists(), "{claim}: written after");
+        w.scratch.unmount(&mnt);
+    }
 }
 
 #[tokio::test]

@@ -42,8 +42,13 @@ async fn both_nodes_holding_their_freeze(mut w: World, fs: (&str, &str), timeout
     w.add_volume("b1", "b", fs.1, &[]).await;
     w.start_agent("a");
     w.start_agent("b");
-    // Both nodes prepare, freeze on one trigger and cut; the release waits (test-only delay).
-    w.start_controller_with(&["--test-only-release-delay-ms", "600000"]);
+    // Both nodes prepare, freeze on one trigger and cut; the release waits (test-only delay,
+    // and only the controller releases).
+    w.start_controller_with(&[
+        "--test-only-release-delay-ms",
+        "600000",
+        "--test-only-no-sibling-release",
+    ]);
     w.create_group(
         "g",
         json!({"claims": ["a1", "b1"], "freezeTimeoutSeconds": timeout}),
@@ -257,8 +262,13 @@ async fn overlapping_groups_never_freeze_the_same_volume_at_once() {
     w.add_volume("second", "a", "ext4", &[]).await;
     w.start_agent("a");
     w.start_agent("b");
-    // The first snapshot holds "shared" for a while before its release (test-only delay).
-    w.start_controller_with(&["--test-only-release-delay-ms", "10000"]);
+    // The first snapshot holds "shared" for a while before its release (test-only delay; only
+    // the controller releases).
+    w.start_controller_with(&[
+        "--test-only-release-delay-ms",
+        "10000",
+        "--test-only-no-sibling-release",
+    ]);
     w.create_group(
         "one",
         json!({"claims": ["shared", "first"], "freezeTimeoutSeconds": 60}),

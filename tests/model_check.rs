@@ -1,14 +1,15 @@
 //! The freeze barrier (controller) and the agents' cuts with their watchdogs, model-checked with
 //! stateright over every interleaving of: node reports reaching the controller late (through a
 //! per-node cache that lags the API server), releases and aborts (also overwritten by a stale
-//! decision), the controller's deadline and give-up, watchdog firings, agent crashes and restarts
+//! decision), agents releasing themselves on what their own lagging sibling watches saw, the controller's deadline and give-up, watchdog firings, agent crashes and restarts
 //! (the journal, the kernel's freezes and the snapshot objects survive, the process's memory does
 //! not; a FIFREEZE in flight completes in the kernel), FIFREEZE calls in flight while the cut ends,
 //! failing freezes, snapshot creates that fail (cleanly or leaving an object behind), refused
 //! plans, and GroupSnapshot deletion with Delete and Retain at any moment, over two generations of
 //! a GroupSnapshot with the same name (so a reused name meets a retained snapshot).
 //!
-//! Every controller decision is `barrier::next_step`, every agent phase change is
+//! Every controller decision is `barrier::next_step`, every self-release
+//! `barrier::every_node_has_cut`, every agent phase change is
 //! `lifecycle::on`, a restart is `lifecycle::recovered`, and the derived views (`accepts_freezes`,
 //! `may_be_frozen`, `journal_stage`, `published`, `keeps_snapshots`) are the crate's own. The
 //! model supplies only the environment: messages, the kernel's filesystems and snapshot objects,
@@ -58,6 +59,9 @@ struct Rules {
     /// A filesystem is registered for thawing the moment its own FIFREEZE returns (not once
     /// every sibling's has).
     registers_each_freeze_at_once: bool,
+    /// An agent holding its cut releases itself when what it saw of every node says so
+    /// (`spec.groupNodes`).
+    may_release_itself: fn(&[NodeView]) -> bool,
 }
 
 impl Default for Rules {
@@ -71,6 +75,7 @@ impl Default for Rules {
             delete_checks_identity: true,
             aborts_before_finalizing: true,
             registers_each_freeze_at_once: true,
+            may_release_itself: barrier::every_node_has_cut,
         }
     }
 }
@@ -87,10 +92,13 @@ struct Bounds {
     /// Also a refused plan and a create that fails cleanly (besides a failing freeze and a
     /// create that fails leaving its object behind).
     all_failures: bool,
+    /// Agents across nodes also release themselves on what their sibling watches saw
+    /// (`spec.groupNodes`; without it every release is the controller's, as with quiesce holds).
+    siblings: bool,
 }
 
 /// Two nodes, two generations of the same name (a reused name meets a retained snapshot), one
-/// crash, every kind of failure.
+/// crash, every kind of failure; the controller releases.
 const TWO_GENERATIONS: Bounds = Bounds {
     nodes: 2,
     volumes: 1,
@@ -98,6 +106,7 @@ const TWO_GENERATIONS: Bounds = Bounds {
     crashes: 1,
     watchdog_ticks: 1,
     all_failures: true,
+    siblings: false,
 };
 
 /// Two volumes per node (one freeze returns while its sibling's is still in flight), one crash.
@@ -108,6 +117,9 @@ const TWO_VOLUMES: Bounds = Bounds {
     crashes: 1,
     watchdog_ticks: 1,
     all_failures: false,
+    // (A self-release meets a held cut, whose freezes have all returned: what two volumes add
+    // is the engine's, checked here with the controller's release.)
+    siblings: false,
 };
 
 /// One node (it releases on its own after its cut), two volumes, two generations, one crash.
@@ -118,6 +130,17 @@ const ONE_NODE: Bounds = Bounds {
     crashes: 1,
     watchdog_ticks: 1,
     all_failures: true,
+    siblings: false,
+};
+
+/// Two nodes whose agents release themselves on their sibling watches (or the controller
+/// does, whichever comes first), one crash, every kind of failure. (A second generation adds
+/// nothing here: a watch stops when its NodeSnapshot is deleted, and a new generation starts
+/// only once all are gone.)
+const SIBLINGS: Bounds = Bounds {
+    generations: 1,
+    siblings: true,
+    ..TWO_GENERATIONS
 };
 
 /// The smallest world that still has every kind of step (for the mutants).
@@ -192,11 +215,24 @@ struct NodeSnapshot {
     deleting: bool,
 }
 
+/// What an agent's sibling watch last saw of one node's NodeSnapshot. (Its generation and
+/// deletion need no field: a watch runs only while its own NodeSnapshot is not being deleted, a
+/// deletion marks every node's at once, and a new generation starts only once all are gone, so
+/// whatever a watch saw is of its own generation and of objects not being deleted.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Seen {
+    action: NodeAction,
+    phase: NodePhase,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Node {
     api: Option<NodeSnapshot>,
     /// The controller's cache of `api` (lags behind it).
     cache: Option<(NodeAction, NodePhase)>,
+    /// The agent's sibling watch, by node (lags behind each `api`; lost in a crash; running only
+    /// while this node's NodeSnapshot asks to prepare or cut).
+    seen: Vec<Option<Seen>>,
     fs: Vec<Fs>,
     store: Vec<Option<SnapshotObject>>,
     journal: Option<JournalEntry>,
@@ -254,6 +290,13 @@ enum Action {
     },
     DeleteGroupSnapshot,
     CacheSync(usize),
+    /// Node `node`'s sibling watch catches up with node `of`'s NodeSnapshot.
+    SiblingSync {
+        node: usize,
+        of: usize,
+    },
+    /// The agent releases its held cut on what its sibling watch saw.
+    ReleaseItself(usize),
     ControllerDecides,
     ControllerDeadline,
     ControllerGivesUp,
@@ -457,6 +500,16 @@ impl Tandem {
         if node.api.is_some() {
             out.push(Action::Observe(n));
         }
+        // (Left out for the state space: a lag from before this agent has a cut. A view taken
+        // once there is one lags as any.)
+        if self.watches_siblings(node) && node.cut.is_some() {
+            for of in (0..w.nodes.len()).filter(|&m| m != n) {
+                out.push(Action::SiblingSync { node: n, of });
+            }
+        }
+        if self.may_release_itself(w, n) {
+            out.push(Action::ReleaseItself(n));
+        }
         if self.bounds.all_failures
             && node.cut.is_none()
             && node.api.is_some_and(|a| {
@@ -533,6 +586,55 @@ impl Tandem {
             CutPhase::Deleting { .. } => out.push(Action::FinishDeletion(n)),
             CutPhase::Forgotten => out.push(Action::RemoveFinalizer(n)),
         }
+    }
+
+    /// Whether node `n`'s agent runs a sibling watch: across nodes, while its NodeSnapshot asks
+    /// to prepare or cut and is not being deleted.
+    fn watches_siblings(&self, node: &Node) -> bool {
+        self.bounds.siblings
+            && node.seen.len() > 1
+            && node.api.is_some_and(|a| {
+                matches!(a.action, NodeAction::Prepare | NodeAction::Cut) && !a.deleting
+            })
+    }
+
+    /// Whether node `n`'s agent holds a published cut it may release on what it saw: every
+    /// other node seen in this generation, not being deleted, and the rule says so.
+    fn may_release_itself(&self, w: &World, n: usize) -> bool {
+        let node = &w.nodes[n];
+        let (Some(cut), Some(api)) = (&node.cut, node.api) else {
+            return false;
+        };
+        if !node.up
+            || !self.watches_siblings(node)
+            || api.action != NodeAction::Cut
+            || cut.phase != CutPhase::Held
+            || api.phase != NodePhase::Cut
+        {
+            return false;
+        }
+        let views: Option<Vec<NodeView>> = node
+            .seen
+            .iter()
+            .enumerate()
+            .map(|(m, seen)| {
+                if m == n {
+                    return Some(NodeView {
+                        node: node_name(m),
+                        action: api.action,
+                        phase: NodePhase::Cut,
+                        message: None,
+                    });
+                }
+                seen.map(|s| NodeView {
+                    node: node_name(m),
+                    action: s.action,
+                    phase: s.phase,
+                    message: None,
+                })
+            })
+            .collect();
+        views.is_some_and(|v| (self.rules.may_release_itself)(&v))
     }
 
     /// Whether node `n`'s agent still has something to do (time counts while a watchdog is armed).
@@ -654,6 +756,18 @@ impl Tandem {
             Action::CacheSync(n) => {
                 let node = &mut w.nodes[n];
                 node.cache = node.api.map(|a| (a.action, a.phase));
+            }
+            Action::SiblingSync { node, of } => {
+                w.nodes[node].seen[of] = w.nodes[of].api.map(|a| Seen {
+                    action: a.action,
+                    phase: a.phase,
+                });
+            }
+            Action::ReleaseItself(n) => {
+                if !self.may_release_itself(w, n) {
+                    return None;
+                }
+                self.event(w, n, CutEvent::Release);
             }
             Action::ControllerDecides => self.controller(w)?,
             Action::ControllerDeadline => w.group.as_mut()?.deadline_passed = true,
@@ -865,6 +979,7 @@ impl Tandem {
                 let node = &mut w.nodes[n];
                 node.up = false;
                 node.cut = None;
+                node.seen.fill(None);
                 // The kernel completes a FIFREEZE the dead process had issued.
                 for fs in node.fs.iter_mut() {
                     if *fs == Fs::FreezeInFlight {
@@ -930,6 +1045,7 @@ impl Model for Tandem {
                 Node {
                     api: None,
                     cache: None,
+                    seen: vec![None; b.nodes],
                     fs: vec![Fs::Thawed; b.volumes],
                     store: vec![None; b.volumes],
                     journal: None,
@@ -1037,6 +1153,12 @@ impl Model for Tandem {
         }) {
             for node in &mut w.nodes {
                 node.cache = None;
+            }
+        }
+        // A sibling watch that stops forgets what it saw.
+        for n in 0..w.nodes.len() {
+            if !self.watches_siblings(&w.nodes[n]) {
+                w.nodes[n].seen.fill(None);
             }
         }
         if let Some(group) = w.group.as_mut()
@@ -1245,6 +1367,11 @@ fn the_real_rules_keep_every_promise_over_two_generations() {
 #[test]
 fn the_real_rules_keep_every_promise_with_two_volumes_per_node() {
     check_everything(TWO_VOLUMES);
+}
+
+#[test]
+fn the_real_rules_keep_every_promise_when_agents_release_themselves() {
+    check_everything(SIBLINGS);
 }
 
 #[test]
@@ -1550,5 +1677,27 @@ fn mutant_barrier_without_a_release_deadline_is_caught() {
         },
         ONE_GENERATION,
         BARRIER_ENDS,
+    );
+}
+
+/// An agent that releases itself once it has cut, whatever its siblings show.
+fn releases_itself_on_its_own_cut(nodes: &[NodeView]) -> bool {
+    nodes
+        .iter()
+        .any(|n| n.phase == NodePhase::Cut && n.action == NodeAction::Cut)
+}
+
+#[test]
+fn mutant_agent_releasing_itself_before_every_node_cut_is_caught() {
+    assert_caught(
+        Rules {
+            may_release_itself: releases_itself_on_its_own_cut,
+            ..Rules::default()
+        },
+        Bounds {
+            crashes: 0,
+            ..SIBLINGS
+        },
+        READY_IS_ONE_CUT,
     );
 }

@@ -20,6 +20,7 @@ pub mod freeze;
 pub mod journal;
 pub mod oneshot;
 pub mod restore;
+pub mod siblings;
 pub mod watch;
 pub mod watchdog;
 

@@ -33,7 +33,9 @@ use super::engine::{
     Begun, CONDITION_DELETE_FAILED, CONDITION_FREEZE_IN_FLIGHT, CONDITION_JOURNAL_FAILED,
     CONDITION_THAW_FAILED, CutRequest, Engine, VolumeRequest,
 };
+use super::siblings::Siblings;
 use super::{AgentArgs, AgentError};
+use crate::controller::barrier::every_node_has_cut;
 
 /// The finalizer the agent puts on a NodeSnapshot whose snapshots it may have to delete.
 pub const FINALIZER: &str = "tandem.dev/agent";
@@ -57,6 +59,10 @@ struct Ctx {
     /// Per uid: the volumes a Prepare checked (and the spec they were checked for), so the cut
     /// that follows spends no API call between another node's freeze and this one's.
     prepared: Mutex<HashMap<String, PreparedVolumes>>,
+    /// The sibling watches of multi-node cuts (`spec.groupNodes`).
+    siblings: Siblings,
+    /// Wakes a reconcile of a NodeSnapshot (a sibling changed).
+    wake: tokio::sync::mpsc::UnboundedSender<ObjectRef<NodeSnapshot>>,
 }
 
 /// The spec's volumes and what checking them found.
@@ -75,6 +81,7 @@ pub async fn run(client: Client, engine: Engine, args: AgentArgs) -> Result<(), 
     // Whatever the engine does on its own (the watchdog, a late freeze, a retry) is reported
     // through a reconcile of that NodeSnapshot, not by the call that started the cut.
     let (changes, changed) = tokio::sync::mpsc::unbounded_channel::<ObjectRef<NodeSnapshot>>();
+    let wake = changes.clone();
     {
         let refs = refs.clone();
         engine.set_change_notifier(Box::new(move |key| {
@@ -103,6 +110,8 @@ pub async fn run(client: Client, engine: Engine, args: AgentArgs) -> Result<(), 
         refs,
         retries: Mutex::default(),
         prepared: Mutex::default(),
+        siblings: Siblings::default(),
+        wake,
     });
     Controller::new(api, watcher::Config::default().fields(&selector))
         .reconcile_on(changed)
@@ -219,6 +228,7 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
     let api: Api<NodeSnapshot> = Api::namespaced(ctx.client.clone(), &namespace);
 
     if obj.metadata.deletion_timestamp.is_some() {
+        ctx.siblings.forget(&uid);
         // Act only once every other finalizer is gone: the controller holds its own until the
         // GroupSnapshot itself is deleted, so a member snapshot is never deleted on its own.
         let only_ours = obj.finalizers().iter().all(|f| f == FINALIZER);
@@ -252,6 +262,15 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
             tracing::info!(%namespace, %name, retain, "snapshots finalized");
         }
         return Ok(Action::await_change());
+    }
+
+    // A multi-node cut watches its siblings from Prepare on, so that the watch is in sync by
+    // the time every node holds its freeze.
+    let sibling_release = obj.spec.group_nodes.len() > 1;
+    if sibling_release && matches!(obj.spec.action, NodeAction::Prepare | NodeAction::Cut) {
+        ctx.siblings.watch(&ctx.client, &obj, &ctx.wake);
+    } else {
+        ctx.siblings.forget(&uid);
     }
 
     let engine = ctx.engine.clone();
@@ -384,9 +403,34 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
         }
     };
 
+    let holding = desired.as_ref().is_some_and(|s| s.phase == NodePhase::Cut);
     if let Some(status) = desired {
         publish_new_problems(&ctx, &obj, &status).await;
         write_status(&api, &obj, status).await?;
+    }
+
+    // Every node of the group holds its cut: release this one now, not a controller hop later.
+    if holding
+        && sibling_release
+        && obj.spec.action == NodeAction::Cut
+        && ctx
+            .siblings
+            .views(&obj)
+            .is_some_and(|views| every_node_has_cut(&views))
+    {
+        let engine = ctx.engine.clone();
+        let key = uid.clone();
+        drive(move || engine.release(&key)).await?;
+        tracing::debug!(%namespace, %name, %uid, "every node cut: released without the controller");
+        let engine = ctx.engine.clone();
+        let key = uid.clone();
+        if let Some(status) = tokio::task::spawn_blocking(move || engine.status(&key)).await?? {
+            if status.phase != NodePhase::Cut {
+                ctx.siblings.forget(&uid);
+            }
+            publish_new_problems(&ctx, &obj, &status).await;
+            write_status(&api, &obj, status).await?;
+        }
     }
 
     // A thaw, journal write or delete that failed is retried with backoff.

@@ -76,6 +76,15 @@ pub struct NodeSnapshotSpec {
     #[serde(default)]
     pub release_after_cut: bool,
 
+    /// Every node of the GroupSnapshot, this one included, when it spans several. An agent that
+    /// holds its cut releases itself (thaws, keeps the snapshots) as soon as the NodeSnapshots of
+    /// all of them show `Cut` or `Released` under the same GroupSnapshot, without waiting for the
+    /// controller's `Release`: every member is frozen and cut by then, and the controller's hop
+    /// is the slowest part of a cross-node freeze. Empty: wait for `Release`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 512))]
+    pub group_nodes: Vec<String>,
+
     /// Freeze policy copied from the group when the snapshot started.
     #[serde(default)]
     pub freeze: FreezePolicy,
@@ -92,6 +101,18 @@ pub struct NodeSnapshotSpec {
     #[serde(default)]
     #[schemars(length(max = 512))]
     pub volumes: Vec<NodeVolume>,
+}
+
+impl NodeSnapshot {
+    /// The uid of the GroupSnapshot that controls this object (its controller owner reference).
+    pub fn group_snapshot_uid(&self) -> Option<&str> {
+        self.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.kind == "GroupSnapshot" && o.controller == Some(true))
+            .map(|o| o.uid.as_str())
+    }
 }
 
 /// What the controller asks of an agent.

@@ -98,6 +98,18 @@ pub fn next_step(nodes: &[NodeView], deadline_passed: bool, give_up: bool) -> St
     Step::Wait
 }
 
+/// Whether an agent that holds its cut may release itself without the controller's `Release`
+/// (`spec.groupNodes`): the views of every node of the group, its own included, show the cut
+/// made (or already released by an agent that saw the same) and none is asked to abort. Then
+/// every member is frozen and cut, the very state in which the controller would release them all.
+pub fn every_node_has_cut(nodes: &[NodeView]) -> bool {
+    !nodes.is_empty()
+        && nodes.iter().all(|n| {
+            matches!(n.action, NodeAction::Cut | NodeAction::Release)
+                && matches!(n.phase, NodePhase::Cut | NodePhase::Released)
+        })
+}
+
 fn failure_message(nodes: &[NodeView], deadline_passed: bool, unanswered: &[&str]) -> String {
     let mut parts: Vec<String> = nodes
         .iter()
@@ -205,6 +217,61 @@ mod tests {
         ];
         for (i, (nodes, deadline, want)) in table.into_iter().enumerate() {
             assert_eq!(next_step(&nodes, deadline, false), want, "row {i}");
+        }
+    }
+
+    #[test]
+    fn an_agent_releases_itself_only_once_every_node_has_cut() {
+        use NodeAction::{Abort, Cut, Prepare, Release};
+        use NodePhase::{Aborted, Failed, Pending, Prepared, Released};
+        let table: [(Vec<NodeView>, bool); 9] = [
+            (
+                vec![
+                    node("a", Cut, NodePhase::Cut),
+                    node("b", Cut, NodePhase::Cut),
+                ],
+                true,
+            ),
+            // A sibling that released itself had seen every node cut, this one included.
+            (
+                vec![node("a", Cut, NodePhase::Cut), node("b", Cut, Released)],
+                true,
+            ),
+            (
+                vec![
+                    node("a", Cut, NodePhase::Cut),
+                    node("b", Release, NodePhase::Cut),
+                ],
+                true,
+            ),
+            (
+                vec![node("a", Cut, NodePhase::Cut), node("b", Cut, Pending)],
+                false,
+            ),
+            (
+                vec![node("a", Cut, NodePhase::Cut), node("b", Prepare, Prepared)],
+                false,
+            ),
+            // An abort asked, or a node that failed or thawed on its watchdog: never.
+            (
+                vec![
+                    node("a", Cut, NodePhase::Cut),
+                    node("b", Abort, NodePhase::Cut),
+                ],
+                false,
+            ),
+            (
+                vec![node("a", Cut, NodePhase::Cut), node("b", Cut, Failed)],
+                false,
+            ),
+            (
+                vec![node("a", Cut, NodePhase::Cut), node("b", Cut, Aborted)],
+                false,
+            ),
+            (vec![], false),
+        ];
+        for (i, (nodes, want)) in table.into_iter().enumerate() {
+            assert_eq!(every_node_has_cut(&nodes), want, "row {i}");
         }
     }
 

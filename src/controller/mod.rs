@@ -69,6 +69,10 @@ pub struct ControllerArgs {
     /// long after its barrier started, so fault tests can act while every node holds its freeze.
     #[arg(long, hide = true)]
     pub test_only_release_delay_ms: Option<u64>,
+    /// Test only, ignored by release builds: leave every release to the controller (no
+    /// `groupNodes`), so the release delay above holds every node's freeze.
+    #[arg(long, hide = true)]
+    pub test_only_no_sibling_release: bool,
 }
 
 /// The Lease that elects the one active controller replica.
@@ -125,6 +129,8 @@ pub struct Context {
     pub hooks: hooks::Sessions,
     /// Tests only (`--test-only-release-delay-ms`, debug builds).
     pub test_only_release_delay: Option<std::time::Duration>,
+    /// Tests only (`--test-only-no-sibling-release`, debug builds).
+    pub test_only_no_sibling_release: bool,
 }
 
 impl Context {
@@ -341,6 +347,7 @@ async fn run_controllers(
             .test_only_release_delay_ms
             .filter(|_| cfg!(debug_assertions))
             .map(std::time::Duration::from_millis),
+        test_only_no_sibling_release: args.test_only_no_sibling_release && cfg!(debug_assertions),
     });
     let readiness = async {
         // However long the first lists take: each attempt waits a bounded time.

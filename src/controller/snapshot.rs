@@ -728,14 +728,6 @@ pub fn node_snapshot_name(snapshot: &str, snapshot_uid: &str, node: &str) -> Str
     format!("{snapshot}-{hash}")
 }
 
-/// The uid of the GroupSnapshot that controls a NodeSnapshot (its controller owner reference).
-fn controller_uid(node: &NodeSnapshot) -> Option<&str> {
-    node.owner_references()
-        .iter()
-        .find(|o| o.kind == "GroupSnapshot" && o.controller == Some(true))
-        .map(|o| o.uid.as_str())
-}
-
 /// Whether a NodeSnapshot is one this GroupSnapshot made: same namespace, controlled by this
 /// uid, for one of its nodes and under the name it would give it. Anything else (a copy with a
 /// forged owner reference, say) is ignored.
@@ -747,7 +739,7 @@ fn is_ours(
     nodes: &BTreeSet<&str>,
 ) -> bool {
     node.namespace().as_deref() == Some(namespace)
-        && controller_uid(node) == Some(snapshot_uid)
+        && node.group_snapshot_uid() == Some(snapshot_uid)
         && nodes.contains(node.spec.node_name.as_str())
         && {
             let name = node.name_any();
@@ -758,12 +750,39 @@ fn is_ours(
         }
 }
 
+/// Who thaws the nodes once every one has cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ReleasePlan {
+    /// The one node's agent, right after its cut (`releaseAfterCut`).
+    AfterCut,
+    /// Each agent, once the NodeSnapshots of all these nodes show their cut (`groupNodes`).
+    BySiblings(Vec<String>),
+    /// The controller's `Release`.
+    ByController,
+}
+
+/// Quiesce holds are checked by the controller before any node may thaw, so with holds only the
+/// controller releases; otherwise nobody waits for the controller's hop.
+fn release_plan<'a>(
+    nodes: impl Iterator<Item = &'a str>,
+    holds: bool,
+    siblings_allowed: bool,
+) -> ReleasePlan {
+    let nodes: Vec<String> = nodes.map(str::to_string).collect();
+    match nodes.len() {
+        _ if holds => ReleasePlan::ByController,
+        1 => ReleasePlan::AfterCut,
+        _ if siblings_allowed => ReleasePlan::BySiblings(nodes),
+        _ => ReleasePlan::ByController,
+    }
+}
+
 fn node_snapshot_for(
     snapshot: &GroupSnapshot,
     group_freeze: (FreezePolicy, i32),
     node: &str,
     members: &[&MemberSnapshot],
-    single_node: bool,
+    release: &ReleasePlan,
     prepare_first: bool,
 ) -> Result<NodeSnapshot, Error> {
     let name = snapshot.name_any();
@@ -786,7 +805,11 @@ fn node_snapshot_for(
             } else {
                 NodeAction::Cut
             },
-            release_after_cut: single_node,
+            release_after_cut: *release == ReleasePlan::AfterCut,
+            group_nodes: match release {
+                ReleasePlan::BySiblings(nodes) => nodes.clone(),
+                _ => Vec::new(),
+            },
             freeze: group_freeze.0,
             freeze_timeout_seconds: group_freeze.1,
             deletion_policy: snapshot.spec.deletion_policy,
@@ -928,8 +951,11 @@ async fn drive(
             .map(|g| (g.spec.freeze, g.spec.freeze_timeout_seconds))
             .unwrap_or((FreezePolicy::Required, 10));
         let deadline = Duration::from_secs(u64::try_from(freeze.1).unwrap_or(10)) + AGENT_GRACE;
-        // With holds, the controller checks them before any node thaws: no early release.
-        let single_node = by_node.len() == 1 && !holds;
+        let release = release_plan(
+            by_node.keys().copied(),
+            holds,
+            !ctx.test_only_no_sibling_release,
+        );
         // Across nodes, every node first checks and flushes (Prepare); they freeze on one Cut.
         let prepare_first = by_node.len() > 1;
         let objects = missing
@@ -940,7 +966,7 @@ async fn drive(
                     freeze,
                     node,
                     &by_node[node],
-                    single_node,
+                    &release,
                     prepare_first,
                 )
             })
@@ -956,7 +982,7 @@ async fn drive(
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     // Ours (created a moment ago, not cached yet), or someone else's object.
                     let found = nodes_api.get_opt(&object.name_any()).await?;
-                    match found.as_ref().map(controller_uid) {
+                    match found.as_ref().map(NodeSnapshot::group_snapshot_uid) {
                         Some(Some(owner)) if owner == uid => CreateOutcome::Created,
                         Some(owner) => CreateOutcome::Refused {
                             permanent: true,
@@ -1443,7 +1469,7 @@ async fn cleanup(
     let ours: Vec<&NodeSnapshot> = listed
         .items
         .iter()
-        .filter(|n| controller_uid(n) == Some(uid.as_str()))
+        .filter(|n| n.group_snapshot_uid() == Some(uid.as_str()))
         .collect();
     let mut kept: Vec<String> = listed
         .items
@@ -1700,6 +1726,26 @@ mod tests {
             long.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         );
+    }
+
+    #[test]
+    fn nodes_release_themselves_unless_holds_or_a_test_keep_the_release_with_the_controller() {
+        let nodes = ["a", "b"];
+        let siblings = ReleasePlan::BySiblings(vec!["a".into(), "b".into()]);
+        let table = [
+            (&nodes[..1], false, true, ReleasePlan::AfterCut),
+            (&nodes[..1], true, true, ReleasePlan::ByController),
+            (&nodes[..], false, true, siblings),
+            (&nodes[..], true, true, ReleasePlan::ByController),
+            (&nodes[..], false, false, ReleasePlan::ByController),
+        ];
+        for (i, (nodes, holds, allowed, want)) in table.into_iter().enumerate() {
+            assert_eq!(
+                release_plan(nodes.iter().copied(), holds, allowed),
+                want,
+                "row {i}"
+            );
+        }
     }
 
     fn owned(name: &str, node: &str, uid: &str, controller: bool) -> NodeSnapshot {
