@@ -353,22 +353,57 @@ fn requests_between(
     (total, parts.join(", "))
 }
 
-/// Marks the pre-bound claim `name` of `namespace` and its PV `Bound`, as the binder would.
+/// Completes the binding of the pre-bound claim `name` of `namespace` and its PV exactly as
+/// kube-controller-manager's binder would (the claim's uid in the PV's claimRef, the claim's
+/// `bind-completed` annotation, both `Bound`, the claim's capacity and access modes from the PV),
+/// so that the binder, looking later, finds nothing to write.
 async fn mark_bound(w: &World, namespace: &str, name: &str) {
     use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-    let bound = Patch::Merge(json!({"status": {"phase": "Bound"}}));
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(w.env.client.clone(), namespace);
     let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+    let pv = format!("{namespace}-{name}");
     // Failures only slow the bench down to the binder's pace: it waits for Bound below.
+    let Ok(claim) = claims.get(name).await else {
+        return;
+    };
+    let uid = claim.metadata.uid.clone().unwrap_or_default();
+    let _ = volumes
+        .patch(
+            &pv,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"claimRef": {
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "namespace": namespace, "name": name, "uid": uid,
+                "resourceVersion": claim.metadata.resource_version,
+            }}})),
+        )
+        .await;
     let _ = volumes
         .patch_status(
-            &format!("{namespace}-{name}"),
+            &pv,
             &PatchParams::default(),
-            &bound,
+            &Patch::Merge(json!({"status": {"phase": "Bound"}})),
         )
         .await;
     let _ = claims
-        .patch_status(name, &PatchParams::default(), &bound)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                "pv.kubernetes.io/bind-completed": "yes"
+            }}})),
+        )
+        .await;
+    let _ = claims
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "phase": "Bound",
+                "accessModes": ["ReadWriteOnce"],
+                "capacity": {"storage": "1Gi"},
+            }})),
+        )
         .await;
 }
 
