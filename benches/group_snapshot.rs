@@ -185,6 +185,7 @@ async fn trace_one(w: &World, nodes: usize) -> String {
         ("all frozen (every FIFREEZE returned)", vec![]),
         ("cut done (snapshots cut)", vec![]),
         ("status Cut written", vec![]),
+        ("every node Cut seen: released itself", vec![]),
         ("release seen by the agent", vec![]),
         ("thawed (freezeStart + freezeWindowMillis)", vec![]),
         ("release done (engine returned)", vec![]),
@@ -219,6 +220,10 @@ async fn trace_one(w: &World, nodes: usize) -> String {
             ms(trace::first(
                 &agent,
                 &[&named, "status written", "phase=Cut"],
+            )),
+            ms(trace::first(
+                &agent,
+                &[&named, "released without the controller"],
             )),
             ms(trace::first(
                 &agent,
@@ -279,15 +284,26 @@ async fn trace_one(w: &World, nodes: usize) -> String {
     let min = |v: Vec<f64>| v.into_iter().reduce(f64::min);
     let max = |v: Vec<f64>| v.into_iter().reduce(f64::max);
     let first_freeze = min(col(4));
-    let steps = [
+    let by_siblings = !col(8).is_empty();
+    let mut steps = vec![
         ("first freeze -> last node all frozen", max(col(5))),
         ("-> last node's snapshots cut", max(col(6))),
         ("-> last node's Cut status written", max(col(7))),
-        ("-> controller sees every Cut, releases", releasing),
-        ("-> release patched on every node", patched),
-        ("-> last agent sees its release", max(col(8))),
-        ("-> last thaw", max(col(9))),
     ];
+    if by_siblings {
+        // The agents released each other: the controller's hop is not in the window.
+        steps.push((
+            "-> last thaw (agents saw every Cut themselves)",
+            max(col(10)),
+        ));
+    } else {
+        steps.extend([
+            ("-> controller sees every Cut, releases", releasing),
+            ("-> release patched on every node", patched),
+            ("-> last agent sees its release", max(col(9))),
+            ("-> last thaw", max(col(10))),
+        ]);
+    }
     out.push_str(
         "where the group's freeze window goes (ms; each step ends at the slowest node):\n",
     );
