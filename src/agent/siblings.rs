@@ -60,6 +60,14 @@ pub fn sibling_views<'a>(
     Some(views)
 }
 
+/// Whether a sibling's status shows its cut made (the only change that can let this node go).
+fn shows_its_cut(sibling: &NodeSnapshot) -> bool {
+    sibling
+        .status
+        .as_ref()
+        .is_some_and(|s| matches!(s.phase, NodePhase::Cut | NodePhase::Released))
+}
+
 /// The sibling watches of the NodeSnapshots this agent prepares or holds, by their uid.
 #[derive(Default)]
 pub struct Siblings {
@@ -113,11 +121,14 @@ impl Siblings {
                 .boxed();
             while let Some(change) = changes.next().await {
                 match change {
-                    Ok(_) => {
+                    // Only a sibling's cut can complete the group: its other changes (50 nodes
+                    // preparing, say) would wake this agent for nothing inside the freeze window.
+                    Ok(sibling) if shows_its_cut(&sibling) => {
                         if wake.send(own_ref.clone()).is_err() {
                             return;
                         }
                     }
+                    Ok(_) => {}
                     Err(e) => tracing::debug!(error = %e, "sibling watch"),
                 }
             }
