@@ -174,8 +174,54 @@ pub enum DeviceKind {
     },
     /// A device-mapper device that is not LVM's.
     OtherDeviceMapper { dm_name: String },
+    /// A Ceph RBD image mapped by the kernel (krbd, `/dev/rbdN`).
+    Rbd(RbdImage),
     /// Anything else (a disk, a partition, a loop device without a file).
     Other,
+}
+
+/// Which RBD image a krbd device maps, from its sysfs directory (`/sys/bus/rbd/devices/<id>`). Only
+/// these attributes are read: `config_info`, which carries the mapping's monitors and key, never.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdImage {
+    pub cluster_fsid: String,
+    pub pool: String,
+    /// The RADOS namespace (empty: the pool's default).
+    pub pool_ns: String,
+    pub name: String,
+    /// The image's id: stable where the name can be renamed.
+    pub image_id: String,
+    /// The mapped snapshot, when a snapshot (read-only) rather than the image is mapped.
+    pub snapshot: Option<String>,
+}
+
+impl std::fmt::Display for RbdImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ns = if self.pool_ns.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.pool_ns)
+        };
+        write!(
+            f,
+            "RBD image {}/{ns}{} (id {}, cluster {})",
+            self.pool, self.name, self.image_id, self.cluster_fsid
+        )
+    }
+}
+
+/// The RBD image behind a krbd device's `device` directory, if it is one.
+fn rbd_image(device: &Path) -> Option<RbdImage> {
+    let read = |name: &str| read_trimmed(&device.join(name));
+    let snapshot = read("current_snap").filter(|s| !s.is_empty() && s != "-");
+    Some(RbdImage {
+        pool: read("pool")?,
+        name: read("name")?,
+        image_id: read("image_id")?,
+        cluster_fsid: read("cluster_fsid").unwrap_or_default(),
+        pool_ns: read("pool_ns").unwrap_or_default(),
+        snapshot,
+    })
 }
 
 /// Splits a device-mapper name that LVM made (`vg-lv`, with `-` inside names doubled) into VG and LV.
@@ -227,6 +273,10 @@ pub fn classify_device(dev: DevId, sysfs_block: &Path) -> DeviceKind {
             return DeviceKind::LvmVolume { vg, lv, dm_name };
         }
         return DeviceKind::OtherDeviceMapper { dm_name };
+    }
+    // krbd: /sys/dev/block/<major:minor>/device is /sys/devices/rbd/<id>.
+    if let Some(image) = rbd_image(&dir.join("device")) {
+        return DeviceKind::Rbd(image);
     }
     DeviceKind::Other
 }
@@ -651,6 +701,81 @@ mod tests {
         ));
         assert_eq!(
             classify_device(DevId { major: 8, minor: 0 }, dir.path()),
+            DeviceKind::Other
+        );
+    }
+
+    #[test]
+    fn classifies_krbd_images_without_reading_their_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let rbd = |dev: &str, attrs: &[(&str, &str)]| {
+            let d = dir.path().join(dev).join("device");
+            fs::create_dir_all(&d).unwrap();
+            for (k, v) in attrs {
+                fs::write(d.join(k), format!("{v}\n")).unwrap();
+            }
+            // What krbd keeps beside them: the monitors and the key of the mapping.
+            fs::write(
+                d.join("config_info"),
+                "127.0.0.1:6789 name=admin,secret=AQBsecretsecret== rbd img -\n",
+            )
+            .unwrap();
+        };
+        let head = [
+            ("cluster_fsid", "8f9bb291-6da3-4b95-829e-ff4e7916f8e9"),
+            ("pool", "rbd"),
+            ("pool_ns", ""),
+            ("name", "csi-vol-1"),
+            ("image_id", "1013b0f9e1df"),
+            ("current_snap", "-"),
+        ];
+        rbd("252:0", &head);
+        let mut in_ns = head;
+        in_ns[2] = ("pool_ns", "tenant-a");
+        rbd("252:16", &in_ns);
+        let mut snap = head;
+        snap[5] = ("current_snap", ".group.1_10a3_1b");
+        rbd("252:32", &snap);
+        // A device directory without an image's attributes (a SCSI disk's, say).
+        fs::create_dir_all(dir.path().join("8:16/device")).unwrap();
+        fs::write(dir.path().join("8:16/device/model"), "QEMU HARDDISK\n").unwrap();
+
+        let at = |minor| classify_device(DevId { major: 252, minor }, dir.path());
+        let DeviceKind::Rbd(image) = at(0) else {
+            panic!("not RBD: {:?}", at(0));
+        };
+        assert_eq!(
+            image,
+            RbdImage {
+                cluster_fsid: "8f9bb291-6da3-4b95-829e-ff4e7916f8e9".into(),
+                pool: "rbd".into(),
+                pool_ns: String::new(),
+                name: "csi-vol-1".into(),
+                image_id: "1013b0f9e1df".into(),
+                snapshot: None,
+            }
+        );
+        assert_eq!(
+            image.to_string(),
+            "RBD image rbd/csi-vol-1 (id 1013b0f9e1df, cluster 8f9bb291-6da3-4b95-829e-ff4e7916f8e9)"
+        );
+        assert!(
+            matches!(at(16), DeviceKind::Rbd(i) if i.to_string().contains("rbd/tenant-a/csi-vol-1"))
+        );
+        assert!(
+            matches!(at(32), DeviceKind::Rbd(i) if i.snapshot.as_deref() == Some(".group.1_10a3_1b"))
+        );
+        for minor in [0, 16, 32] {
+            assert!(!format!("{:?}", at(minor)).contains("secret"));
+        }
+        assert_eq!(
+            classify_device(
+                DevId {
+                    major: 8,
+                    minor: 16
+                },
+                dir.path()
+            ),
             DeviceKind::Other
         );
     }

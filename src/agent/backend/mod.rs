@@ -383,6 +383,21 @@ pub fn plan(
             device: volume.device.clone(),
             why: format!("device-mapper device {dm_name} is not an LVM logical volume"),
         }),
+        DeviceKind::Rbd(image) if image.snapshot.is_some() => Err(BackendError::Unsupported {
+            device: volume.device.clone(),
+            why: format!(
+                "{image} is mapped at its snapshot {} (read-only), not at the image itself",
+                image.snapshot.as_deref().unwrap_or_default()
+            ),
+        }),
+        // One group snapshot in the cluster, cut while every node holds its freeze: not a
+        // node's own snapshot, and not built yet.
+        DeviceKind::Rbd(image) => Err(BackendError::Unsupported {
+            device: volume.device.clone(),
+            why: format!(
+                "{image}: RBD members are snapshotted by one RBD group snapshot in the cluster, which this version of tandem does not cut yet"
+            ),
+        }),
         _ => Err(BackendError::Unsupported {
             device: volume.device.clone(),
             why: "not a loop device over an image, an LVM logical volume nor a btrfs subvolume"
@@ -525,6 +540,45 @@ mod tests {
     use super::*;
 
     const UID: &str = "3f9a8b7c-1d2e-4f5a-8b9c-0d1e2f3a4b5c";
+
+    #[test]
+    fn krbd_images_are_refused_by_name_and_a_mapped_snapshot_as_read_only() {
+        use crate::agent::discovery::{DevId, RbdImage};
+        let image = |snapshot: Option<&str>| ResolvedVolume {
+            path: "/var/lib/kubelet/pods/p/volumes/kubernetes.io~csi/pv-1/mount".into(),
+            mount: None,
+            device: "/dev/rbd0".into(),
+            block_dev: DevId {
+                major: 252,
+                minor: 0,
+            },
+            kind: DeviceKind::Rbd(RbdImage {
+                cluster_fsid: "8f9b".into(),
+                pool: "rbd".into(),
+                pool_ns: String::new(),
+                name: "csi-vol-1".into(),
+                image_id: "1013".into(),
+                snapshot: snapshot.map(str::to_string),
+            }),
+        };
+        let why = |v: &ResolvedVolume| match plan(
+            v,
+            "tandem.ns.s.pv-1.abcd1234",
+            UID,
+            &BackendOptions {
+                thick_cow_size: "1G".into(),
+                btrfs_mount_dir: "/run/tandem/btrfs".into(),
+            },
+        ) {
+            Err(BackendError::Unsupported { why, .. }) => why,
+            other => panic!("not refused: {other:?}"),
+        };
+        let head = why(&image(None));
+        assert!(head.contains("RBD image rbd/csi-vol-1 (id 1013"), "{head}");
+        assert!(head.contains("RBD group snapshot"), "{head}");
+        let snap = why(&image(Some("snap-1")));
+        assert!(snap.contains("snapshot snap-1 (read-only)"), "{snap}");
+    }
 
     #[test]
     fn names_carry_the_owner_and_trace_back() {
