@@ -134,12 +134,14 @@ const ONE_NODE: Bounds = Bounds {
 };
 
 /// Two nodes whose agents release themselves on their sibling watches (or the controller
-/// does, whichever comes first), one crash, every kind of failure. (A second generation adds
-/// nothing here: a watch stops when its NodeSnapshot is deleted, and a new generation starts
-/// only once all are gone.)
+/// does, whichever comes first), one crash, a failing freeze and a create that fails leaving its
+/// object behind. (A second generation adds nothing here: a watch stops when its NodeSnapshot is
+/// deleted, and a new generation starts only once all are gone. A refused plan or a create that
+/// fails cleanly fails the node before it holds anything, as a failing freeze does.)
 const SIBLINGS: Bounds = Bounds {
     generations: 1,
     siblings: true,
+    all_failures: false,
     ..TWO_GENERATIONS
 };
 
