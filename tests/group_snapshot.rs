@@ -275,6 +275,28 @@ async fn across_nodes_the_agents_release_themselves_once_every_node_has_cut() {
         );
     }
     w.assert_nothing_frozen();
+    // Every sibling watch stops with its cut, and stays stopped (the actions stay `Cut` for good:
+    // a watch started again on them would live as long as the snapshot).
+    let logs = w.logs();
+    let node_names: Vec<String> = ["a", "b", "c"].iter().map(|n| w.node(n)).collect();
+    let balanced = || {
+        node_names.iter().all(|node| {
+            let log =
+                std::fs::read_to_string(logs.join(format!("agent-{node}.log"))).unwrap_or_default();
+            let started = log.matches("sibling watch started").count();
+            started > 0 && started == log.matches("sibling watch stopped").count()
+        })
+    };
+    eventually(WAIT, "every sibling watch stopped", || {
+        let done = balanced();
+        async move { done.then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        balanced(),
+        "a sibling watch started again after its cut ended"
+    );
     for volume in w.volumes.values() {
         agent_support::write_file(&volume.mount.join("after.bin"), 4096, 7, true);
     }

@@ -133,12 +133,15 @@ impl Siblings {
                 }
             }
         });
+        tracing::debug!(%uid, "sibling watch started");
         watches.insert(uid, Watch { store, task });
     }
 
     /// Stops watching for `uid` (its cut ended, or the object is going).
     pub fn forget(&self, uid: &str) {
-        lock(&self.watches).remove(uid);
+        if lock(&self.watches).remove(uid).is_some() {
+            tracing::debug!(%uid, "sibling watch stopped");
+        }
     }
 
     /// The views of `own`'s group as last seen (see [`sibling_views`]).

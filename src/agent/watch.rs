@@ -272,9 +272,17 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
     }
 
     // A multi-node cut watches its siblings from Prepare on, so that the watch is in sync by
-    // the time every node holds its freeze.
+    // the time every node holds its freeze, and stops once its cut ended (a self-released
+    // NodeSnapshot keeps its action `Cut` for good).
     let sibling_release = obj.spec.group_nodes.len() > 1;
-    if sibling_release && matches!(obj.spec.action, NodeAction::Prepare | NodeAction::Cut) {
+    let cut_ongoing = matches!(
+        obj.status.as_ref().map(|s| s.phase).unwrap_or_default(),
+        NodePhase::Pending | NodePhase::Prepared | NodePhase::Cut
+    );
+    if sibling_release
+        && cut_ongoing
+        && matches!(obj.spec.action, NodeAction::Prepare | NodeAction::Cut)
+    {
         ctx.siblings.watch(&ctx.client, &obj, &ctx.wake);
     } else {
         ctx.siblings.forget(&uid);
