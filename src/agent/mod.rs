@@ -126,6 +126,11 @@ pub enum AgentError {
     OneshotRestore(String),
 }
 
+/// Locks, ignoring poisoning: a panicked thread must never keep the agent from thawing.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The engine configuration the flags ask for.
 pub fn engine_config(args: &AgentArgs) -> EngineConfig {
     let mut config = EngineConfig::new(&args.state_dir);

@@ -3,6 +3,7 @@
 //! label) and releases its own cut once all of them show theirs ([`barrier::every_node_has_cut`]).
 //! The decision over what was seen is [`sibling_views`], pure; the watch is a thin shell.
 
+use crate::agent::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -38,7 +39,7 @@ pub fn sibling_views<'a>(
     for node in nodes.iter().filter(|n| **n != own.spec.node_name) {
         let mut found = seen.clone().into_iter().filter(|s| {
             s.spec.node_name == *node
-                && s.namespace() == own.namespace()
+                && s.metadata.namespace == own.metadata.namespace
                 && s.group_snapshot_uid() == Some(group)
                 && s.spec.group_snapshot == own.spec.group_snapshot
         });
@@ -83,10 +84,6 @@ impl Drop for Watch {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Siblings {

@@ -8,6 +8,7 @@
 //! shown as a condition and a Warning event and retried with backoff; a failed delete keeps the
 //! agent's finalizer.
 
+use super::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -67,10 +68,6 @@ struct Ctx {
 
 /// The spec's volumes and what checking them found.
 type PreparedVolumes = (Vec<NodeVolume>, Vec<VolumeRequest>);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Watches this node's NodeSnapshots until a shutdown signal; on shutdown thaws whatever it holds.
 pub async fn run(client: Client, engine: Engine, args: AgentArgs) -> Result<(), AgentError> {
@@ -367,13 +364,9 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
         },
         NodeAction::Release => match known {
             Some(status) if status.phase == NodePhase::Cut => {
-                let engine = ctx.engine.clone();
-                let key = uid.clone();
-                drive(move || engine.release(&key)).await?;
+                let released = release(&ctx, &uid).await?;
                 tracing::debug!(%namespace, %name, %uid, "release done");
-                let engine = ctx.engine.clone();
-                let key = uid.clone();
-                tokio::task::spawn_blocking(move || engine.status(&key)).await??
+                released
             }
             Some(status) => Some(status),
             None if matches!(
@@ -440,13 +433,9 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
             .views(&obj)
             .is_some_and(|views| every_node_has_cut(&views))
     {
-        let engine = ctx.engine.clone();
-        let key = uid.clone();
-        drive(move || engine.release(&key)).await?;
+        let released = release(&ctx, &uid).await?;
         tracing::debug!(%namespace, %name, %uid, "every node cut: released without the controller");
-        let engine = ctx.engine.clone();
-        let key = uid.clone();
-        if let Some(status) = tokio::task::spawn_blocking(move || engine.status(&key)).await?? {
+        if let Some(status) = released {
             if status.phase != NodePhase::Cut {
                 ctx.siblings.forget(&uid);
             }
@@ -471,6 +460,16 @@ async fn reconcile(obj: Arc<NodeSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Agen
         ),
         None => Action::await_change(),
     })
+}
+
+/// Thaws the held cut `uid` keeping its snapshots, and returns the engine's status after it.
+async fn release(ctx: &Ctx, uid: &str) -> Result<Option<NodeSnapshotStatus>, AgentError> {
+    let engine = ctx.engine.clone();
+    let key = uid.to_string();
+    drive(move || engine.release(&key)).await?;
+    let engine = ctx.engine.clone();
+    let key = uid.to_string();
+    Ok(tokio::task::spawn_blocking(move || engine.status(&key)).await??)
 }
 
 /// The status of a held cut whose nodes release each other, lean: this write sits inside the

@@ -29,11 +29,12 @@ mod state;
 #[cfg(test)]
 mod tests;
 
+use crate::agent::lock;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -244,11 +245,6 @@ fn lock_state_dir(state_dir: &Path) -> Result<File, EngineError> {
     let _ = file.rewind();
     let _ = write!(file, "{}", std::process::id());
     Ok(file)
-}
-
-/// Locks, ignoring poisoning: a panicked thread must never keep the agent from thawing.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What [`Engine::begin`] found.

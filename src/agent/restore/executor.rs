@@ -10,9 +10,10 @@
 //!   lock of their own, each writing the latest state;
 //! - clones run on a thread of their own, never inside the cut engine's freeze path.
 
+use crate::agent::lock;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::agent::backend::clone::{
@@ -129,10 +130,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct Restores {
     inner: Arc<Inner>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How often a copy in flight reports its progress at most.

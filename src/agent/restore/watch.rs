@@ -4,6 +4,7 @@
 //! executor's state; whatever a clone job does on its own (a clone made, progress, a rollback)
 //! triggers a reconcile through its change notifier. Failures are Warning events.
 
+use crate::agent::lock;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,10 +49,6 @@ struct Ctx {
     retries: Mutex<HashMap<String, u32>>,
     /// NodeRestores already warned about (an unreadable journal entry).
     warned: Mutex<HashSet<String>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Watches this node's NodeRestores until a shutdown signal.
