@@ -96,27 +96,11 @@ impl Scratch {
     }
 
     /// Attaches an image to a free loop device (allocated atomically by losetup; retried when
-    /// another test raced for the same number).
+    /// another test raced for the same number), detached on drop.
     pub fn attach(&mut self, image: &Path, read_only: bool) -> String {
-        let img = image.to_string_lossy().into_owned();
-        let mut last = String::new();
-        for _ in 0..10 {
-            let mut args = vec!["--find", "--show"];
-            if read_only {
-                args.push("--read-only");
-            }
-            args.push(&img);
-            let (code, out) = sh_status("losetup", &args);
-            if code == 0 {
-                let dev = out.trim().to_string();
-                assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
-                self.made.push(Made::Loop(dev.clone()));
-                return dev;
-            }
-            last = out;
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        panic!("losetup failed: {last}");
+        let dev = attach_loop(image, read_only);
+        self.made.push(Made::Loop(dev.clone()));
+        dev
     }
 
     /// Detaches a loop device made here (before drop).
@@ -148,13 +132,8 @@ impl Scratch {
         fs::create_dir_all(dir).expect("mount dir");
         let is_image =
             !options.contains(&"bind") && fs::metadata(dev).map(|m| m.is_file()).unwrap_or(false);
-        let image_loop = is_image.then(|| {
-            let read_only = options.contains(&"ro");
-            let loop_dev = self.attach(Path::new(dev), read_only);
-            // The mount owns it from here (it is detached after the unmount).
-            self.made.pop();
-            loop_dev
-        });
+        // The mount owns this loop device: it is detached after the unmount.
+        let image_loop = is_image.then(|| attach_loop(Path::new(dev), options.contains(&"ro")));
         let source = image_loop.as_deref().unwrap_or(dev);
         let d = dir.to_string_lossy().into_owned();
         let joined = options.join(",");
@@ -239,6 +218,28 @@ impl Scratch {
             "refusing to let a test freeze {m}: its source {source} is not a loop device this test made"
         );
     }
+}
+
+/// Attaches `image` to a free loop device (see [`Scratch::attach`]); the caller detaches it.
+fn attach_loop(image: &Path, read_only: bool) -> String {
+    let img = image.to_string_lossy().into_owned();
+    let mut last = String::new();
+    for _ in 0..10 {
+        let mut args = vec!["--find", "--show"];
+        if read_only {
+            args.push("--read-only");
+        }
+        args.push(&img);
+        let (code, out) = sh_status("losetup", &args);
+        if code == 0 {
+            let dev = out.trim().to_string();
+            assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
+            return dev;
+        }
+        last = out;
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("losetup failed: {last}");
 }
 
 fn undo_mount(dir: &Path, image_loop: Option<&str>) {
