@@ -1,12 +1,13 @@
 //! Reconciles ConsistencyGroups: resolves members and reports them in status.
 
+use crate::controller::cache::CachedVolume;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
@@ -32,7 +33,7 @@ pub async fn run_group_controller(
     ctx: Arc<Context>,
     namespace: Option<&str>,
     claim_events: BoxStream<'static, Result<PersistentVolumeClaim, WatchError>>,
-    volume_events: BoxStream<'static, Result<PersistentVolume, WatchError>>,
+    volume_events: BoxStream<'static, Result<CachedVolume, WatchError>>,
 ) {
     let groups_api: Api<ConsistencyGroup> = match namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
@@ -132,7 +133,7 @@ async fn reconcile(group: Arc<ConsistencyGroup>, ctx: Arc<Context>) -> Result<Ac
             let (live_claims, live_volumes) =
                 fetch_live(&ctx, &namespace, &missing_claims, &missing_volumes).await?;
             if !live_claims.is_empty() || !live_volumes.is_empty() {
-                let live_volumes: Vec<Arc<PersistentVolume>> =
+                let live_volumes: Vec<Arc<CachedVolume>> =
                     live_volumes.into_iter().map(Arc::new).collect();
                 let volume = |name: &str| {
                     live_volumes
@@ -371,9 +372,9 @@ async fn fetch_live(
     namespace: &str,
     claims: &[String],
     volumes: &[String],
-) -> Result<(Vec<PersistentVolumeClaim>, Vec<PersistentVolume>), Error> {
+) -> Result<(Vec<PersistentVolumeClaim>, Vec<CachedVolume>), Error> {
     let claims_api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
-    let volumes_api: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let volumes_api: Api<CachedVolume> = Api::all(ctx.client.clone());
     let mut live_claims = Vec::new();
     for name in claims {
         live_claims.extend(claims_api.get_opt(name).await?);

@@ -4,6 +4,7 @@
 //! through watches (reflector stores shared with the reconcilers), never through polling.
 
 pub mod barrier;
+pub mod cache;
 mod group;
 pub mod hooks;
 mod http;
@@ -21,7 +22,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::events::Recorder;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim};
+
+use cache::CachedVolume;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
@@ -107,7 +110,9 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub claims: Store<PersistentVolumeClaim>,
-    pub volumes: Store<PersistentVolume>,
+    /// Projections of the PersistentVolumes (`cache::CachedVolume`): 10,000 of them as full
+    /// objects were half of an idle controller's memory.
+    pub volumes: Store<CachedVolume>,
     /// Node metadata: a volume's hostname label is mapped to its Node's name.
     pub nodes: Store<PartialObjectMeta<Node>>,
     pub node_snapshots: Store<crate::api::NodeSnapshot>,
@@ -260,7 +265,7 @@ async fn run_controllers(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let volumes_api: Api<PersistentVolume> = Api::all(client.clone());
+    let volumes_api: Api<CachedVolume> = Api::all(client.clone());
 
     let (nodes, nodes_writer) = reflector::store();
     let node_events = reflector(
@@ -276,13 +281,13 @@ async fn run_controllers(
     let (volumes, volumes_writer) = reflector::store();
     let claim_events = reflector(
         claims_writer,
-        watcher(claims_api, watcher::Config::default()).modify(slim),
+        watcher(claims_api, watcher::Config::default()).modify(cache::slim_claim),
     )
     .default_backoff()
     .touched_objects();
     let volume_events = reflector(
         volumes_writer,
-        watcher(volumes_api, watcher::Config::default()).modify(slim),
+        watcher(volumes_api, watcher::Config::default()).modify(cache::slim),
     )
     .default_backoff()
     .touched_objects();
@@ -392,14 +397,6 @@ async fn run_controllers(
 /// Drops what no reconcile reads from a cached object (the field managers and kubectl's copy of
 /// the last applied object): most of a PVC's or PV's size, kept once per claim and volume of the
 /// cluster.
-fn slim<K: kube::Resource>(object: &mut K) {
-    let meta = object.meta_mut();
-    meta.managed_fields = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-}
-
 /// Polls `events` on a task of its own and hands them on through an unbounded channel,
 /// notifying `changed` (if any) of each; `lag` (tests only) waits after each event, so the cache
 /// the stream fills trails the API server.

@@ -458,7 +458,7 @@ async fn start(
 /// Records a member's capacity, volume mode, access modes and StorageClass from its PV and claim.
 fn record_shape(
     member: &mut MemberSnapshot,
-    volume: Option<&k8s_openapi::api::core::v1::PersistentVolume>,
+    volume: Option<&super::cache::CachedVolume>,
     claim: Option<&k8s_openapi::api::core::v1::PersistentVolumeClaim>,
 ) {
     let volume_spec = volume.and_then(|v| v.spec.as_ref());
@@ -1936,7 +1936,7 @@ mod tests {
 
     #[test]
     fn a_member_records_the_shape_a_restore_recreates() {
-        let pv: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(json!({
+        let pv: crate::controller::cache::CachedVolume = serde_json::from_value(json!({
             "metadata": {"name": "pv"},
             "spec": {"capacity": {"storage": "5Gi"}, "volumeMode": "Block",
                 "accessModes": ["ReadWriteOnce"], "storageClassName": "local"}

@@ -8,9 +8,9 @@
 //!   it is left.
 //! - A NodeRestore whose GroupRestore is gone and never Completed gets `action: Abort`.
 
+use crate::controller::cache::CachedVolume;
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::ResourceExt;
 
 use super::plan::{
@@ -35,7 +35,7 @@ pub struct Steps {
 }
 
 /// Whether a PV is this NodeRestore's (made by tandem for it).
-fn is_ours(pv: &PersistentVolume, node: &NodeRestore) -> bool {
+fn is_ours(pv: &CachedVolume, node: &NodeRestore) -> bool {
     let uid = node.labels().get(GROUP_RESTORE_UID_LABEL);
     pv.annotations()
         .get(PROVISIONED_BY_ANNOTATION)
@@ -48,7 +48,7 @@ fn is_ours(pv: &PersistentVolume, node: &NodeRestore) -> bool {
 
 /// Whether a PV's claim is gone (or the PV is being deleted): its clone may go. A PV set to
 /// reclaim Retain (an InPlace restore's undo point) is kept until it is deleted.
-fn released(pv: &PersistentVolume) -> bool {
+fn released(pv: &CachedVolume) -> bool {
     let retained = pv
         .spec
         .as_ref()
@@ -66,7 +66,7 @@ fn released(pv: &PersistentVolume) -> bool {
 /// still exists.
 pub fn steps(
     node: &NodeRestore,
-    volumes: &BTreeMap<String, PersistentVolume>,
+    volumes: &BTreeMap<String, CachedVolume>,
     restore_exists: bool,
 ) -> Steps {
     let mut out = Steps::default();
@@ -167,8 +167,8 @@ mod tests {
         n
     }
 
-    fn pv(name: &str, phase: &str, deleting: bool) -> (String, PersistentVolume) {
-        let mut v: PersistentVolume = serde_json::from_value(json!({
+    fn pv(name: &str, phase: &str, deleting: bool) -> (String, CachedVolume) {
+        let mut v: CachedVolume = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": {GROUP_RESTORE_UID_LABEL: "u"},
                 "annotations": {PROVISIONED_BY_ANNOTATION: RESTORE_PROVISIONER, NODE_RESTORE_ANNOTATION: "nr"},
                 "finalizers": [CLONE_FINALIZER]},
@@ -229,7 +229,7 @@ mod tests {
         assert_eq!(s.release, ["p1"]);
         // Kept (Retain: an InPlace restore replaced its claim): released only once deleted.
         let (name, mut kept) = pv("p1", "Released", false);
-        kept.spec = Some(k8s_openapi::api::core::v1::PersistentVolumeSpec {
+        kept.spec = Some(crate::controller::cache::CachedVolumeSpec {
             persistent_volume_reclaim_policy: Some("Retain".into()),
             ..Default::default()
         });

@@ -3,12 +3,12 @@
 //! them and who owns those pods (the fence), and where each claim stands in the swap from its old
 //! volume to the clone. No I/O: `in_place.rs` reads the objects, calls these and acts.
 
+use crate::controller::cache::CachedVolume;
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{
-    PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod,
-    VolumeResourceRequirements,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -61,7 +61,7 @@ fn claim_request(claim: &PersistentVolumeClaim) -> Option<&Quantity> {
 pub fn preflight(
     members: &[MemberSnapshot],
     claims: &BTreeMap<String, &PersistentVolumeClaim>,
-    volumes: &BTreeMap<String, &PersistentVolume>,
+    volumes: &BTreeMap<String, &CachedVolume>,
 ) -> Vec<String> {
     let mut problems = Vec::new();
     for member in members {
@@ -178,7 +178,7 @@ pub fn plan_in_place(
     snapshot: Option<&GroupSnapshot>,
     node_snapshots: &BTreeMap<String, String>,
     claims: &BTreeMap<String, &PersistentVolumeClaim>,
-    volumes: &BTreeMap<String, &PersistentVolume>,
+    volumes: &BTreeMap<String, &CachedVolume>,
     settling: bool,
 ) -> Result<InPlaceStart, NotYet> {
     let source = &restore.spec.source;
@@ -536,13 +536,13 @@ pub fn recreated_claim(
 }
 
 /// The template an old PV carries, if it was marked (and the annotation parses).
-pub fn template_of(volume: &PersistentVolume) -> Option<ClaimTemplate> {
+pub fn template_of(volume: &CachedVolume) -> Option<ClaimTemplate> {
     serde_json::from_str(volume.annotations().get(PRE_RESTORE_CLAIM_ANNOTATION)?).ok()
 }
 
 /// Whether the old PV is marked as this restore's undo point: reclaim Retain, the label naming
 /// `restore`, and the claim template.
-pub fn is_marked(volume: &PersistentVolume, restore: &str) -> bool {
+pub fn is_marked(volume: &CachedVolume, restore: &str) -> bool {
     let retain = volume
         .spec
         .as_ref()
@@ -657,7 +657,7 @@ mod tests {
         .unwrap()
     }
 
-    fn pv(name: &str, claim: &str, uid: &str) -> PersistentVolume {
+    fn pv(name: &str, claim: &str, uid: &str) -> CachedVolume {
         serde_json::from_value(json!({
             "metadata": {"name": name},
             "spec": {"capacity": {"storage": "1Gi"}, "persistentVolumeReclaimPolicy": "Delete",
@@ -669,7 +669,7 @@ mod tests {
     fn check(
         members: &[MemberSnapshot],
         claims: &[PersistentVolumeClaim],
-        volumes: &[PersistentVolume],
+        volumes: &[CachedVolume],
     ) -> Vec<String> {
         let claims = claims.iter().map(|c| (c.name_any(), c)).collect();
         let volumes = volumes.iter().map(|v| (v.name_any(), v)).collect();
@@ -694,7 +694,7 @@ mod tests {
         let table: Vec<(
             &str,
             Vec<PersistentVolumeClaim>,
-            Vec<PersistentVolume>,
+            Vec<CachedVolume>,
             Option<&str>,
         )> = vec![
             (

@@ -23,6 +23,7 @@
 //! | apps      | replicasets                           | get          |
 //! | apps      | deployments/scale, statefulsets/scale | get, patch   |
 
+use crate::controller::cache::CachedVolume;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -266,7 +267,7 @@ async fn mark_old_volume(
     m: &SwapMember,
 ) -> Result<Result<ClaimTemplate, String>, Error> {
     let old = &m.member.persistent_volume;
-    let Some(volume) = volumes.get_opt(old).await? else {
+    let Some(volume) = volumes.get_opt(old).await?.map(CachedVolume::from) else {
         return Ok(Err(format!(
             "the old PV {old} of claim {} is gone",
             m.member.claim
@@ -456,7 +457,7 @@ pub fn restores_for_pod<P: kube::Resource>(
 /// The restore of the PV a claim names in `spec.volumeName` (label `tandem.dev/group-restore`):
 /// a claim InPlace recreated binding to its clone wakes the swap.
 pub fn restore_of_claim_volume(
-    volumes: &Store<PersistentVolume>,
+    volumes: &Store<CachedVolume>,
     claim: &PersistentVolumeClaim,
 ) -> Option<ObjectRef<GroupRestore>> {
     let volume = claim.spec.as_ref()?.volume_name.as_deref()?;
@@ -602,7 +603,7 @@ async fn start(
         .map(|c| (c.name_any(), c.as_ref()))
         .collect();
     let volume_objects = rctx.ctx.volumes.state();
-    let volumes: BTreeMap<String, &PersistentVolume> = volume_objects
+    let volumes: BTreeMap<String, &CachedVolume> = volume_objects
         .iter()
         .map(|v| (v.name_any(), v.as_ref()))
         .collect();
@@ -878,7 +879,7 @@ async fn drive(
                 .map(|c| (c.name_any(), c.as_ref()))
                 .collect();
             let volume_objects = rctx.ctx.volumes.state();
-            let volumes: BTreeMap<String, &PersistentVolume> = volume_objects
+            let volumes: BTreeMap<String, &CachedVolume> = volume_objects
                 .iter()
                 .map(|v| (v.name_any(), v.as_ref()))
                 .collect();

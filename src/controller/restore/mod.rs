@@ -30,6 +30,7 @@ pub mod post_hooks;
 pub mod quota;
 pub mod validate;
 
+use crate::controller::cache::CachedVolume;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,7 +104,7 @@ fn restore_of_claim(claim: &PersistentVolumeClaim) -> Option<ObjectRef<GroupRest
     Some(ObjectRef::new(name).within(&namespace))
 }
 
-fn restore_of_volume(pv: &PersistentVolume) -> Option<ObjectRef<GroupRestore>> {
+fn restore_of_volume(pv: &CachedVolume) -> Option<ObjectRef<GroupRestore>> {
     // Also an InPlace restore's undo point: its claim going wakes the swap.
     let name = (pv.labels().get(GROUP_RESTORE_LABEL))
         .or_else(|| pv.labels().get(crate::api::PRE_RESTORE_LABEL))?;
@@ -111,7 +112,7 @@ fn restore_of_volume(pv: &PersistentVolume) -> Option<ObjectRef<GroupRestore>> {
     Some(ObjectRef::new(name).within(&namespace))
 }
 
-fn node_restore_of_volume(pv: &PersistentVolume) -> Option<ObjectRef<NodeRestore>> {
+fn node_restore_of_volume(pv: &CachedVolume) -> Option<ObjectRef<NodeRestore>> {
     let name = pv.annotations().get(NODE_RESTORE_ANNOTATION)?;
     let namespace = pv.spec.as_ref()?.claim_ref.as_ref()?.namespace.clone()?;
     Some(ObjectRef::new(name).within(&namespace))
@@ -125,7 +126,7 @@ pub async fn run_restore_controllers(
     namespace: Option<&str>,
     storage_class: Option<String>,
     claim_objects: BoxStream<'static, PersistentVolumeClaim>,
-    volume_objects: BoxStream<'static, PersistentVolume>,
+    volume_objects: BoxStream<'static, CachedVolume>,
 ) {
     let restores_api: Api<GroupRestore> = match namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
@@ -327,7 +328,7 @@ async fn reconcile_node_restore(
     let name = node.name_any();
     super::cache_ready(&rctx.ctx.volumes, "PersistentVolumes").await?;
     super::cache_ready(&rctx.restores, "GroupRestores").await?;
-    let volumes: BTreeMap<String, PersistentVolume> = node
+    let volumes: BTreeMap<String, CachedVolume> = node
         .spec
         .volumes
         .iter()
