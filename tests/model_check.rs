@@ -6,7 +6,9 @@
 //! not; a FIFREEZE in flight completes in the kernel), FIFREEZE calls in flight while the cut ends,
 //! failing freezes, snapshot creates that fail (cleanly or leaving an object behind), refused
 //! plans, and GroupSnapshot deletion with Delete and Retain at any moment, over two generations of
-//! a GroupSnapshot with the same name (so a reused name meets a retained snapshot).
+//! a GroupSnapshot with the same name (so a reused name meets a retained snapshot), and a central
+//! snapshot (one cluster-side call over members frozen on every node) that the controller takes
+//! once every node holds, or fails to take.
 //!
 //! Every controller decision is `barrier::next_step`, every self-release
 //! `barrier::every_node_has_cut`, every agent phase change is
@@ -35,14 +37,14 @@ use stateright::{Checker, Model, Property};
 use tandem::agent::cut::lifecycle::{self, CutEvent, CutPhase, Illegal};
 use tandem::agent::journal::Stage;
 use tandem::api::{NodeAction, NodePhase};
-use tandem::controller::barrier::{self, NodeView, Step};
+use tandem::controller::barrier::{self, Central, NodeView, ReleaseConstraints, ReleasePlan, Step};
 
 /// The rules under test. The pure functions are the crate's; the flags stand for engine and
 /// backend rules that are not pure functions in the crate (yet), modelled as the design states
 /// them (where today's code differs, the flag's comment says so).
 #[derive(Clone, Copy)]
 struct Rules {
-    next_step: fn(&[NodeView], bool, bool) -> Step,
+    next_step: fn(&[NodeView], &Central, bool, bool) -> Step,
     on: fn(CutPhase, CutEvent) -> Result<CutPhase, Illegal>,
     recovered: fn(Stage) -> CutPhase,
     /// The watchdog aborts a cut that may still be frozen when its deadline comes.
@@ -95,6 +97,10 @@ struct Bounds {
     /// Agents across nodes also release themselves on what their sibling watches saw
     /// (`spec.groupNodes`; without it every release is the controller's, as with quiesce holds).
     siblings: bool,
+    /// The group also has members the nodes freeze and the controller cuts in one cluster-side
+    /// call (an RBD group snapshot): every node's volumes stand for its local and its central
+    /// members alike (one freeze, one watchdog), and the central call may fail.
+    central: bool,
 }
 
 /// Two nodes, two generations of the same name (a reused name meets a retained snapshot), one
@@ -107,6 +113,7 @@ const TWO_GENERATIONS: Bounds = Bounds {
     watchdog_ticks: 1,
     all_failures: true,
     siblings: false,
+    central: false,
 };
 
 /// Two volumes per node (one freeze returns while its sibling's is still in flight), one crash.
@@ -120,6 +127,7 @@ const TWO_VOLUMES: Bounds = Bounds {
     // (A self-release meets a held cut, whose freezes have all returned: what two volumes add
     // is the engine's, checked here with the controller's release.)
     siblings: false,
+    central: false,
 };
 
 /// One node (it releases on its own after its cut), two volumes, two generations, one crash.
@@ -131,6 +139,7 @@ const ONE_NODE: Bounds = Bounds {
     watchdog_ticks: 1,
     all_failures: true,
     siblings: false,
+    central: false,
 };
 
 /// Two nodes whose agents release themselves on their sibling watches (or the controller
@@ -142,6 +151,28 @@ const SIBLINGS: Bounds = Bounds {
     generations: 1,
     siblings: true,
     all_failures: false,
+    ..TWO_GENERATIONS
+};
+
+/// Two nodes whose group has central members (the controller cuts them once both nodes hold),
+/// one crash, a failing freeze, a create that fails leaving its object behind, and a failing
+/// central call. (One generation: the central snapshot is named after its GroupSnapshot's uid, so
+/// generations never share one; a refused plan or a create that fails cleanly fails a node
+/// before anything is frozen, as a failing freeze does.)
+const CENTRAL: Bounds = Bounds {
+    generations: 1,
+    all_failures: false,
+    central: true,
+    ..TWO_GENERATIONS
+};
+
+/// One node with central members: it must not release itself after its own cut.
+const CENTRAL_ONE_NODE: Bounds = Bounds {
+    nodes: 1,
+    volumes: 1,
+    generations: 1,
+    all_failures: false,
+    central: true,
     ..TWO_GENERATIONS
 };
 
@@ -259,6 +290,17 @@ struct GroupSnapshot {
     deleting: bool,
     /// Ghost: at some instant every member filesystem was frozen.
     frozen_together: bool,
+    /// The central call failed (recorded in the GroupSnapshot's status).
+    central_failed: bool,
+}
+
+/// The central snapshot in the storage cluster (named after its GroupSnapshot: survives every
+/// crash, as the cluster does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct CentralSnapshot {
+    owner: u8,
+    /// Ghost: every member filesystem was frozen when it was taken.
+    cut_while_frozen: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -266,6 +308,7 @@ struct World {
     generation: u8,
     group: Option<GroupSnapshot>,
     nodes: Vec<Node>,
+    central: Option<CentralSnapshot>,
     crashes_left: u8,
     /// Ghost: the controller declared Ready without one common cut.
     ready_without_one_cut: bool,
@@ -300,6 +343,8 @@ enum Action {
     /// The agent releases its held cut on what its sibling watch saw.
     ReleaseItself(usize),
     ControllerDecides,
+    /// The controller's central call fails (an image locked exclusively): nothing is left of it.
+    CentralCallFails,
     ControllerDeadline,
     ControllerGivesUp,
     GroupSnapshotGone,
@@ -592,8 +637,21 @@ impl Tandem {
 
     /// Whether node `n`'s agent runs a sibling watch: across nodes, while its NodeSnapshot asks
     /// to prepare or cut and is not being deleted.
+    /// Who releases: the crate's rule, for this world's group.
+    fn release_plan(&self) -> ReleasePlan {
+        let names: Vec<String> = (0..self.bounds.nodes).map(node_name).collect();
+        barrier::release_plan(
+            names.iter().map(String::as_str),
+            ReleaseConstraints {
+                holds: false,
+                central: self.bounds.central,
+                siblings_allowed: self.bounds.siblings,
+            },
+        )
+    }
+
     fn watches_siblings(&self, node: &Node) -> bool {
-        self.bounds.siblings
+        matches!(self.release_plan(), ReleasePlan::BySiblings(_))
             && node.seen.len() > 1
             && node.api.is_some_and(|a| {
                 matches!(a.action, NodeAction::Prepare | NodeAction::Cut) && !a.deleting
@@ -668,7 +726,26 @@ impl Tandem {
                 })
             })
             .collect::<Option<_>>()?;
-        Some((self.rules.next_step)(&views, deadline_passed, give_up))
+        Some((self.rules.next_step)(
+            &views,
+            &self.central_view(w),
+            deadline_passed,
+            give_up,
+        ))
+    }
+
+    /// What the controller reads of the central snapshot: its own failure record, else whether
+    /// the cluster has the snapshot of this generation's name.
+    fn central_view(&self, w: &World) -> Central {
+        if !self.bounds.central {
+            Central::None
+        } else if w.group.is_some_and(|g| g.central_failed) {
+            Central::Failed("the call failed".into())
+        } else if w.central.is_some_and(|c| c.owner == w.generation) {
+            Central::Taken
+        } else {
+            Central::Pending
+        }
     }
 
     fn controller(&self, w: &mut World) -> Option<()> {
@@ -700,9 +777,24 @@ impl Tandem {
                     }
                 }
             }
+            Step::CentralCut => {
+                let all_frozen = w
+                    .nodes
+                    .iter()
+                    .all(|n| n.fs.iter().all(|f| *f == Fs::Frozen));
+                w.central = Some(CentralSnapshot {
+                    owner: w.generation,
+                    cut_while_frozen: all_frozen,
+                });
+            }
+            Step::RemoveCentral => w.central = None,
             Step::Ready => {
                 let generation = w.generation;
+                let central_ok = !self.bounds.central
+                    || w.central
+                        .is_some_and(|c| c.owner == generation && c.cut_while_frozen);
                 let one_cut = group.frozen_together
+                    && central_ok
                     && w.nodes.iter().all(|node| {
                         node.store
                             .iter()
@@ -730,6 +822,7 @@ impl Tandem {
                     give_up: false,
                     deleting: false,
                     frozen_together: false,
+                    central_failed: false,
                 });
                 // The controller creates every NodeSnapshot at once; across nodes they prepare
                 // first.
@@ -772,9 +865,24 @@ impl Tandem {
                 self.event(w, n, CutEvent::Release);
             }
             Action::ControllerDecides => self.controller(w)?,
+            Action::CentralCallFails => {
+                let group = w.group.as_mut()?;
+                if group.central_failed {
+                    return None;
+                }
+                group.central_failed = true;
+            }
             Action::ControllerDeadline => w.group.as_mut()?.deadline_passed = true,
             Action::ControllerGivesUp => w.group.as_mut()?.give_up = true,
             Action::GroupSnapshotGone => {
+                // The controller's cleanup: the central snapshot stays only if kept (Retain) from
+                // a Ready GroupSnapshot.
+                let kept = w
+                    .group
+                    .is_some_and(|g| g.retain && g.phase == GroupPhase::Ready);
+                if !kept {
+                    w.central = None;
+                }
                 w.group = None;
                 for node in &mut w.nodes {
                     node.cache = None;
@@ -924,8 +1032,9 @@ impl Tandem {
                 if let (Some(phase), Some(api)) = (cut.phase.published(), node.api.as_mut()) {
                     api.phase = phase;
                 }
-                // A single-node group needs no round trip (`releaseAfterCut`).
-                if self.bounds.nodes == 1 {
+                // A single-node group needs no round trip (`releaseAfterCut`), unless the
+                // controller still has to cut centrally.
+                if self.release_plan() == ReleasePlan::AfterCut {
                     self.event(w, n, CutEvent::Release);
                 }
             }
@@ -1043,6 +1152,7 @@ impl Model for Tandem {
         vec![World {
             generation: 0,
             group: None,
+            central: None,
             nodes: vec![
                 Node {
                     api: None,
@@ -1079,6 +1189,12 @@ impl Model for Tandem {
                         matches!(group.phase, GroupPhase::Cutting | GroupPhase::Releasing);
                     if driving {
                         out.push(Action::ControllerDecides);
+                        if self.bounds.central
+                            && self.decision(w, group.deadline_passed, group.give_up)
+                                == Some(Step::CentralCut)
+                        {
+                            out.push(Action::CentralCallFails);
+                        }
                         // The controller's clock: a deadline may pass at any moment, but it is
                         // taken only where it changes the barrier's answer (passing earlier
                         // changes nothing until then).
@@ -1201,11 +1317,12 @@ impl Model for Tandem {
                     return true;
                 }
                 let settled = (0..w.nodes.len()).all(|n| w.nodes[n].up && !m.agent_busy(w, n));
-                !settled
-                    || w.nodes
-                        .iter()
-                        .flat_map(|n| n.store.iter().flatten())
-                        .all(|o| o.owner != w.generation)
+                w.central.is_none_or(|c| c.owner != w.generation)
+                    && (!settled
+                        || w.nodes
+                            .iter()
+                            .flat_map(|n| n.store.iter().flatten())
+                            .all(|o| o.owner != w.generation))
             }),
             Property::always(RETAINED_IS_KEPT, |_, w: &World| !w.retained_deleted),
             Property::always(ONE_TRIGGER, |_, w: &World| {
@@ -1286,6 +1403,25 @@ impl Model for Tandem {
             }),
         ];
         let mut all = all;
+        if self.bounds.central {
+            all.push(Property::sometimes(
+                "a central snapshot is taken while a node has already thawed",
+                |_, w: &World| w.central.is_some_and(|c| !c.cut_while_frozen),
+            ));
+            all.push(Property::sometimes(
+                "a group snapshot with a central snapshot becomes Ready",
+                |_, w: &World| {
+                    w.central.is_some() && w.group.is_some_and(|g| g.phase == GroupPhase::Ready)
+                },
+            ));
+            all.push(Property::sometimes(
+                "a failed central call fails the group snapshot",
+                |_, w: &World| {
+                    w.group
+                        .is_some_and(|g| g.central_failed && g.phase == GroupPhase::Failed)
+                },
+            ));
+        }
         if self.bounds.generations >= 2 {
             all.push(Property::sometimes(
                 REUSED_NAME_MEETS_RETAINED,
@@ -1333,7 +1469,8 @@ impl Model for Tandem {
 const READY_IS_ONE_CUT: &str =
     "Ready only if every member was frozen at one instant and every member snapshot is this cut's";
 const FREEZE_BOUNDED: &str = "no filesystem stays frozen past its watchdog deadline";
-const FAILED_LEAVES_NOTHING: &str = "a Failed group snapshot leaves no snapshot of its cut";
+const FAILED_LEAVES_NOTHING: &str =
+    "a Failed group snapshot leaves no snapshot of its cut, central or on a node";
 const RETAINED_IS_KEPT: &str = "a retained snapshot is never deleted";
 const ONE_TRIGGER: &str = "no node freezes while another is still preparing (one trigger)";
 const REUSED_NAME_MEETS_RETAINED: &str =
@@ -1381,6 +1518,16 @@ fn the_real_rules_keep_every_promise_on_one_node() {
     check_everything(ONE_NODE);
 }
 
+#[test]
+fn the_real_rules_keep_every_promise_with_a_central_cut() {
+    check_everything(CENTRAL);
+}
+
+#[test]
+fn the_real_rules_keep_every_promise_with_a_central_cut_on_one_node() {
+    check_everything(CENTRAL_ONE_NODE);
+}
+
 /// Runs `rules` checking only `property` (BFS: the shortest counterexample) and asserts one is
 /// found; prints it.
 fn assert_caught(rules: Rules, bounds: Bounds, property: &'static str) {
@@ -1403,7 +1550,12 @@ fn assert_caught(rules: Rules, bounds: Bounds, property: &'static str) {
     }
 }
 
-fn releases_when_any_node_cut(nodes: &[NodeView], deadline: bool, give_up: bool) -> Step {
+fn releases_when_any_node_cut(
+    nodes: &[NodeView],
+    central: &Central,
+    deadline: bool,
+    give_up: bool,
+) -> Step {
     let cut: Vec<String> = nodes
         .iter()
         .filter(|n| n.phase == NodePhase::Cut && n.action == NodeAction::Cut)
@@ -1415,7 +1567,7 @@ fn releases_when_any_node_cut(nodes: &[NodeView], deadline: bool, give_up: bool)
     if !cut.is_empty() && !failing {
         return Step::Release(cut);
     }
-    barrier::next_step(nodes, deadline, give_up)
+    barrier::next_step(nodes, central, deadline, give_up)
 }
 
 #[test]
@@ -1590,7 +1742,12 @@ fn retain_keeps_half_of_a_group_that_never_became_ready() {
 }
 
 /// A barrier that sends each node its Cut as soon as that node has prepared, not once all have.
-fn cuts_each_node_once_prepared(nodes: &[NodeView], deadline: bool, give_up: bool) -> Step {
+fn cuts_each_node_once_prepared(
+    nodes: &[NodeView],
+    central: &Central,
+    deadline: bool,
+    give_up: bool,
+) -> Step {
     let prepared: Vec<String> = nodes
         .iter()
         .filter(|n| n.action == NodeAction::Prepare && n.phase == NodePhase::Prepared)
@@ -1602,7 +1759,7 @@ fn cuts_each_node_once_prepared(nodes: &[NodeView], deadline: bool, give_up: boo
     if !prepared.is_empty() && !failing && !deadline {
         return Step::Cut(prepared);
     }
-    barrier::next_step(nodes, deadline, give_up)
+    barrier::next_step(nodes, central, deadline, give_up)
 }
 
 #[test]
@@ -1620,7 +1777,12 @@ fn mutant_barrier_cutting_each_node_once_it_prepared_is_caught() {
     );
 }
 
-fn ready_when_all_cut(nodes: &[NodeView], deadline: bool, give_up: bool) -> Step {
+fn ready_when_all_cut(
+    nodes: &[NodeView],
+    central: &Central,
+    deadline: bool,
+    give_up: bool,
+) -> Step {
     let all_cut = nodes
         .iter()
         .all(|n| matches!(n.phase, NodePhase::Cut | NodePhase::Released));
@@ -1628,7 +1790,7 @@ fn ready_when_all_cut(nodes: &[NodeView], deadline: bool, give_up: bool) -> Step
     if all_cut && !aborting {
         return Step::Ready;
     }
-    barrier::next_step(nodes, deadline, give_up)
+    barrier::next_step(nodes, central, deadline, give_up)
 }
 
 #[test]
@@ -1663,11 +1825,16 @@ fn mutant_engine_registering_freezes_only_once_all_returned_is_caught() {
 
 /// The barrier as it was before the model check found that a release which a node never
 /// confirms kept the GroupSnapshot Releasing forever (give-up covered only the abort path).
-fn barrier_without_a_release_deadline(nodes: &[NodeView], deadline: bool, give_up: bool) -> Step {
+fn barrier_without_a_release_deadline(
+    nodes: &[NodeView],
+    central: &Central,
+    deadline: bool,
+    give_up: bool,
+) -> Step {
     let releasing = nodes.iter().all(|n| {
         matches!(n.phase, NodePhase::Cut | NodePhase::Released) && n.action != NodeAction::Abort
     });
-    barrier::next_step(nodes, deadline, give_up && !releasing)
+    barrier::next_step(nodes, central, deadline, give_up && !releasing)
 }
 
 #[test]
@@ -1701,5 +1868,62 @@ fn mutant_agent_releasing_itself_before_every_node_cut_is_caught() {
             ..SIBLINGS
         },
         READY_IS_ONE_CUT,
+    );
+}
+
+/// A barrier that releases as soon as every node holds, the central snapshot taken or not.
+fn releases_without_the_central_cut(
+    nodes: &[NodeView],
+    central: &Central,
+    deadline: bool,
+    give_up: bool,
+) -> Step {
+    let central = match central {
+        Central::Pending => &Central::Taken,
+        other => other,
+    };
+    barrier::next_step(nodes, central, deadline, give_up)
+}
+
+#[test]
+fn mutant_barrier_releasing_before_the_central_cut_is_caught() {
+    assert_caught(
+        Rules {
+            next_step: releases_without_the_central_cut,
+            ..Rules::default()
+        },
+        Bounds {
+            crashes: 0,
+            ..CENTRAL
+        },
+        READY_IS_ONE_CUT,
+    );
+}
+
+/// A barrier that fails the group snapshot without removing its central snapshot.
+fn fails_keeping_the_central_snapshot(
+    nodes: &[NodeView],
+    central: &Central,
+    deadline: bool,
+    give_up: bool,
+) -> Step {
+    match barrier::next_step(nodes, central, deadline, give_up) {
+        Step::RemoveCentral => barrier::next_step(nodes, &Central::Pending, deadline, give_up),
+        step => step,
+    }
+}
+
+#[test]
+fn mutant_barrier_failing_without_removing_the_central_snapshot_is_caught() {
+    assert_caught(
+        Rules {
+            next_step: fails_keeping_the_central_snapshot,
+            ..Rules::default()
+        },
+        Bounds {
+            crashes: 0,
+            ..CENTRAL
+        },
+        FAILED_LEAVES_NOTHING,
     );
 }

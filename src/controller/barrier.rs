@@ -2,6 +2,11 @@
 //! controller does next. Across nodes, every node first prepares (checks and flushes, freezing
 //! nothing) and all freeze on one trigger. Every member must be frozen before any is thawed, so
 //! nodes are released only when all of them have cut; any failure or a deadline aborts all.
+//!
+//! Members whose snapshot is one cluster-side call (an RBD group snapshot) are frozen by their
+//! nodes and cut by the controller: once every node holds its freeze, the controller takes that
+//! central snapshot, and only then releases anyone. A node thaws early only by aborting, so every
+//! node that answers the release as `Released` was frozen for the whole central cut.
 
 use crate::api::{NodeAction, NodePhase};
 
@@ -14,6 +19,19 @@ pub struct NodeView {
     pub message: Option<String>,
 }
 
+/// Where the group's central snapshot stands (see the module's comment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Central {
+    /// The group has no member cut centrally.
+    None,
+    /// Not taken (or taken and removed again).
+    Pending,
+    /// Taken: it exists under the GroupSnapshot's name.
+    Taken,
+    /// The call failed and left nothing; the group snapshot fails.
+    Failed(String),
+}
+
 /// The controller's next move.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -22,8 +40,13 @@ pub enum Step {
     /// Every node has prepared (checked and flushed, nothing frozen): tell these nodes to
     /// freeze and cut, all at once.
     Cut(Vec<String>),
-    /// Every node has cut: tell these nodes to thaw and keep their snapshots.
+    /// Every node holds its freeze (and has cut its own members): take the central snapshot now.
+    CentralCut,
+    /// Every node has cut (and the central snapshot is taken): tell these nodes to thaw and keep
+    /// their snapshots.
     Release(Vec<String>),
+    /// The group snapshot is failing: remove the central snapshot before anything is reported.
+    RemoveCentral,
     /// Tell these nodes to thaw and delete their snapshots.
     Abort(Vec<String>),
     /// Every node released: the group snapshot is complete.
@@ -36,11 +59,21 @@ fn is_terminal_failure(phase: NodePhase) -> bool {
     matches!(phase, NodePhase::Failed | NodePhase::Aborted)
 }
 
-/// Decides the next step. `deadline_passed`: the nodes did not all cut in time. `give_up`: an
-/// abort was sent long enough ago that nodes which still have not answered are reported as such.
-pub fn next_step(nodes: &[NodeView], deadline_passed: bool, give_up: bool) -> Step {
+/// Decides the next step. `central`: the central snapshot, when the group has one.
+/// `deadline_passed`: the nodes did not all cut in time (or too little of their freeze budget is
+/// left for the central cut). `give_up`: an abort was sent long enough ago that nodes which still
+/// have not answered are reported as such.
+pub fn next_step(
+    nodes: &[NodeView],
+    central: &Central,
+    deadline_passed: bool,
+    give_up: bool,
+) -> Step {
     if nodes.is_empty() {
-        return Step::Failed("the snapshot has no nodes".into());
+        return match central {
+            Central::Taken => Step::RemoveCentral,
+            _ => Step::Failed("the snapshot has no nodes".into()),
+        };
     }
     let any_failed = nodes.iter().any(|n| is_terminal_failure(n.phase));
     let all_cut = nodes
@@ -48,14 +81,26 @@ pub fn next_step(nodes: &[NodeView], deadline_passed: bool, give_up: bool) -> St
         .all(|n| matches!(n.phase, NodePhase::Cut | NodePhase::Released));
     let all_released = nodes.iter().all(|n| n.phase == NodePhase::Released);
     let aborting = nodes.iter().any(|n| n.action == NodeAction::Abort);
+    let central_taken = matches!(central, Central::None | Central::Taken);
+    let central_failed = matches!(central, Central::Failed(_));
 
-    if all_released && !aborting {
+    if all_released && !aborting && central_taken {
         return Step::Ready;
     }
+    // Released before the central cut (a node released itself, or a stale release): nothing is
+    // frozen any more, so the central snapshot can no longer be one instant with the others.
+    let released_too_early = all_released && !central_taken;
     // A release that a node never confirms (its agent died and did not return) must not hold
     // the snapshot forever either: once the controller gives up, the group is aborted.
     let release_unconfirmed = give_up && !all_released;
-    if any_failed || aborting || (deadline_passed && !all_cut) || release_unconfirmed {
+    if any_failed
+        || aborting
+        || central_failed
+        || released_too_early
+        || (deadline_passed && !all_cut)
+        || (deadline_passed && *central == Central::Pending)
+        || release_unconfirmed
+    {
         let to_abort: Vec<String> = nodes
             .iter()
             .filter(|n| n.action != NodeAction::Abort && !is_terminal_failure(n.phase))
@@ -64,13 +109,21 @@ pub fn next_step(nodes: &[NodeView], deadline_passed: bool, give_up: bool) -> St
         if !to_abort.is_empty() {
             return Step::Abort(to_abort);
         }
+        if *central == Central::Taken {
+            return Step::RemoveCentral;
+        }
         let unanswered: Vec<&str> = nodes
             .iter()
             .filter(|n| !is_terminal_failure(n.phase))
             .map(|n| n.node.as_str())
             .collect();
         if unanswered.is_empty() || give_up {
-            return Step::Failed(failure_message(nodes, deadline_passed, &unanswered));
+            return Step::Failed(failure_message(
+                nodes,
+                central,
+                deadline_passed,
+                &unanswered,
+            ));
         }
         return Step::Wait;
     }
@@ -84,6 +137,9 @@ pub fn next_step(nodes: &[NodeView], deadline_passed: bool, give_up: bool) -> St
             return Step::Cut(preparing.iter().map(|n| n.node.clone()).collect());
         }
         return Step::Wait;
+    }
+    if all_cut && *central == Central::Pending {
+        return Step::CentralCut;
     }
     if all_cut {
         let to_release: Vec<String> = nodes
@@ -110,7 +166,60 @@ pub fn every_node_has_cut(nodes: &[NodeView]) -> bool {
         })
 }
 
-fn failure_message(nodes: &[NodeView], deadline_passed: bool, unanswered: &[&str]) -> String {
+/// Who thaws the nodes once every one has cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleasePlan {
+    /// The one node's agent, right after its cut (`releaseAfterCut`).
+    AfterCut,
+    /// Each agent, once the NodeSnapshots of all these nodes show their cut (`groupNodes`).
+    BySiblings(Vec<String>),
+    /// The controller's `Release`.
+    ByController,
+}
+
+/// The most nodes whose agents release each other. Each agent of a group watches every other's
+/// NodeSnapshot, so the watch events grow with the square of the nodes while the controller's
+/// hop they save stays one round trip: on 100 agents sharing 2 cores, a burst of fifty 18-node
+/// groups ran out of its 60 s freeze budget that way, where the controller's release did not.
+pub const SIBLING_RELEASE_MAX_NODES: usize = 16;
+
+/// What keeps the release with the controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReleaseConstraints {
+    /// The group's quiesce holds, checked by the controller before any node may thaw.
+    pub holds: bool,
+    /// Members the controller cuts centrally once every node holds: nobody may thaw before.
+    pub central: bool,
+    /// Agents may release each other (off only for tests that hold every node's freeze).
+    pub siblings_allowed: bool,
+}
+
+/// With quiesce holds or central members only the controller releases; otherwise nobody waits
+/// for the controller's hop, up to [`SIBLING_RELEASE_MAX_NODES`].
+pub fn release_plan<'a>(
+    nodes: impl Iterator<Item = &'a str>,
+    constraints: ReleaseConstraints,
+) -> ReleasePlan {
+    let nodes: Vec<String> = nodes.map(str::to_string).collect();
+    let ReleaseConstraints {
+        holds,
+        central,
+        siblings_allowed,
+    } = constraints;
+    match nodes.len() {
+        _ if holds || central => ReleasePlan::ByController,
+        1 => ReleasePlan::AfterCut,
+        n if siblings_allowed && n <= SIBLING_RELEASE_MAX_NODES => ReleasePlan::BySiblings(nodes),
+        _ => ReleasePlan::ByController,
+    }
+}
+
+fn failure_message(
+    nodes: &[NodeView],
+    central: &Central,
+    deadline_passed: bool,
+    unanswered: &[&str],
+) -> String {
     let mut parts: Vec<String> = nodes
         .iter()
         .filter(|n| n.phase == NodePhase::Failed)
@@ -135,6 +244,13 @@ fn failure_message(nodes: &[NodeView], deadline_passed: bool, unanswered: &[&str
                 )
             }),
     );
+    if let Central::Failed(why) = central {
+        parts.push(format!("the central snapshot failed: {why}"));
+    }
+    let all_released = nodes.iter().all(|n| n.phase == NodePhase::Released);
+    if all_released && *central == Central::Pending {
+        parts.push("the nodes thawed before the central snapshot was taken".into());
+    }
     if deadline_passed && parts.is_empty() {
         let slow: Vec<&str> = nodes
             .iter()
@@ -149,6 +265,9 @@ fn failure_message(nodes: &[NodeView], deadline_passed: bool, unanswered: &[&str
                 slow.join(", ")
             )
         });
+    }
+    if parts.is_empty() {
+        parts.push("the nodes were aborted".into());
     }
     if !unanswered.is_empty() {
         parts.push(format!(
@@ -169,6 +288,182 @@ mod tests {
             action,
             phase,
             message: None,
+        }
+    }
+
+    #[test]
+    fn the_central_snapshot_is_taken_while_every_node_holds_and_before_anyone_is_released() {
+        use Central::{Failed as CentralFailed, Pending, Taken};
+        use NodeAction::{Abort, Cut, Release};
+        use NodePhase::{Aborted, Cut as Held, Failed, Released};
+        let both = |a: (NodeAction, NodePhase), b: (NodeAction, NodePhase)| {
+            vec![node("a", a.0, a.1), node("b", b.0, b.1)]
+        };
+        let all = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // (what, nodes, central, deadline passed, give up, step)
+        type Row = (&'static str, Vec<NodeView>, Central, bool, bool, Step);
+        let table: Vec<Row> = vec![
+            (
+                "one node still cutting: nobody is cut centrally",
+                both((Cut, Held), (Cut, NodePhase::Pending)),
+                Pending,
+                false,
+                false,
+                Step::Wait,
+            ),
+            (
+                "every node holds: the central cut, not a release",
+                both((Cut, Held), (Cut, Held)),
+                Pending,
+                false,
+                false,
+                Step::CentralCut,
+            ),
+            (
+                "taken: every node is released",
+                both((Cut, Held), (Cut, Held)),
+                Taken,
+                false,
+                false,
+                Step::Release(all(&["a", "b"])),
+            ),
+            (
+                "taken after the deadline, every node still holding: released (as without one)",
+                both((Cut, Held), (Cut, Held)),
+                Taken,
+                true,
+                false,
+                Step::Release(all(&["a", "b"])),
+            ),
+            (
+                "too little budget left for the central cut: abort, never cut late",
+                both((Cut, Held), (Cut, Held)),
+                Pending,
+                true,
+                false,
+                Step::Abort(all(&["a", "b"])),
+            ),
+            (
+                "every node released after the central cut: Ready",
+                both((Release, Released), (Release, Released)),
+                Taken,
+                false,
+                false,
+                Step::Ready,
+            ),
+            (
+                "the call failed: every node aborts",
+                both((Cut, Held), (Cut, Held)),
+                CentralFailed("image mapped exclusively".into()),
+                false,
+                false,
+                Step::Abort(all(&["a", "b"])),
+            ),
+            (
+                "a node aborted on its own clock after the central cut: abort the other",
+                both((Cut, Aborted), (Cut, Held)),
+                Taken,
+                false,
+                false,
+                Step::Abort(all(&["b"])),
+            ),
+            (
+                "every node aborted and the central snapshot exists: remove it first",
+                both((Abort, Aborted), (Abort, Aborted)),
+                Taken,
+                false,
+                false,
+                Step::RemoveCentral,
+            ),
+            (
+                "a failed node with the central snapshot taken: remove it before Failed",
+                both((Abort, Aborted), (Cut, Failed)),
+                Taken,
+                false,
+                false,
+                Step::RemoveCentral,
+            ),
+            (
+                "thawed before the central cut (released on their own): abort, not Ready",
+                both((Release, Released), (Release, Released)),
+                Pending,
+                false,
+                false,
+                Step::Abort(all(&["a", "b"])),
+            ),
+        ];
+        for (what, nodes, central, deadline, give_up, want) in table {
+            assert_eq!(
+                next_step(&nodes, &central, deadline, give_up),
+                want,
+                "{what}"
+            );
+        }
+        // Once removed, the failure is reported with its cause.
+        let aborted = both((Abort, Aborted), (Abort, Aborted));
+        let failed = next_step(&aborted, &CentralFailed("EROFS".into()), false, false);
+        assert!(
+            matches!(&failed, Step::Failed(m) if m.contains("the central snapshot failed: EROFS")),
+            "{failed:?}"
+        );
+        let early = next_step(&aborted, &Pending, false, false);
+        assert!(matches!(early, Step::Failed(_)), "{early:?}");
+        // Without central members nothing changes: every node holding is a release.
+        assert_eq!(
+            next_step(
+                &both((Cut, Held), (Cut, Held)),
+                &Central::None,
+                false,
+                false
+            ),
+            Step::Release(all(&["a", "b"]))
+        );
+    }
+
+    #[test]
+    fn nodes_release_themselves_unless_holds_central_members_or_a_test_keep_the_release_with_the_controller()
+     {
+        let nodes = ["a", "b"];
+        let siblings = ReleasePlan::BySiblings(vec!["a".into(), "b".into()]);
+        let many: Vec<String> = (0..=SIBLING_RELEASE_MAX_NODES)
+            .map(|i| format!("n{i}"))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let free = ReleaseConstraints {
+            siblings_allowed: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            release_plan(many.iter().copied(), free),
+            ReleasePlan::ByController
+        );
+        let holds = ReleaseConstraints {
+            holds: true,
+            ..free
+        };
+        let central = ReleaseConstraints {
+            central: true,
+            ..free
+        };
+        let table = [
+            (&nodes[..1], free, ReleasePlan::AfterCut),
+            (&nodes[..1], holds, ReleasePlan::ByController),
+            (&nodes[..1], central, ReleasePlan::ByController),
+            (&nodes[..], free, siblings),
+            (&nodes[..], holds, ReleasePlan::ByController),
+            (&nodes[..], central, ReleasePlan::ByController),
+            (
+                &nodes[..],
+                ReleaseConstraints::default(),
+                ReleasePlan::ByController,
+            ),
+        ];
+        for (i, (nodes, constraints, want)) in table.into_iter().enumerate() {
+            assert_eq!(
+                release_plan(nodes.iter().copied(), constraints),
+                want,
+                "row {i}"
+            );
         }
     }
 
@@ -216,7 +511,11 @@ mod tests {
             ),
         ];
         for (i, (nodes, deadline, want)) in table.into_iter().enumerate() {
-            assert_eq!(next_step(&nodes, deadline, false), want, "row {i}");
+            assert_eq!(
+                next_step(&nodes, &Central::None, deadline, false),
+                want,
+                "row {i}"
+            );
         }
     }
 
@@ -281,13 +580,16 @@ mod tests {
             node("a", NodeAction::Cut, NodePhase::Cut),
             node("b", NodeAction::Cut, NodePhase::Pending),
         ];
-        assert_eq!(next_step(&partial, false, false), Step::Wait);
+        assert_eq!(
+            next_step(&partial, &Central::None, false, false),
+            Step::Wait
+        );
         let all = [
             node("a", NodeAction::Cut, NodePhase::Cut),
             node("b", NodeAction::Cut, NodePhase::Cut),
         ];
         assert_eq!(
-            next_step(&all, false, false),
+            next_step(&all, &Central::None, false, false),
             Step::Release(vec!["a".into(), "b".into()])
         );
     }
@@ -298,15 +600,21 @@ mod tests {
             node("a", NodeAction::Release, NodePhase::Released),
             node("b", NodeAction::Release, NodePhase::Cut),
         ];
-        assert_eq!(next_step(&releasing, false, false), Step::Wait);
+        assert_eq!(
+            next_step(&releasing, &Central::None, false, false),
+            Step::Wait
+        );
         let done = [
             node("a", NodeAction::Release, NodePhase::Released),
             node("b", NodeAction::Release, NodePhase::Released),
         ];
-        assert_eq!(next_step(&done, false, false), Step::Ready);
+        assert_eq!(next_step(&done, &Central::None, false, false), Step::Ready);
         // A single-node group releases on its own (releaseAfterCut).
         let single = [node("a", NodeAction::Cut, NodePhase::Released)];
-        assert_eq!(next_step(&single, false, false), Step::Ready);
+        assert_eq!(
+            next_step(&single, &Central::None, false, false),
+            Step::Ready
+        );
     }
 
     #[test]
@@ -319,7 +627,7 @@ mod tests {
             node("c", NodeAction::Cut, NodePhase::Pending),
         ];
         assert_eq!(
-            next_step(&nodes, false, false),
+            next_step(&nodes, &Central::None, false, false),
             Step::Abort(vec!["a".into(), "c".into()])
         );
         let aborting = [
@@ -327,13 +635,16 @@ mod tests {
             failed.clone(),
             node("c", NodeAction::Abort, NodePhase::Aborted),
         ];
-        assert_eq!(next_step(&aborting, false, false), Step::Wait);
+        assert_eq!(
+            next_step(&aborting, &Central::None, false, false),
+            Step::Wait
+        );
         let done = [
             node("a", NodeAction::Abort, NodePhase::Aborted),
             failed,
             node("c", NodeAction::Abort, NodePhase::Aborted),
         ];
-        match next_step(&done, false, false) {
+        match next_step(&done, &Central::None, false, false) {
             Step::Failed(message) => assert!(message.contains("pv-1"), "{message}"),
             other => panic!("expected Failed, got {other:?}"),
         }
@@ -348,7 +659,7 @@ mod tests {
             watchdog,
         ];
         assert_eq!(
-            next_step(&nodes, false, false),
+            next_step(&nodes, &Central::None, false, false),
             Step::Abort(vec!["a".into()])
         );
     }
@@ -360,7 +671,7 @@ mod tests {
             node("b", NodeAction::Cut, NodePhase::Pending),
         ];
         assert_eq!(
-            next_step(&nodes, true, false),
+            next_step(&nodes, &Central::None, true, false),
             Step::Abort(vec!["a".into(), "b".into()])
         );
         // A node that never answers does not hold the snapshot hostage forever.
@@ -368,8 +679,8 @@ mod tests {
             node("a", NodeAction::Abort, NodePhase::Aborted),
             node("b", NodeAction::Abort, NodePhase::Pending),
         ];
-        assert_eq!(next_step(&stuck, true, false), Step::Wait);
-        match next_step(&stuck, true, true) {
+        assert_eq!(next_step(&stuck, &Central::None, true, false), Step::Wait);
+        match next_step(&stuck, &Central::None, true, true) {
             Step::Failed(message) => assert!(message.contains("b"), "{message}"),
             other => panic!("expected Failed, got {other:?}"),
         }
@@ -383,16 +694,19 @@ mod tests {
             node("a", NodeAction::Release, NodePhase::Released),
             node("b", NodeAction::Release, NodePhase::Cut),
         ];
-        assert_eq!(next_step(&releasing, true, false), Step::Wait);
         assert_eq!(
-            next_step(&releasing, true, true),
+            next_step(&releasing, &Central::None, true, false),
+            Step::Wait
+        );
+        assert_eq!(
+            next_step(&releasing, &Central::None, true, true),
             Step::Abort(vec!["a".into(), "b".into()])
         );
         let aborting = [
             node("a", NodeAction::Abort, NodePhase::Aborted),
             node("b", NodeAction::Abort, NodePhase::Cut),
         ];
-        match next_step(&aborting, true, true) {
+        match next_step(&aborting, &Central::None, true, true) {
             Step::Failed(message) => {
                 assert!(message.contains("did not all cut and release"), "{message}");
                 assert!(message.contains("node(s) b did not confirm"), "{message}");
@@ -407,6 +721,6 @@ mod tests {
             node("a", NodeAction::Release, NodePhase::Released),
             node("b", NodeAction::Release, NodePhase::Cut),
         ];
-        assert_eq!(next_step(&nodes, true, false), Step::Wait);
+        assert_eq!(next_step(&nodes, &Central::None, true, false), Step::Wait);
     }
 }
