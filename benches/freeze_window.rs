@@ -90,6 +90,7 @@ fn main() {
                                 persistent_volume: format!("pv{i}"),
                                 path: v.mount.clone(),
                                 allow_shared_filesystem: false,
+                                central: false,
                             })
                             .collect(),
                     };

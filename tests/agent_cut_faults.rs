@@ -45,6 +45,7 @@ fn request(
                 persistent_volume: pv.to_string(),
                 path: path.to_path_buf(),
                 allow_shared_filesystem: false,
+                central: false,
             })
             .collect(),
     }

@@ -38,6 +38,7 @@ fn request(
                 persistent_volume: pv.to_string(),
                 path: path.to_path_buf(),
                 allow_shared_filesystem: false,
+                central: false,
             })
             .collect(),
     }
@@ -826,4 +827,35 @@ fn a_directory_inside_a_btrfs_subvolume_is_a_shared_filesystem() {
         !top.join(".tandem-snapshots/tandem.ns1.inside.pv-a")
             .exists()
     );
+}
+
+#[test]
+fn a_volume_to_be_cut_centrally_on_a_loop_device_is_refused_and_nothing_is_frozen() {
+    require_root!();
+    let mut s = Scratch::new();
+    let pool = s.pool("xfs");
+    let local = s.volume(&pool, "a", "ext4", 128 << 20);
+    let central = s.volume(&pool, "b", "ext4", 128 << 20);
+    s.assert_owned(&local.mount);
+    s.assert_owned(&central.mount);
+    let e = engine(&s);
+    let mut req = request(
+        "central",
+        &[("pv-a", &local.mount), ("pv-b", &central.mount)],
+        FreezePolicy::Required,
+        false,
+    );
+    // Marked central (an RBD group snapshot would cut it), but not a krbd device: a freeze
+    // without any snapshot of it would be reported as one, so the whole cut is refused.
+    req.volumes[1].central = true;
+    let st = e.cut(&req, None).unwrap();
+    assert_eq!(st.phase, NodePhase::Failed, "{st:?}");
+    let message = st.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("pv-b") && message.contains("not a krbd-mapped RBD image"),
+        "{message}"
+    );
+    assert!(st.volumes.iter().all(|v| v.snapshot_handle.is_none()));
+    assert!(!is_frozen(&local.mount));
+    assert!(!is_frozen(&central.mount));
 }

@@ -38,6 +38,7 @@ fn request(
             persistent_volume: pv.into(),
             path: path.to_path_buf(),
             allow_shared_filesystem: false,
+            central: false,
         }],
     }
 }

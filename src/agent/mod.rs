@@ -76,6 +76,15 @@ pub struct AgentArgs {
     #[arg(long = "oneshot-volume", value_name = "PATH")]
     pub oneshot_volumes: Vec<PathBuf>,
 
+    /// One-shot: also freeze the krbd volume mounted here without cutting it (its snapshot is an
+    /// RBD group snapshot cut by another process while this one holds). Repeatable.
+    #[arg(long = "oneshot-central-volume", value_name = "PATH")]
+    pub oneshot_central_volumes: Vec<PathBuf>,
+
+    /// One-shot: while holding, thaw as soon as this file exists (at most `--oneshot-hold-ms`).
+    #[arg(long, value_name = "PATH")]
+    pub oneshot_release_file: Option<PathBuf>,
+
     /// One-shot: `cut` (freeze, snapshot, thaw), `delete` (delete the snapshots of an earlier cut
     /// of the same name and forget it), `restore` (clone the snapshots of an earlier cut of the same
     /// name; again: attach them), `attach` (re-attach those clones) or `unrestore` (delete them).
@@ -90,7 +99,8 @@ pub struct AgentArgs {
     #[arg(long, default_value = "local")]
     pub oneshot_namespace: String,
 
-    /// One-shot: hold the freeze this long after the cut before thawing (0: thaw at once).
+    /// One-shot: hold the freeze this long after the cut before thawing (0: thaw at once). The
+    /// held status is printed as a JSON line as soon as the freeze is held.
     #[arg(long, default_value_t = 0)]
     pub oneshot_hold_ms: u64,
 
@@ -180,7 +190,10 @@ async fn run_agent(args: AgentArgs) -> Result<(), AgentError> {
         })
         .await?;
     }
-    if !args.oneshot_volumes.is_empty() || args.oneshot_action == "delete" {
+    if !args.oneshot_volumes.is_empty()
+        || !args.oneshot_central_volumes.is_empty()
+        || args.oneshot_action == "delete"
+    {
         return tokio::task::spawn_blocking(move || oneshot(&engine, &args)).await?;
     }
     // Restores share the engine's state directory and its lock. Their start (rolling back what a
@@ -226,6 +239,23 @@ fn parse_freeze(s: &str) -> FreezePolicy {
     }
 }
 
+/// Holds for `--oneshot-hold-ms`, or until `--oneshot-release-file` exists. (The watchdog
+/// thaws on its own clock meanwhile, if the freeze timeout comes first.)
+fn hold(args: &AgentArgs) {
+    let until = std::time::Instant::now() + Duration::from_millis(args.oneshot_hold_ms);
+    while std::time::Instant::now() < until {
+        if args
+            .oneshot_release_file
+            .as_ref()
+            .is_some_and(|f| f.exists())
+        {
+            return;
+        }
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        std::thread::sleep(left.min(Duration::from_millis(5)));
+    }
+}
+
 /// The one-shot mode: the real engine, without an API server.
 fn oneshot(engine: &Engine, args: &AgentArgs) -> Result<(), AgentError> {
     let key = format!("oneshot-{}-{}", args.oneshot_namespace, args.oneshot_name);
@@ -242,10 +272,9 @@ fn oneshot(engine: &Engine, args: &AgentArgs) -> Result<(), AgentError> {
         freeze: parse_freeze(&args.oneshot_freeze),
         freeze_timeout: Duration::from_secs(args.oneshot_freeze_timeout_seconds),
         release_after_cut: args.oneshot_hold_ms == 0,
-        volumes: args
-            .oneshot_volumes
-            .iter()
-            .map(|p| {
+        volumes: (args.oneshot_volumes.iter().map(|p| (p, false)))
+            .chain(args.oneshot_central_volumes.iter().map(|p| (p, true)))
+            .map(|(p, central)| {
                 let name = p
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -255,13 +284,16 @@ fn oneshot(engine: &Engine, args: &AgentArgs) -> Result<(), AgentError> {
                     persistent_volume: name,
                     path: p.clone(),
                     allow_shared_filesystem: false,
+                    central,
                 }
             })
             .collect(),
     };
     let mut status = engine.cut(&req, None)?;
     if status.phase == NodePhase::Cut {
-        std::thread::sleep(Duration::from_millis(args.oneshot_hold_ms));
+        // Whoever cuts centrally waits for this line.
+        println!("{}", serde_json::to_string(&status)?);
+        hold(args);
         status = engine.release(&key)?.unwrap_or(status);
     }
     println!("{}", serde_json::to_string(&status)?);

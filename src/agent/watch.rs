@@ -595,6 +595,7 @@ async fn validate(
                 persistent_volume: v.persistent_volume.clone(),
                 path,
                 allow_shared_filesystem: discovery::allows_shared_filesystem(pv.annotations()),
+                central: v.central,
             }),
             Err(why) => problems.push(format!("{who}: {why}")),
         }

@@ -149,6 +149,11 @@ pub struct NodeVolume {
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
     )]
     pub persistent_volume: String,
+    /// Freeze only: the volume is an RBD image whose snapshot is the controller's RBD group
+    /// snapshot, taken while every node holds its freeze. The agent refuses it unless its device is
+    /// a krbd mapping of an image, and refuses a krbd device not marked so.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub central: bool,
 }
 
 /// Where a node's part stands.

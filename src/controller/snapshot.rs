@@ -793,6 +793,9 @@ fn node_snapshot_for(
                 .map(|m| NodeVolume {
                     claim: m.claim.clone(),
                     persistent_volume: m.persistent_volume.clone(),
+                    // Not before the controller takes the central snapshot: until then an RBD
+                    // member is refused by its agent (by name), never frozen without a snapshot.
+                    central: false,
                 })
                 .collect(),
         },

@@ -170,6 +170,14 @@ pub fn plan(
                 owner: owner.into(),
             },
         ),
+        // A new image from a member of an RBD group snapshot is made in the cluster, by the
+        // controller: no node holds anything to clone.
+        SnapshotHandle::RbdGroup { .. } => {
+            return Err(BackendError::Unsupported {
+                device: PathBuf::from(snapshot.to_string()),
+                why: "an RBD member is restored in the cluster (a new image copied from the group snapshot), not by a node's agent".into(),
+            });
+        }
     };
     Ok(ClonePlan {
         backend,

@@ -6,6 +6,7 @@
 //! | LVM thin volume                               | `lvm-thin`  | `lvcreate -s` (no size)                         |
 //! | LVM linear/striped volume                     | `lvm-thick` | `lvcreate -s -L <cow size>`                     |
 //! | btrfs subvolume (not on a reflink loop image) | `btrfs`     | read-only subvolume snapshot                    |
+//! | krbd image (`/dev/rbdN`), marked central       | `rbd-group` | none here: one RBD group snapshot, by the controller |
 //!
 //! Every snapshot carries the identity of the cut that made it (its owner, the NodeSnapshot uid):
 //! in its name (`tandem.<namespace>.<groupsnapshot>.<pv>.<owner hash>`) and as a mark on the
@@ -18,6 +19,7 @@ pub mod btrfs;
 pub mod clone;
 pub mod loopdev;
 pub mod lvm;
+pub mod rbd;
 pub mod reflink;
 
 use std::os::fd::AsFd;
@@ -40,6 +42,9 @@ pub enum BackendKind {
     LvmThick,
     #[serde(rename = "btrfs")]
     Btrfs,
+    /// Frozen here, cut by the controller's RBD group snapshot ([`rbd`]).
+    #[serde(rename = "rbd-group")]
+    RbdGroup,
 }
 
 impl BackendKind {
@@ -50,6 +55,7 @@ impl BackendKind {
             BackendKind::LvmThin => "lvm-thin",
             BackendKind::LvmThick => "lvm-thick",
             BackendKind::Btrfs => "btrfs",
+            BackendKind::RbdGroup => "rbd-group",
         }
     }
 
@@ -88,6 +94,18 @@ pub enum SnapshotHandle {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         subvolume: Option<SubvolumeId>,
     },
+    /// An RBD image whose snapshot is the controller's group snapshot: nothing on the node.
+    RbdGroup {
+        cluster_fsid: String,
+        pool: String,
+        /// The RADOS namespace (empty: the pool's default).
+        #[serde(default)]
+        namespace: String,
+        image: String,
+        image_id: String,
+        #[serde(default)]
+        owner: String,
+    },
 }
 
 /// A btrfs subvolume's identity: its id (tree objectid) and uuid.
@@ -103,7 +121,8 @@ impl SnapshotHandle {
         match self {
             SnapshotHandle::Reflink { owner, .. }
             | SnapshotHandle::Lvm { owner, .. }
-            | SnapshotHandle::Btrfs { owner, .. } => owner,
+            | SnapshotHandle::Btrfs { owner, .. }
+            | SnapshotHandle::RbdGroup { owner, .. } => owner,
         }
     }
 }
@@ -115,6 +134,21 @@ impl std::fmt::Display for SnapshotHandle {
             SnapshotHandle::Lvm { vg, lv, .. } => write!(f, "lvm:{vg}/{lv}"),
             SnapshotHandle::Btrfs { device, path, .. } => {
                 write!(f, "btrfs:{}:{path}", device.display())
+            }
+            SnapshotHandle::RbdGroup {
+                cluster_fsid,
+                pool,
+                namespace,
+                image,
+                image_id,
+                ..
+            } => {
+                let ns = if namespace.is_empty() {
+                    String::new()
+                } else {
+                    format!("{namespace}/")
+                };
+                write!(f, "rbd-group:{cluster_fsid}:{pool}/{ns}{image}@{image_id}")
             }
         }
     }
@@ -142,6 +176,8 @@ pub enum SnapshotSource {
     LogicalVolume { vg: String, lv: String },
     /// The subvolume (its path below the btrfs top-level subvolume) on a device.
     Subvolume { device: PathBuf, subvol: String },
+    /// The krbd device of an image cut centrally.
+    RbdImage { device: PathBuf },
 }
 
 /// What a cut snapshot is: its size and the handle to journal (btrfs adds the subvolume it made).
@@ -390,12 +426,12 @@ pub fn plan(
                 image.snapshot.as_deref().unwrap_or_default()
             ),
         }),
-        // One group snapshot in the cluster, cut while every node holds its freeze: not a
-        // node's own snapshot, and not built yet.
+        // One group snapshot in the cluster, cut while every node holds its freeze: only a
+        // member the controller marked central (`rbd::plan`) is frozen for it.
         DeviceKind::Rbd(image) => Err(BackendError::Unsupported {
             device: volume.device.clone(),
             why: format!(
-                "{image}: RBD members are snapshotted by one RBD group snapshot in the cluster, which this version of tandem does not cut yet"
+                "{image}: an RBD member is snapshotted by the controller's RBD group snapshot, and this one was not marked to be cut centrally (is its PersistentVolume a ceph-csi RBD volume?)"
             ),
         }),
         _ => Err(BackendError::Unsupported {
@@ -453,6 +489,13 @@ pub fn create(plan: &SnapshotPlan, options: &BackendOptions) -> Result<SnapshotI
             SnapshotSource::Subvolume { device, subvol },
             SnapshotHandle::Btrfs { path, owner, .. },
         ) => btrfs::create(device, subvol, path, owner, options),
+        // Cut by the controller once every node holds: nothing to make here.
+        (SnapshotSource::RbdImage { .. }, handle @ SnapshotHandle::RbdGroup { .. }) => {
+            Ok(SnapshotInfo {
+                handle: handle.clone(),
+                size_bytes: 0,
+            })
+        }
         _ => Err(mismatch()),
     }
 }
@@ -470,6 +513,8 @@ pub fn delete(handle: &SnapshotHandle, options: &BackendOptions) -> Result<Delet
             owner,
             subvolume,
         } => btrfs::delete(device, path, owner, subvolume.as_ref(), options),
+        // The group snapshot is the controller's to remove; the node holds nothing of it.
+        SnapshotHandle::RbdGroup { .. } => Ok(Deleted::Absent),
     }
 }
 
@@ -478,7 +523,9 @@ pub fn delete(handle: &SnapshotHandle, options: &BackendOptions) -> Result<Delet
 pub fn persist(handle: &SnapshotHandle) -> Result<(), BackendError> {
     match handle {
         SnapshotHandle::Reflink { clone, .. } => reflink::persist(clone),
-        SnapshotHandle::Lvm { .. } | SnapshotHandle::Btrfs { .. } => Ok(()),
+        SnapshotHandle::Lvm { .. }
+        | SnapshotHandle::Btrfs { .. }
+        | SnapshotHandle::RbdGroup { .. } => Ok(()),
     }
 }
 
@@ -578,6 +625,72 @@ mod tests {
         assert!(head.contains("RBD group snapshot"), "{head}");
         let snap = why(&image(Some("snap-1")));
         assert!(snap.contains("snapshot snap-1 (read-only)"), "{snap}");
+    }
+
+    #[test]
+    fn a_central_member_must_be_a_krbd_image_and_is_neither_made_nor_deleted_on_the_node() {
+        use crate::agent::discovery::{DevId, RbdImage};
+        let volume = |kind: DeviceKind| ResolvedVolume {
+            path: "/var/lib/kubelet/pods/p/volumes/kubernetes.io~csi/pv-1/mount".into(),
+            mount: None,
+            device: "/dev/rbd0".into(),
+            block_dev: DevId {
+                major: 252,
+                minor: 0,
+            },
+            kind,
+        };
+        let image = |snapshot: Option<&str>| {
+            DeviceKind::Rbd(RbdImage {
+                cluster_fsid: "8f9b".into(),
+                pool: "rbd".into(),
+                pool_ns: "tenant".into(),
+                name: "csi-vol-1".into(),
+                image_id: "1013".into(),
+                snapshot: snapshot.map(str::to_string),
+            })
+        };
+        let plan = rbd::plan(&volume(image(None)), UID).expect("a krbd head is planned");
+        assert_eq!(plan.backend, BackendKind::RbdGroup);
+        assert_eq!(
+            plan.handle.to_string(),
+            "rbd-group:8f9b:rbd/tenant/csi-vol-1@1013"
+        );
+        assert_eq!(plan.handle.owner(), UID);
+        let options = BackendOptions {
+            thick_cow_size: "1G".into(),
+            btrfs_mount_dir: "/run/tandem/btrfs".into(),
+        };
+        // Nothing is made on the node, and nothing there is deleted.
+        let made = create(&plan, &options).expect("create");
+        assert_eq!(made.handle, plan.handle);
+        assert_eq!(
+            delete(&plan.handle, &options).expect("delete"),
+            Deleted::Absent
+        );
+        // Never frozen without a snapshot: a mapped snapshot or any other device is refused.
+        for kind in [
+            image(Some("snap-1")),
+            DeviceKind::Loop {
+                backing_file: "/pool/img".into(),
+            },
+            DeviceKind::Other,
+        ] {
+            match rbd::plan(&volume(kind.clone()), UID) {
+                Err(BackendError::Unsupported { .. }) => {}
+                other => panic!("{kind:?} not refused: {other:?}"),
+            }
+        }
+        // A node has nothing to clone it from.
+        let clone_options = clone::CloneOptions {
+            backend: options,
+            link_dir: "/run/tandem/restores".into(),
+            mount_dir: "/run/tandem/restore-mounts".into(),
+        };
+        assert!(matches!(
+            clone::plan(&plan.handle, "ns", "pv-1", UID, &clone_options),
+            Err(BackendError::Unsupported { .. })
+        ));
     }
 
     #[test]

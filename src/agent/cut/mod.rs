@@ -73,6 +73,8 @@ pub struct VolumeRequest {
     /// The PersistentVolume allows a filesystem shared with other mounts (its annotation
     /// `tandem.dev/shared-filesystem: allow`).
     pub allow_shared_filesystem: bool,
+    /// Frozen here and cut by the controller's RBD group snapshot (`spec.volumes[].central`).
+    pub central: bool,
 }
 
 /// One NodeSnapshot's request.

@@ -146,8 +146,13 @@ pub(crate) fn prepare(
             &request.persistent_volume,
             &req.key,
         )
-        .and_then(|name| backend::plan(&resolved, &name, &req.key, options))
-        {
+        .and_then(|name| {
+            if request.central {
+                backend::rbd::plan(&resolved, &req.key)
+            } else {
+                backend::plan(&resolved, &name, &req.key, options)
+            }
+        }) {
             Ok(p) => p,
             Err(e) => {
                 refuse(status, e.to_string(), format!("{who}: {e}"));

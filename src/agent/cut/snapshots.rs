@@ -133,8 +133,11 @@ impl Engine {
                 }
                 let v = &mut state.volumes[i];
                 v.snapshot_handle = Some(info.handle.to_string());
-                v.size_bytes = i64::try_from(info.size_bytes).ok();
-                v.cut_time = Some(now());
+                // A central member's snapshot is the controller's, cut later: no size or time here.
+                if !matches!(info.handle, SnapshotHandle::RbdGroup { .. }) {
+                    v.size_bytes = i64::try_from(info.size_bytes).ok();
+                    v.cut_time = Some(now());
+                }
                 None
             }
             Err(e) => {
