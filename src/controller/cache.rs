@@ -15,6 +15,8 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::runtime::reflector::{self, reflector};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use serde::Deserialize;
 
 /// A PersistentVolume as the controller caches it (see the module's comment).
@@ -93,6 +95,28 @@ impl From<PersistentVolume> for CachedVolume {
             status: volume.status.map(|s| CachedVolumeStatus { phase: s.phase }),
         }
     }
+}
+
+/// A Controller over `api` whose own cache is slimmed as the shared ones are (10,000
+/// ConsistencyGroups kept their field managers' trees otherwise: tens of MiB).
+pub fn slim_controller<K>(
+    api: kube::Api<K>,
+    config: kube::runtime::watcher::Config,
+) -> Controller<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let objects = reflector(writer, watcher(api, config).modify(slim))
+        .default_backoff()
+        .applied_objects();
+    Controller::for_stream(objects, reader)
 }
 
 /// Drops what no reader of the caches needs: the field managers, kubectl's copy of the last

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{watcher, watcher::Error as WatchError};
@@ -41,9 +41,10 @@ pub async fn run_group_controller(
     };
     // Bounded: 10,000 groups reconciled at once held 10,000 requests in flight, and the heap
     // they grew stayed the process's for good.
-    let controller = Controller::new(groups_api, watcher::Config::default()).with_config(
-        kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
-    );
+    let controller = super::cache::slim_controller(groups_api, watcher::Config::default())
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+        );
     let groups = controller.store();
     let groups_for_volumes = groups.clone();
     let (claims, volumes) = (ctx.claims.clone(), ctx.volumes.clone());

@@ -300,7 +300,7 @@ async fn run_controllers(
     let (node_snapshots, node_snapshots_writer) = reflector::store();
     let node_snapshot_events = reflector(
         node_snapshots_writer,
-        watcher(node_snapshots_api, watcher::Config::default()),
+        watcher(node_snapshots_api, watcher::Config::default()).modify(cache::slim),
     )
     .default_backoff()
     .touched_objects();

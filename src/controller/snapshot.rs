@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::{self, Error as WatchError};
@@ -69,7 +69,7 @@ pub async fn run_snapshot_controller(
         None => Api::all(ctx.client.clone()),
     };
     // NodeSnapshots come from the shared cache (no list on the release path) and wake their owner.
-    Controller::new(snapshots, watcher::Config::default())
+    super::cache::slim_controller(snapshots, watcher::Config::default())
         .watches_stream(node_snapshot_events, |node: NodeSnapshot| {
             let namespace = node.namespace();
             node.owner_references()
