@@ -5,6 +5,7 @@
 
 pub mod barrier;
 pub mod cache;
+pub mod central;
 mod group;
 pub mod hooks;
 mod http;

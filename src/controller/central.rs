@@ -1,0 +1,244 @@
+//! Which members of a group snapshot are cut centrally, and under what names: pure decisions for
+//! the controller's RBD group snapshot (the cut itself is `barrier::Step::CentralCut`).
+//!
+//! A member is an RBD member when its PersistentVolume is a ceph-csi RBD volume: the CSI driver
+//! `rbd.csi.ceph.com` (Rook prefixes it with its namespace), whose volume attributes name the
+//! cluster (`clusterID`, ceph-csi's config map maps it to monitors), the pool, the image
+//! (`imageName`) and the RADOS namespace (`radosNamespace`, optional). One RBD group holds every
+//! RBD member of a ConsistencyGroup, so they must share a cluster, pool and namespace.
+
+use std::collections::BTreeSet;
+
+use super::cache::CachedVolume;
+
+/// ceph-csi's RBD driver name; Rook deploys it as `<operator namespace>.rbd.csi.ceph.com`.
+pub const CEPH_CSI_RBD_DRIVER: &str = "rbd.csi.ceph.com";
+
+/// An RBD image a member's PersistentVolume names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RbdVolume {
+    /// ceph-csi's cluster id (a key of its config map, not the Ceph fsid).
+    pub cluster_id: String,
+    pub pool: String,
+    pub namespace: String,
+    pub image: String,
+}
+
+/// Where a group's RBD members live, all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdPlacement {
+    pub cluster_id: String,
+    pub pool: String,
+    pub namespace: String,
+}
+
+/// Why a PV of the ceph-csi RBD driver cannot be a member.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RbdMemberError {
+    #[error(
+        "PersistentVolume {pv} is a ceph-csi RBD volume without the volume attribute {attribute}"
+    )]
+    MissingAttribute { pv: String, attribute: &'static str },
+    #[error(
+        "the RBD members are in more than one cluster, pool or RADOS namespace ({places}); one RBD group holds every member, so they must share one"
+    )]
+    Scattered { places: String },
+}
+
+fn is_rbd_driver(driver: &str) -> bool {
+    driver == CEPH_CSI_RBD_DRIVER || driver.ends_with(&format!(".{CEPH_CSI_RBD_DRIVER}"))
+}
+
+/// The RBD image behind `volume`, if it is a ceph-csi RBD volume.
+pub fn rbd_volume(volume: &CachedVolume) -> Option<Result<RbdVolume, RbdMemberError>> {
+    let csi = volume.spec.as_ref()?.csi.as_ref()?;
+    if !is_rbd_driver(&csi.driver) {
+        return None;
+    }
+    let pv = volume.metadata.name.clone().unwrap_or_default();
+    let attributes = csi.volume_attributes.clone().unwrap_or_default();
+    let get = |attribute: &'static str| {
+        attributes
+            .get(attribute)
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .ok_or(RbdMemberError::MissingAttribute {
+                pv: pv.clone(),
+                attribute,
+            })
+    };
+    Some((|| {
+        Ok(RbdVolume {
+            cluster_id: get("clusterID")?,
+            pool: get("pool")?,
+            image: get("imageName")?,
+            namespace: attributes
+                .get("radosNamespace")
+                .cloned()
+                .unwrap_or_default(),
+        })
+    })())
+}
+
+/// Where the group's RBD members are, or why they cannot share one group; None without any.
+pub fn placement(members: &[RbdVolume]) -> Result<Option<RbdPlacement>, RbdMemberError> {
+    let places: BTreeSet<(&str, &str, &str)> = members
+        .iter()
+        .map(|m| (m.cluster_id.as_str(), m.pool.as_str(), m.namespace.as_str()))
+        .collect();
+    match places.len() {
+        0 => Ok(None),
+        1 => {
+            let (cluster_id, pool, namespace) = places.into_iter().next().unwrap_or_default();
+            Ok(Some(RbdPlacement {
+                cluster_id: cluster_id.into(),
+                pool: pool.into(),
+                namespace: namespace.into(),
+            }))
+        }
+        _ => Err(RbdMemberError::Scattered {
+            places: places
+                .iter()
+                .map(|(c, p, n)| {
+                    if n.is_empty() {
+                        format!("{c}:{p}")
+                    } else {
+                        format!("{c}:{p}/{n}")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+/// The RBD group of a ConsistencyGroup: named after its uid, so a group re-created under the
+/// same name never inherits the snapshots of the one before.
+pub fn rbd_group_name(consistency_group_uid: &str) -> String {
+    format!("tandem-{consistency_group_uid}")
+}
+
+/// The RBD group snapshot of a GroupSnapshot: named after its uid, so a restarted controller
+/// finds the one it cut and never cuts twice, and a reused GroupSnapshot name cuts anew.
+pub fn rbd_snap_name(group_snapshot_uid: &str) -> String {
+    format!("tandem-{group_snapshot_uid}")
+}
+
+/// Whether the central cut may start: the node whose freeze ends first must still be frozen when
+/// the call returns, with a margin for the release to reach it. `left_ms` is each node's freeze
+/// budget left (its deadline minus now), `expected_ms` what the call is expected to take.
+pub fn enough_budget(left_ms: &[i64], expected_ms: i64, margin_ms: i64) -> bool {
+    left_ms
+        .iter()
+        .min()
+        .is_some_and(|&least| least > expected_ms.saturating_add(margin_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pv(name: &str, driver: &str, attributes: &[(&str, &str)]) -> CachedVolume {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"csi": {
+                "driver": driver,
+                "volumeHandle": "0001-0024-c1-0000000000000001-uuid",
+                "volumeAttributes": attributes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+            }},
+        }))
+        .expect("pv")
+    }
+
+    #[test]
+    fn ceph_csi_rbd_volumes_are_found_by_driver_and_their_attributes() {
+        let full = [
+            ("clusterID", "c1"),
+            ("pool", "replicapool"),
+            ("imageName", "csi-vol-1"),
+        ];
+        let image = |ns: &str| RbdVolume {
+            cluster_id: "c1".into(),
+            pool: "replicapool".into(),
+            namespace: ns.into(),
+            image: "csi-vol-1".into(),
+        };
+        assert_eq!(
+            rbd_volume(&pv("a", "rbd.csi.ceph.com", &full)),
+            Some(Ok(image("")))
+        );
+        // Rook's driver name, and a RADOS namespace.
+        let mut with_ns = full.to_vec();
+        with_ns.push(("radosNamespace", "tenant"));
+        assert_eq!(
+            rbd_volume(&pv("a", "rook-ceph.rbd.csi.ceph.com", &with_ns)),
+            Some(Ok(image("tenant")))
+        );
+        // Other drivers are not RBD members, whatever their attributes.
+        assert_eq!(rbd_volume(&pv("a", "cephfs.csi.ceph.com", &full)), None);
+        assert_eq!(rbd_volume(&pv("a", "fakerbd.csi.ceph.com", &full)), None);
+        // An RBD volume without its image is named, not guessed.
+        assert_eq!(
+            rbd_volume(&pv("a", "rbd.csi.ceph.com", &full[..2])),
+            Some(Err(RbdMemberError::MissingAttribute {
+                pv: "a".into(),
+                attribute: "imageName"
+            }))
+        );
+    }
+
+    #[test]
+    fn every_rbd_member_shares_one_placement_or_the_group_is_refused() {
+        let v = |cluster: &str, pool: &str, ns: &str, image: &str| RbdVolume {
+            cluster_id: cluster.into(),
+            pool: pool.into(),
+            namespace: ns.into(),
+            image: image.into(),
+        };
+        assert_eq!(placement(&[]), Ok(None));
+        assert_eq!(
+            placement(&[v("c1", "p", "", "a"), v("c1", "p", "", "b")]),
+            Ok(Some(RbdPlacement {
+                cluster_id: "c1".into(),
+                pool: "p".into(),
+                namespace: String::new()
+            }))
+        );
+        for scattered in [
+            [v("c1", "p", "", "a"), v("c2", "p", "", "b")],
+            [v("c1", "p", "", "a"), v("c1", "q", "", "b")],
+            [v("c1", "p", "", "a"), v("c1", "p", "t", "b")],
+        ] {
+            assert!(
+                matches!(placement(&scattered), Err(RbdMemberError::Scattered { .. })),
+                "{scattered:?}"
+            );
+        }
+        let Err(RbdMemberError::Scattered { places }) =
+            placement(&[v("c1", "p", "", "a"), v("c1", "p", "t", "b")])
+        else {
+            panic!("not refused");
+        };
+        assert_eq!(places, "c1:p, c1:p/t");
+    }
+
+    #[test]
+    fn names_follow_the_uids_and_the_budget_must_outlast_the_call() {
+        assert_eq!(rbd_group_name("u-1"), "tandem-u-1");
+        assert_eq!(rbd_snap_name("u-2"), "tandem-u-2");
+        let table: [(&[i64], i64, i64, bool); 5] = [
+            (&[10_000, 4_000], 1_500, 1_000, true),
+            (&[10_000, 2_000], 1_500, 1_000, false),
+            (&[2_500], 1_500, 1_000, false),
+            (&[], 1, 0, false),
+            (&[-5], 0, 0, false),
+        ];
+        for (left, expected, margin, want) in table {
+            assert_eq!(
+                enough_budget(left, expected, margin),
+                want,
+                "{left:?} {expected} {margin}"
+            );
+        }
+    }
+}
