@@ -11,6 +11,8 @@ packages=(
   containerd runc containernetworking-plugins iptables    # the real node (kubelet's runtime, pod network)
   mmdebstrap gcc libc6-dev                        # tandem's image and the pause image, no registry
   jq                                              # hack/run-suites.sh lists the test binaries
+  ceph-mon ceph-osd ceph-common                   # the single-node test Ceph (hack/ceph-mini.sh)
+  librbd1 librados2                               # the libraries the controller dlopens for RBD groups
 )
 missing=()
 for p in "${packages[@]}"; do

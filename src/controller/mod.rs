@@ -12,6 +12,7 @@ mod http;
 pub mod membership;
 mod metrics;
 mod orphans;
+pub mod rbd;
 pub mod restore;
 pub mod schedule;
 mod snapshot;
