@@ -13,6 +13,7 @@ packages=(
   jq                                              # hack/run-suites.sh lists the test binaries
   ceph-mon ceph-osd ceph-common                   # the single-node test Ceph (hack/ceph-mini.sh)
   librbd1 librados2                               # the libraries the controller dlopens for RBD groups
+  librados-dev lz4                                # the RBD guest (hack/rbd-qemu): its mon-command helper, its initramfs
 )
 missing=()
 for p in "${packages[@]}"; do

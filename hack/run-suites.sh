@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of `make test` in two lanes at once, because most of a test's time is spent
 # waiting on an API server, a kubelet or a QEMU guest, not on the CPU:
-#   node lane   the LVM QEMU guests (hack/lvm-qemu/run.sh), then the test binaries that start real
-#               nodes (kubelet + containerd), one at a time: they share the host's cgroups and loop
-#               devices, so they never overlap each other
+#   node lane   the LVM QEMU guests (hack/lvm-qemu/run.sh), the RBD QEMU guest (hack/rbd-qemu/run.sh),
+#               then the test binaries that start real nodes (kubelet + containerd), one at a time:
+#               they share the host's cgroups and loop devices, so they never overlap each other
 #   api lane    every other test binary (each starts its own control plane), one at a time
 # Each binary's output is kept in a log and printed whole when it ends, so lanes never interleave
 # lines. A test binary whose tests fail runs those tests once more, alone: if they pass then, the
@@ -12,7 +12,8 @@
 # each suite's time.
 #
 #   hack/run-suites.sh            everything
-#   LVM_QEMU=0 hack/run-suites.sh without the QEMU guests
+#   LVM_QEMU=0 hack/run-suites.sh without the LVM QEMU guests
+#   RBD_QEMU=0 hack/run-suites.sh without the RBD QEMU guest
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The real-node binaries (tests/support/node.rs users) go to the node lane.
@@ -66,6 +67,8 @@ run_lane() {
   for entry in "$@"; do
     if [[ $entry == lvm-qemu ]]; then
       run_suite lvm-qemu bash hack/lvm-qemu/run.sh || failed=1
+    elif [[ $entry == rbd-qemu ]]; then
+      run_suite rbd-qemu bash hack/rbd-qemu/run.sh || failed=1
     else
       run_suite "${entry%% *}" "${entry#* }" || failed=1
     fi
@@ -76,7 +79,9 @@ run_lane() {
 start=$SECONDS
 lvm=()
 [[ ${LVM_QEMU:-1} == 1 ]] && lvm=(lvm-qemu)
-run_lane "${lvm[@]}" "${node_lane[@]}" &
+rbd=()
+[[ ${RBD_QEMU:-1} == 1 ]] && rbd=(rbd-qemu)
+run_lane "${lvm[@]}" "${rbd[@]}" "${node_lane[@]}" &
 node_pid=$!
 run_lane "${api_lane[@]}" &
 api_pid=$!

@@ -85,6 +85,11 @@ pub struct AgentArgs {
     #[arg(long, value_name = "PATH")]
     pub oneshot_release_file: Option<PathBuf>,
 
+    /// One-shot: while holding, thaw and delete the snapshots as soon as this file exists (the
+    /// central cut failed, as the controller's `Abort`).
+    #[arg(long, value_name = "PATH")]
+    pub oneshot_abort_file: Option<PathBuf>,
+
     /// One-shot: `cut` (freeze, snapshot, thaw), `delete` (delete the snapshots of an earlier cut
     /// of the same name and forget it), `restore` (clone the snapshots of an earlier cut of the same
     /// name; again: attach them), `attach` (re-attach those clones) or `unrestore` (delete them).
@@ -239,21 +244,42 @@ fn parse_freeze(s: &str) -> FreezePolicy {
     }
 }
 
-/// Holds for `--oneshot-hold-ms`, or until `--oneshot-release-file` exists. (The watchdog
-/// thaws on its own clock meanwhile, if the freeze timeout comes first.)
-fn hold(args: &AgentArgs) {
+/// How a one-shot hold ended.
+#[derive(Debug, PartialEq, Eq)]
+enum HoldEnd {
+    /// `--oneshot-hold-ms` passed or the release file appeared.
+    Release,
+    /// The abort file appeared.
+    Abort,
+    /// The cut ended on its own (the watchdog's freeze timeout).
+    Ended,
+}
+
+/// Holds for `--oneshot-hold-ms`, until `--oneshot-release-file` or `--oneshot-abort-file`
+/// exists, or until the watchdog has ended the cut on its own clock.
+fn hold(engine: &Engine, key: &str, args: &AgentArgs) -> Result<HoldEnd, AgentError> {
+    let exists = |f: &Option<PathBuf>| f.as_ref().is_some_and(|f| f.exists());
     let until = std::time::Instant::now() + Duration::from_millis(args.oneshot_hold_ms);
+    let mut polls = 0u32;
     while std::time::Instant::now() < until {
-        if args
-            .oneshot_release_file
-            .as_ref()
-            .is_some_and(|f| f.exists())
+        if exists(&args.oneshot_abort_file) {
+            return Ok(HoldEnd::Abort);
+        }
+        if exists(&args.oneshot_release_file) {
+            return Ok(HoldEnd::Release);
+        }
+        polls += 1;
+        if polls.is_multiple_of(10)
+            && engine
+                .status(key)?
+                .is_some_and(|s| s.phase != NodePhase::Cut)
         {
-            return;
+            return Ok(HoldEnd::Ended);
         }
         let left = until.saturating_duration_since(std::time::Instant::now());
         std::thread::sleep(left.min(Duration::from_millis(5)));
     }
+    Ok(HoldEnd::Release)
 }
 
 /// The one-shot mode: the real engine, without an API server.
@@ -293,8 +319,12 @@ fn oneshot(engine: &Engine, args: &AgentArgs) -> Result<(), AgentError> {
     if status.phase == NodePhase::Cut {
         // Whoever cuts centrally waits for this line.
         println!("{}", serde_json::to_string(&status)?);
-        hold(args);
-        status = engine.release(&key)?.unwrap_or(status);
+        let ended = match hold(engine, &key, args)? {
+            HoldEnd::Release => engine.release(&key)?,
+            HoldEnd::Abort => engine.abort(&key, "aborted (--oneshot-abort-file)")?,
+            HoldEnd::Ended => engine.status(&key)?,
+        };
+        status = ended.unwrap_or(status);
     }
     println!("{}", serde_json::to_string(&status)?);
     if status.phase != NodePhase::Released {

@@ -28,6 +28,9 @@ enum Command {
     Agent(tandem::agent::AgentArgs),
     /// The command line, as `kubectl tandem` runs it (the binary invoked as `kubectl-tandem` is it).
     Cli(tandem::cli::CliArgs),
+    /// The controller's RBD group calls without an API server (a test guest without Kubernetes).
+    #[command(subcommand)]
+    Rbd(tandem::controller::rbd_oneshot::RbdCommand),
     /// Print the CustomResourceDefinitions as YAML, or write one file per kind into --out.
     Crds {
         /// Folder to write `<plural>.yaml` files into, instead of printing.
@@ -67,6 +70,12 @@ async fn main() -> ExitCode {
         },
         Command::Agent(args) => tandem::agent::run(args).await,
         Command::Cli(args) => return ExitCode::from(tandem::cli::run(args).await),
+        Command::Rbd(command) => {
+            tokio::task::spawn_blocking(move || tandem::controller::rbd_oneshot::run(&command))
+                .await
+                .map_err(Into::into)
+                .and_then(|r| r.map_err(Into::into))
+        }
         Command::Crds { out } => write_crds(out),
     };
     match result {

@@ -13,6 +13,7 @@ pub mod membership;
 mod metrics;
 mod orphans;
 pub mod rbd;
+pub mod rbd_oneshot;
 pub mod restore;
 pub mod schedule;
 mod snapshot;
