@@ -19,13 +19,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && /usr/local/bin/tandem --version
 
 # Runtime: the agent runs lvs/lvcreate/lvremove (LVM backends); everything else it does with
-# syscalls (FIFREEZE/FITHAW, FICLONE, btrfs snapshot ioctls, mount). The controller needs only the binary. The packages are hack/image/packages and
+# syscalls (FIFREEZE/FITHAW, FICLONE, btrfs snapshot ioctls, mount). The controller loads librbd1
+# (and librados2) for RBD group snapshots, nothing else. The packages are hack/image/packages and
 # the configuration hack/image/configure-rootfs.sh (LVM without udev), the same as the image
 # hack/image/build.sh makes with no registry (tests/real_node.rs checks that both agree).
 FROM docker.io/library/debian:bookworm-slim
 RUN --mount=type=bind,source=hack/image/configure-rootfs.sh,target=/configure-rootfs.sh \
     apt-get update \
- && apt-get install -y --no-install-recommends lvm2 ca-certificates \
+ && apt-get install -y --no-install-recommends lvm2 ca-certificates librbd1 \
  && rm -rf /var/lib/apt/lists/* \
  && sh /configure-rootfs.sh /
 COPY --from=build /usr/local/bin/tandem /usr/local/bin/tandem

@@ -145,9 +145,70 @@ pub struct GroupSnapshotStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 
+    /// The Ceph RBD group snapshot the controller cuts over the group's RBD members while every
+    /// node holds its freeze; unset for a group without RBD members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub central: Option<CentralSnapshot>,
+
     /// `Ready` and its reason.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+/// A group snapshot cut in the storage cluster (an RBD group snapshot) over the members frozen on
+/// their nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CentralSnapshot {
+    /// ceph-csi's cluster id (a key of its config map).
+    pub cluster_id: String,
+    /// The pool of the group and its images.
+    pub pool: String,
+    /// The RADOS namespace (empty: the pool's default).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rados_namespace: String,
+    /// The RBD group (one per ConsistencyGroup, `tandem-<group uid>`).
+    pub group: String,
+    /// The RBD group snapshot (`tandem-<GroupSnapshot uid>`: a restart never cuts twice).
+    pub snapshot: String,
+    /// The member images, by PersistentVolume.
+    #[serde(default)]
+    pub volumes: Vec<CentralVolume>,
+    /// Where the group snapshot stands.
+    #[serde(default)]
+    pub phase: CentralPhase,
+    /// How long the group snapshot call took, in milliseconds (inside every node's freeze).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_millis: Option<i64>,
+    /// Why the call failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One RBD member of a central snapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CentralVolume {
+    /// The PersistentVolume.
+    pub persistent_volume: String,
+    /// Its RBD image.
+    pub image: String,
+}
+
+/// Where a central snapshot stands.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum CentralPhase {
+    /// Not cut yet (the group is ready in the cluster, the nodes are freezing).
+    #[default]
+    Pending,
+    /// Cut while every node held its freeze.
+    Taken,
+    /// The call failed; nothing was cut.
+    Failed,
+    /// Removed again (the group snapshot failed, or it was deleted).
+    Removed,
 }
 
 /// One member's snapshot.

@@ -9,7 +9,9 @@
 
 use std::collections::BTreeSet;
 
+use super::barrier::Central;
 use super::cache::CachedVolume;
+use crate::api::{CentralPhase, CentralSnapshot};
 
 /// ceph-csi's RBD driver name; Rook deploys it as `<operator namespace>.rbd.csi.ceph.com`.
 pub const CEPH_CSI_RBD_DRIVER: &str = "rbd.csi.ceph.com";
@@ -134,9 +136,222 @@ pub fn enough_budget(left_ms: &[i64], expected_ms: i64, margin_ms: i64) -> bool 
         .is_some_and(|&least| least > expected_ms.saturating_add(margin_ms))
 }
 
+/// The barrier's view of a GroupSnapshot's central snapshot. `Removed` is `Pending` again: a
+/// failing snapshot has nothing left to remove, and a Ready one never gets there.
+pub fn barrier_view(central: Option<&CentralSnapshot>) -> Central {
+    match central {
+        None => Central::None,
+        Some(c) => match c.phase {
+            CentralPhase::Pending | CentralPhase::Removed => Central::Pending,
+            CentralPhase::Taken => Central::Taken,
+            CentralPhase::Failed => Central::Failed(
+                c.message
+                    .clone()
+                    .unwrap_or_else(|| "the group snapshot call failed".into()),
+            ),
+        },
+    }
+}
+
+/// The image an agent reports it froze (`rbd-group:<fsid>:<pool>/[<namespace>/]<image>@<id>`,
+/// the agent's handle of a centrally cut member).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrozenImage {
+    pub fsid: String,
+    pub pool: String,
+    pub namespace: String,
+    pub image: String,
+}
+
+pub fn parse_frozen_image(handle: &str) -> Option<FrozenImage> {
+    let rest = handle.strip_prefix("rbd-group:")?;
+    let (fsid, rest) = rest.split_once(':')?;
+    let (path, _id) = rest.rsplit_once('@')?;
+    let parts: Vec<&str> = path.split('/').collect();
+    let (pool, namespace, image) = match parts.as_slice() {
+        [pool, image] => (*pool, "", *image),
+        [pool, namespace, image] => (*pool, *namespace, *image),
+        _ => return None,
+    };
+    Some(FrozenImage {
+        fsid: fsid.into(),
+        pool: pool.into(),
+        namespace: namespace.into(),
+        image: image.into(),
+    })
+}
+
+/// Whether every node froze exactly the images the PersistentVolumes name, in the cluster the
+/// controller is connected to (`fsid`). `reported`: per central member, the PV and the handle
+/// its agent reported. Cut only when this holds: a node that froze something else leaves the
+/// real image unfrozen under the group snapshot.
+pub fn check_frozen(
+    central: &CentralSnapshot,
+    fsid: &str,
+    reported: &[(&str, Option<&str>)],
+) -> Result<(), String> {
+    for volume in &central.volumes {
+        let handle = reported
+            .iter()
+            .find(|(pv, _)| *pv == volume.persistent_volume)
+            .and_then(|(_, h)| *h);
+        let Some(handle) = handle else {
+            return Err(format!(
+                "the node of PersistentVolume {} reported no frozen RBD image",
+                volume.persistent_volume
+            ));
+        };
+        let frozen = parse_frozen_image(handle).ok_or_else(|| {
+            format!(
+                "the node of PersistentVolume {} froze {handle}, not an RBD image",
+                volume.persistent_volume
+            )
+        })?;
+        let expected = FrozenImage {
+            fsid: fsid.into(),
+            pool: central.pool.clone(),
+            namespace: central.rados_namespace.clone(),
+            image: volume.image.clone(),
+        };
+        if frozen != expected {
+            return Err(format!(
+                "the node of PersistentVolume {} froze the RBD image {}/{}{} of cluster {}, but the PersistentVolume names {}/{}{} of cluster {fsid}",
+                volume.persistent_volume,
+                frozen.pool,
+                if frozen.namespace.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}/", frozen.namespace)
+                },
+                frozen.image,
+                frozen.fsid,
+                expected.pool,
+                if expected.namespace.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}/", expected.namespace)
+                },
+                expected.image,
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frozen_images_must_be_the_ones_the_volumes_name() {
+        let central = CentralSnapshot {
+            cluster_id: "c1".into(),
+            pool: "rbd".into(),
+            group: "tandem-g".into(),
+            snapshot: "tandem-s".into(),
+            volumes: vec![
+                crate::api::CentralVolume {
+                    persistent_volume: "pv-a".into(),
+                    image: "img-a".into(),
+                },
+                crate::api::CentralVolume {
+                    persistent_volume: "pv-b".into(),
+                    image: "img-b".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        let a = "rbd-group:F:rbd/img-a@10ab";
+        let b = "rbd-group:F:rbd/img-b@10ac";
+        assert_eq!(
+            parse_frozen_image("rbd-group:F:p/ns/i@1"),
+            Some(FrozenImage {
+                fsid: "F".into(),
+                pool: "p".into(),
+                namespace: "ns".into(),
+                image: "i".into()
+            })
+        );
+        for bad in [
+            "lvm:vg/lv",
+            "rbd-group:F:p@1",
+            "rbd-group:F:p/i",
+            "rbd-group:F:a/b/c/d@1",
+        ] {
+            assert_eq!(parse_frozen_image(bad), None, "{bad}");
+        }
+        type Row<'a> = (
+            &'a str,
+            Vec<(&'a str, Option<&'a str>)>,
+            &'a str,
+            Option<&'a str>,
+        );
+        let table: Vec<Row> = vec![
+            (
+                "both right",
+                vec![("pv-a", Some(a)), ("pv-b", Some(b))],
+                "F",
+                None,
+            ),
+            (
+                "one unreported",
+                vec![("pv-a", Some(a)), ("pv-b", None)],
+                "F",
+                Some("reported no frozen"),
+            ),
+            (
+                "swapped",
+                vec![("pv-a", Some(b)), ("pv-b", Some(a))],
+                "F",
+                Some("names rbd/img-a"),
+            ),
+            (
+                "another cluster",
+                vec![("pv-a", Some(a)), ("pv-b", Some(b))],
+                "G",
+                Some("of cluster F"),
+            ),
+            (
+                "not rbd",
+                vec![("pv-a", Some("lvm:vg/lv")), ("pv-b", Some(b))],
+                "F",
+                Some("not an RBD image"),
+            ),
+        ];
+        for (what, reported, fsid, error) in table {
+            let got = check_frozen(&central, fsid, &reported);
+            match error {
+                None => assert_eq!(got, Ok(()), "{what}"),
+                Some(part) => assert!(
+                    got.as_ref().err().is_some_and(|e| e.contains(part)),
+                    "{what}: {got:?}"
+                ),
+            }
+        }
+        // What the barrier sees of each phase.
+        let with = |phase, message: Option<&str>| CentralSnapshot {
+            phase,
+            message: message.map(str::to_string),
+            ..central.clone()
+        };
+        assert_eq!(barrier_view(None), Central::None);
+        assert_eq!(
+            barrier_view(Some(&with(CentralPhase::Pending, None))),
+            Central::Pending
+        );
+        assert_eq!(
+            barrier_view(Some(&with(CentralPhase::Removed, None))),
+            Central::Pending
+        );
+        assert_eq!(
+            barrier_view(Some(&with(CentralPhase::Taken, None))),
+            Central::Taken
+        );
+        assert_eq!(
+            barrier_view(Some(&with(CentralPhase::Failed, Some("EROFS")))),
+            Central::Failed("EROFS".into())
+        );
+    }
 
     fn pv(name: &str, driver: &str, attributes: &[(&str, &str)]) -> CachedVolume {
         serde_json::from_value(serde_json::json!({

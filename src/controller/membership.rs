@@ -317,6 +317,18 @@ fn resolve_member(
             ),
         );
     }
+    // A ceph-csi RBD volume is on whichever node maps it (its VolumeAttachment, looked up when a
+    // snapshot starts), and is cut centrally by one RBD group snapshot.
+    match super::central::rbd_volume(volume) {
+        Some(Ok(_)) => {
+            return GroupMember {
+                supported: true,
+                ..member
+            };
+        }
+        Some(Err(e)) => return unsupported(member, "InvalidRbdVolume", e.to_string()),
+        None => {}
+    }
     match pinned_node(volume) {
         Ok(node) => GroupMember {
             node: Some(node),

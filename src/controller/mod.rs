@@ -6,6 +6,7 @@
 pub mod barrier;
 pub mod cache;
 pub mod central;
+pub mod ceph;
 mod group;
 pub mod hooks;
 mod http;
@@ -66,6 +67,16 @@ pub struct ControllerArgs {
     #[arg(long, env = "TANDEM_RESTORE_STORAGE_CLASS")]
     pub restore_storage_class: Option<String>,
 
+    /// ceph-csi's config map (`namespace/name`, key `config.json`): the monitors of each cluster
+    /// id its RBD volumes name. Without it, groups with RBD members are refused.
+    #[arg(long, env = "TANDEM_CEPH_CSI_CONFIG", value_parser = parse_reference)]
+    pub ceph_csi_config: Option<(String, String)>,
+
+    /// The Secret (`namespace/name`, `userID`/`userKey`) for RBD volumes whose PersistentVolume
+    /// names no `controllerExpandSecretRef`.
+    #[arg(long, env = "TANDEM_CEPH_SECRET", value_parser = parse_reference)]
+    pub ceph_secret: Option<(String, String)>,
+
     /// Test only, ignored by release builds: after each PVC watch event, wait this long before the
     /// next reaches the cache, so tests can show a trailing cache never reports claims missing.
     #[arg(long, hide = true)]
@@ -79,6 +90,10 @@ pub struct ControllerArgs {
     /// `groupNodes`), so the release delay above holds every node's freeze.
     #[arg(long, hide = true)]
     pub test_only_no_sibling_release: bool,
+}
+
+fn parse_reference(value: &str) -> Result<(String, String), String> {
+    ceph::parse_reference(value).map_err(|e| e.to_string())
 }
 
 /// The Lease that elects the one active controller replica.
@@ -135,6 +150,8 @@ pub struct Context {
     pub started: std::time::Instant,
     /// The quiesce hooks' open holds, by GroupSnapshot uid.
     pub hooks: hooks::Sessions,
+    /// Connections to the Ceph clusters of RBD members (the controller alone holds their keys).
+    pub ceph: ceph::CephClusters,
     /// Tests only (`--test-only-release-delay-ms`, debug builds).
     pub test_only_release_delay: Option<std::time::Duration>,
     /// Tests only (`--test-only-no-sibling-release`, debug builds).
@@ -356,6 +373,10 @@ async fn run_controllers(
             .filter(|_| cfg!(debug_assertions))
             .map(std::time::Duration::from_millis),
         test_only_no_sibling_release: args.test_only_no_sibling_release && cfg!(debug_assertions),
+        ceph: ceph::CephClusters::new(ceph::CephSettings {
+            csi_config: args.ceph_csi_config.clone(),
+            secret: args.ceph_secret.clone(),
+        }),
     });
     let readiness = async {
         // However long the first lists take: each attempt waits a bounded time.

@@ -19,16 +19,15 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::barrier::{
-    Central, NodeView, ReleaseConstraints, ReleasePlan, Step, next_step, release_plan,
-};
+use super::barrier::{NodeView, ReleaseConstraints, ReleasePlan, Step, next_step, release_plan};
+use super::ceph::{self, CephError, PrepareError};
 use super::hooks::{self, plan as hook_plan};
 use super::{CONTROLLER_NAME, Context, Error, cache_ready, publish_event};
 use crate::api::{
-    CONDITION_READY, Consistency, ConsistencyGroup, DeletionPolicy, FreezePolicy, GroupRestore,
-    GroupSnapshot, GroupSnapshotPhase, GroupSnapshotStatus, HookMode, HooksPolicy, MemberSnapshot,
-    NodeAction, NodeFreezeWindow, NodePhase, NodeSnapshot, NodeSnapshotSpec, NodeVolume,
-    QuiesceSpec, RestorePhase,
+    CONDITION_READY, CentralPhase, CentralSnapshot, Consistency, ConsistencyGroup, DeletionPolicy,
+    FreezePolicy, GroupRestore, GroupSnapshot, GroupSnapshotPhase, GroupSnapshotStatus, HookMode,
+    HooksPolicy, MemberSnapshot, NodeAction, NodeFreezeWindow, NodePhase, NodeSnapshot,
+    NodeSnapshotSpec, NodeVolume, QuiesceSpec, RestorePhase,
 };
 use crate::conditions::condition;
 use crate::finalizer;
@@ -56,6 +55,9 @@ const LIST_PAGE: u32 = 250;
 const GROUP_GRACE: Duration = Duration::from_secs(10);
 /// Time an agent gets, beyond the freeze timeout, to pick up and answer a NodeSnapshot.
 const AGENT_GRACE: Duration = Duration::from_secs(5);
+/// What must be left of every node's freeze beyond the RBD group snapshot call's expected time:
+/// the release has to reach the node before its own clock thaws it.
+const CENTRAL_MARGIN: Duration = Duration::from_secs(1);
 
 /// Runs the GroupSnapshot controller; NodeSnapshot changes re-reconcile their GroupSnapshot.
 pub async fn run_snapshot_controller(
@@ -360,14 +362,54 @@ async fn start(
         .await;
     }
 
+    // RBD volumes have no node affinity: they are on the node that maps them.
+    let attached = if group_status
+        .members
+        .iter()
+        .any(|m| m.node.is_none() && m.persistent_volume.is_some())
+    {
+        ceph::attached_nodes(&ctx.client).await?
+    } else {
+        BTreeMap::new()
+    };
+    let unattached: Vec<&str> = group_status
+        .members
+        .iter()
+        .filter(|m| {
+            m.node.is_none()
+                && m.persistent_volume
+                    .as_ref()
+                    .is_some_and(|pv| !attached.contains_key(pv))
+        })
+        .map(|m| m.claim.as_str())
+        .collect();
+    if !unattached.is_empty() {
+        return fail(
+            snapshot,
+            status,
+            api,
+            ctx,
+            "RbdVolumeNotAttached",
+            format!(
+                "the RBD volume(s) of claim(s) {} are attached to no node (no VolumeAttachment); tandem freezes an RBD volume on the node that maps it, so run the pod that uses it first",
+                unattached.join(", ")
+            ),
+        )
+        .await;
+    }
     let members: Vec<MemberSnapshot> = group_status
         .members
         .iter()
         .filter_map(|m| {
+            let persistent_volume = m.persistent_volume.clone()?;
+            let node = m
+                .node
+                .clone()
+                .or_else(|| attached.get(&persistent_volume).cloned())?;
             let mut member = MemberSnapshot {
                 claim: m.claim.clone(),
-                persistent_volume: m.persistent_volume.clone()?,
-                node: m.node.clone()?,
+                persistent_volume,
+                node,
                 ..Default::default()
             };
             // What a restore needs even when the source PV and claim are gone by then.
@@ -401,6 +443,39 @@ async fn start(
         // Woken when `other` finishes; the fallback covers a wake-up lost to a restart.
         ctx.wait_for(&namespace, &other, ObjectRef::from_obj(snapshot));
         return Ok(Action::requeue(WAITER_FALLBACK));
+    }
+
+    // RBD members: their group in the Ceph cluster made to hold exactly them, before anything
+    // is frozen; an image in another group is refused here.
+    let volumes: Vec<(String, Option<Arc<super::cache::CachedVolume>>)> = members
+        .iter()
+        .map(|m| {
+            (
+                m.persistent_volume.clone(),
+                ctx.volumes.get(&ObjectRef::new(&m.persistent_volume)),
+            )
+        })
+        .collect();
+    let volume_refs: Vec<(String, Option<&super::cache::CachedVolume>)> = volumes
+        .iter()
+        .map(|(pv, v)| (pv.clone(), v.as_deref()))
+        .collect();
+    let group_uid = group.uid().ok_or(Error::MissingUid)?;
+    let snapshot_uid = snapshot.uid().ok_or(Error::MissingUid)?;
+    match ceph::prepare(
+        &ctx.client,
+        &ctx.ceph,
+        &volume_refs,
+        &group_uid,
+        &snapshot_uid,
+    )
+    .await
+    {
+        Ok(central) => status.central = central,
+        Err(PrepareError::Kube(e)) => return Err(e.into()),
+        Err(PrepareError::Refused { reason, message }) => {
+            return fail(snapshot, status, api, ctx, reason, message).await;
+        }
     }
 
     let nodes: BTreeSet<String> = members.iter().map(|m| m.node.clone()).collect();
@@ -759,6 +834,7 @@ fn node_snapshot_for(
     members: &[&MemberSnapshot],
     release: &ReleasePlan,
     prepare_first: bool,
+    central: Option<&CentralSnapshot>,
 ) -> Result<NodeSnapshot, Error> {
     let name = snapshot.name_any();
     let uid = snapshot.uid().ok_or(Error::MissingUid)?;
@@ -793,9 +869,12 @@ fn node_snapshot_for(
                 .map(|m| NodeVolume {
                     claim: m.claim.clone(),
                     persistent_volume: m.persistent_volume.clone(),
-                    // Not before the controller takes the central snapshot: until then an RBD
-                    // member is refused by its agent (by name), never frozen without a snapshot.
-                    central: false,
+                    // Frozen and held by the agent, cut by the controller's RBD group snapshot.
+                    central: central.is_some_and(|c| {
+                        c.volumes
+                            .iter()
+                            .any(|v| v.persistent_volume == m.persistent_volume)
+                    }),
                 })
                 .collect(),
         },
@@ -933,8 +1012,7 @@ async fn drive(
             by_node.keys().copied(),
             ReleaseConstraints {
                 holds,
-                // No member is cut centrally yet (issue 13's RBD members will be).
-                central: false,
+                central: status.central.is_some(),
                 siblings_allowed: !ctx.test_only_no_sibling_release,
             },
         );
@@ -950,6 +1028,7 @@ async fn drive(
                     &by_node[node],
                     &release,
                     prepare_first,
+                    status.central.as_ref(),
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -1053,8 +1132,8 @@ async fn drive(
             message: n.status.as_ref().and_then(|s| s.message.clone()),
         })
         .collect();
-    let central = Central::None;
-    let step = next_step(
+    let central = super::central::barrier_view(status.central.as_ref());
+    let mut step = next_step(
         &views,
         &central,
         started > deadline,
@@ -1063,146 +1142,385 @@ async fn drive(
     let wake =
         |d: Duration| Action::requeue(d.saturating_sub(started) + Duration::from_millis(100));
 
-    match step {
-        Step::Wait => {
-            fill_members(&mut status, &existing);
-            // While nodes hold their freezes, a status write here would only delay noticing the
-            // last node's cut; progress is visible on the NodeSnapshots meanwhile.
-            let holding = existing
-                .values()
-                .any(|n| n.status.as_ref().is_some_and(|s| s.phase == NodePhase::Cut));
-            if !holding && status_changed(snapshot, &status) {
-                write_status(api, &name, &status).await?;
-            }
-            Ok(if started <= deadline {
-                wake(deadline)
-            } else {
-                wake(deadline * 2 + AGENT_GRACE)
-            })
-        }
-        Step::Release(nodes) => {
-            if let Some(delay) = ctx.test_only_release_delay.filter(|d| started < *d) {
-                // Look again every second, as the barrier's own wake-ups would: a watch that
-                // recovers slowly from an API server outage must not hide the nodes' aborts.
-                return Ok(Action::requeue(
-                    (delay - started).min(Duration::from_secs(1)),
-                ));
-            }
-            let cut_duration = started.as_secs_f64();
-            ctx.metrics.cut_duration(cut_duration);
-            // Every hold is released at once, together with the thaw.
-            let names = names_of(&existing, &nodes);
-            tracing::debug!(snapshot = %name, nodes = names.len(), "every node cut: releasing");
-            let (released, ()) = futures::join!(
-                set_action(nodes_api, &names, NodeAction::Release),
-                hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks),
-            );
-            released?;
-            tracing::debug!(snapshot = %name, "release patched");
-            status.phase = GroupSnapshotPhase::Releasing;
-            fill_members(&mut status, &existing);
-            write_status(api, &name, &status).await?;
-            // Wake up even if no node ever answers the release (its agent died with it), so the
-            // barrier can give up on it.
-            Ok(wake(deadline * 2 + AGENT_GRACE))
-        }
-        Step::CentralCut | Step::RemoveCentral => {
-            // Only a group with centrally cut members gets here (none yet: see issue 13).
-            Ok(wake(deadline))
-        }
-        Step::Cut(nodes) => {
-            // Every node prepared: all freeze on this one trigger.
-            let names = names_of(&existing, &nodes);
-            set_action(nodes_api, &names, NodeAction::Cut).await?;
-            tracing::debug!(snapshot = %name, nodes = names.len(), "cut patched");
-            Ok(wake(deadline))
-        }
-        Step::Abort(nodes) => {
-            let names = names_of(&existing, &nodes);
-            let (aborted, ()) = futures::join!(
-                set_action(nodes_api, &names, NodeAction::Abort),
-                hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks),
-            );
-            aborted?;
-            if has_hooks {
-                write_status(api, &name, &status).await?;
-            }
-            Ok(wake(deadline * 2 + AGENT_GRACE))
-        }
-        Step::Ready => {
-            fill_members(&mut status, &existing);
-            if has_hooks {
-                hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks).await;
-                run_post(api, &name, &namespace, ctx, &hook_spec, &mut status).await?;
-                finish_hook_fields(&mut status);
-            }
-            let all_frozen = status.members.iter().all(|m| m.frozen);
-            let consistency = hook_plan::consistency(all_frozen, has_hooks, &status.hooks);
-            let consistency = if has_hooks || consistency == Consistency::Independent {
-                consistency
-            } else {
-                Consistency::FilesystemFrozen
-            };
-            status.phase = GroupSnapshotPhase::Ready;
-            status.consistency = Some(consistency);
-            status.completion_time = Some(now());
-            status.message = None;
-            let window = status.freeze_window_millis;
-            let mut message = format!(
-                "{} volumes on {} nodes, {consistency:?}, freeze window {} ms",
-                status.member_count,
-                existing.len(),
-                window.map_or("-".into(), |w| w.to_string())
-            );
-            if let Some(quiesce) = status.quiesce_window_millis {
-                message.push_str(&format!(", quiesce window {quiesce} ms"));
-            }
-            if !status.failed_hooks.is_empty() {
-                message.push_str(&format!(
-                    "; hook(s) failed: {}",
-                    status.failed_hooks.join(", ")
-                ));
-                status.message = Some(hook_failure_message(
-                    &status,
-                    &status.failed_hooks.clone(),
-                    "cut anyway (onError: Continue)",
-                ));
-            }
-            status.conditions = vec![condition(
-                &status.conditions,
-                CONDITION_READY,
-                true,
-                "SnapshotReady",
-                message.clone(),
-                snapshot.metadata.generation,
-            )];
-            write_status(api, &name, &status).await?;
-            if let Some(window) = window {
-                ctx.metrics.freeze_window(window as f64 / 1000.0);
-            }
-            ctx.metrics.snapshot_finished(match consistency {
-                Consistency::ApplicationQuiesced => "ready_quiesced",
-                Consistency::FilesystemFrozen => "ready_frozen",
-                Consistency::Independent => "ready_independent",
-            });
-            info!(snapshot = %name, %namespace, "{message}");
-            publish(ctx, snapshot, EventType::Normal, "SnapshotReady", message).await;
-            Ok(Action::await_change())
-        }
-        Step::Failed(message) => {
-            fill_members(&mut status, &existing);
-            let mut message = format!("{message}; every partial snapshot was removed");
-            let mut reason = "SnapshotFailed";
-            if has_hooks {
-                hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks).await;
-                run_post(api, &name, &namespace, ctx, &hook_spec, &mut status).await?;
-                if let Err(failed) = hook_plan::may_cut(&hook_spec, &status.hooks) {
-                    reason = hooks::REASON_HOOK_FAILED;
-                    message = hook_failure_message(&status, &failed, "nothing was kept");
+    loop {
+        return match std::mem::replace(&mut step, Step::Wait) {
+            Step::Wait => {
+                fill_members(&mut status, &existing);
+                // While nodes hold their freezes, a status write here would only delay noticing the
+                // last node's cut; progress is visible on the NodeSnapshots meanwhile.
+                let holding = existing
+                    .values()
+                    .any(|n| n.status.as_ref().is_some_and(|s| s.phase == NodePhase::Cut));
+                if !holding && status_changed(snapshot, &status) {
+                    write_status(api, &name, &status).await?;
                 }
-                finish_hook_fields(&mut status);
+                Ok(if started <= deadline {
+                    wake(deadline)
+                } else {
+                    wake(deadline * 2 + AGENT_GRACE)
+                })
             }
-            fail(snapshot, status, api, ctx, reason, message).await
+            Step::Release(nodes) => {
+                if let Some(delay) = ctx.test_only_release_delay.filter(|d| started < *d) {
+                    // Look again every second, as the barrier's own wake-ups would: a watch that
+                    // recovers slowly from an API server outage must not hide the nodes' aborts.
+                    return Ok(Action::requeue(
+                        (delay - started).min(Duration::from_secs(1)),
+                    ));
+                }
+                let cut_duration = started.as_secs_f64();
+                ctx.metrics.cut_duration(cut_duration);
+                // Every hold is released at once, together with the thaw.
+                let names = names_of(&existing, &nodes);
+                tracing::debug!(snapshot = %name, nodes = names.len(), "every node cut: releasing");
+                let (released, ()) = futures::join!(
+                    set_action(nodes_api, &names, NodeAction::Release),
+                    hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks),
+                );
+                released?;
+                tracing::debug!(snapshot = %name, "release patched");
+                status.phase = GroupSnapshotPhase::Releasing;
+                fill_members(&mut status, &existing);
+                write_status(api, &name, &status).await?;
+                // Wake up even if no node ever answers the release (its agent died with it), so the
+                // barrier can give up on it.
+                Ok(wake(deadline * 2 + AGENT_GRACE))
+            }
+            Step::CentralCut => {
+                let Some(mut record) = status.central.clone() else {
+                    return Ok(wake(deadline));
+                };
+                match central_cut(ctx, &status, &existing, &record, freeze_timeout).await? {
+                    Ok(took) => {
+                        record.phase = CentralPhase::Taken;
+                        record.call_millis = i64::try_from(took.as_millis()).ok();
+                        record.message = None;
+                        info!(snapshot = %name, group = %record.group, ms = took.as_millis(), "RBD group snapshot cut");
+                        status.central = Some(record);
+                        // Released at once, by the step the barrier takes next.
+                        step = next_step(
+                            &views,
+                            &super::central::barrier_view(status.central.as_ref()),
+                            started > deadline,
+                            started > deadline * 2 + AGENT_GRACE,
+                        );
+                        continue;
+                    }
+                    Err(message) => {
+                        warn!(snapshot = %name, %message, "the RBD group snapshot was not cut");
+                        record.phase = CentralPhase::Failed;
+                        record.message = Some(message);
+                        status.central = Some(record);
+                        write_status(api, &name, &status).await?;
+                        // The barrier aborts every node next.
+                        return Ok(Action::requeue(Duration::from_millis(10)));
+                    }
+                }
+            }
+            Step::RemoveCentral => {
+                if let Some(action) = remove_central(ctx, api, &name, &mut status).await? {
+                    return Ok(action);
+                }
+                Ok(Action::requeue(Duration::from_millis(10)))
+            }
+            Step::Cut(nodes) => {
+                // Every node prepared: all freeze on this one trigger.
+                let names = names_of(&existing, &nodes);
+                set_action(nodes_api, &names, NodeAction::Cut).await?;
+                tracing::debug!(snapshot = %name, nodes = names.len(), "cut patched");
+                Ok(wake(deadline))
+            }
+            Step::Abort(nodes) => {
+                let names = names_of(&existing, &nodes);
+                let (aborted, ()) = futures::join!(
+                    set_action(nodes_api, &names, NodeAction::Abort),
+                    hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks),
+                );
+                aborted?;
+                if has_hooks {
+                    write_status(api, &name, &status).await?;
+                }
+                Ok(wake(deadline * 2 + AGENT_GRACE))
+            }
+            Step::Ready => {
+                fill_members(&mut status, &existing);
+                if has_hooks {
+                    hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks).await;
+                    run_post(api, &name, &namespace, ctx, &hook_spec, &mut status).await?;
+                    finish_hook_fields(&mut status);
+                }
+                let all_frozen = status.members.iter().all(|m| m.frozen);
+                let consistency = hook_plan::consistency(all_frozen, has_hooks, &status.hooks);
+                let consistency = if has_hooks || consistency == Consistency::Independent {
+                    consistency
+                } else {
+                    Consistency::FilesystemFrozen
+                };
+                status.phase = GroupSnapshotPhase::Ready;
+                status.consistency = Some(consistency);
+                status.completion_time = Some(now());
+                status.message = None;
+                let window = status.freeze_window_millis;
+                let mut message = format!(
+                    "{} volumes on {} nodes, {consistency:?}, freeze window {} ms",
+                    status.member_count,
+                    existing.len(),
+                    window.map_or("-".into(), |w| w.to_string())
+                );
+                if let Some(quiesce) = status.quiesce_window_millis {
+                    message.push_str(&format!(", quiesce window {quiesce} ms"));
+                }
+                if let Some(c) = &status.central {
+                    let ns = if c.rados_namespace.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{}/", c.rados_namespace)
+                    };
+                    message.push_str(&format!(
+                        ", RBD group snapshot {}/{ns}{}@{} in {} ms",
+                        c.pool,
+                        c.group,
+                        c.snapshot,
+                        c.call_millis.map_or("-".into(), |m| m.to_string())
+                    ));
+                }
+                if !status.failed_hooks.is_empty() {
+                    message.push_str(&format!(
+                        "; hook(s) failed: {}",
+                        status.failed_hooks.join(", ")
+                    ));
+                    status.message = Some(hook_failure_message(
+                        &status,
+                        &status.failed_hooks.clone(),
+                        "cut anyway (onError: Continue)",
+                    ));
+                }
+                status.conditions = vec![condition(
+                    &status.conditions,
+                    CONDITION_READY,
+                    true,
+                    "SnapshotReady",
+                    message.clone(),
+                    snapshot.metadata.generation,
+                )];
+                write_status(api, &name, &status).await?;
+                if let Some(window) = window {
+                    ctx.metrics.freeze_window(window as f64 / 1000.0);
+                }
+                ctx.metrics.snapshot_finished(match consistency {
+                    Consistency::ApplicationQuiesced => "ready_quiesced",
+                    Consistency::FilesystemFrozen => "ready_frozen",
+                    Consistency::Independent => "ready_independent",
+                });
+                info!(snapshot = %name, %namespace, "{message}");
+                publish(ctx, snapshot, EventType::Normal, "SnapshotReady", message).await;
+                Ok(Action::await_change())
+            }
+            Step::Failed(message) => {
+                // Whatever this process recorded (it may have cut and died before recording it), no
+                // RBD group snapshot of a failed GroupSnapshot is left.
+                if let Some(action) = remove_central(ctx, api, &name, &mut status).await? {
+                    return Ok(action);
+                }
+                fill_members(&mut status, &existing);
+                let mut message = format!("{message}; every partial snapshot was removed");
+                let mut reason = "SnapshotFailed";
+                if has_hooks {
+                    hooks::release(&uid, &ctx.hooks, &hook_spec, &mut status.hooks).await;
+                    run_post(api, &name, &namespace, ctx, &hook_spec, &mut status).await?;
+                    if let Err(failed) = hook_plan::may_cut(&hook_spec, &status.hooks) {
+                        reason = hooks::REASON_HOOK_FAILED;
+                        message = hook_failure_message(&status, &failed, "nothing was kept");
+                    }
+                    finish_hook_fields(&mut status);
+                }
+                fail(snapshot, status, api, ctx, reason, message).await
+            }
+        };
+    }
+}
+
+/// The central cut, if every node has enough of its freeze left and froze the images its
+/// PersistentVolumes name: how long the call took, or why nothing was cut (Err(Error) only for
+/// the Kubernetes API, which is retried).
+async fn central_cut(
+    ctx: &Context,
+    status: &GroupSnapshotStatus,
+    existing: &BTreeMap<String, NodeSnapshot>,
+    record: &CentralSnapshot,
+    freeze_timeout: Duration,
+) -> Result<Result<Duration, String>, Error> {
+    let timeout_ms = i64::try_from(freeze_timeout.as_millis()).unwrap_or(i64::MAX);
+    let now = Timestamp::now();
+    let left: Vec<i64> = existing
+        .values()
+        .map(|n| {
+            let frozen_for = n
+                .status
+                .as_ref()
+                .and_then(|s| s.freeze_start.as_ref())
+                .map(|t| now.duration_since(t.0).as_millis() as i64)
+                .unwrap_or(0);
+            timeout_ms - frozen_for.max(0)
+        })
+        .collect();
+    let expected = ctx.ceph.expected_cut(&record.cluster_id);
+    let margin = i64::try_from(CENTRAL_MARGIN.as_millis()).unwrap_or(1000);
+    let expected_ms = i64::try_from(expected.as_millis()).unwrap_or(i64::MAX);
+    if !super::central::enough_budget(&left, expected_ms, margin) {
+        return Ok(Err(format!(
+            "too little of the freeze budget was left for the RBD group snapshot ({} ms on the node whose freeze ends first; the call is expected to take {expected_ms} ms, plus {margin} ms for the release); nothing was cut: raise freezeTimeoutSeconds",
+            left.iter().min().copied().unwrap_or_default()
+        )));
+    }
+    let reported: Vec<(String, Option<String>)> = record
+        .volumes
+        .iter()
+        .map(|v| {
+            let member = status
+                .members
+                .iter()
+                .find(|m| m.persistent_volume == v.persistent_volume);
+            let handle = member.and_then(|m| {
+                existing
+                    .get(&m.node)?
+                    .status
+                    .as_ref()?
+                    .volumes
+                    .iter()
+                    .find(|x| x.claim == m.claim)?
+                    .snapshot_handle
+                    .clone()
+            });
+            (v.persistent_volume.clone(), handle)
+        })
+        .collect();
+    let cluster = match connect_for(ctx, record).await {
+        Ok(cluster) => cluster,
+        Err(CephError::Kube(e)) => return Err(e.into()),
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let outcome = {
+        let record = record.clone();
+        tokio::task::spawn_blocking(move || ceph::cut_checked(&cluster, &record, &reported))
+            .await
+            .unwrap_or_else(|e| Err(format!("the group snapshot call did not return: {e}")))
+    };
+    match &outcome {
+        Ok(took) => ctx.ceph.record_cut(&record.cluster_id, *took),
+        Err(_) => ctx.ceph.forget(&record.cluster_id),
+    }
+    Ok(outcome)
+}
+
+/// A deleted GroupSnapshot's RBD group snapshot goes with it (a Ready one under `Retain` stays,
+/// as its NodeSnapshots do); the RBD group goes with its last snapshot once its
+/// ConsistencyGroup is gone. Some(action) while the removal must be tried again.
+async fn cleanup_central(
+    snapshot: &GroupSnapshot,
+    status: &mut GroupSnapshotStatus,
+    api: &Api<GroupSnapshot>,
+    ctx: &Context,
+    was_ready: bool,
+) -> Result<Option<Action>, Error> {
+    let Some(record) = status.central.clone() else {
+        return Ok(None);
+    };
+    let name = snapshot.name_any();
+    if snapshot.spec.deletion_policy == DeletionPolicy::Retain
+        && was_ready
+        && record.phase == CentralPhase::Taken
+    {
+        info!(snapshot = %name, rbd_snapshot = %format!("{}/{}@{}", record.pool, record.group, record.snapshot), "RBD group snapshot kept (Retain)");
+        return Ok(None);
+    }
+    if let Some(action) = remove_central(ctx, api, &name, status).await? {
+        return Ok(Some(action));
+    }
+    let namespace = snapshot.namespace().ok_or(Error::MissingNamespace)?;
+    let groups: Api<ConsistencyGroup> = Api::namespaced(ctx.client.clone(), &namespace);
+    let group_alive = groups
+        .get_opt(&snapshot.spec.group_name)
+        .await?
+        .and_then(|g| g.uid())
+        .is_some_and(|uid| super::central::rbd_group_name(&uid) == record.group);
+    if !group_alive {
+        let removed = match connect_for(ctx, &record).await {
+            Ok(cluster) => {
+                let r = record.clone();
+                ceph::blocking(move || ceph::remove_group_if_unused(&cluster, &r)).await
+            }
+            Err(e) => Err(e),
+        };
+        match removed {
+            Ok(true) => info!(group = %record.group, "RBD group removed with its last snapshot"),
+            Ok(false) => {}
+            // The group outlives this snapshot; the next deletion of one of its snapshots tries again.
+            Err(e) => warn!(group = %record.group, error = %e, "cannot remove the RBD group"),
+        }
+    }
+    Ok(None)
+}
+
+/// The connection to a central snapshot's cluster, with the credentials of its first member's PV.
+async fn connect_for(
+    ctx: &Context,
+    record: &CentralSnapshot,
+) -> Result<Arc<super::rbd::Cluster>, CephError> {
+    let volume = record
+        .volumes
+        .iter()
+        .find_map(|v| ctx.volumes.get(&ObjectRef::new(&v.persistent_volume)));
+    ctx.ceph
+        .connect(&ctx.client, &record.cluster_id, volume.as_deref())
+        .await
+}
+
+/// Removes the GroupSnapshot's RBD group snapshot, if it has one not removed yet, and records it.
+/// Some(action) when it could not be removed (a message says why; tried again).
+async fn remove_central(
+    ctx: &Context,
+    api: &Api<GroupSnapshot>,
+    name: &str,
+    status: &mut GroupSnapshotStatus,
+) -> Result<Option<Action>, Error> {
+    let Some(mut record) = status
+        .central
+        .clone()
+        .filter(|c| c.phase != CentralPhase::Removed)
+    else {
+        return Ok(None);
+    };
+    let removed = match connect_for(ctx, &record).await {
+        Ok(cluster) => {
+            let r = record.clone();
+            ceph::blocking(move || ceph::remove_snapshot(&cluster, &r)).await
+        }
+        Err(e) => Err(e),
+    };
+    match removed {
+        Ok(()) => {
+            info!(snapshot = %name, group = %record.group, rbd_snapshot = %record.snapshot, "RBD group snapshot removed");
+            // A failed call keeps its phase and message for people to read.
+            if record.phase != CentralPhase::Failed {
+                record.phase = CentralPhase::Removed;
+            }
+            status.central = Some(record);
+            write_status(api, name, status).await?;
+            Ok(None)
+        }
+        Err(CephError::Kube(e)) => Err(e.into()),
+        Err(e) => {
+            ctx.ceph.forget(&record.cluster_id);
+            let message = format!(
+                "cannot remove the RBD group snapshot {}/{}@{} yet ({e}); retrying",
+                record.pool, record.group, record.snapshot
+            );
+            warn!(snapshot = %name, %message);
+            if wait_message(status, message) {
+                write_status(api, name, status).await?;
+            }
+            Ok(Some(Action::requeue(Duration::from_secs(5))))
         }
     }
 }
@@ -1568,6 +1886,9 @@ async fn cleanup(
     if !newly_kept.is_empty() {
         // Look once more: the kept ones must show as detached before the GroupSnapshot goes.
         return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    if let Some(action) = cleanup_central(snapshot, &mut status, api, ctx, was_ready).await? {
+        return Ok(action);
     }
     if let Some(patch) = finalizer::removing(snapshot, FINALIZER) {
         api.patch(&name, &PatchParams::default(), &patch).await?;
