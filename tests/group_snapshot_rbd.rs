@@ -1,0 +1,537 @@
+//! The controller's central cut of Ceph RBD members, against a real single-node Ceph
+//! (hack/ceph-mini.sh) and the real control plane, with the real `tandem controller` and
+//! ceph-csi-shaped PersistentVolumes, VolumeAttachments, config map and Secret.
+//!
+//! There is no krbd on this host, so the nodes' part is played here on the NodeSnapshots (the
+//! real agents freeze krbd volumes in hack/rbd-qemu, where the kernel has rbd): a played node
+//! "freezes" by stopping its writes to the image, reports the image it froze, and on `Release`
+//! checks that the group snapshot exists already. What is checked is the controller's: when it
+//! cuts, that it cuts once and only inside every node's hold, what it refuses, that a failed or
+//! deleted snapshot leaves nothing in Ceph. Needs root (the test world's scratch pool); skips
+//! without the Ceph daemons only with TANDEM_SKIP_CEPH=1.
+
+mod agent_support;
+#[path = "ceph_support/mod.rs"]
+mod ceph_support;
+mod support;
+mod world;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Secret};
+use k8s_openapi::api::storage::v1::VolumeAttachment;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::json;
+use support::eventually;
+use tandem::api::{CentralPhase, GroupSnapshot, GroupSnapshotPhase, NodeAction, NodeSnapshot};
+use tandem::controller::rbd::{Cluster, ClusterConfig, PoolRef, SnapState};
+use world::{WAIT, World, require_root};
+
+const MIB: u64 = 1 << 20;
+const CLUSTER_ID: &str = "test-cluster";
+
+/// One generation of an image's data: distinct per image.
+fn data(image: &str, generation: &str) -> Vec<u8> {
+    format!("{image}:{generation}:").repeat(64).into_bytes()
+}
+
+struct Rbd {
+    cluster: Arc<Cluster>,
+    pool: PoolRef,
+    fsid: String,
+    mon_host: String,
+    user: String,
+    key: String,
+}
+
+/// How a played node behaves.
+#[derive(Clone, Default)]
+struct Play {
+    /// Reports this handle for every volume instead of the image's own.
+    wrong_handle: Option<String>,
+    /// Reports a freeze that began this long ago.
+    frozen_since: Duration,
+}
+
+/// The nodes' part, played on every NodeSnapshot of the namespace: Prepare → Prepared; Cut →
+/// writes stop, Cut with the frozen images; Release → the group snapshot must exist, the next
+/// generation is written, Released; Abort → Aborted. Returns when `stop` is set.
+async fn play_nodes(
+    w: &World,
+    rbd: &Rbd,
+    images: &BTreeMap<String, String>,
+    play: Play,
+    stop: Arc<AtomicBool>,
+) -> Vec<String> {
+    let api: Api<NodeSnapshot> = w.env.api();
+    let mut seen = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        let listed = api.list(&Default::default()).await.expect("list").items;
+        for n in listed {
+            let name = n.metadata.name.clone().unwrap_or_default();
+            let phase = n.status.as_ref().map(|s| s.phase);
+            use tandem::api::NodePhase as P;
+            let status = match (n.spec.action, phase) {
+                (NodeAction::Prepare, None | Some(P::Pending)) => json!({"phase": "Prepared"}),
+                (NodeAction::Cut, None | Some(P::Pending) | Some(P::Prepared)) => {
+                    for v in &n.spec.volumes {
+                        assert!(v.central, "{} is not marked as cut centrally", v.claim);
+                    }
+                    let start = k8s_openapi::jiff::Timestamp::now()
+                        - k8s_openapi::jiff::SignedDuration::try_from(play.frozen_since)
+                            .expect("duration");
+                    let volumes: Vec<serde_json::Value> = n
+                        .spec
+                        .volumes
+                        .iter()
+                        .map(|v| {
+                            let image = &images[&v.claim];
+                            let handle = play.wrong_handle.clone().unwrap_or_else(|| {
+                                format!("rbd-group:{}:{}/{image}@1", rbd.fsid, rbd.pool.pool)
+                            });
+                            json!({"claim": v.claim, "backend": "rbd-group", "frozen": true,
+                                   "filesystem": "ext4", "snapshotHandle": handle})
+                        })
+                        .collect();
+                    seen.push(format!("{name}: cut"));
+                    json!({"phase": "Cut", "freezeStart": start.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(), "volumes": volumes})
+                }
+                (NodeAction::Release, Some(P::Cut)) => {
+                    // The release comes only after the group snapshot is cut.
+                    let snaps = rbd
+                        .cluster
+                        .group_snaps(&rbd.pool, &group_of(w).await)
+                        .unwrap_or_default();
+                    assert!(
+                        snaps.iter().any(|s| s.state == SnapState::Complete),
+                        "released before the RBD group snapshot existed: {snaps:?}"
+                    );
+                    for image in images.values() {
+                        rbd.cluster
+                            .write_image(&rbd.pool, image, 0, &data(image, "after"))
+                            .expect("write after the thaw");
+                    }
+                    seen.push(format!("{name}: released"));
+                    let mut s = serde_json::to_value(n.status.clone()).expect("status");
+                    s["phase"] = json!("Released");
+                    s["freezeWindowMillis"] = json!(5);
+                    s
+                }
+                (NodeAction::Abort, Some(p)) if p != P::Aborted && p != P::Failed => {
+                    seen.push(format!("{name}: aborted"));
+                    let mut s = serde_json::to_value(n.status.clone()).expect("status");
+                    s["phase"] = json!("Aborted");
+                    s
+                }
+                (NodeAction::Abort, None) => json!({"phase": "Aborted"}),
+                _ => continue,
+            };
+            let _ = api
+                .patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": status})),
+                )
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    seen
+}
+
+/// The RBD group of the namespace's ConsistencyGroup `g`.
+async fn group_of(w: &World) -> String {
+    let groups: Api<tandem::api::ConsistencyGroup> = w.env.api();
+    let uid = groups
+        .get("g")
+        .await
+        .expect("group")
+        .metadata
+        .uid
+        .expect("uid");
+    format!("tandem-{uid}")
+}
+
+/// RBD images published the ceph-csi way: PVs of `rbd.csi.ceph.com` naming the cluster id, pool
+/// and image, bound claims, and VolumeAttachments to their nodes.
+async fn publish(w: &World, rbd: &Rbd, members: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let ns = w.env.namespace.clone();
+    let configs: Api<ConfigMap> = w.env.api();
+    let config = json!([{"clusterID": CLUSTER_ID, "monitors": [rbd.mon_host]}]);
+    configs
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "ceph-csi-config"},
+                "data": {"config.json": config.to_string()}}))
+            .expect("config map"),
+        )
+        .await
+        .expect("config map");
+    let secrets: Api<Secret> = w.env.api();
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "csi-rbd-secret"},
+                "stringData": {"userID": rbd.user, "userKey": rbd.key}}))
+            .expect("secret"),
+        )
+        .await
+        .expect("secret");
+    let mut images = BTreeMap::new();
+    for (claim, node) in members {
+        let image = format!("csi-vol-{ns}-{claim}");
+        let pv = format!("{ns}-{claim}");
+        let _ = rbd.cluster.delete_image(&rbd.pool, &image);
+        rbd.cluster
+            .create_image(&rbd.pool, &image, 8 * MIB)
+            .expect("create image");
+        rbd.cluster
+            .write_image(&rbd.pool, &image, 0, &data(&image, "before"))
+            .expect("write");
+        let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+        volumes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": pv},
+                    "spec": {
+                        "capacity": {"storage": "1Gi"},
+                        "accessModes": ["ReadWriteOnce"],
+                        "persistentVolumeReclaimPolicy": "Retain",
+                        "storageClassName": "",
+                        "volumeMode": "Filesystem",
+                        "claimRef": {"namespace": ns, "name": claim},
+                        "csi": {
+                            "driver": "rbd.csi.ceph.com",
+                            "volumeHandle": format!("0001-0012-{CLUSTER_ID}-0000000000000002-{image}"),
+                            "fsType": "ext4",
+                            "volumeAttributes": {"clusterID": CLUSTER_ID, "pool": rbd.pool.pool, "imageName": image},
+                            "controllerExpandSecretRef": {"name": "csi-rbd-secret", "namespace": ns},
+                        }
+                    }
+                }))
+                .expect("pv"),
+            )
+            .await
+            .expect("create PV");
+        let claims: Api<PersistentVolumeClaim> = w.env.api();
+        claims
+            .create(
+                &PostParams::default(),
+                &support::objects::claim(claim, Some(&pv), &[("app", "db")]),
+            )
+            .await
+            .expect("create PVC");
+        let attachments: Api<VolumeAttachment> = Api::all(w.env.client.clone());
+        let attachment = format!("csi-{pv}");
+        attachments
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": attachment},
+                    "spec": {"attacher": "rbd.csi.ceph.com", "nodeName": w.node(node),
+                             "source": {"persistentVolumeName": pv}}
+                }))
+                .expect("attachment"),
+            )
+            .await
+            .expect("create VolumeAttachment");
+        attachments
+            .patch_status(
+                &attachment,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"attached": true}})),
+            )
+            .await
+            .expect("attach");
+        images.insert(claim.to_string(), image);
+    }
+    images
+}
+
+async fn world(
+    name: &str,
+    rbd: &Rbd,
+    members: &[(&str, &str)],
+) -> (World, BTreeMap<String, String>) {
+    let mut w = World::new(name).await;
+    let images = publish(&w, rbd, members).await;
+    let ns = w.env.namespace.clone();
+    w.start_controller_with(&["--ceph-csi-config", &format!("{ns}/ceph-csi-config")]);
+    w.create_group(
+        "g",
+        json!({"selector": {"matchLabels": {"app": "db"}}, "freezeTimeoutSeconds": 10}),
+    )
+    .await;
+    (w, images)
+}
+
+/// Runs the played nodes while `f` runs; what they did.
+async fn with_nodes<F: std::future::Future<Output = ()>>(
+    w: &World,
+    rbd: &Rbd,
+    images: &BTreeMap<String, String>,
+    play: Play,
+    f: F,
+) -> Vec<String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let nodes = play_nodes(w, rbd, images, play, stop.clone());
+    let test = async {
+        f.await;
+        // A last round for the answers the controller is still waiting for.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::SeqCst);
+    };
+    let (seen, ()) = futures::join!(nodes, test);
+    seen
+}
+
+async fn snapshot(w: &World, name: &str) -> GroupSnapshot {
+    let api: Api<GroupSnapshot> = w.env.api();
+    api.get(name).await.expect("snapshot")
+}
+
+#[tokio::test]
+async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
+    if !require_root() {
+        return;
+    }
+    let Some(ceph) = ceph_support::Ceph::up() else {
+        return;
+    };
+    println!("Ceph up in {:?}", ceph.up_time);
+    let config = ClusterConfig {
+        mon_host: ceph.get("CEPH_MON_HOST").into(),
+        user: ceph.get("CEPH_USER").into(),
+        key: ceph.get("CEPH_KEY").into(),
+    };
+    let cluster = Arc::new(Cluster::connect(&config, Duration::from_secs(10)).expect("connect"));
+    let rbd = Rbd {
+        fsid: cluster.fsid().expect("fsid"),
+        cluster,
+        pool: PoolRef::new(ceph.get("CEPH_POOL"), ""),
+        mon_host: config.mon_host.clone(),
+        user: config.user.clone(),
+        key: config.key.clone(),
+    };
+
+    // 1. Three images on two nodes: one group snapshot while both nodes hold, holding exactly
+    //    the data from before the freeze; released only after it was cut.
+    let (w, images) = world(
+        "rbd-cut",
+        &rbd,
+        &[("db-a", "a"), ("db-b", "a"), ("db-c", "b")],
+    )
+    .await;
+    let seen = with_nodes(&w, &rbd, &images, Play::default(), async {
+        w.create_snapshot("s", "g", "Delete").await;
+        w.wait_phase("s", GroupSnapshotPhase::Ready).await;
+    })
+    .await;
+    println!("nodes: {seen:?}");
+    let s = snapshot(&w, "s").await;
+    let status = s.status.clone().expect("status");
+    let central = status.central.clone().expect("central");
+    assert_eq!(central.phase, CentralPhase::Taken, "{central:?}");
+    assert_eq!(central.volumes.len(), 3);
+    assert_eq!(
+        central.snapshot,
+        format!("tandem-{}", s.metadata.uid.clone().unwrap_or_default())
+    );
+    println!("RBD group snapshot call: {:?} ms", central.call_millis);
+    let group = group_of(&w).await;
+    assert_eq!(central.group, group);
+    let mut in_group: Vec<String> = rbd
+        .cluster
+        .group_images(&rbd.pool, &group)
+        .expect("group images")
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    in_group.sort();
+    assert_eq!(in_group, images.values().cloned().collect::<Vec<_>>());
+    for image in images.values() {
+        let copy = format!("{image}-check");
+        rbd.cluster
+            .copy_from_group_snap(&rbd.pool, &group, &central.snapshot, image, &copy)
+            .expect("copy from the group snapshot");
+        let before = data(image, "before");
+        let got = rbd
+            .cluster
+            .read_image(&rbd.pool, &copy, 0, before.len())
+            .expect("read");
+        assert!(
+            got == before,
+            "{image}: the snapshot holds {:?}, not the data from before the freeze",
+            String::from_utf8_lossy(&got[..64])
+        );
+        let after = data(image, "after");
+        let head = rbd
+            .cluster
+            .read_image(&rbd.pool, image, 0, after.len())
+            .expect("read");
+        assert!(
+            head == after,
+            "{image}: the head holds what was written after the thaw"
+        );
+        rbd.cluster
+            .delete_image(&rbd.pool, &copy)
+            .expect("delete copy");
+    }
+    let message = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("RBD group snapshot"), "{message}");
+
+    // 2. Reconciling again never cuts again; deleting the GroupSnapshot removes its RBD group
+    //    snapshot and keeps the group while the ConsistencyGroup exists.
+    let api: Api<GroupSnapshot> = w.env.api();
+    api.delete("s", &Default::default()).await.expect("delete");
+    eventually(WAIT, "the GroupSnapshot gone", || async {
+        api.get_opt("s").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        rbd.cluster
+            .group_snaps(&rbd.pool, &group)
+            .expect("snaps")
+            .is_empty()
+    );
+    assert!(
+        rbd.cluster
+            .list_groups(&rbd.pool)
+            .expect("groups")
+            .contains(&group)
+    );
+
+    // 3. A node that froze some other image: nothing is cut, every node aborts.
+    let wrong = Play {
+        wrong_handle: Some(format!(
+            "rbd-group:{}:{}/someone-else@1",
+            rbd.fsid, rbd.pool.pool
+        )),
+        ..Play::default()
+    };
+    let seen = with_nodes(&w, &rbd, &images, wrong, async {
+        w.create_snapshot("wrong", "g", "Delete").await;
+        w.wait_phase("wrong", GroupSnapshotPhase::Failed).await;
+    })
+    .await;
+    let failed = snapshot(&w, "wrong").await.status.expect("status");
+    let message = failed.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("someone-else") && message.contains("names"),
+        "{message}"
+    );
+    assert!(seen.iter().any(|s| s.contains("aborted")), "{seen:?}");
+    assert!(
+        rbd.cluster
+            .group_snaps(&rbd.pool, &group)
+            .expect("snaps")
+            .is_empty()
+    );
+
+    // 4. Too little of the freeze left for the call: nothing is cut.
+    let late = Play {
+        frozen_since: Duration::from_millis(9_500),
+        ..Play::default()
+    };
+    with_nodes(&w, &rbd, &images, late, async {
+        w.create_snapshot("late", "g", "Delete").await;
+        w.wait_phase("late", GroupSnapshotPhase::Failed).await;
+    })
+    .await;
+    let message = snapshot(&w, "late")
+        .await
+        .status
+        .and_then(|s| s.message)
+        .unwrap_or_default();
+    assert!(message.contains("freeze budget"), "{message}");
+    assert!(
+        rbd.cluster
+            .group_snaps(&rbd.pool, &group)
+            .expect("snaps")
+            .is_empty()
+    );
+
+    // 5. An image held by an exclusive lock (mapped `-o exclusive`): librbd refuses the cut,
+    //    the snapshot fails with nothing cut and every node aborted.
+    let locked = rbd
+        .cluster
+        .open_image(&rbd.pool, &images["db-b"])
+        .expect("open");
+    locked.lock_exclusive().expect("lock");
+    let seen = with_nodes(&w, &rbd, &images, Play::default(), async {
+        w.create_snapshot("locked", "g", "Delete").await;
+        w.wait_phase("locked", GroupSnapshotPhase::Failed).await;
+    })
+    .await;
+    drop(locked);
+    let failed = snapshot(&w, "locked").await.status.expect("status");
+    let message = failed.message.clone().unwrap_or_default();
+    assert!(message.contains("exclusive lock"), "{message}");
+    assert_eq!(failed.central.map(|c| c.phase), Some(CentralPhase::Failed));
+    assert!(seen.iter().any(|s| s.contains("aborted")), "{seen:?}");
+    assert!(
+        rbd.cluster
+            .group_snaps(&rbd.pool, &group)
+            .expect("snaps")
+            .is_empty()
+    );
+
+    // 6. The ConsistencyGroup deleted: with its last snapshot gone the RBD group goes (its
+    //    images stay).
+    let groups: Api<tandem::api::ConsistencyGroup> = w.env.api();
+    groups
+        .delete("g", &Default::default())
+        .await
+        .expect("delete group");
+    for name in ["wrong", "late", "locked"] {
+        api.delete(name, &Default::default()).await.expect("delete");
+    }
+    eventually(WAIT, "the RBD group removed", || async {
+        (!rbd.cluster.list_groups(&rbd.pool).ok()?.contains(&group)).then_some(())
+    })
+    .await;
+    for image in images.values() {
+        rbd.cluster
+            .open_image(&rbd.pool, image)
+            .expect("the image stays");
+    }
+    drop(w);
+
+    // 7. An image already in another group (ceph-csi's own, say) is refused by name before
+    //    anything is frozen, and stays where it is.
+    let (w, images) = world("rbd-other", &rbd, &[("db-x", "a")]).await;
+    let other = format!("ceph-csi-{}", w.env.namespace);
+    rbd.cluster.ensure_group(&rbd.pool, &other).expect("group");
+    rbd.cluster
+        .add_image(&rbd.pool, &other, &images["db-x"])
+        .expect("add");
+    w.create_snapshot("s", "g", "Delete").await;
+    let failed = w.wait_phase("s", GroupSnapshotPhase::Failed).await;
+    let message = failed.status.and_then(|s| s.message).unwrap_or_default();
+    assert!(
+        message.contains(&other) && message.contains("never moves"),
+        "{message}"
+    );
+    assert!(w.node_snapshots().await.is_empty(), "nothing was frozen");
+    let held: Vec<String> = rbd
+        .cluster
+        .group_images(&rbd.pool, &other)
+        .expect("images")
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(held, vec![images["db-x"].clone()]);
+    rbd.cluster
+        .remove_group(&rbd.pool, &other)
+        .expect("cleanup");
+}
