@@ -27,9 +27,30 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::eventually;
+use support::process::Daemon;
+use tandem::api::NodePhase;
 use tandem::api::{CentralPhase, GroupSnapshot, GroupSnapshotPhase, NodeAction, NodeSnapshot};
 use tandem::controller::rbd::{Cluster, ClusterConfig, PoolRef, SnapState};
 use world::{WAIT, World, require_root};
+
+/// Waits until the NodeSnapshot of GroupSnapshot `snapshot` on node `short` is in `phase`.
+async fn wait_node(w: &World, snapshot: &str, short: &str, phase: NodePhase) {
+    let node = w.node(short);
+    let api: Api<NodeSnapshot> = w.env.api();
+    eventually(WAIT, &format!("node {short} {phase:?}"), || async {
+        let listed = api.list(&Default::default()).await.ok()?.items;
+        listed
+            .iter()
+            .any(|n| {
+                n.spec.node_name == node
+                    && n.metadata.deletion_timestamp.is_none()
+                    && n.status.as_ref().is_some_and(|s| s.phase == phase)
+                    && n.spec.group_snapshot == snapshot
+            })
+            .then_some(())
+    })
+    .await;
+}
 
 const MIB: u64 = 1 << 20;
 const CLUSTER_ID: &str = "test-cluster";
@@ -55,6 +76,11 @@ struct Play {
     wrong_handle: Option<String>,
     /// Reports a freeze that began this long ago.
     frozen_since: Duration,
+    /// The node (full name) that reports its cut only once this is set.
+    gate: Option<(String, Arc<AtomicBool>)>,
+    /// A node not released this long after its cut thaws on its own clock (the agent's
+    /// watchdog) and reports Aborted.
+    watchdog: Option<Duration>,
 }
 
 /// The nodes' part, played on every NodeSnapshot of the namespace: Prepare → Prepared; Cut →
@@ -69,6 +95,7 @@ async fn play_nodes(
 ) -> Vec<String> {
     let api: Api<NodeSnapshot> = w.env.api();
     let mut seen = Vec::new();
+    let mut cut_at: BTreeMap<String, std::time::Instant> = BTreeMap::new();
     while !stop.load(Ordering::SeqCst) {
         let listed = api.list(&Default::default()).await.expect("list").items;
         for n in listed {
@@ -78,9 +105,21 @@ async fn play_nodes(
             let status = match (n.spec.action, phase) {
                 (NodeAction::Prepare, None | Some(P::Pending)) => json!({"phase": "Prepared"}),
                 (NodeAction::Cut, None | Some(P::Pending) | Some(P::Prepared)) => {
-                    for v in &n.spec.volumes {
-                        assert!(v.central, "{} is not marked as cut centrally", v.claim);
+                    if let Some((node, gate)) = &play.gate
+                        && *node == n.spec.node_name
+                        && !gate.load(Ordering::SeqCst)
+                    {
+                        continue;
                     }
+                    for v in &n.spec.volumes {
+                        assert_eq!(
+                            v.central,
+                            images.contains_key(&v.claim),
+                            "{}: cut centrally exactly when it is an RBD member",
+                            v.claim
+                        );
+                    }
+                    cut_at.insert(name.clone(), std::time::Instant::now());
                     let start = k8s_openapi::jiff::Timestamp::now()
                         - k8s_openapi::jiff::SignedDuration::try_from(play.frozen_since)
                             .expect("duration");
@@ -89,7 +128,11 @@ async fn play_nodes(
                         .volumes
                         .iter()
                         .map(|v| {
-                            let image = &images[&v.claim];
+                            let Some(image) = images.get(&v.claim) else {
+                                // A local member, cut on its node.
+                                return json!({"claim": v.claim, "backend": "reflink", "frozen": true,
+                                              "filesystem": "xfs", "snapshotHandle": format!("reflink:/played/{}", v.claim)});
+                            };
                             let handle = play.wrong_handle.clone().unwrap_or_else(|| {
                                 format!("rbd-group:{}:{}/{image}@1", rbd.fsid, rbd.pool.pool)
                             });
@@ -99,6 +142,17 @@ async fn play_nodes(
                         .collect();
                     seen.push(format!("{name}: cut"));
                     json!({"phase": "Cut", "freezeStart": start.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(), "volumes": volumes})
+                }
+                (NodeAction::Cut, Some(P::Cut))
+                    if play.watchdog.is_some_and(|bound| {
+                        cut_at.get(&name).is_some_and(|t| t.elapsed() > bound)
+                    }) =>
+                {
+                    seen.push(format!("{name}: thawed by its watchdog"));
+                    let mut s = serde_json::to_value(n.status.clone()).expect("status");
+                    s["phase"] = json!("Aborted");
+                    s["message"] = json!("the freeze timeout passed before the release");
+                    s
                 }
                 (NodeAction::Release, Some(P::Cut)) => {
                     // The release comes only after the group snapshot is cut.
@@ -257,10 +311,38 @@ async fn world(
     name: &str,
     rbd: &Rbd,
     members: &[(&str, &str)],
+    locals: &[(&str, &str)],
 ) -> (World, BTreeMap<String, String>) {
     let mut w = World::new(name).await;
     let images = publish(&w, rbd, members).await;
     let ns = w.env.namespace.clone();
+    // Local members (a node's own volumes) in the same group and barrier.
+    for (claim, node) in locals {
+        let pv = format!("{ns}-{claim}");
+        let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+        volumes
+            .create(
+                &PostParams::default(),
+                &support::objects::local_volume(
+                    &pv,
+                    &format!("/played/{claim}"),
+                    &w.node(node),
+                    &ns,
+                    claim,
+                    &[],
+                ),
+            )
+            .await
+            .expect("create local PV");
+        let claims: Api<PersistentVolumeClaim> = w.env.api();
+        claims
+            .create(
+                &PostParams::default(),
+                &support::objects::claim(claim, Some(&pv), &[("app", "db")]),
+            )
+            .await
+            .expect("create PVC");
+    }
     w.start_controller_with(&["--ceph-csi-config", &format!("{ns}/ceph-csi-config")]);
     w.create_group(
         "g",
@@ -321,10 +403,11 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
 
     // 1. Three images on two nodes: one group snapshot while both nodes hold, holding exactly
     //    the data from before the freeze; released only after it was cut.
-    let (w, images) = world(
+    let (mut w, images) = world(
         "rbd-cut",
         &rbd,
         &[("db-a", "a"), ("db-b", "a"), ("db-c", "b")],
+        &[("db-local", "b")],
     )
     .await;
     let seen = with_nodes(&w, &rbd, &images, Play::default(), async {
@@ -486,14 +569,80 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
             .is_empty()
     );
 
-    // 6. The ConsistencyGroup deleted: with its last snapshot gone the RBD group goes (its
+    // 6. The controller killed while node a holds and before node b has cut: the restarted
+    //    controller cuts once, inside both holds, and the snapshot is Ready.
+    let cfg = format!("{}/ceph-csi-config", w.env.namespace);
+    let ns = w.env.namespace.clone();
+    let mut controller = w.controller.take().expect("controller");
+    let restart_controller = |w: &World| {
+        Daemon::spawn(
+            "controller-restarted",
+            &mut w.tandem(&["controller", "--namespace", &ns, "--ceph-csi-config", &cfg]),
+            &w.logs(),
+        )
+    };
+    let gate = Arc::new(AtomicBool::new(false));
+    let play = Play {
+        gate: Some((w.node("b"), gate.clone())),
+        ..Play::default()
+    };
+    let mut restarted = None;
+    let seen = with_nodes(&w, &rbd, &images, play, async {
+        w.create_snapshot("restart", "g", "Delete").await;
+        wait_node(&w, "restart", "a", NodePhase::Cut).await;
+        controller.kill9();
+        gate.store(true, Ordering::SeqCst);
+        wait_node(&w, "restart", "b", NodePhase::Cut).await;
+        restarted = Some(restart_controller(&w));
+        w.wait_phase("restart", GroupSnapshotPhase::Ready).await;
+    })
+    .await;
+    println!("restart: {seen:?}");
+    let snaps = rbd.cluster.group_snaps(&rbd.pool, &group).expect("snaps");
+    assert_eq!(snaps.len(), 1, "cut once: {snaps:?}");
+    let taken = snapshot(&w, "restart")
+        .await
+        .status
+        .and_then(|s| s.central)
+        .expect("central");
+    assert_eq!(
+        (taken.phase, snaps[0].name.clone()),
+        (CentralPhase::Taken, taken.snapshot.clone())
+    );
+
+    // 7. The controller down until every node's own clock thawed it: the restarted controller
+    //    fails the snapshot and cuts nothing.
+    let mut controller = restarted.take().expect("controller");
+    let gate = Arc::new(AtomicBool::new(false));
+    let play = Play {
+        gate: Some((w.node("b"), gate.clone())),
+        watchdog: Some(Duration::from_secs(2)),
+        ..Play::default()
+    };
+    let seen = with_nodes(&w, &rbd, &images, play, async {
+        w.create_snapshot("orphaned", "g", "Delete").await;
+        wait_node(&w, "orphaned", "a", NodePhase::Cut).await;
+        controller.kill9();
+        gate.store(true, Ordering::SeqCst);
+        wait_node(&w, "orphaned", "a", NodePhase::Aborted).await;
+        wait_node(&w, "orphaned", "b", NodePhase::Aborted).await;
+        restarted = Some(restart_controller(&w));
+        w.wait_phase("orphaned", GroupSnapshotPhase::Failed).await;
+    })
+    .await;
+    println!("orphaned: {seen:?}");
+    let snaps = rbd.cluster.group_snaps(&rbd.pool, &group).expect("snaps");
+    assert_eq!(snaps.len(), 1, "nothing more was cut: {snaps:?}");
+    w.controller = restarted;
+
+    // 8. The ConsistencyGroup deleted: with its last snapshot gone the RBD group goes (its
     //    images stay).
     let groups: Api<tandem::api::ConsistencyGroup> = w.env.api();
     groups
         .delete("g", &Default::default())
         .await
         .expect("delete group");
-    for name in ["wrong", "late", "locked"] {
+    for name in ["wrong", "late", "locked", "restart", "orphaned"] {
         api.delete(name, &Default::default()).await.expect("delete");
     }
     eventually(WAIT, "the RBD group removed", || async {
@@ -507,9 +656,9 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
     }
     drop(w);
 
-    // 7. An image already in another group (ceph-csi's own, say) is refused by name before
+    // 9. An image already in another group (ceph-csi's own, say) is refused by name before
     //    anything is frozen, and stays where it is.
-    let (w, images) = world("rbd-other", &rbd, &[("db-x", "a")]).await;
+    let (w, images) = world("rbd-other", &rbd, &[("db-x", "a")], &[]).await;
     let other = format!("ceph-csi-{}", w.env.namespace);
     rbd.cluster.ensure_group(&rbd.pool, &other).expect("group");
     rbd.cluster
