@@ -580,6 +580,58 @@ restore:
 }
 
 #[test]
+fn ceph_values_pass_the_flags_and_let_the_controller_read_secrets_only_where_named() {
+    let plain = template("t", "tandem", &[]);
+    assert!(
+        !plain
+            .iter()
+            .any(|o| o["kind"] == "Role" && o["metadata"]["name"] == "t-tandem-controller-ceph"),
+        "no Secret is readable without ceph values"
+    );
+    let objects = template(
+        "t",
+        "tandem",
+        &[
+            "--set",
+            "ceph.csiConfig=ceph-csi/ceph-csi-config",
+            "--set",
+            "ceph.secret=tandem/csi-rbd-secret",
+            "--set",
+            "ceph.secretNamespaces={ceph-csi,apps}",
+        ],
+    );
+    let controller = find(&objects, "Deployment", "t-tandem-controller");
+    let flags = args(container(controller, "controller"));
+    for pair in [
+        ["--ceph-csi-config", "ceph-csi/ceph-csi-config"],
+        ["--ceph-secret", "tandem/csi-rbd-secret"],
+    ] {
+        assert!(flags.windows(2).any(|w| w == pair), "{pair:?} in {flags:?}");
+    }
+    let mut namespaces: Vec<String> = objects
+        .iter()
+        .filter(|o| o["kind"] == "Role" && o["metadata"]["name"] == "t-tandem-controller-ceph")
+        .map(|o| {
+            assert_eq!(
+                o["rules"],
+                serde_json::json!([{"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": ["get"]}])
+            );
+            o["metadata"]["namespace"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    namespaces.sort();
+    assert_eq!(namespaces, ["apps", "ceph-csi", "tandem"]);
+    assert_eq!(
+        objects
+            .iter()
+            .filter(|o| o["kind"] == "RoleBinding"
+                && o["metadata"]["name"] == "t-tandem-controller-ceph")
+            .count(),
+        3
+    );
+}
+
+#[test]
 fn template_refuses_values_that_cannot_work() {
     let e = template_err(&[
         "--set",
@@ -1558,6 +1610,7 @@ async fn service_accounts_can_do_what_they_need_and_nothing_more() {
             "persistentvolumeclaims [] [] [get list watch create patch delete]",
             "persistentvolumes [] [] [get list watch create patch delete]",
             "storageclasses.storage.k8s.io [] [] [get]",
+            "volumeattachments.storage.k8s.io [] [] [list]",
             "resourcequotas [] [] [list]",
             "pods [] [] [list watch]",
             "replicasets.apps [] [] [get]",
