@@ -681,6 +681,12 @@ pub fn check_pv(
         }
         let kubelet = ctx_dirs.kubelet_dir();
         let global = discovery::csi_global_mount(kubelet, &csi.driver, &csi.volume_handle);
+        // ceph-csi stages into `<globalmount>/<volume handle>`, not the global mount itself: the
+        // global mount's directory is then on the node's own filesystem, never to be frozen.
+        let staged = global.join(&csi.volume_handle);
+        if staged.is_dir() {
+            return Ok(staged);
+        }
         if global.is_dir() {
             return Ok(global);
         }
@@ -782,6 +788,40 @@ mod tests {
 
     fn labels(node: &str) -> BTreeMap<String, String> {
         BTreeMap::from([("kubernetes.io/hostname".to_string(), node.to_string())])
+    }
+
+    #[test]
+    fn a_csi_volume_is_found_where_its_driver_staged_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let kubelet = dir.path().to_path_buf();
+        let pv = |driver: &str, handle: &str| -> PersistentVolume {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "pv-a"},
+                "spec": {"claimRef": {"namespace": "shop", "name": "data"},
+                         "csi": {"driver": driver, "volumeHandle": handle}}
+            }))
+            .expect("pv")
+        };
+        let global =
+            |driver: &str, handle: &str| discovery::csi_global_mount(&kubelet, driver, handle);
+        let check =
+            |p: &PersistentVolume| check_pv(p, "shop", "data", "n1", &labels("n1"), &kubelet);
+        // Not mounted anywhere: refused, naming where it looked.
+        let rbd = pv("rbd.csi.ceph.com", "0001-0009-c1-0000000000000002-img");
+        assert!(check(&rbd).is_err());
+        // A driver that stages at the global mount itself.
+        let ebs = pv("ebs.csi.aws.com", "vol-1");
+        std::fs::create_dir_all(global("ebs.csi.aws.com", "vol-1")).expect("mkdir");
+        assert_eq!(check(&ebs), Ok(global("ebs.csi.aws.com", "vol-1")));
+        // ceph-csi: `<globalmount>/<volume handle>`, never the directory above it.
+        let handle = "0001-0009-c1-0000000000000002-img";
+        std::fs::create_dir_all(global("rbd.csi.ceph.com", handle)).expect("mkdir");
+        assert_eq!(check(&rbd), Ok(global("rbd.csi.ceph.com", handle)));
+        std::fs::create_dir_all(global("rbd.csi.ceph.com", handle).join(handle)).expect("mkdir");
+        assert_eq!(
+            check(&rbd),
+            Ok(global("rbd.csi.ceph.com", handle).join(handle))
+        );
     }
 
     #[test]
