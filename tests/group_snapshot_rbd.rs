@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Secret};
-use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -247,28 +246,17 @@ async fn publish(w: &World, rbd: &Rbd, members: &[(&str, &str)]) -> BTreeMap<Str
             .write_image(&rbd.pool, &image, 0, &data(&image, "before"))
             .expect("write");
         let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+        let volume = support::objects::RbdVolume {
+            cluster_id: CLUSTER_ID,
+            pool: &rbd.pool.pool,
+            image: &image,
+            fs_type: "ext4",
+            secret: "csi-rbd-secret",
+        };
         volumes
             .create(
                 &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "metadata": {"name": pv},
-                    "spec": {
-                        "capacity": {"storage": "1Gi"},
-                        "accessModes": ["ReadWriteOnce"],
-                        "persistentVolumeReclaimPolicy": "Retain",
-                        "storageClassName": "",
-                        "volumeMode": "Filesystem",
-                        "claimRef": {"namespace": ns, "name": claim},
-                        "csi": {
-                            "driver": "rbd.csi.ceph.com",
-                            "volumeHandle": format!("0001-0012-{CLUSTER_ID}-0000000000000002-{image}"),
-                            "fsType": "ext4",
-                            "volumeAttributes": {"clusterID": CLUSTER_ID, "pool": rbd.pool.pool, "imageName": image},
-                            "controllerExpandSecretRef": {"name": "csi-rbd-secret", "namespace": ns},
-                        }
-                    }
-                }))
-                .expect("pv"),
+                &support::objects::rbd_volume(&pv, &ns, claim, &volume),
             )
             .await
             .expect("create PV");
@@ -280,28 +268,7 @@ async fn publish(w: &World, rbd: &Rbd, members: &[(&str, &str)]) -> BTreeMap<Str
             )
             .await
             .expect("create PVC");
-        let attachments: Api<VolumeAttachment> = Api::all(w.env.client.clone());
-        let attachment = format!("csi-{pv}");
-        attachments
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "metadata": {"name": attachment},
-                    "spec": {"attacher": "rbd.csi.ceph.com", "nodeName": w.node(node),
-                             "source": {"persistentVolumeName": pv}}
-                }))
-                .expect("attachment"),
-            )
-            .await
-            .expect("create VolumeAttachment");
-        attachments
-            .patch_status(
-                &attachment,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": {"attached": true}})),
-            )
-            .await
-            .expect("attach");
+        support::objects::attach(&w.env.client, &pv, &w.node(node)).await;
         images.insert(claim.to_string(), image);
     }
     images

@@ -277,6 +277,104 @@ rbd group snap ls rbd/g1 >/tmp/list.snaps 2>&1; indent snaps </tmp/list.snaps
 ! awk '$1=="dead"' /tmp/list.snaps | grep -q .; check dead-no-snapshot $? "no g1@dead"
 [ $rc = 0 ] && ! awk '{print $1}' /tmp/list.snaps | grep -qx cut; check group-snap-rm $? "tandem rbd group-snap-rm removed g1@cut"
 phase exclusive-dead-cutter-rm
+
+# 8. The whole product, when run.sh was given an API server (tests/rbd_qemu.rs): `tandem
+# controller` and two `tandem agent`s (nodes n1, n2) reach the host's API server through
+# serial-bridge on a virtio-serial port. The host made, in namespace /e2e/namespace, the
+# ceph-csi-shaped PVs (handles e2e_handle), claims, VolumeAttachments, the config map, the Secret
+# and the ConsistencyGroup g.
+if [ -f /e2e/kubeconfig ]; then
+echo "== 8. end to end: tandem controller and agents against the host's API server (virtio-serial)"
+export KUBECONFIG=/e2e/kubeconfig
+E2E_PORT=$(cat /e2e/port); E2E_NS=$(cat /e2e/namespace)
+E2E_DEV=""
+for _f in /sys/class/virtio-ports/*/name; do
+  [ "$(cat "$_f" 2>/dev/null)" = tandem.api ] && E2E_DEV=/dev/$(basename "$(dirname "$_f")")
+done
+[ -c "$E2E_DEV" ]; check e2e-port $? "virtio-serial port tandem.api at ${E2E_DEV:-?}"
+/e2e/serial-bridge guest "127.0.0.1:$E2E_PORT" "$E2E_DEV" 2>/tmp/bridge.err &
+EIMGS="e1 e2 e3"
+e2e_node() { if [ "$1" = e3 ]; then echo n2; else echo n1; fi; }
+e2e_fs() { if [ "$1" = e2 ]; then echo xfs; else echo ext4; fi; }
+e2e_handle() { echo "0001-0005-guest-0000000000000002-$1"; }
+# Where ceph-csi stages a volume on its node: <kubelet>/plugins/kubernetes.io/csi/<driver>/<sha256(handle)>/globalmount/<handle>.
+e2e_mount() {
+  _h=$(e2e_handle "$1")
+  echo "/run/kubelet-$(e2e_node "$1")/plugins/kubernetes.io/csi/rbd.csi.ceph.com/$(printf %s "$_h" | sha256sum | cut -d' ' -f1)/globalmount/$_h"
+}
+e2e_up() {
+  timeout 120 rbd create "rbd/$1" --size 256M && timeout 60 rbd device map -o noudev "rbd/$1" >"/tmp/dev.$1" || return 1
+  if [ "$(e2e_fs "$1")" = xfs ]; then mkfs.xfs -q -f "$(dev_of "$1")"; else mkfs.ext4 -q -F "$(dev_of "$1")"; fi || return 1
+  mkdir -p "$(e2e_mount "$1")" && mount -t "$(e2e_fs "$1")" "$(dev_of "$1")" "$(e2e_mount "$1")"
+}
+par e2e_up $EIMGS; check e2e-images $? "rbd create, krbd map, mkfs and mount e1 e2 e3 where ceph-csi stages them"
+for i in $EIMGS; do
+  _m=$(e2e_mount $i); dd if=/dev/urandom of="$_m/synced.bin" bs=1M count=2 2>/dev/null
+done
+sync
+for i in $EIMGS; do
+  _m=$(e2e_mount $i)
+  dd if=/dev/urandom of="$_m/dirty.bin" bs=1M count=2 2>/dev/null   # still dirty at freeze time
+  echo "before $i" >"$_m/marker.txt"
+  (cd "$_m" && sha256sum synced.bin dirty.bin marker.txt) >"/tmp/$i.sha"
+done
+stop_if_failed "the end-to-end bring-up"
+tandem controller --namespace "$E2E_NS" --ceph-csi-config "$E2E_NS/ceph-csi-config" >/tmp/controller.log 2>&1 &
+E2E_CONTROLLER=$!
+for n in n1 n2; do
+  tandem agent --node-name $n --kubelet-dir /run/kubelet-$n --state-dir /run/tandem-e2e-$n \
+    --restore-link-dir /run/links-$n >/tmp/agent-$n.log 2>&1 &
+done
+# kubectl tandem, as a user runs it: create, wait until Ready (TCG: several seconds per TLS start).
+t0=$(now_ms)
+timeout 300 tandem cli -n "$E2E_NS" snapshot create g s1 --wait --timeout 240s >/tmp/s1.out 2>&1; rc=$?; t1=$(now_ms)
+indent s1 </tmp/s1.out | tail -4
+[ $rc = 0 ] && grep -q 'Ready' /tmp/s1.out; check e2e-ready $? "kubectl tandem snapshot create g s1 --wait: Ready in $((t1-t0)) ms"
+timeout 120 tandem cli -n "$E2E_NS" snapshot show s1 -o json >/tmp/s1.json 2>&1
+# `-o json` is pretty-printed: one '"key": value' a line.
+pjson() { sed -n "s/^ *\"$1\": \"\{0,1\}\([^\",]*\).*/\1/p" "$2" | head -1; }
+E2E_SNAP=$(pjson snapshot /tmp/s1.json); E2E_GROUP=$(pjson group /tmp/s1.json)
+E2E_CALL=$(pjson callMillis /tmp/s1.json)
+# The overall window is the last freezeWindowMillis (each node's comes before it).
+E2E_WINDOW=$(sed -n 's/^ *"freezeWindowMillis": \([0-9]*\).*/\1/p' /tmp/s1.json | tail -1)
+grep -q '"phase": "Taken"' /tmp/s1.json && [ -n "$E2E_SNAP" ]
+check e2e-central $? "status.central: rbd/$E2E_GROUP@$E2E_SNAP Taken, call ${E2E_CALL:-?} ms, freeze window ${E2E_WINDOW:-?} ms"
+grep -q '"consistency": "FilesystemFrozen"' /tmp/s1.json; check e2e-consistency $? "consistency FilesystemFrozen"
+for i in $EIMGS; do echo "post-thaw $i" >"$(e2e_mount $i)/marker.txt"; touch "$(e2e_mount $i)/post-thaw"; done; sync
+e2e_mapsnap() {
+  _s=$(rbd snap ls --all "rbd/$1" | awk -v g="@$E2E_SNAP)" 'index($0, g) {print $2}')
+  [ -n "$_s" ] && timeout 60 rbd device map -o noudev,ro "rbd/$1@$_s" >"/tmp/sdev.$1"
+}
+par e2e_mapsnap $EIMGS; check e2e-map-snapshots $? "each member's snapshot of $E2E_SNAP mapped read-only"
+for i in $EIMGS; do
+  sdev=$(cat "/tmp/sdev.$i" 2>/dev/null); [ -b "$sdev" ] || continue
+  mkdir -p "/mnt/s-$i"
+  if [ "$(e2e_fs $i)" = xfs ]; then mount -t xfs -o ro,nouuid,norecovery "$sdev" "/mnt/s-$i"; else mount -t ext4 -o ro "$sdev" "/mnt/s-$i"; fi
+  verify_tree "/mnt/s-$i" "$i" e2e-snapshot
+  umount "/mnt/s-$i"; unmap "$sdev"
+done
+echo "BENCH e2e window_ms=${E2E_WINDOW:-?} group_snap_call_ms=${E2E_CALL:-?} apply_to_ready_ms=$((t1-t0)) (TCG, through the serial bridge)"
+timeout 300 tandem cli -n "$E2E_NS" snapshot delete s1 --wait >/tmp/s1-del.out 2>&1; rc=$?
+rbd group snap ls "rbd/$E2E_GROUP" >/tmp/e2e.snaps 2>&1
+[ $rc = 0 ] && ! grep -q "$E2E_SNAP" /tmp/e2e.snaps; check e2e-deleted $? "deleting s1 removed rbd/$E2E_GROUP@$E2E_SNAP"
+# An exclusive mapping makes the real cut fail: Failed, every node aborted, nothing frozen.
+timeout 60 rbd device map -o noudev,exclusive rbd/e3 >/tmp/dev.e3x 2>&1; check e2e-exclusive-map $? "e3 mapped again -o exclusive"
+timeout 300 tandem cli -n "$E2E_NS" snapshot create g s2 --wait --timeout 240s >/tmp/s2.out 2>&1
+timeout 120 tandem cli -n "$E2E_NS" snapshot show s2 -o json >/tmp/s2.json 2>&1
+indent s2 </tmp/s2.out | tail -3
+grep -q '"phase": "Failed"' /tmp/s2.json && grep -q 'exclusive lock' /tmp/s2.json
+check e2e-exclusive-failed $? "s2 Failed, naming the exclusive lock"
+probe_start $(for i in $EIMGS; do e2e_mount $i; done); probes_done 10
+check e2e-nothing-frozen $? "every member takes writes after the failed cut"
+rbd group snap ls "rbd/$E2E_GROUP" >/tmp/e2e.snaps 2>&1
+! grep -q tandem- /tmp/e2e.snaps; check e2e-nothing-cut $? "no group snapshot left in rbd/$E2E_GROUP"
+unmap "$(cat /tmp/dev.e3x)"
+kill $E2E_CONTROLLER 2>/dev/null
+grep -E 'ERROR|WARN' /tmp/controller.log | tail -5 | indent controller
+for n in n1 n2; do grep -E 'ERROR|WARN' /tmp/agent-$n.log | tail -3 | indent "agent-$n"; done
+[ -s /tmp/bridge.err ] && indent bridge </tmp/bridge.err | tail -3
+phase end-to-end
+fi
 echo "PHASE guest-test-total $(( $(now_ms) - T0 )) ms"
 echo "GUEST-RESULT pass=$PASS fail=$FAIL"
 [ $FAIL = 0 ]

@@ -74,5 +74,7 @@ poweroff -f
 INIT
 chmod +x "$R/init"
 cp "$GUEST_TEST" "$R/guest-test.sh"
+# The end-to-end part (run.sh with E2E_KUBECONFIG): the guest's kubeconfig, the API port, the bridge.
+if [ -n "${E2E_DIR:-}" ]; then cp -a "$E2E_DIR" "$R/e2e"; libs "$E2E_DIR/serial-bridge"; fi
 # lz4 unpacks several times faster than gzip under TCG (the kernel does it before /init runs).
 (cd "$R" && find . | cpio -o -H newc --quiet | lz4 -l -1 -q) > "$OUT"

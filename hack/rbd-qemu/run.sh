@@ -7,6 +7,12 @@
 #   hack/rbd-qemu/run.sh
 #   TANDEM_BIN=target/release/tandem hack/rbd-qemu/run.sh
 #
+# With E2E_KUBECONFIG (a kubeconfig for https://127.0.0.1:PORT) and E2E_API (that address on the
+# host) the guest also runs the whole product against that API server: `tandem controller` and
+# two `tandem agent`s, reaching it through serial-bridge over a virtio-serial port (never a guest
+# network), on the objects of namespace E2E_NAMESPACE; tests/rbd_qemu.rs sets that up.
+# CEPH_ADMIN_KEY, if set, is client.admin's key.
+#
 # Installs nothing. Needs (Debian packages): qemu-system-x86 ceph-mon ceph-osd ceph-common
 #   librados-dev gcc libc6-dev busybox-static xfsprogs e2fsprogs kmod cpio lz4 binutils, and
 #   `apt-get update` done once (the kernel package is resolved with apt-cache, fetched with apt-get
@@ -43,6 +49,15 @@ trap 'exit 1' HUP INT TERM          # so the EXIT trap cleans up on a signal too
 # Debug info is most of a debug build's size; the guest does not need it.
 strip -o "$WORK/tandem" "$TANDEM_BIN"
 gcc -O2 -Wall -o "$WORK/cephcmd" "$HERE/cephcmd.c" -lrados
+E2E_DIR=""; QEMU_E2E=()
+if [ -n "${E2E_KUBECONFIG:-}" ]; then
+  [ -n "${E2E_API:-}" ] || { echo "E2E_KUBECONFIG needs E2E_API (host:port of the API server)" >&2; exit 2; }
+  E2E_DIR=$WORK/e2e; mkdir -p "$E2E_DIR"
+  rustc --edition 2021 -O -o "$E2E_DIR/serial-bridge" "$HERE/serial-bridge.rs"
+  cp "$E2E_KUBECONFIG" "$E2E_DIR/kubeconfig"
+  echo "${E2E_API##*:}" > "$E2E_DIR/port"
+  echo "${E2E_NAMESPACE:-default}" > "$E2E_DIR/namespace"
+fi
 mkdir -p "$CACHE"
 
 # The same 6.12 cloud kernel the LVM guest runs (its rbd.ko, libceph.ko, xfs.ko), from that cache.
@@ -118,7 +133,8 @@ ceph_conf /ceph > "$C/ceph.conf"
 (
   export CEPH_CONF=$WORK/host.conf
   ceph-authtool --create-keyring "$WORK/mon.keyring" --gen-key -n mon. --cap mon 'allow *'
-  ceph-authtool --create-keyring "$C/ceph.client.admin.keyring" --gen-key -n client.admin \
+  admin_key=(--gen-key); [ -n "${CEPH_ADMIN_KEY:-}" ] && admin_key=(--add-key "$CEPH_ADMIN_KEY")
+  ceph-authtool --create-keyring "$C/ceph.client.admin.keyring" "${admin_key[@]}" -n client.admin \
     --cap mon 'allow *' --cap osd 'allow *' --cap mgr 'allow *'
   ceph-authtool --create-keyring "$C/osd/ceph-0/keyring" --gen-key -n osd.0 \
     --cap mon 'allow profile osd' --cap osd 'allow *' --cap mgr 'allow profile osd'
@@ -135,14 +151,23 @@ ceph_conf /ceph > "$C/ceph.conf"
 echo "$OSD_UUID" > "$C/osd-uuid"
 rm -rf "$C"/run/* "$C"/log/*
 
-bash "$HERE/mkinitramfs.sh" "$tree" "$WORK/tandem" "$WORK/cephcmd" "$C" "$HERE/guest-test.sh" "$WORK/initrd.lz4"
+E2E_DIR=$E2E_DIR bash "$HERE/mkinitramfs.sh" "$tree" "$WORK/tandem" "$WORK/cephcmd" "$C" "$HERE/guest-test.sh" "$WORK/initrd.lz4"
 t_ready=$(date +%s.%N)
 echo "initramfs: $(( $(stat -c %s "$WORK/initrd.lz4") / 1048576 )) MiB (lz4)"
 log=$WORK/console.log
+if [ -n "$E2E_DIR" ]; then
+  # QEMU connects to the bridge's socket at start; each guest connection becomes one to E2E_API.
+  "$E2E_DIR/serial-bridge" host "$WORK/api.sock" "$E2E_API" 2>"$WORK/bridge.log" &
+  BRIDGE=$!
+  trap 'kill $BRIDGE 2>/dev/null; rm -rf "$WORK"' EXIT
+  for _ in $(seq 50); do [ -S "$WORK/api.sock" ] && break; sleep 0.1; done
+  QEMU_E2E=(-device virtio-serial-pci -chardev "socket,id=api,path=$WORK/api.sock"
+            -device virtserialport,chardev=api,name=tandem.api)
+fi
 set +e
 # 2 vCPUs (multi-threaded TCG) and 3 GiB: ceph-osd with memstore holds the images' data in RAM.
 timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -m 3072 -smp 2 -nographic -no-reboot -nic none \
-  -kernel "$vmlinuz" -initrd "$WORK/initrd.lz4" \
+  "${QEMU_E2E[@]}" -kernel "$vmlinuz" -initrd "$WORK/initrd.lz4" \
   -append "console=ttyS0 panic=-1 quiet loglevel=3" >"$log" 2>&1
 qrc=$?
 set -e

@@ -55,3 +55,62 @@ pub fn claim(name: &str, volume: Option<&str>, labels: &[(&str, &str)]) -> Persi
     }))
     .expect("claim")
 }
+
+/// A ceph-csi RBD PersistentVolume (no node affinity: it is wherever it is attached), reserved for
+/// `namespace/claim`, naming its image the way ceph-csi's provisioner does and the Secret it wrote
+/// as `controllerExpandSecretRef`.
+pub struct RbdVolume<'a> {
+    pub cluster_id: &'a str,
+    pub pool: &'a str,
+    pub image: &'a str,
+    pub fs_type: &'a str,
+    pub secret: &'a str,
+}
+
+pub fn rbd_volume(name: &str, namespace: &str, claim: &str, v: &RbdVolume) -> PersistentVolume {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "volumeMode": "Filesystem",
+            "claimRef": {"namespace": namespace, "name": claim},
+            "csi": {
+                "driver": "rbd.csi.ceph.com",
+                "volumeHandle": format!("0001-{:04x}-{}-0000000000000002-{}", v.cluster_id.len(), v.cluster_id, v.image),
+                "fsType": v.fs_type,
+                "volumeAttributes": {"clusterID": v.cluster_id, "pool": v.pool, "imageName": v.image},
+                "controllerExpandSecretRef": {"name": v.secret, "namespace": namespace},
+            }
+        }
+    }))
+    .expect("rbd volume")
+}
+
+/// Attaches `pv` to `node` as the attach/detach controller would: a VolumeAttachment, attached.
+pub async fn attach(client: &kube::Client, pv: &str, node: &str) {
+    use k8s_openapi::api::storage::v1::VolumeAttachment;
+    use kube::api::{Patch, PatchParams, PostParams};
+    let attachments: kube::Api<VolumeAttachment> = kube::Api::all(client.clone());
+    let name = format!("csi-{pv}");
+    let object: VolumeAttachment = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"attacher": "rbd.csi.ceph.com", "nodeName": node,
+                 "source": {"persistentVolumeName": pv}}
+    }))
+    .expect("attachment");
+    attachments
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("create VolumeAttachment");
+    attachments
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"attached": true}})),
+        )
+        .await
+        .expect("attached");
+}
