@@ -159,7 +159,7 @@ if [ -n "$E2E_DIR" ]; then
   # QEMU connects to the bridge's socket at start; each guest connection becomes one to E2E_API.
   "$E2E_DIR/serial-bridge" host "$WORK/api.sock" "$E2E_API" 2>"$WORK/bridge.log" &
   BRIDGE=$!
-  trap 'kill $BRIDGE 2>/dev/null; rm -rf "$WORK"' EXIT
+  trap 'kill $BRIDGE 2>/dev/null || true; rm -rf "$WORK"' EXIT
   for _ in $(seq 50); do [ -S "$WORK/api.sock" ] && break; sleep 0.1; done
   QEMU_E2E=(-device virtio-serial-pci -chardev "socket,id=api,path=$WORK/api.sock"
             -device virtserialport,chardev=api,name=tandem.api)

@@ -101,8 +101,12 @@ fn demux(
 }
 
 fn guest(listen: &str, serial: &str) -> std::io::Result<()> {
-    let port_in = std::fs::OpenOptions::new().read(true).open(serial)?;
-    let port_out = std::fs::OpenOptions::new().write(true).open(serial)?;
+    // A virtio-serial port opens once (a second open is EBUSY): one file, two handles.
+    let port_in = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(serial)?;
+    let port_out = port_in.try_clone()?;
     let link: Link = Arc::new(Mutex::new(Box::new(port_out)));
     let conns: Conns = Arc::default();
     let listener = TcpListener::bind(listen)?;
