@@ -108,11 +108,11 @@ async fn rbd_members_end_to_end_in_the_qemu_guest() {
         support::objects::attach(&client, &pv, node).await;
     }
     // TCG: a freeze, a status round trip through the serial bridge and the group snapshot call
-    // take seconds each, not milliseconds.
+    // take up to seconds each, not milliseconds; 20 s also bounds the hold of a killed controller.
     create(
         &env.api::<ConsistencyGroup>(),
         json!({"metadata": {"name": "g"},
-               "spec": {"selector": {"matchLabels": {"app": "db"}}, "freezeTimeoutSeconds": 60}}),
+               "spec": {"selector": {"matchLabels": {"app": "db"}}, "freezeTimeoutSeconds": 20}}),
     )
     .await;
 
@@ -151,6 +151,10 @@ async fn rbd_members_end_to_end_in_the_qemu_guest() {
         "e2e-exclusive-failed",
         "e2e-nothing-frozen",
         "e2e-nothing-cut",
+        "e2e-held",
+        "e2e-thawed-on-own-clock",
+        "e2e-killed-failed",
+        "e2e-killed-nothing-cut",
     ] {
         assert!(
             console.contains(&format!("CHECK {check} PASS")),
@@ -177,6 +181,18 @@ async fn rbd_members_end_to_end_in_the_qemu_guest() {
             .is_some_and(|m| m.contains("exclusive lock")),
         "{:?}",
         status.message
+    );
+    // s3: its controller killed while both nodes held: Failed, its RBD snapshot never taken.
+    let s3 = snapshots
+        .get("s3")
+        .await
+        .expect("s3")
+        .status
+        .expect("status");
+    assert_eq!(s3.phase, GroupSnapshotPhase::Failed);
+    assert_ne!(
+        s3.central.map(|c| c.phase),
+        Some(tandem::api::CentralPhase::Taken)
     );
     let nodes: Api<NodeSnapshot> = env.api();
     for node in nodes.list(&Default::default()).await.expect("list").items {

@@ -374,6 +374,36 @@ probe_start $(for i in $EIMGS; do e2e_mount $i; done); probes_done 10
 check e2e-nothing-frozen $? "every member takes writes after the failed cut"
 rbd group snap ls "rbd/$E2E_GROUP" >/tmp/e2e.snaps 2>&1
 [ -n "$E2E_GROUP" ] && ! grep -q tandem- /tmp/e2e.snaps; check e2e-nothing-cut $? "no group snapshot left in rbd/$E2E_GROUP"
+# The controller killed while both nodes hold and before its cut: nothing claimed Ready, nothing
+# cut, every filesystem thawed by its agent's own clock (the group's freezeTimeoutSeconds).
+umount "$(e2e_mount e3)" && unmap "$(dev_of e3)" && timeout 60 rbd device map -o noudev rbd/e3 >/tmp/dev.e3 2>&1 &&
+  mount -t ext4 "$(dev_of e3)" "$(e2e_mount e3)"
+check e2e-remap $? "e3 mapped without -o exclusive again"
+kill $E2E_CONTROLLER; wait $E2E_CONTROLLER 2>/dev/null
+tandem controller --namespace "$E2E_NS" --ceph-csi-config "$E2E_NS/ceph-csi-config" \
+  --test-only-release-delay-ms 600000 >/tmp/controller-held.log 2>&1 &
+E2E_CONTROLLER=$!
+timeout 120 tandem cli -n "$E2E_NS" snapshot create g s3 >/tmp/s3.out 2>&1
+_i=0; while [ $_i -lt 120 ]; do
+  [ "$(timeout 60 tandem cli -n "$E2E_NS" snapshot show s3 2>/dev/null | grep -c 'Cut/Cut')" = 2 ] && break
+  sleep 0.5; _i=$((_i+1))
+done
+T_HELD=$(now_ms)
+probe_start $(for i in $EIMGS; do e2e_mount $i; done)
+sleep 1; probes_blocked; check e2e-held $? "both nodes hold s3 (Cut/Cut) and writes sleep"
+kill -9 $E2E_CONTROLLER; wait $E2E_CONTROLLER 2>/dev/null
+probes_done 60; check e2e-thawed-on-own-clock $? "the writes finished $(( $(now_ms) - T_HELD )) ms after the hold, with no controller (freezeTimeoutSeconds 20)"
+tandem controller --namespace "$E2E_NS" --ceph-csi-config "$E2E_NS/ceph-csi-config" >/tmp/controller-after.log 2>&1 &
+E2E_CONTROLLER=$!
+_i=0; while [ $_i -lt 120 ]; do
+  timeout 60 tandem cli -n "$E2E_NS" snapshot show s3 -o json >/tmp/s3.json 2>/dev/null
+  grep -q '"phase": "Failed"' /tmp/s3.json && break
+  sleep 1; _i=$((_i+1))
+done
+grep -q '"phase": "Failed"' /tmp/s3.json && ! grep -q '"phase": "Taken"' /tmp/s3.json
+check e2e-killed-failed $? "s3 Failed once a controller was back: $(pjson message /tmp/s3.json | cut -c1-200)"
+rbd group snap ls "rbd/$E2E_GROUP" >/tmp/e2e.snaps 2>&1
+[ -n "$E2E_GROUP" ] && ! grep -q tandem- /tmp/e2e.snaps; check e2e-killed-nothing-cut $? "no group snapshot in rbd/$E2E_GROUP"
 kill $E2E_CONTROLLER 2>/dev/null
 grep -E 'ERROR|WARN' /tmp/controller.log | tail -5 | indent controller
 for n in n1 n2; do grep -E 'ERROR|WARN' /tmp/agent-$n.log | tail -3 | indent "agent-$n"; done

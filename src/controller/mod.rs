@@ -82,8 +82,9 @@ pub struct ControllerArgs {
     #[arg(long, hide = true)]
     pub test_only_claim_cache_lag_ms: Option<u64>,
 
-    /// Test only, ignored by release builds: release a group snapshot's nodes no sooner than this
-    /// long after its barrier started, so fault tests can act while every node holds its freeze.
+    /// Test only, ignored by release builds: release a group snapshot's nodes (and cut its RBD
+    /// group snapshot) no sooner than this long after its barrier started, so fault tests can act
+    /// while every node holds its freeze.
     #[arg(long, hide = true)]
     pub test_only_release_delay_ms: Option<u64>,
     /// Test only, ignored by release builds: leave every release to the controller (no

@@ -1190,6 +1190,12 @@ async fn drive(
                 let Some(mut record) = status.central.clone() else {
                     return Ok(wake(deadline));
                 };
+                if let Some(delay) = ctx.test_only_release_delay.filter(|d| started < *d) {
+                    // Fault tests act here too: every node holds, nothing is cut yet.
+                    return Ok(Action::requeue(
+                        (delay - started).min(Duration::from_secs(1)),
+                    ));
+                }
                 match central_cut(ctx, &status, &existing, &record, freeze_timeout).await? {
                     Ok(took) => {
                         record.phase = CentralPhase::Taken;
