@@ -440,6 +440,20 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
         .unwrap_or_default();
     assert!(message.contains("RBD group snapshot"), "{message}");
 
+    // A GroupRestore of RBD members is refused by name (not yet restorable), never half done.
+    w.ensure_restore_class().await;
+    w.create_restore("r", json!({"source": {"groupSnapshotName": "s"}}))
+        .await;
+    let refused = w
+        .wait_restore_phase("r", tandem::api::RestorePhase::Failed)
+        .await;
+    assert_eq!(
+        world::condition_reason(&refused, "Ready").as_deref(),
+        Some("RbdRestoreUnsupported"),
+        "{:?}",
+        refused.status
+    );
+
     // 2. Reconciling again never cuts again; deleting the GroupSnapshot removes its RBD group
     //    snapshot and keeps the group while the ConsistencyGroup exists.
     let api: Api<GroupSnapshot> = w.env.api();

@@ -88,6 +88,22 @@ pub fn snapshot_problem(
         ));
     }
     let status = snapshot.status.clone().unwrap_or_default();
+    if let (GroupSnapshotPhase::Ready, Some(central)) = (status.phase, &status.central) {
+        let ns = if central.rados_namespace.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", central.rados_namespace)
+        };
+        return Some((
+            "RbdRestoreUnsupported",
+            format!(
+                "GroupSnapshot {name} holds Ceph RBD members, in the RBD group snapshot {pool}/{ns}{group}@{snap}; tandem does not restore RBD members yet (its agents would refuse to clone them). With Ceph: roll every member back in place with `rbd group snap rollback {pool}/{ns}{group}@{snap}` once each is unmapped (`tandem rbd rollback` makes the same call), or copy one member to a new image from `rbd snap ls --all` of that image",
+                pool = central.pool,
+                group = central.group,
+                snap = central.snapshot,
+            ),
+        ));
+    }
     match status.phase {
         GroupSnapshotPhase::Ready => None,
         GroupSnapshotPhase::Failed => Some((
@@ -489,6 +505,17 @@ mod tests {
             s.metadata.deletion_timestamp = Some(crate::controller::restore::now());
         }
         cases.push(("GroupSnapshotDeleting", w));
+        let mut w = World::new();
+        if let Some(s) = w.snapshot.as_mut().and_then(|s| s.status.as_mut()) {
+            s.central = Some(crate::api::CentralSnapshot {
+                pool: "rbd".into(),
+                group: "tandem-g".into(),
+                snapshot: "tandem-s".into(),
+                phase: crate::api::CentralPhase::Taken,
+                ..Default::default()
+            });
+        }
+        cases.push(("RbdRestoreUnsupported", w));
         let mut w = World::new();
         w.restore.status = Some(crate::api::GroupRestoreStatus {
             group_snapshot_uid: Some("older-uid".into()),
