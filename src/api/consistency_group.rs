@@ -162,7 +162,8 @@ pub struct GroupMember {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent_volume: Option<String>,
 
-    /// The node the volume lives on, from the PersistentVolume's node affinity.
+    /// The node the volume lives on, from the PersistentVolume's node affinity (none for a Ceph RBD
+    /// volume: it is on the node its VolumeAttachment names when a snapshot starts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
 
@@ -182,7 +183,8 @@ pub struct GroupMember {
     pub supported: bool,
 
     /// Why the member cannot be snapshotted, as a CamelCase word (`ClaimNotFound`, `ClaimNotBound`,
-    /// `VolumeNotFound`, `VolumeNotPinnedToNode`, `UnsupportedVolumeSource`, `ClaimedFromOtherNamespace`).
+    /// `VolumeNotFound`, `VolumeNotPinnedToNode`, `UnsupportedVolumeSource`, `ClaimedFromOtherNamespace`,
+    /// `InvalidRbdVolume`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 

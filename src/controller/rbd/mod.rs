@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use ffi::{Api, RadosIoctxT, RadosT, RbdImageT};
 
+/// A librbd call on one named object of a pool (`rbd_remove`, `rbd_group_create`, ...).
+type NameCall = unsafe extern "C" fn(RadosIoctxT, *const c_char) -> c_int;
+
 /// How to reach a Ceph cluster: what ceph-csi's secret and config map hold.
 #[derive(Clone)]
 pub struct ClusterConfig {
@@ -643,16 +646,27 @@ impl Cluster {
 
     /// Creates the group; a group that exists already is fine.
     pub fn ensure_group(&self, pool: &PoolRef, group: &str) -> Result<(), RbdError> {
+        let create = self.api().rbd_group_create;
+        self.call_on_name(pool, "group", group, ("rbd_group_create", create), EEXIST)
+    }
+
+    /// `call(ioctx, name)` on a named object of the pool; `tolerated` (an errno) counts as done.
+    fn call_on_name(
+        &self,
+        pool: &PoolRef,
+        what: &'static str,
+        name: &str,
+        (call, f): (&'static str, NameCall),
+        tolerated: i64,
+    ) -> Result<(), RbdError> {
         let io = self.ioctx(pool)?;
-        let name = c_string("group", group)?;
-        let target = format!("{pool}/{group}");
-        let rc = timed("rbd_group_create", &target, || {
-            // SAFETY: a live ioctx and a C string.
-            unsafe { (self.api().rbd_group_create)(io.io, name.as_ptr()) }
-        });
+        let name_c = c_string(what, name)?;
+        let target = format!("{pool}/{name}");
+        // SAFETY: a live ioctx and a C string; `f` takes exactly these.
+        let rc = timed(call, &target, || unsafe { f(io.io, name_c.as_ptr()) });
         match i64::from(rc) {
-            rc if rc >= 0 || rc == -EEXIST => Ok(()),
-            rc => Err(call_error("rbd_group_create", &target, rc)),
+            rc if rc >= 0 || rc == -tolerated => Ok(()),
+            rc => Err(call_error(call, &target, rc)),
         }
     }
 
@@ -661,17 +675,8 @@ impl Cluster {
     /// This deletes **every snapshot of the group** with it: a group must outlive the group
     /// snapshots tandem keeps.
     pub fn remove_group(&self, pool: &PoolRef, group: &str) -> Result<(), RbdError> {
-        let io = self.ioctx(pool)?;
-        let name = c_string("group", group)?;
-        let target = format!("{pool}/{group}");
-        let rc = timed("rbd_group_remove", &target, || {
-            // SAFETY: a live ioctx and a C string.
-            unsafe { (self.api().rbd_group_remove)(io.io, name.as_ptr()) }
-        });
-        match i64::from(rc) {
-            rc if rc >= 0 || rc == -ENOENT => Ok(()),
-            rc => Err(call_error("rbd_group_remove", &target, rc)),
-        }
+        let remove = self.api().rbd_group_remove;
+        self.call_on_name(pool, "group", group, ("rbd_group_remove", remove), ENOENT)
     }
 
     /// The names of the groups in the pool.
@@ -1125,17 +1130,8 @@ impl Cluster {
     /// Deletes an image and its data; a missing one is fine. librbd refuses an image that is in
     /// a group or has snapshots.
     pub fn delete_image(&self, pool: &PoolRef, image: &str) -> Result<(), RbdError> {
-        let io = self.ioctx(pool)?;
-        let name = c_string("image", image)?;
-        let target = format!("{pool}/{image}");
-        let rc = timed("rbd_remove", &target, || {
-            // SAFETY: a live ioctx and a C string.
-            unsafe { (self.api().rbd_remove)(io.io, name.as_ptr()) }
-        });
-        match i64::from(rc) {
-            rc if rc >= 0 || rc == -ENOENT => Ok(()),
-            rc => Err(call_error("rbd_remove", &target, rc)),
-        }
+        let remove = self.api().rbd_remove;
+        self.call_on_name(pool, "image", image, ("rbd_remove", remove), ENOENT)
     }
 
     /// Writes `data` at `offset` of the image.
