@@ -454,6 +454,27 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
         refused.status
     );
 
+    // InPlace of a snapshot that mixes RBD and local members: refused, nothing changed.
+    let restores: Api<tandem::api::GroupRestore> = w.env.api();
+    restores
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "mixed"},
+                "spec": {"source": {"groupSnapshotName": "s"}, "mode": "InPlace", "inPlace": {}}}))
+            .expect("restore"),
+        )
+        .await
+        .expect("create restore");
+    let refused = w
+        .wait_restore_phase("mixed", tandem::api::RestorePhase::Failed)
+        .await;
+    assert_eq!(
+        world::condition_reason(&refused, "Ready").as_deref(),
+        Some("MixedRbdInPlace"),
+        "{:?}",
+        refused.status
+    );
+
     // 2. Reconciling again never cuts again; deleting the GroupSnapshot removes its RBD group
     //    snapshot and keeps the group while the ConsistencyGroup exists.
     let api: Api<GroupSnapshot> = w.env.api();
@@ -664,4 +685,68 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
     rbd.cluster
         .remove_group(&rbd.pool, &other)
         .expect("cleanup");
+    drop(w);
+
+    // 10. InPlace of RBD members: it waits while any member is attached to a node, then one
+    //     `rbd group snap rollback`; the claims and PVs stay, the images hold the snapshot's data.
+    let (w, images) = world("rbd-undo", &rbd, &[("db-u1", "a"), ("db-u2", "b")], &[]).await;
+    with_nodes(&w, &rbd, &images, Play::default(), async {
+        w.create_snapshot("s", "g", "Delete").await;
+        w.wait_phase("s", GroupSnapshotPhase::Ready).await;
+    })
+    .await;
+    w.ensure_restore_class().await;
+    let restores: Api<tandem::api::GroupRestore> = w.env.api();
+    restores
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "undo"},
+                "spec": {"source": {"groupSnapshotName": "s"}, "mode": "InPlace", "inPlace": {}}}))
+            .expect("restore"),
+        )
+        .await
+        .expect("create restore");
+    eventually(WAIT, "the rollback waits for the detach", || async {
+        let r = restores.get("undo").await.ok()?;
+        r.status?
+            .message?
+            .contains("waiting for their RBD images to be detached")
+            .then_some(())
+    })
+    .await;
+    for image in images.values() {
+        let after = data(image, "after");
+        let head = rbd
+            .cluster
+            .read_image(&rbd.pool, image, 0, after.len())
+            .expect("read");
+        assert!(head == after, "{image}: nothing rolled back while attached");
+    }
+    let attachments: Api<k8s_openapi::api::storage::v1::VolumeAttachment> =
+        Api::all(w.env.client.clone());
+    let pvs: Vec<String> = images
+        .keys()
+        .map(|claim| format!("{}-{claim}", w.env.namespace))
+        .collect();
+    for pv in &pvs {
+        attachments
+            .delete(&format!("csi-{pv}"), &Default::default())
+            .await
+            .expect("detach");
+    }
+    let done = w
+        .wait_restore_phase("undo", tandem::api::RestorePhase::Completed)
+        .await;
+    println!(
+        "in place: {:?}",
+        done.status.as_ref().and_then(|s| s.message.clone())
+    );
+    for image in images.values() {
+        let before = data(image, "before");
+        let head = rbd
+            .cluster
+            .read_image(&rbd.pool, image, 0, before.len())
+            .expect("read");
+        assert!(head == before, "{image}: rolled back to the snapshot");
+    }
 }

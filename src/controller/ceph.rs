@@ -331,6 +331,50 @@ pub fn cut_checked(
     }
 }
 
+/// Rolls the RBD group back to a central snapshot, once its images are still exactly the
+/// snapshot's (Ceph 16 would also roll back an image that left the group and skip one that joined).
+pub fn rollback_checked(cluster: &Cluster, central: &CentralSnapshot) -> Result<(), String> {
+    let pool = PoolRef::new(&central.pool, &central.rados_namespace);
+    let mut now: Vec<String> = cluster
+        .group_images(&pool, &central.group)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    let mut then: Vec<String> = central.volumes.iter().map(|v| v.image.clone()).collect();
+    now.sort();
+    then.sort();
+    if now != then {
+        return Err(format!(
+            "the RBD group {pool}/{} holds {} now, the snapshot {}: a rollback would not restore exactly the snapshot's images",
+            central.group,
+            now.join(", "),
+            then.join(", ")
+        ));
+    }
+    cluster
+        .rollback_group_snap(&pool, &central.group, &central.snapshot)
+        .map_err(|e| e.to_string())
+}
+
+/// The connection to a central snapshot's cluster, with the credentials of its first member's PV
+/// (or the controller's default Secret once every PV is gone).
+pub async fn connect_for(
+    clusters: &CephClusters,
+    client: &Client,
+    volumes: &kube::runtime::reflector::Store<CachedVolume>,
+    record: &CentralSnapshot,
+) -> Result<Arc<Cluster>, CephError> {
+    let volume = record.volumes.iter().find_map(|v| {
+        volumes.get(&kube::runtime::reflector::ObjectRef::new(
+            &v.persistent_volume,
+        ))
+    });
+    clusters
+        .connect(client, &record.cluster_id, volume.as_deref())
+        .await
+}
+
 /// Removes a central snapshot; a missing one (or a missing group) is fine.
 pub fn remove_snapshot(cluster: &Cluster, central: &CentralSnapshot) -> Result<(), RbdError> {
     let pool = PoolRef::new(&central.pool, &central.rados_namespace);

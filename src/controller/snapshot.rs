@@ -1468,18 +1468,11 @@ async fn cleanup_central(
     Ok(None)
 }
 
-/// The connection to a central snapshot's cluster, with the credentials of its first member's PV.
 async fn connect_for(
     ctx: &Context,
     record: &CentralSnapshot,
 ) -> Result<Arc<super::rbd::Cluster>, CephError> {
-    let volume = record
-        .volumes
-        .iter()
-        .find_map(|v| ctx.volumes.get(&ObjectRef::new(&v.persistent_volume)));
-    ctx.ceph
-        .connect(&ctx.client, &record.cluster_id, volume.as_deref())
-        .await
+    ceph::connect_for(&ctx.ceph, &ctx.client, &ctx.volumes, record).await
 }
 
 /// Removes the GroupSnapshot's RBD group snapshot, if it has one not removed yet, and records it.

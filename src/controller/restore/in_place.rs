@@ -23,7 +23,9 @@
 //! | apps      | replicasets                           | get          |
 //! | apps      | deployments/scale, statefulsets/scale | get, patch   |
 
+use crate::api::{CentralPhase, CentralSnapshot};
 use crate::controller::cache::CachedVolume;
+use crate::controller::ceph;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -732,6 +734,9 @@ async fn start(
             let Some(snapshot) = snapshot else {
                 return Ok(Action::requeue(Duration::from_secs(1)));
             };
+            if let Some(central) = snapshot.status.as_ref().and_then(|s| s.central.clone()) {
+                return roll_back_rbd(restore, status, rctx, &snapshot, &central).await;
+            }
             let snapshot_status = snapshot.status.clone().unwrap_or_default();
             status.phase = RestorePhase::Cloning;
             status.group_snapshot_uid = snapshot.uid();
@@ -771,6 +776,163 @@ async fn start(
             Ok(Action::requeue(Duration::from_millis(10)))
         }
     }
+}
+
+/// InPlace for a snapshot of RBD members: once the fence has stopped their pods and no member is
+/// attached to a node any more (the kubelet unmounts, ceph-csi unmaps, the attach/detach
+/// controller removes the VolumeAttachment), one `rbd group snap rollback`. The claims and PVs stay
+/// as they are: the images themselves go back to the snapshot. No undo point is kept.
+async fn roll_back_rbd(
+    restore: &GroupRestore,
+    mut status: GroupRestoreStatus,
+    rctx: &RestoreContext,
+    snapshot: &GroupSnapshot,
+    central: &CentralSnapshot,
+) -> Result<Action, Error> {
+    let namespace = restore.namespace().ok_or(Error::MissingNamespace)?;
+    let name = restore.name_any();
+    let client = rctx.ctx.client.clone();
+    let api: Api<GroupRestore> = Api::namespaced(client.clone(), &namespace);
+    let members = snapshot
+        .status
+        .as_ref()
+        .map(|s| s.members.clone())
+        .unwrap_or_default();
+    let local: Vec<&str> = members
+        .iter()
+        .filter(|m| {
+            !central
+                .volumes
+                .iter()
+                .any(|v| v.persistent_volume == m.persistent_volume)
+        })
+        .map(|m| m.claim.as_str())
+        .collect();
+    if !local.is_empty() {
+        let message = format!(
+            "GroupSnapshot {} mixes RBD members with node-local ones ({}); an InPlace restore of such a snapshot is not supported yet, and nothing was changed",
+            snapshot.name_any(),
+            local.join(", ")
+        );
+        return end_failed(rctx, restore, status, "MixedRbdInPlace", message, false).await;
+    }
+    if central.phase != CentralPhase::Taken {
+        let message = format!(
+            "GroupSnapshot {} has no RBD group snapshot to roll back to ({:?})",
+            snapshot.name_any(),
+            central.phase
+        );
+        return end_failed(rctx, restore, status, "RbdSnapshotMissing", message, false).await;
+    }
+    let attached = ceph::attached_nodes(&client).await?;
+    let still: Vec<String> = central
+        .volumes
+        .iter()
+        .filter_map(|v| {
+            attached
+                .get(&v.persistent_volume)
+                .map(|node| format!("{} on node {node}", v.persistent_volume))
+        })
+        .collect();
+    if !still.is_empty() {
+        if clones::past_deadline(restore) {
+            let message = format!(
+                "spec.deadlineSeconds passed while RBD images were still attached ({}); nothing was rolled back",
+                still.join(", ")
+            );
+            return end_failed(rctx, restore, status, "DeadlineExceeded", message, false).await;
+        }
+        let message = format!(
+            "no pod uses the claims; waiting for their RBD images to be detached ({}) before the rollback",
+            still.join(", ")
+        );
+        if status.message.as_deref() != Some(message.as_str()) {
+            status.phase = RestorePhase::Fencing;
+            status.start_time.get_or_insert_with(now);
+            status.message = Some(message.clone());
+            clones::set_conditions(
+                &mut status,
+                restore.metadata.generation,
+                (false, "Detaching", message),
+                (false, "Detaching", "the claims are untouched".into()),
+            );
+            clones::write_status(&api, &name, &status).await?;
+        }
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    let cluster = match ceph::connect_for(&rctx.ctx.ceph, &client, &rctx.ctx.volumes, central).await
+    {
+        Ok(cluster) => cluster,
+        Err(ceph::CephError::Kube(e)) => return Err(e.into()),
+        Err(e) => {
+            return end_failed(
+                rctx,
+                restore,
+                status,
+                "CephUnavailable",
+                e.to_string(),
+                false,
+            )
+            .await;
+        }
+    };
+    let record = central.clone();
+    let rolled = tokio::task::spawn_blocking(move || ceph::rollback_checked(&cluster, &record))
+        .await
+        .unwrap_or_else(|e| Err(format!("the rollback call did not return: {e}")));
+    if let Err(why) = rolled {
+        rctx.ctx.ceph.forget(&central.cluster_id);
+        return end_failed(rctx, restore, status, "RbdRollbackFailed", why, false).await;
+    }
+    status.group_snapshot_uid = snapshot.uid();
+    status.consistency = snapshot.status.as_ref().and_then(|s| s.consistency);
+    status.members = members
+        .iter()
+        .map(|m| RestoredMember {
+            source_claim: m.claim.clone(),
+            claim: m.claim.clone(),
+            persistent_volume: m.persistent_volume.clone(),
+            node: m.node.clone(),
+            backend: Some("rbd-group".into()),
+            ..Default::default()
+        })
+        .collect();
+    status.member_count = i32::try_from(status.members.len()).unwrap_or(i32::MAX);
+    let notes = scale_back_all(&client, &namespace, &mut status).await?;
+    let ns = if central.rados_namespace.is_empty() {
+        String::new()
+    } else {
+        format!("{}/", central.rados_namespace)
+    };
+    let mut message = format!(
+        "{} RBD image(s) rolled back in place to {}/{ns}{}@{} (GroupSnapshot {}); the claims and PVs are unchanged",
+        status.member_count,
+        central.pool,
+        central.group,
+        central.snapshot,
+        snapshot.name_any()
+    );
+    if !status.workloads.is_empty() {
+        message.push_str(&scaled_back_note(&status, &notes));
+    }
+    status.phase = RestorePhase::Completed;
+    status.completion_time = Some(now());
+    status.message = Some(message.clone());
+    clones::set_conditions(
+        &mut status,
+        restore.metadata.generation,
+        (true, "Restored", message.clone()),
+        (
+            true,
+            "Bound",
+            "every claim stayed Bound to its volume".into(),
+        ),
+    );
+    clones::write_status(&api, &name, &status).await?;
+    info!(restore = %name, %namespace, "{message}");
+    clones::publish(rctx, restore, EventType::Normal, "Restored", message).await;
+    rctx.wake_snapshot(&namespace, &restore.spec.source.group_snapshot_name);
+    Ok(Action::await_change())
 }
 
 /// The targets of a started restore: its recorded members, with what the snapshot recorded.

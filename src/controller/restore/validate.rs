@@ -88,22 +88,6 @@ pub fn snapshot_problem(
         ));
     }
     let status = snapshot.status.clone().unwrap_or_default();
-    if let (GroupSnapshotPhase::Ready, Some(central)) = (status.phase, &status.central) {
-        let ns = if central.rados_namespace.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", central.rados_namespace)
-        };
-        return Some((
-            "RbdRestoreUnsupported",
-            format!(
-                "GroupSnapshot {name} holds Ceph RBD members, in the RBD group snapshot {pool}/{ns}{group}@{snap}; tandem does not restore RBD members yet (its agents would refuse to clone them). With Ceph: roll every member back in place with `rbd group snap rollback {pool}/{ns}{group}@{snap}` once each is unmapped (`tandem rbd rollback` makes the same call), or copy one member to a new image from `rbd snap ls --all` of that image",
-                pool = central.pool,
-                group = central.group,
-                snap = central.snapshot,
-            ),
-        ));
-    }
     match status.phase {
         GroupSnapshotPhase::Ready => None,
         GroupSnapshotPhase::Failed => Some((
@@ -221,6 +205,23 @@ pub fn validate(inputs: &Inputs<'_>) -> Verdict {
         unreachable!("snapshot_problem refuses a missing snapshot")
     };
     let status = snapshot.status.clone().unwrap_or_default();
+    if let Some(central) = &status.central {
+        let ns = if central.rados_namespace.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", central.rados_namespace)
+        };
+        return refuse(
+            "RbdRestoreUnsupported",
+            format!(
+                "GroupSnapshot {} holds Ceph RBD members, in the RBD group snapshot {pool}/{ns}{group}@{snap}; tandem does not restore RBD members to new claims yet (its agents cannot clone them). Restore them in place (spec.mode: InPlace: `rbd group snap rollback` once every member is unmapped), or copy a member into a new image by hand from the snapshot `rbd snap ls --all` lists for it",
+                snapshot.name_any(),
+                pool = central.pool,
+                group = central.group,
+                snap = central.snapshot,
+            ),
+        );
+    }
     if status.members.is_empty() {
         return refuse(
             "EmptySnapshot",
