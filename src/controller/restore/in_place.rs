@@ -904,7 +904,7 @@ async fn roll_back_rbd(
     } else {
         format!("{}/", central.rados_namespace)
     };
-    let mut message = format!(
+    let message = format!(
         "{} RBD image(s) rolled back in place to {}/{ns}{}@{} (GroupSnapshot {}); the claims and PVs are unchanged",
         status.member_count,
         central.pool,
@@ -912,8 +912,29 @@ async fn roll_back_rbd(
         central.snapshot,
         snapshot.name_any()
     );
+    finish(
+        restore,
+        status,
+        rctx,
+        message,
+        &notes,
+        "every claim stayed Bound to its volume",
+    )
+    .await
+}
+
+/// Ends a restore Completed with `message` (and which workloads were scaled back).
+async fn finish(
+    restore: &GroupRestore,
+    mut status: GroupRestoreStatus,
+    rctx: &RestoreContext,
+    mut message: String,
+    scale_back_notes: &[String],
+    bound: &str,
+) -> Result<Action, Error> {
+    let namespace = restore.namespace().ok_or(Error::MissingNamespace)?;
     if !status.workloads.is_empty() {
-        message.push_str(&scaled_back_note(&status, &notes));
+        message.push_str(&scaled_back_note(&status, scale_back_notes));
     }
     status.phase = RestorePhase::Completed;
     status.completion_time = Some(now());
@@ -922,14 +943,11 @@ async fn roll_back_rbd(
         &mut status,
         restore.metadata.generation,
         (true, "Restored", message.clone()),
-        (
-            true,
-            "Bound",
-            "every claim stayed Bound to its volume".into(),
-        ),
+        (true, "Bound", bound.into()),
     );
-    clones::write_status(&api, &name, &status).await?;
-    info!(restore = %name, %namespace, "{message}");
+    let api: Api<GroupRestore> = Api::namespaced(rctx.ctx.client.clone(), &namespace);
+    clones::write_status(&api, &restore.name_any(), &status).await?;
+    info!(restore = %restore.name_any(), %namespace, "{message}");
     clones::publish(rctx, restore, EventType::Normal, "Restored", message).await;
     rctx.wake_snapshot(&namespace, &restore.spec.source.group_snapshot_name);
     Ok(Action::await_change())
@@ -1202,33 +1220,20 @@ async fn complete(
         .iter()
         .map(|p| p.persistent_volume.clone())
         .collect();
-    let mut message = format!(
+    let message = format!(
         "{} claim(s) restored in place from GroupSnapshot {} and Bound; the old volumes {} are kept (reclaim Retain, label {PRE_RESTORE_LABEL}={}) as the undo point",
         status.member_count,
         restore.spec.source.group_snapshot_name,
         kept.join(", "),
         restore.name_any()
     );
-    if !status.workloads.is_empty() {
-        message.push_str(&scaled_back_note(&status, &notes));
-    }
-    status.phase = RestorePhase::Completed;
-    status.completion_time = Some(now());
-    status.message = Some(message.clone());
-    clones::set_conditions(
-        &mut status,
-        restore.metadata.generation,
-        (true, "Restored", message.clone()),
-        (
-            true,
-            "Bound",
-            "every claim is Bound to its restored volume".into(),
-        ),
-    );
-    let api: Api<GroupRestore> = Api::namespaced(client, &namespace);
-    clones::write_status(&api, &restore.name_any(), &status).await?;
-    info!(restore = %restore.name_any(), %namespace, "{message}");
-    clones::publish(rctx, restore, EventType::Normal, "Restored", message).await;
-    rctx.wake_snapshot(&namespace, &restore.spec.source.group_snapshot_name);
-    Ok(Action::await_change())
+    finish(
+        restore,
+        status,
+        rctx,
+        message,
+        &notes,
+        "every claim is Bound to its restored volume",
+    )
+    .await
 }
