@@ -1365,7 +1365,7 @@ async fn central_cut(
                 .status
                 .as_ref()
                 .and_then(|s| s.freeze_start.as_ref())
-                .map(|t| now.duration_since(t.0).as_millis() as i64)
+                .map(|t| i64::try_from(now.duration_since(t.0).as_millis()).unwrap_or(i64::MAX))
                 .unwrap_or(0);
             timeout_ms - frozen_for.max(0)
         })
