@@ -440,19 +440,132 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
         .unwrap_or_default();
     assert!(message.contains("RBD group snapshot"), "{message}");
 
-    // A GroupRestore of RBD members is refused by name (not yet restorable), never half done.
+    // Restore to new claims: each RBD member is copied from the group snapshot into a new
+    // image, published as a static ceph-csi PV, bound to its claim.
     w.ensure_restore_class().await;
-    w.create_restore("r", json!({"source": {"groupSnapshotName": "s"}}))
+    let rbd_members = json!([
+        {"from": "db-a", "to": "db-a-r"}, {"from": "db-b", "to": "db-b-r"}, {"from": "db-c", "to": "db-c-r"}
+    ]);
+    w.create_restore(
+        "r",
+        json!({"source": {"groupSnapshotName": "s"}, "newClaims": {"claims": rbd_members}}),
+    )
+    .await;
+    let restored = w
+        .wait_restore_phase("r", tandem::api::RestorePhase::Completed)
         .await;
-    let refused = w
-        .wait_restore_phase("r", tandem::api::RestorePhase::Failed)
+    let restored = restored.status.expect("status");
+    println!("restored: {:?}", restored.members);
+    assert_eq!(restored.members.len(), 3);
+    let claims: Api<PersistentVolumeClaim> = w.env.api();
+    let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+    for member in &restored.members {
+        assert_eq!(member.backend.as_deref(), Some("rbd-copy"), "{member:?}");
+        let claim = claims.get(&member.claim).await.expect("claim");
+        assert_eq!(
+            claim.status.and_then(|s| s.phase).as_deref(),
+            Some("Bound"),
+            "{}",
+            member.claim
+        );
+        let pv = volumes.get(&member.persistent_volume).await.expect("pv");
+        let csi = pv.spec.and_then(|s| s.csi).expect("a ceph-csi PV");
+        assert_eq!(csi.driver, "rbd.csi.ceph.com");
+        assert_eq!(csi.volume_handle, member.persistent_volume);
+        let attributes = csi.volume_attributes.unwrap_or_default();
+        assert_eq!(
+            attributes.get("staticVolume").map(String::as_str),
+            Some("true")
+        );
+        assert!(
+            csi.node_stage_secret_ref.is_some(),
+            "ceph-csi maps it with it"
+        );
+        // The new image holds the member's data from before the freeze, not the head's.
+        let image = &images[&member.source_claim];
+        let before = data(image, "before");
+        let got = rbd
+            .cluster
+            .read_image(&rbd.pool, &member.persistent_volume, 0, before.len())
+            .expect("read the restored image");
+        assert!(
+            got == before,
+            "{}: the restored image holds {:?}",
+            member.claim,
+            String::from_utf8_lossy(&got[..64])
+        );
+    }
+    // A restored claim deleted: tandem deletes its image, then its PV.
+    let gone = restored.members[0].clone();
+    claims
+        .delete(&gone.claim, &Default::default())
+        .await
+        .expect("delete the restored claim");
+    eventually(WAIT, "the restored image and its PV gone", || async {
+        let image_gone = rbd
+            .cluster
+            .open_image(&rbd.pool, &gone.persistent_volume)
+            .is_err();
+        let pv_gone = volumes
+            .get_opt(&gone.persistent_volume)
+            .await
+            .ok()?
+            .is_none();
+        (image_gone && pv_gone).then_some(())
+    })
+    .await;
+    for member in &restored.members[1..] {
+        rbd.cluster
+            .open_image(&rbd.pool, &member.persistent_volume)
+            .expect("the other restored images stay");
+    }
+
+    // The RBD group snapshot removed behind tandem's back (`rbd group snap rm`): a restore
+    // from it fails naming it, and leaves no image, PV or claim.
+    rbd.cluster
+        .remove_group_snap(&rbd.pool, &group, &central.snapshot)
+        .expect("remove the group snapshot by hand");
+    w.create_restore(
+        "r-gone",
+        json!({"source": {"groupSnapshotName": "s"}, "newClaims": {"claims": [
+            {"from": "db-a", "to": "gone-a"}, {"from": "db-c", "to": "gone-c"}]}}),
+    )
+    .await;
+    let failed = w
+        .wait_restore_phase("r-gone", tandem::api::RestorePhase::Failed)
         .await;
-    assert_eq!(
-        world::condition_reason(&refused, "Ready").as_deref(),
-        Some("RbdRestoreUnsupported"),
-        "{:?}",
-        refused.status
+    let status = failed.status.clone().expect("status");
+    let message = status.message.clone().unwrap_or_default();
+    assert!(
+        message.contains(&central.snapshot) && message.contains("does not exist"),
+        "{message}"
     );
+    for member in &status.members {
+        assert!(
+            rbd.cluster
+                .open_image(&rbd.pool, &member.persistent_volume)
+                .is_err(),
+            "no copy is left: {member:?}"
+        );
+        assert!(
+            volumes
+                .get_opt(&member.persistent_volume)
+                .await
+                .expect("get")
+                .is_none()
+        );
+    }
+    eventually(WAIT, "the claims it created gone", || async {
+        let left = claims.list(&Default::default()).await.ok()?;
+        (!left.items.iter().any(|c| {
+            c.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("gone-"))
+        }))
+        .then_some(())
+    })
+    .await;
 
     // InPlace of a snapshot that mixes RBD and local members: refused, nothing changed.
     let restores: Api<tandem::api::GroupRestore> = w.env.api();

@@ -1,3 +1,5 @@
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
@@ -193,6 +195,30 @@ pub struct CentralVolume {
     pub persistent_volume: String,
     /// Its RBD image.
     pub image: String,
+    /// What a restored copy of it needs to be a ceph-csi volume (recorded at the snapshot: the
+    /// source PV may be gone when the restore runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csi: Option<CentralVolumeCsi>,
+}
+
+/// The parts of a member's ceph-csi PV that a restored copy's static PV repeats.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CentralVolumeCsi {
+    /// The CSI driver (`rbd.csi.ceph.com`, or Rook's `<namespace>.rbd.csi.ceph.com`).
+    pub driver: String,
+    /// The filesystem ceph-csi mounts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_type: Option<String>,
+    /// The Secret the node plugin maps the image with, `namespace/name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_stage_secret: Option<String>,
+    /// The Secret the controller reaches the image with, `namespace/name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller_secret: Option<String>,
+    /// The volume attributes that are not the image's own (cluster, pool, features, mounter).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// Where a central snapshot stands.

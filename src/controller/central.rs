@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 
 use super::barrier::Central;
 use super::cache::CachedVolume;
-use crate::api::{CentralPhase, CentralSnapshot};
+use crate::api::{CentralPhase, CentralSnapshot, CentralVolumeCsi};
 
 /// ceph-csi's RBD driver name; Rook deploys it as `<operator namespace>.rbd.csi.ceph.com`.
 pub const CEPH_CSI_RBD_DRIVER: &str = "rbd.csi.ceph.com";
@@ -24,6 +24,61 @@ pub struct RbdVolume {
     pub pool: String,
     pub namespace: String,
     pub image: String,
+}
+
+/// The volume attributes of a ceph-csi PV that a restored copy keeps: the cluster, the pool and
+/// how to map it. The image's own (`imageName`, `journalPool`, the claim's name) stay behind.
+const KEPT_ATTRIBUTES: [&str; 10] = [
+    "clusterID",
+    "pool",
+    "radosNamespace",
+    "imageFeatures",
+    "imageFormat",
+    "mounter",
+    "mapOptions",
+    "unmapOptions",
+    "encrypted",
+    "encryptionKMSID",
+];
+
+/// What a restored copy of `volume` needs to be a ceph-csi volume (None: not a CSI volume).
+pub fn restore_csi(volume: &CachedVolume) -> Option<CentralVolumeCsi> {
+    let csi = volume.spec.as_ref()?.csi.as_ref()?;
+    let reference = |r: Option<&k8s_openapi::api::core::v1::SecretReference>| {
+        let r = r?;
+        Some(format!(
+            "{}/{}",
+            r.namespace.as_deref().filter(|n| !n.is_empty())?,
+            r.name.as_deref().filter(|n| !n.is_empty())?
+        ))
+    };
+    Some(CentralVolumeCsi {
+        driver: csi.driver.clone(),
+        fs_type: csi.fs_type.clone(),
+        node_stage_secret: reference(csi.node_stage_secret_ref.as_ref()),
+        controller_secret: reference(csi.controller_expand_secret_ref.as_ref()),
+        attributes: csi
+            .volume_attributes
+            .iter()
+            .flatten()
+            .filter(|(k, _)| KEPT_ATTRIBUTES.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    })
+}
+
+/// `pool/[namespace/]name`: an image (or `group@snap`) the way `rbd` names it.
+pub fn rbd_path(pool: &str, namespace: &str, name: &str) -> String {
+    format!("{}/{name}", super::rbd::PoolRef::new(pool, namespace))
+}
+
+/// `pool/[namespace/]group@snap`: the RBD group snapshot of a central record.
+pub fn snapshot_path(central: &CentralSnapshot) -> String {
+    rbd_path(
+        &central.pool,
+        &central.rados_namespace,
+        &format!("{}@{}", central.group, central.snapshot),
+    )
 }
 
 /// Where a group's RBD members live, all of them.
@@ -215,23 +270,11 @@ pub fn check_frozen(
         };
         if frozen != expected {
             return Err(format!(
-                "the node of PersistentVolume {} froze the RBD image {}/{}{} of cluster {}, but the PersistentVolume names {}/{}{} of cluster {fsid}",
+                "the node of PersistentVolume {} froze the RBD image {} of cluster {}, but the PersistentVolume names {} of cluster {fsid}",
                 volume.persistent_volume,
-                frozen.pool,
-                if frozen.namespace.is_empty() {
-                    String::new()
-                } else {
-                    format!("{}/", frozen.namespace)
-                },
-                frozen.image,
+                rbd_path(&frozen.pool, &frozen.namespace, &frozen.image),
                 frozen.fsid,
-                expected.pool,
-                if expected.namespace.is_empty() {
-                    String::new()
-                } else {
-                    format!("{}/", expected.namespace)
-                },
-                expected.image,
+                rbd_path(&expected.pool, &expected.namespace, &expected.image),
             ));
         }
     }
@@ -241,6 +284,31 @@ pub fn check_frozen(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restored_copy_keeps_the_mapping_and_drops_the_images_own_attributes() {
+        let pv: CachedVolume = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "pvc-1"},
+            "spec": {"csi": {
+                "driver": "rook-ceph.rbd.csi.ceph.com", "volumeHandle": "0001-...", "fsType": "ext4",
+                "nodeStageSecretRef": {"namespace": "rook-ceph", "name": "node"},
+                "controllerExpandSecretRef": {"namespace": "rook-ceph", "name": ""},
+                "volumeAttributes": {"clusterID": "c", "pool": "p", "imageName": "csi-vol-1",
+                    "journalPool": "p", "imageFeatures": "layering", "mounter": "rbd",
+                    "csi.storage.k8s.io/pvc/name": "db"}}}
+        }))
+        .expect("pv");
+        let csi = restore_csi(&pv).expect("csi");
+        assert_eq!(csi.driver, "rook-ceph.rbd.csi.ceph.com");
+        assert_eq!(csi.fs_type.as_deref(), Some("ext4"));
+        assert_eq!(csi.node_stage_secret.as_deref(), Some("rook-ceph/node"));
+        // A reference without a name is no reference.
+        assert_eq!(csi.controller_secret, None);
+        let kept: Vec<&str> = csi.attributes.keys().map(String::as_str).collect();
+        assert_eq!(kept, ["clusterID", "imageFeatures", "mounter", "pool"]);
+        assert_eq!(rbd_path("p", "", "i"), "p/i");
+        assert_eq!(rbd_path("p", "n", "i"), "p/n/i");
+    }
 
     #[test]
     fn frozen_images_must_be_the_ones_the_volumes_name() {
@@ -253,10 +321,12 @@ mod tests {
                 crate::api::CentralVolume {
                     persistent_volume: "pv-a".into(),
                     image: "img-a".into(),
+                    csi: None,
                 },
                 crate::api::CentralVolume {
                     persistent_volume: "pv-b".into(),
                     image: "img-b".into(),
+                    csi: None,
                 },
             ],
             ..Default::default()

@@ -18,7 +18,9 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 
 use super::cache::CachedVolume;
-use super::central::{RbdVolume, placement, rbd_group_name, rbd_snap_name, rbd_volume};
+use super::central::{
+    RbdVolume, placement, rbd_group_name, rbd_snap_name, rbd_volume, restore_csi,
+};
 use super::rbd::{Cluster, ClusterConfig, PoolRef, RbdError, SnapCreated};
 use crate::api::{CentralPhase, CentralSnapshot, CentralVolume};
 
@@ -445,7 +447,7 @@ pub async fn prepare(
     group_uid: &str,
     snapshot_uid: &str,
 ) -> Result<Option<CentralSnapshot>, PrepareError> {
-    let mut members: Vec<(String, RbdVolume)> = Vec::new();
+    let mut members: Vec<(String, RbdVolume, &CachedVolume)> = Vec::new();
     let mut first: Option<&CachedVolume> = None;
     for (pv, volume) in volumes {
         let Some(volume) = volume else { continue };
@@ -453,12 +455,12 @@ pub async fn prepare(
             None => {}
             Some(Ok(image)) => {
                 first.get_or_insert(volume);
-                members.push((pv.clone(), image));
+                members.push((pv.clone(), image, volume));
             }
             Some(Err(e)) => return Err(refused("InvalidRbdVolume", e.to_string())),
         }
     }
-    let images: Vec<RbdVolume> = members.iter().map(|(_, i)| i.clone()).collect();
+    let images: Vec<RbdVolume> = members.iter().map(|(_, i, _)| i.clone()).collect();
     let place = match placement(&images) {
         Ok(Some(place)) => place,
         Ok(None) => return Ok(None),
@@ -503,9 +505,10 @@ pub async fn prepare(
         snapshot: rbd_snap_name(snapshot_uid),
         volumes: members
             .into_iter()
-            .map(|(pv, image)| CentralVolume {
+            .map(|(pv, image, volume)| CentralVolume {
                 persistent_volume: pv,
                 image: image.image,
+                csi: restore_csi(volume),
             })
             .collect(),
         phase: CentralPhase::Pending,

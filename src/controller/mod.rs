@@ -119,6 +119,8 @@ pub enum Error {
     LeaderElection(#[from] kube_lease_manager::LeaseManagerError),
     #[error("lost the leader lease; exiting so that only one replica acts")]
     LostLease,
+    #[error("Ceph: {0}")]
+    Ceph(String),
 }
 
 /// Per snapshot (namespace, name): the snapshots waiting for it to finish.

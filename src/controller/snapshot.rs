@@ -1277,16 +1277,9 @@ async fn drive(
                     message.push_str(&format!(", quiesce window {quiesce} ms"));
                 }
                 if let Some(c) = &status.central {
-                    let ns = if c.rados_namespace.is_empty() {
-                        String::new()
-                    } else {
-                        format!("{}/", c.rados_namespace)
-                    };
                     message.push_str(&format!(
-                        ", RBD group snapshot {}/{ns}{}@{} in {} ms",
-                        c.pool,
-                        c.group,
-                        c.snapshot,
+                        ", RBD group snapshot {} in {} ms",
+                        super::central::snapshot_path(c),
                         c.call_millis.map_or("-".into(), |m| m.to_string())
                     ));
                 }

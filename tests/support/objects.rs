@@ -83,6 +83,7 @@ pub fn rbd_volume(name: &str, namespace: &str, claim: &str, v: &RbdVolume) -> Pe
                 "fsType": v.fs_type,
                 "volumeAttributes": {"clusterID": v.cluster_id, "pool": v.pool, "imageName": v.image},
                 "controllerExpandSecretRef": {"name": v.secret, "namespace": namespace},
+                "nodeStageSecretRef": {"name": v.secret, "namespace": namespace},
             }
         }
     }))

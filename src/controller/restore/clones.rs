@@ -14,15 +14,16 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::plan::{
     self, BoundClaim, CREATED_BY_ANNOTATION, GROUP_RESTORE_UID_LABEL, Owner, Target,
 };
+use super::rbd_copies::{self, central_volume, is_rbd_copy};
 use super::{CONDITION_CLAIMS_BOUND, RestoreContext, now};
 use crate::api::{
-    CONDITION_READY, CloneState, GroupRestore, GroupRestoreStatus, NodeRestore, NodeRestoreAction,
-    NodeRestorePhase, RestorePhase, RestoredMember,
+    CONDITION_READY, CentralSnapshot, CloneState, GroupRestore, GroupRestoreStatus, GroupSnapshot,
+    NodeRestore, NodeRestoreAction, NodeRestorePhase, RestorePhase, RestoredMember,
 };
 use crate::conditions::condition;
 use crate::controller::{CONTROLLER_NAME, Error, publish_event};
@@ -56,7 +57,8 @@ pub fn aggregate(members: &mut [RestoredMember], nodes: &[NodeRestore]) -> Progr
             ));
         }
     }
-    for member in members.iter_mut() {
+    // RBD members are copied by the controller, not on a node (`rbd_copies`).
+    for member in members.iter_mut().filter(|m| !is_rbd_copy(m)) {
         let node = nodes.iter().find(|n| {
             n.spec.node_name == member.node
                 && n.spec
@@ -316,6 +318,7 @@ pub async fn create_volumes(
     owner: &Owner<'_>,
     targets: &[Target],
     nodes: &[NodeRestore],
+    central: Option<&CentralSnapshot>,
 ) -> Result<Result<(), String>, Error> {
     let claims: Api<PersistentVolumeClaim> =
         Api::namespaced(rctx.ctx.client.clone(), owner.namespace);
@@ -332,6 +335,13 @@ pub async fn create_volumes(
         let Some(bound) = BoundClaim::of(&claim) else {
             return Ok(Err(format!("claim {} has no uid or spec", target.claim)));
         };
+        if let (Some(central), Some(volume)) = (central, central_volume(central, target)) {
+            match rbd_copies::volume_object(owner, target, &bound, central, volume) {
+                Ok(pv) => objects.push(pv),
+                Err(e) => return Ok(Err(e)),
+            }
+            continue;
+        }
         let Some((node, clone)) = nodes.iter().find_map(|n| {
             let v = n
                 .status
@@ -484,6 +494,22 @@ pub async fn roll_back(
     let uid = restore.uid().ok_or(Error::MissingUid)?;
     abort_node_restores(rctx, &namespace, &uid).await?;
     delete_volumes(rctx, &uid).await?;
+    if status.members.iter().any(is_rbd_copy) {
+        // The source GroupSnapshot waits for this restore to end before it goes.
+        let snapshot = Api::<GroupSnapshot>::namespaced(rctx.ctx.client.clone(), &namespace)
+            .get_opt(&restore.spec.source.group_snapshot_name)
+            .await?
+            .filter(|s| s.uid() == status.group_snapshot_uid);
+        match snapshot.and_then(|s| s.status).and_then(|s| s.central) {
+            Some(central) => {
+                rbd_copies::delete_unpublished(rctx, &central, &status.members).await?
+            }
+            None => warn!(
+                restore = %restore.name_any(),
+                "the source GroupSnapshot is gone: its RBD copies without a PV stay (named after their PVs)"
+            ),
+        }
+    }
     let names: Vec<String> = status.members.iter().map(|m| m.claim.clone()).collect();
     let left = delete_created_claims(rctx, &namespace, &uid, &names).await?;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(rctx.ctx.client.clone(), &namespace);

@@ -899,17 +899,10 @@ async fn roll_back_rbd(
         .collect();
     status.member_count = i32::try_from(status.members.len()).unwrap_or(i32::MAX);
     let notes = scale_back_all(&client, &namespace, &mut status).await?;
-    let ns = if central.rados_namespace.is_empty() {
-        String::new()
-    } else {
-        format!("{}/", central.rados_namespace)
-    };
     let message = format!(
-        "{} RBD image(s) rolled back in place to {}/{ns}{}@{} (GroupSnapshot {}); the claims and PVs are unchanged",
+        "{} RBD image(s) rolled back in place to {} (GroupSnapshot {}); the claims and PVs are unchanged",
         status.member_count,
-        central.pool,
-        central.group,
-        central.snapshot,
+        crate::controller::central::snapshot_path(central),
         snapshot.name_any()
     );
     finish(
@@ -1161,7 +1154,7 @@ async fn swap(
             .filter(|t| need_volume.contains_key(&t.claim))
             .cloned()
             .collect();
-        if let Err(problem) = clones::create_volumes(rctx, &owner, &wanted, &nodes).await? {
+        if let Err(problem) = clones::create_volumes(rctx, &owner, &wanted, &nodes, None).await? {
             published_problem = Some(problem);
         }
     }

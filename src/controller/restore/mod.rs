@@ -28,6 +28,7 @@ mod new_claims;
 pub mod plan;
 pub mod post_hooks;
 pub mod quota;
+pub mod rbd_copies;
 pub mod validate;
 
 use crate::controller::cache::CachedVolume;
@@ -158,6 +159,7 @@ pub async fn run_restore_controllers(
     let (node_restore_events, node_restore_copies) = tee(node_restore_events);
     let (restore_events, restore_copies) = tee(restore_events);
     let (volume_objects, volume_copies) = tee_ok(volume_objects);
+    let (volume_copies, rbd_volume_copies) = tee_ok(volume_copies);
     let node_restore_events =
         super::drive_in_background("noderestores", node_restore_events, None, None);
     let restore_events = super::drive_in_background("grouprestores", restore_events, None, None);
@@ -237,13 +239,26 @@ pub async fn run_restore_controllers(
             },
         )
         .shutdown_on_signal()
-        .run(reconcile_node_restore, node_error_policy, rctx)
+        .run(reconcile_node_restore, node_error_policy, rctx.clone())
         .for_each(|result| async move {
             if let Err(e) = result {
                 warn!(error = %e, "node restore cleanup failed");
             }
         });
-    tokio::join!(group_restores, cleanup);
+    // The external deleter of restored RBD copies: their image goes once their claim is gone.
+    let rctx2 = rctx;
+    let rbd_copies = Controller::for_stream(
+        rbd_volume_copies.map(Ok::<_, watcher::Error>),
+        ctx.volumes.clone(),
+    )
+    .shutdown_on_signal()
+    .run(rbd_copies::reconcile_volume, volume_error_policy, rctx2)
+    .for_each(|result| async move {
+        if let Err(e) = result {
+            warn!(error = %e, "restored RBD copy cleanup failed");
+        }
+    });
+    tokio::join!(group_restores, cleanup, rbd_copies);
 }
 
 /// Copies of every object of a watch stream, for a second consumer.
@@ -280,6 +295,12 @@ fn error_policy(restore: Arc<GroupRestore>, error: &Error, rctx: Arc<RestoreCont
     warn!(restore = %restore.name_any(), error = %error, "will retry");
     rctx.ctx.metrics.reconcile_error("group_restore");
     Action::requeue(Duration::from_secs(2))
+}
+
+fn volume_error_policy(pv: Arc<CachedVolume>, error: &Error, rctx: Arc<RestoreContext>) -> Action {
+    warn!(pv = %pv.name_any(), error = %error, "will retry");
+    rctx.ctx.metrics.reconcile_error("rbd_copy");
+    Action::requeue(Duration::from_secs(5))
 }
 
 fn node_error_policy(node: Arc<NodeRestore>, error: &Error, rctx: Arc<RestoreContext>) -> Action {

@@ -16,12 +16,14 @@ use tracing::info;
 
 use super::clones::{self, Progress};
 use super::plan::{self, COMPLETED_ANNOTATION, CREATED_BY_ANNOTATION, Owner, Target};
+use super::rbd_copies;
 use super::validate::{self, Inputs, Verdict};
 use super::{RestoreContext, now};
 use crate::api::{
     GroupRestore, GroupRestoreStatus, GroupSnapshot, MemberSnapshot, NodeRestore, RestorePhase,
     RestoredMember,
 };
+use crate::controller::central::snapshot_path;
 use crate::controller::{Error, cache_ready};
 
 /// How long a young restore waits for its GroupSnapshot to appear (GitOps may apply both at once).
@@ -165,31 +167,46 @@ async fn start(
             status.phase = RestorePhase::Cloning;
             status.group_snapshot_uid = snapshot.uid();
             status.consistency = snapshot_status.consistency;
+            let central = snapshot_status.central.as_ref();
             status.members = start
                 .targets
                 .iter()
-                .map(|t| RestoredMember {
-                    source_claim: t.member.claim.clone(),
-                    claim: t.claim.clone(),
-                    persistent_volume: t.persistent_volume.clone(),
-                    node: t.member.node.clone(),
-                    ..Default::default()
+                .map(|t| {
+                    let member = RestoredMember {
+                        source_claim: t.member.claim.clone(),
+                        claim: t.claim.clone(),
+                        persistent_volume: t.persistent_volume.clone(),
+                        node: t.member.node.clone(),
+                        ..Default::default()
+                    };
+                    match rbd_copies::central_volume(central, t) {
+                        Some(_) => rbd_copies::pending_member(member, t),
+                        None => member,
+                    }
                 })
                 .collect();
             status.member_count = i32::try_from(status.members.len()).unwrap_or(i32::MAX);
             status.start_time.get_or_insert_with(now);
             status.message = None;
             status.observed_generation = restore.metadata.generation;
-            let nodes: std::collections::BTreeSet<&str> = start
-                .targets
+            let (copies, clones): (Vec<&RestoredMember>, Vec<&RestoredMember>) = status
+                .members
                 .iter()
-                .map(|t| t.member.node.as_str())
-                .collect();
-            let message = format!(
+                .partition(|m| rbd_copies::is_rbd_copy(m));
+            let nodes: std::collections::BTreeSet<&str> =
+                clones.iter().map(|m| m.node.as_str()).collect();
+            let mut message = format!(
                 "cloning {} member(s) on {} node(s)",
-                status.member_count,
+                clones.len(),
                 nodes.len()
             );
+            if !copies.is_empty() {
+                message.push_str(&format!(
+                    ", copying {} RBD image(s) from {}",
+                    copies.len(),
+                    central.map(snapshot_path).unwrap_or_default()
+                ));
+            }
             clones::set_conditions(
                 &mut status,
                 restore.metadata.generation,
@@ -291,6 +308,16 @@ async fn drive(
         return clones::roll_back(rctx, restore, status, reason, message).await;
     }
     let targets = targets_of(&status, snapshot.as_ref());
+    let central = snapshot
+        .as_ref()
+        .and_then(|s| s.status.as_ref())
+        .and_then(|s| s.central.clone());
+    // RBD members are copied by the controller; the rest by their nodes.
+    let cloned_on_nodes: Vec<Target> = targets
+        .iter()
+        .filter(|t| rbd_copies::central_volume(central.as_ref(), t).is_none())
+        .cloned()
+        .collect();
     let class = storage_class_of(rctx).to_string();
     let owner = Owner::of(restore, &namespace, &uid, &class);
 
@@ -378,14 +405,22 @@ async fn drive(
         .filter(|n| n.namespace().as_deref() == Some(namespace.as_str()))
         .filter_map(|n| Some((n.name_any(), n.uid()?)))
         .collect();
-    let wanted = plan::node_restores(&owner, &targets, &node_snapshot_uids);
+    let wanted = plan::node_restores(&owner, &cloned_on_nodes, &node_snapshot_uids);
     if !binding
         && let Err(problem) = clones::ensure_node_restores(rctx, &namespace, &uid, &wanted).await?
     {
         return clones::roll_back(rctx, restore, status, "NodeRestoreCreateFailed", problem).await;
     }
     let nodes: Vec<NodeRestore> = clones::node_restores_of(rctx, &namespace, &uid);
-    let progress = clones::aggregate(&mut status.members, &nodes);
+    let mut progress = clones::aggregate(&mut status.members, &nodes);
+    if !binding
+        && !matches!(progress, Progress::Failed(_))
+        && let Some(central) = &central
+        && let Err(problem) =
+            rbd_copies::copy_members(rctx, central, &targets, &mut status.members).await?
+    {
+        progress = Progress::Failed(problem);
+    }
     match progress {
         Progress::Failed(message) => {
             clones::roll_back(rctx, restore, status, "CloneFailed", message).await
@@ -415,7 +450,9 @@ async fn drive(
             Ok(clones::until_deadline(restore))
         }
         Progress::Cloned => {
-            if let Err(problem) = clones::create_volumes(rctx, &owner, &targets, &nodes).await? {
+            if let Err(problem) =
+                clones::create_volumes(rctx, &owner, &targets, &nodes, central.as_ref()).await?
+            {
                 return clones::roll_back(rctx, restore, status, "PublishFailed", problem).await;
             }
             if clones::all_bound(&targets, &claims) {

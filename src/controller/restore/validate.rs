@@ -205,22 +205,10 @@ pub fn validate(inputs: &Inputs<'_>) -> Verdict {
         unreachable!("snapshot_problem refuses a missing snapshot")
     };
     let status = snapshot.status.clone().unwrap_or_default();
-    if let Some(central) = &status.central {
-        let ns = if central.rados_namespace.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", central.rados_namespace)
-        };
-        return refuse(
-            "RbdRestoreUnsupported",
-            format!(
-                "GroupSnapshot {} holds Ceph RBD members, in the RBD group snapshot {pool}/{ns}{group}@{snap}; tandem does not restore RBD members to new claims yet (its agents cannot clone them). Restore them in place (spec.mode: InPlace: `rbd group snap rollback` once every member is unmapped), or copy a member into a new image by hand from the snapshot `rbd snap ls --all` lists for it",
-                snapshot.name_any(),
-                pool = central.pool,
-                group = central.group,
-                snap = central.snapshot,
-            ),
-        );
+    if let Some(central) = &status.central
+        && let Some((reason, message)) = super::rbd_copies::refusal(&snapshot.name_any(), central)
+    {
+        return refuse(reason, message);
     }
     if status.members.is_empty() {
         return refuse(
@@ -512,11 +500,11 @@ mod tests {
                 pool: "rbd".into(),
                 group: "tandem-g".into(),
                 snapshot: "tandem-s".into(),
-                phase: crate::api::CentralPhase::Taken,
+                phase: crate::api::CentralPhase::Removed,
                 ..Default::default()
             });
         }
-        cases.push(("RbdRestoreUnsupported", w));
+        cases.push(("RbdSnapshotMissing", w));
         let mut w = World::new();
         w.restore.status = Some(crate::api::GroupRestoreStatus {
             group_snapshot_uid: Some("older-uid".into()),

@@ -1,0 +1,559 @@
+//! The Ceph RBD members of a NewClaims restore. Ceph 16.x cannot clone from a group snapshot, so
+//! the controller (the one process holding Ceph credentials) copies each member's image, as it
+//! was in the RBD group snapshot, into a new image named after the restored PV, and publishes
+//! that image as a static ceph-csi PV pre-bound to the restored claim. tandem is the PV's
+//! external deleter (ceph-csi deletes no static volume): once the claim is gone, the image goes,
+//! then the PV.
+//!
+//! A copy interrupted by a restart is deleted and made again: a member counts as copied only
+//! once its status says so, and that is written after the copy returned.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::PersistentVolume;
+use kube::api::{DeleteParams, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::plan::{
+    BoundClaim, GROUP_RESTORE_UID_LABEL, Owner, PROVISIONED_BY_ANNOTATION, Target, provenance,
+};
+use super::{RestoreContext, now};
+use crate::api::{
+    CentralPhase, CentralSnapshot, CentralVolume, CloneMethod, GROUP_RESTORE_LABEL,
+    RESTORE_PROVISIONER, RestoredMember,
+};
+use crate::controller::cache::CachedVolume;
+use crate::controller::central::{rbd_path, rbd_volume, snapshot_path};
+use crate::controller::ceph::{self, CephError};
+use crate::controller::rbd::PoolRef;
+use crate::controller::{Error, publish_event};
+
+/// The backend a restored RBD member reports (`status.members[].backend`).
+pub const RBD_COPY_BACKEND: &str = "rbd-copy";
+/// The finalizer on a restored RBD member's PV: it goes once tandem deleted the image.
+pub const IMAGE_FINALIZER: &str = "tandem.dev/rbd-image";
+
+/// The central record of `target`'s member, if it is an RBD member.
+pub fn central_volume<'a>(
+    central: Option<&'a CentralSnapshot>,
+    target: &Target,
+) -> Option<&'a CentralVolume> {
+    central?
+        .volumes
+        .iter()
+        .find(|v| v.persistent_volume == target.member.persistent_volume)
+}
+
+/// Why the RBD members of GroupSnapshot `snapshot` cannot be restored to new claims, or None.
+pub fn refusal(snapshot: &str, central: &CentralSnapshot) -> Option<(&'static str, String)> {
+    let path = snapshot_path(central);
+    if central.phase != CentralPhase::Taken {
+        return Some((
+            "RbdSnapshotMissing",
+            format!(
+                "GroupSnapshot {snapshot} records its RBD group snapshot {path} as {:?}, not Taken: there is nothing to copy",
+                central.phase
+            ),
+        ));
+    }
+    for volume in &central.volumes {
+        let Some(csi) = &volume.csi else {
+            return Some((
+                "RbdSnapshotTooOld",
+                format!(
+                    "GroupSnapshot {snapshot} was taken by a tandem that did not record how PersistentVolume {} is mapped (its CSI driver, secrets and attributes), so a copy of {} cannot be published; restore it in place (spec.mode: InPlace), or take a new GroupSnapshot",
+                    volume.persistent_volume,
+                    rbd_path(&central.pool, &central.rados_namespace, &volume.image)
+                ),
+            ));
+        };
+        if csi.attributes.get("encrypted").map(String::as_str) == Some("true") {
+            return Some((
+                "RbdEncryptedUnsupported",
+                format!(
+                    "PersistentVolume {} is an encrypted ceph-csi volume: its key is kept by ceph-csi under the volume's own id, which a copy does not have, so tandem does not restore it to a new claim; restore in place (spec.mode: InPlace)",
+                    volume.persistent_volume
+                ),
+            ));
+        }
+    }
+    None
+}
+
+/// The restored member's record before its copy: a full copy by the controller.
+pub fn pending_member(mut member: RestoredMember, target: &Target) -> RestoredMember {
+    member.method = Some(CloneMethod::Copy);
+    member.backend = Some(RBD_COPY_BACKEND.into());
+    member.size = target.member.capacity.clone();
+    member.progress_percent = Some(0);
+    member
+}
+
+/// Whether a restored member is an RBD copy (and so no NodeRestore's business).
+pub fn is_rbd_copy(member: &RestoredMember) -> bool {
+    member.backend.as_deref() == Some(RBD_COPY_BACKEND)
+}
+
+/// The static ceph-csi PV of a restored RBD member: the new image (named after the PV) as
+/// `volumeHandle` and `imageName`, `staticVolume: "true"`, the member's driver, filesystem,
+/// secrets and mapping attributes, pre-bound to the claim (with its uid), no node affinity (the
+/// image is reachable from every node), reclaim Delete with tandem as the external deleter.
+pub fn volume_object(
+    owner: &Owner<'_>,
+    target: &Target,
+    claim: &BoundClaim,
+    central: &CentralSnapshot,
+    volume: &CentralVolume,
+) -> Result<PersistentVolume, String> {
+    let csi = volume.csi.as_ref().ok_or_else(|| {
+        format!(
+            "the snapshot recorded no CSI settings for {}",
+            volume.persistent_volume
+        )
+    })?;
+    let image = &target.persistent_volume;
+    let mut attributes = csi.attributes.clone();
+    attributes.insert("clusterID".into(), central.cluster_id.clone());
+    attributes.insert("pool".into(), central.pool.clone());
+    if central.rados_namespace.is_empty() {
+        attributes.remove("radosNamespace");
+    } else {
+        attributes.insert("radosNamespace".into(), central.rados_namespace.clone());
+    }
+    attributes.insert("imageName".into(), image.clone());
+    attributes.insert("staticVolume".into(), "true".into());
+    let secret = |reference: &Option<String>| {
+        reference
+            .as_deref()
+            .and_then(|r| r.split_once('/'))
+            .map(|(namespace, name)| json!({"namespace": namespace, "name": name}))
+    };
+    let mut source = json!({
+        "driver": csi.driver,
+        "volumeHandle": image,
+        "volumeAttributes": attributes,
+    });
+    if let Some(fs) = &csi.fs_type {
+        source["fsType"] = json!(fs);
+    }
+    if let Some(r) = secret(&csi.node_stage_secret) {
+        source["nodeStageSecretRef"] = r;
+    }
+    if let Some(r) = secret(&csi.controller_secret) {
+        source["controllerExpandSecretRef"] = r;
+    }
+    let size = target
+        .member
+        .capacity
+        .as_ref()
+        .and_then(|q| super::quota::parse_quantity(&q.0))
+        .unwrap_or(0)
+        .max(claim.request_bytes);
+    let mut annotations = provenance(
+        owner.namespace,
+        owner.snapshot,
+        &target.member,
+        owner.consistency,
+    );
+    annotations.insert(PROVISIONED_BY_ANNOTATION.into(), RESTORE_PROVISIONER.into());
+    let access_modes = if claim.access_modes.is_empty() {
+        vec!["ReadWriteOnce".to_string()]
+    } else {
+        claim.access_modes.clone()
+    };
+    let mut spec = json!({
+        "capacity": {"storage": size.to_string()},
+        "accessModes": access_modes,
+        "persistentVolumeReclaimPolicy": "Delete",
+        "storageClassName": claim.storage_class,
+        "volumeMode": claim.volume_mode,
+        "csi": source,
+        "claimRef": {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "namespace": owner.namespace,
+            "name": claim.name,
+            "uid": claim.uid,
+        },
+    });
+    // The copy has its origin's XFS uuid: without nouuid it cannot be mounted beside it.
+    if claim.volume_mode == "Filesystem"
+        && (csi.fs_type.as_deref() == Some("xfs")
+            || target.member.filesystem.as_deref() == Some("xfs"))
+    {
+        spec["mountOptions"] = json!(["nouuid"]);
+    }
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": target.persistent_volume,
+            "labels": {
+                GROUP_RESTORE_LABEL: owner.name,
+                GROUP_RESTORE_UID_LABEL: owner.uid,
+            },
+            "annotations": annotations,
+            "finalizers": [IMAGE_FINALIZER],
+        },
+        "spec": spec,
+    }))
+    .map_err(|e| format!("cannot build the PV of {}: {e}", target.persistent_volume))
+}
+
+/// Copies every RBD member of `targets` that is not copied yet (concurrently, each on the
+/// blocking pool) and records it in `members`. `Ok(Err(..))`: a copy failed; the restore rolls
+/// back.
+pub async fn copy_members(
+    rctx: &RestoreContext,
+    central: &CentralSnapshot,
+    targets: &[Target],
+    members: &mut [RestoredMember],
+) -> Result<Result<(), String>, Error> {
+    let todo: Vec<(usize, CentralVolume, String)> = members
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| is_rbd_copy(m) && m.cloned_at.is_none())
+        .filter_map(|(i, m)| {
+            let target = targets
+                .iter()
+                .find(|t| t.persistent_volume == m.persistent_volume)?;
+            let volume = central_volume(Some(central), target)?;
+            Some((i, volume.clone(), target.persistent_volume.clone()))
+        })
+        .collect();
+    if todo.is_empty() {
+        return Ok(Ok(()));
+    }
+    let client = rctx.ctx.client.clone();
+    let cluster = match ceph::connect_for(&rctx.ctx.ceph, &client, &rctx.ctx.volumes, central).await
+    {
+        Ok(c) => c,
+        Err(CephError::Kube(e)) => return Err(e.into()),
+        Err(e) => return Ok(Err(format!("cannot reach the Ceph cluster: {e}"))),
+    };
+    let pool = PoolRef::new(&central.pool, &central.rados_namespace);
+    let copies = todo.iter().map(|(_, volume, new_image)| {
+        let (cluster, pool, group, snap) = (
+            cluster.clone(),
+            pool.clone(),
+            central.group.clone(),
+            central.snapshot.clone(),
+        );
+        let (image, new_image) = (volume.image.clone(), new_image.clone());
+        async move {
+            let started = std::time::Instant::now();
+            let result = ceph::blocking(move || {
+                // What an interrupted attempt left is not a copy.
+                cluster.delete_image(&pool, &new_image)?;
+                cluster.copy_from_group_snap(&pool, &group, &snap, &image, &new_image)
+            })
+            .await;
+            (result, started.elapsed())
+        }
+    });
+    let results = futures::future::join_all(copies).await;
+    let mut failures = Vec::new();
+    for ((i, volume, new_image), (result, took)) in todo.iter().zip(results) {
+        let from = rbd_path(&central.pool, &central.rados_namespace, &volume.image);
+        let to = rbd_path(&central.pool, &central.rados_namespace, new_image);
+        match result {
+            Ok(()) => {
+                info!(from = %from, to = %to, millis = took.as_millis() as u64, "RBD member copied");
+                let member = &mut members[*i];
+                member.cloned_at = Some(now());
+                member.progress_percent = Some(100);
+                member.message = Some(format!(
+                    "copied {from}@{} to {to} in {} ms",
+                    central.snapshot,
+                    took.as_millis()
+                ));
+            }
+            Err(e) => {
+                members[*i].message = Some(e.to_string());
+                failures.push(format!("cannot copy {from} to {to}: {e}"));
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(Ok(()))
+    } else {
+        rctx.ctx.ceph.forget(&central.cluster_id);
+        Ok(Err(failures.join("; ")))
+    }
+}
+
+/// Deletes the copies of a rolled-back restore that have no PV (with a PV, the deleter deletes
+/// the image once the PV goes).
+pub async fn delete_unpublished(
+    rctx: &RestoreContext,
+    central: &CentralSnapshot,
+    members: &[RestoredMember],
+) -> Result<(), Error> {
+    let volumes: Api<PersistentVolume> = Api::all(rctx.ctx.client.clone());
+    let mut images = Vec::new();
+    for member in members.iter().filter(|m| is_rbd_copy(m)) {
+        if volumes.get_opt(&member.persistent_volume).await?.is_none() {
+            images.push(member.persistent_volume.clone());
+        }
+    }
+    if images.is_empty() {
+        return Ok(());
+    }
+    let client = rctx.ctx.client.clone();
+    let cluster = ceph::connect_for(&rctx.ctx.ceph, &client, &rctx.ctx.volumes, central)
+        .await
+        .map_err(|e| Error::Ceph(e.to_string()))?;
+    let pool = PoolRef::new(&central.pool, &central.rados_namespace);
+    let deleted = images.clone();
+    ceph::blocking(move || {
+        images
+            .iter()
+            .try_for_each(|image| cluster.delete_image(&pool, image))
+    })
+    .await
+    .map_err(|e| Error::Ceph(e.to_string()))?;
+    info!(images = ?deleted, "rolled back: the unpublished RBD copies are deleted");
+    Ok(())
+}
+
+/// What the deleter does with a PV.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deletion {
+    /// Not a restored RBD copy, or its claim still holds it.
+    Keep,
+    /// Its claim is gone (or the PV is being deleted): delete the image, then the PV.
+    DeleteImage,
+}
+
+/// Whether a PV's image is to be deleted: only tandem's restored RBD copies (its finalizer and
+/// provisioner mark), once Released or deleted.
+pub fn deletion(pv: &CachedVolume) -> Deletion {
+    let ours = pv.finalizers().iter().any(|f| f == IMAGE_FINALIZER)
+        && pv
+            .annotations()
+            .get(PROVISIONED_BY_ANNOTATION)
+            .map(String::as_str)
+            == Some(RESTORE_PROVISIONER);
+    let released = pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released");
+    if ours && (released || pv.metadata.deletion_timestamp.is_some()) {
+        Deletion::DeleteImage
+    } else {
+        Deletion::Keep
+    }
+}
+
+/// The deleter of restored RBD copies: deletes the image of a Released (or deleted) PV, then the
+/// PV. A busy image (still mapped, or holding snapshots) waits, with an event on the PV.
+pub async fn reconcile_volume(
+    pv: Arc<CachedVolume>,
+    rctx: Arc<RestoreContext>,
+) -> Result<Action, Error> {
+    if deletion(&pv) == Deletion::Keep {
+        return Ok(Action::await_change());
+    }
+    let name = pv.name_any();
+    let Some(Ok(image)) = rbd_volume(&pv) else {
+        warn!(pv = %name, "a restored RBD copy whose PV names no image: releasing it");
+        return remove_finalizer(&rctx, &pv).await;
+    };
+    let client = rctx.ctx.client.clone();
+    let path = rbd_path(&image.pool, &image.namespace, &image.image);
+    let deleted = match rctx
+        .ctx
+        .ceph
+        .connect(&client, &image.cluster_id, Some(&pv))
+        .await
+    {
+        Ok(cluster) => {
+            let pool = PoolRef::new(&image.pool, &image.namespace);
+            let name = image.image.clone();
+            ceph::blocking(move || cluster.delete_image(&pool, &name)).await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = deleted {
+        rctx.ctx.ceph.forget(&image.cluster_id);
+        warn!(pv = %name, image = %path, error = %e, "cannot delete a restored RBD copy yet");
+        publish_event(
+            &rctx.ctx,
+            &pv_reference(&pv),
+            EventType::Warning,
+            "RbdImageNotDeleted".into(),
+            Some(format!(
+                "the claim of this restored volume is gone, but its image {path} cannot be deleted yet ({e}); retried every 30 s"
+            )),
+            "Delete",
+        )
+        .await;
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
+    info!(pv = %name, image = %path, "the claim is gone: its RBD copy is deleted");
+    let volumes: Api<PersistentVolume> = Api::all(client);
+    if pv.metadata.deletion_timestamp.is_none() {
+        match volumes.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    remove_finalizer(&rctx, &pv).await
+}
+
+fn pv_reference(pv: &CachedVolume) -> k8s_openapi::api::core::v1::ObjectReference {
+    k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("PersistentVolume".into()),
+        name: pv.metadata.name.clone(),
+        uid: pv.metadata.uid.clone(),
+        ..Default::default()
+    }
+}
+
+async fn remove_finalizer(rctx: &RestoreContext, pv: &CachedVolume) -> Result<Action, Error> {
+    let volumes: Api<PersistentVolume> = Api::all(rctx.ctx.client.clone());
+    if let Some(patch) = crate::finalizer::removing(pv, IMAGE_FINALIZER) {
+        match volumes
+            .patch(&pv.name_any(), &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{CentralVolumeCsi, MemberSnapshot};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use std::collections::BTreeMap;
+
+    fn central() -> CentralSnapshot {
+        CentralSnapshot {
+            cluster_id: "c1".into(),
+            pool: "rbd".into(),
+            rados_namespace: "ns1".into(),
+            group: "tandem-g".into(),
+            snapshot: "tandem-s".into(),
+            volumes: vec![CentralVolume {
+                persistent_volume: "pv-db".into(),
+                image: "csi-vol-1".into(),
+                csi: Some(CentralVolumeCsi {
+                    driver: "rook-ceph.rbd.csi.ceph.com".into(),
+                    fs_type: Some("xfs".into()),
+                    node_stage_secret: Some("rook-ceph/rook-csi-rbd-node".into()),
+                    controller_secret: Some("rook-ceph/rook-csi-rbd-provisioner".into()),
+                    attributes: BTreeMap::from([
+                        ("clusterID".into(), "c1".into()),
+                        ("pool".into(), "rbd".into()),
+                        ("radosNamespace".into(), "ns1".into()),
+                        ("imageFeatures".into(), "layering".into()),
+                    ]),
+                }),
+            }],
+            phase: CentralPhase::Taken,
+            ..Default::default()
+        }
+    }
+
+    fn target() -> Target {
+        Target {
+            member: MemberSnapshot {
+                claim: "db".into(),
+                persistent_volume: "pv-db".into(),
+                node: "a".into(),
+                capacity: Some(Quantity("1Gi".into())),
+                filesystem: Some("xfs".into()),
+                ..Default::default()
+            },
+            claim: "db-restored".into(),
+            persistent_volume: "tandem-0123456789".into(),
+        }
+    }
+
+    #[test]
+    fn only_a_taken_recorded_unencrypted_snapshot_is_copied() {
+        assert_eq!(refusal("s", &central()), None);
+        let mut c = central();
+        c.phase = CentralPhase::Removed;
+        assert_eq!(refusal("s", &c).map(|r| r.0), Some("RbdSnapshotMissing"));
+        let mut c = central();
+        c.volumes[0].csi = None;
+        assert_eq!(refusal("s", &c).map(|r| r.0), Some("RbdSnapshotTooOld"));
+        let mut c = central();
+        if let Some(csi) = c.volumes[0].csi.as_mut() {
+            csi.attributes.insert("encrypted".into(), "true".into());
+        }
+        assert_eq!(
+            refusal("s", &c).map(|r| r.0),
+            Some("RbdEncryptedUnsupported")
+        );
+    }
+
+    #[test]
+    fn a_copy_is_published_as_a_static_ceph_csi_volume_of_the_claim() {
+        let restore: crate::api::GroupRestore = serde_json::from_value(json!({
+            "apiVersion": "tandem.dev/v1alpha1", "kind": "GroupRestore",
+            "metadata": {"name": "r", "namespace": "app"},
+            "spec": {"source": {"groupSnapshotName": "s"}},
+        }))
+        .expect("restore");
+        let owner = Owner::of(&restore, "app", "uid-r", "tandem-restore");
+        let claim = BoundClaim {
+            name: "db-restored".into(),
+            uid: "uid-c".into(),
+            storage_class: "tandem-restore".into(),
+            request_bytes: 1 << 20,
+            access_modes: vec!["ReadWriteOnce".into()],
+            volume_mode: "Filesystem".into(),
+        };
+        let c = central();
+        let pv = volume_object(&owner, &target(), &claim, &c, &c.volumes[0]).expect("pv");
+        let spec = pv.spec.clone().expect("spec");
+        let csi = spec.csi.clone().expect("csi");
+        assert_eq!(csi.driver, "rook-ceph.rbd.csi.ceph.com");
+        assert_eq!(csi.volume_handle, "tandem-0123456789");
+        assert_eq!(csi.fs_type.as_deref(), Some("xfs"));
+        let attributes = csi.volume_attributes.clone().unwrap_or_default();
+        assert_eq!(attributes["staticVolume"], "true");
+        assert_eq!(attributes["imageName"], "tandem-0123456789");
+        assert_eq!(attributes["radosNamespace"], "ns1");
+        assert_eq!(attributes["imageFeatures"], "layering");
+        assert_eq!(
+            csi.node_stage_secret_ref.and_then(|r| r.name).as_deref(),
+            Some("rook-csi-rbd-node")
+        );
+        assert_eq!(spec.claim_ref.and_then(|r| r.uid).as_deref(), Some("uid-c"));
+        assert_eq!(spec.capacity.expect("capacity")["storage"].0, "1073741824");
+        assert_eq!(spec.mount_options, Some(vec!["nouuid".to_string()]));
+        assert_eq!(spec.node_affinity, None);
+        assert_eq!(pv.finalizers(), [IMAGE_FINALIZER.to_string()]);
+
+        // What the deleter reads back from it.
+        let cached: CachedVolume =
+            serde_json::from_value(serde_json::to_value(&pv).expect("json")).expect("cached");
+        let image = rbd_volume(&cached).expect("rbd").expect("image");
+        assert_eq!(
+            (
+                image.cluster_id.as_str(),
+                image.pool.as_str(),
+                image.namespace.as_str(),
+                image.image.as_str()
+            ),
+            ("c1", "rbd", "ns1", "tandem-0123456789")
+        );
+        assert_eq!(deletion(&cached), Deletion::Keep);
+        let mut released = cached.clone();
+        released.status = serde_json::from_value(json!({"phase": "Released"})).ok();
+        assert_eq!(deletion(&released), Deletion::DeleteImage);
+        let mut not_ours = released.clone();
+        not_ours.metadata.finalizers = None;
+        assert_eq!(deletion(&not_ours), Deletion::Keep);
+    }
+}
