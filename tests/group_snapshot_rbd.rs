@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Secret};
-use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::eventually;
 use support::process::Daemon;
@@ -862,4 +862,68 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
             .expect("read");
         assert!(head == before, "{image}: rolled back to the snapshot");
     }
+
+    // 11. A member claim deleted while a GroupSnapshot holds its image: held (with an event
+    //     naming the snapshot), until that snapshot goes; then its image leaves the RBD group and
+    //     the claim goes, so ceph-csi can delete the image.
+    let claims: Api<PersistentVolumeClaim> = w.env.api();
+    let held = claims.get("db-u1").await.expect("claim");
+    assert!(
+        held.finalizers()
+            .iter()
+            .any(|f| f == "tandem.dev/rbd-member"),
+        "{:?}",
+        held.finalizers()
+    );
+    claims
+        .delete("db-u1", &Default::default())
+        .await
+        .expect("delete the member claim");
+    let events: Api<k8s_openapi::api::events::v1::Event> = w.env.api();
+    eventually(
+        WAIT,
+        "an event naming the GroupSnapshot that holds it",
+        || async {
+            let listed = events.list(&Default::default()).await.ok()?;
+            listed
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("RbdSnapshotsHoldImage")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("db-u1")
+                        && e.note
+                            .as_deref()
+                            .is_some_and(|n| n.contains("GroupSnapshot(s) s"))
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        claims.get_opt("db-u1").await.expect("get").is_some(),
+        "held"
+    );
+    let group = group_of(&w).await;
+    let in_group = |rbd: &Rbd| -> Vec<String> {
+        rbd.cluster
+            .group_images(&rbd.pool, &group)
+            .expect("group images")
+            .into_iter()
+            .map(|i| i.name)
+            .collect()
+    };
+    assert!(in_group(&rbd).contains(&images["db-u1"]));
+    let snapshots: Api<GroupSnapshot> = w.env.api();
+    snapshots
+        .delete("s", &Default::default())
+        .await
+        .expect("delete the snapshot");
+    eventually(WAIT, "the claim released", || async {
+        claims.get_opt("db-u1").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(in_group(&rbd), vec![images["db-u2"].clone()]);
+    rbd.cluster
+        .delete_image(&rbd.pool, &images["db-u1"])
+        .expect("what ceph-csi does next now succeeds");
 }

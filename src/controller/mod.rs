@@ -14,6 +14,7 @@ pub mod membership;
 mod metrics;
 mod orphans;
 pub mod rbd;
+pub mod rbd_members;
 pub mod rbd_oneshot;
 pub mod restore;
 pub mod schedule;
@@ -331,6 +332,7 @@ async fn run_controllers(
     // Node changes need no reconcile of their own (a relabelled node is rare); the cache is enough.
     tokio::spawn(node_events.for_each(|_| async {}));
     let (claim_events, restore_claims) = restore::tee(claim_events);
+    let (claim_events, member_claims) = restore::tee(claim_events);
     let (volume_events, restore_volumes) = restore::tee(volume_events);
     let claim_cache_lag = args
         .test_only_claim_cache_lag_ms
@@ -411,6 +413,7 @@ async fn run_controllers(
                 restore_volumes,
             ),
             schedule::run_schedule_controller(ctx.clone(), args.namespace.as_deref()),
+            rbd_members::run(ctx.clone(), args.namespace.as_deref(), member_claims),
         )
     };
     // The controllers end on SIGTERM/SIGINT (graceful drain).

@@ -462,6 +462,18 @@ async fn start(
         .collect();
     let group_uid = group.uid().ok_or(Error::MissingUid)?;
     let snapshot_uid = snapshot.uid().ok_or(Error::MissingUid)?;
+    // Their claims are held on deletion before their images join the group (`rbd_members`).
+    let rbd_claims: Vec<String> = members
+        .iter()
+        .filter(|m| {
+            volumes.iter().any(|(pv, v)| {
+                *pv == m.persistent_volume
+                    && v.as_deref().and_then(super::central::rbd_volume).is_some()
+            })
+        })
+        .map(|m| m.claim.clone())
+        .collect();
+    super::rbd_members::protect(ctx, &namespace, &rbd_claims).await?;
     match ceph::prepare(
         &ctx.client,
         &ctx.ceph,
@@ -1505,8 +1517,8 @@ async fn remove_central(
         Err(e) => {
             ctx.ceph.forget(&record.cluster_id);
             let message = format!(
-                "cannot remove the RBD group snapshot {}/{}@{} yet ({e}); retrying",
-                record.pool, record.group, record.snapshot
+                "cannot remove the RBD group snapshot {} yet ({e}); retrying",
+                super::central::snapshot_path(&record)
             );
             warn!(snapshot = %name, %message);
             if wait_message(status, message) {

@@ -826,6 +826,13 @@ impl Cluster {
         }
     }
 
+    /// The name of the group the image is in (None: in none); a missing image is
+    /// [`RbdError::ImageNotFound`].
+    pub fn image_group(&self, pool: &PoolRef, image: &str) -> Result<Option<String>, RbdError> {
+        let opened = self.open(pool, image, true)?;
+        Ok(opened.group()?.map(|(_, name)| name))
+    }
+
     /// Takes the image out of the group; an image not in it (or missing) is fine. An image in
     /// another group is left alone.
     pub fn remove_image(&self, pool: &PoolRef, group: &str, image: &str) -> Result<(), RbdError> {

@@ -1,0 +1,274 @@
+//! The claims of RBD members. Once tandem put a claim's image in its ConsistencyGroup's RBD
+//! group, deleting the claim must not leave ceph-csi an image it cannot delete: librbd refuses to
+//! remove an image in a group, and an image taken out of a group keeps its share of every group
+//! snapshot, so `rbd rm` fails on "image has snapshots" either way.
+//!
+//! So tandem puts a finalizer on the claim before its image joins the group. A deleted claim is
+//! held while a GroupSnapshot's RBD group snapshot holds its image, with a Warning event naming
+//! those GroupSnapshots (deleting them removes the image's snapshots); then tandem takes the
+//! image out of its tandem group and lets the claim go, and ceph-csi deletes the volume as usual.
+//! Nothing is deleted by tandem here: a person decides which snapshots go.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::{ListParams, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use super::central::{rbd_path, rbd_volume};
+use super::rbd::PoolRef;
+use super::{Context, Error, ceph, publish_event};
+use crate::api::{CentralPhase, GroupSnapshot};
+
+/// The finalizer on the claim of an RBD member whose image tandem put in a group.
+pub const MEMBER_FINALIZER: &str = "tandem.dev/rbd-member";
+
+/// How often a held claim looks again (GroupSnapshot changes wake it sooner).
+const HELD_RECHECK: Duration = Duration::from_secs(60);
+
+/// The GroupSnapshots whose RBD group snapshot holds the image of PersistentVolume `pv`: cut
+/// (Taken) or being cut (Pending). Failed and Removed ones hold nothing.
+pub fn holders(pv: &str, snapshots: &[GroupSnapshot]) -> Vec<String> {
+    let mut names: Vec<String> = snapshots
+        .iter()
+        .filter(|s| {
+            s.status
+                .as_ref()
+                .and_then(|s| s.central.as_ref())
+                .is_some_and(|c| {
+                    matches!(c.phase, CentralPhase::Taken | CentralPhase::Pending)
+                        && c.volumes.iter().any(|v| v.persistent_volume == pv)
+                })
+        })
+        .map(|s| s.name_any())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Whether tandem may take an image out of `group`: only its own groups.
+pub fn is_tandem_group(group: &str) -> bool {
+    group.starts_with("tandem-")
+}
+
+/// Puts the finalizer on each claim (read fresh: a cached copy may be stale) before its image
+/// joins a group.
+pub async fn protect(ctx: &Context, namespace: &str, claims: &[String]) -> Result<(), Error> {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    for name in claims {
+        let cached = ctx
+            .claims
+            .get(&ObjectRef::new(name).within(namespace))
+            .is_some_and(|c| crate::finalizer::has(c.as_ref(), MEMBER_FINALIZER));
+        if cached {
+            continue;
+        }
+        let Some(claim) = api.get_opt(name).await? else {
+            continue;
+        };
+        if let Some(patch) = crate::finalizer::adding(&claim, MEMBER_FINALIZER) {
+            api.patch(name, &PatchParams::default(), &patch).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the release of deleted member claims. `claims`: a copy of the shared claim watch.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+    claims: BoxStream<'static, PersistentVolumeClaim>,
+) {
+    let snapshots: Api<GroupSnapshot> = match namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let volumes = ctx.volumes.clone();
+    Controller::for_stream(claims.map(Ok::<_, watcher::Error>), ctx.claims.clone())
+        // A GroupSnapshot going (or changing) may release the claims of its RBD members.
+        .watches(snapshots, watcher::Config::default(), move |s| {
+            let namespace = s.namespace();
+            s.status
+                .and_then(|s| s.central)
+                .map(|c| c.volumes)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|v| {
+                    let pv = volumes.get(&ObjectRef::new(&v.persistent_volume))?;
+                    let claim = pv.spec.as_ref()?.claim_ref.as_ref()?.name.clone()?;
+                    Some(ObjectRef::new(&claim).within(namespace.as_deref()?))
+                })
+                .collect::<Vec<_>>()
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!(error = %e, "RBD member claim reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy(claim: Arc<PersistentVolumeClaim>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(claim = %claim.name_any(), error = %error, "will retry");
+    ctx.metrics.reconcile_error("rbd_member");
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if claim.metadata.deletion_timestamp.is_none()
+        || !crate::finalizer::has(claim.as_ref(), MEMBER_FINALIZER)
+    {
+        return Ok(Action::await_change());
+    }
+    let namespace = claim.namespace().ok_or(Error::MissingNamespace)?;
+    let name = claim.name_any();
+    let volume = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.as_deref())
+        .and_then(|pv| ctx.volumes.get(&ObjectRef::new(pv)));
+    let Some(volume) = volume else {
+        return release(&ctx, &claim).await;
+    };
+    let Some(Ok(image)) = rbd_volume(&volume) else {
+        return release(&ctx, &claim).await;
+    };
+    let pv = volume.name_any();
+    let snapshots = Api::<GroupSnapshot>::namespaced(ctx.client.clone(), &namespace)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let path = rbd_path(&image.pool, &image.namespace, &image.image);
+    let held_by = holders(&pv, &snapshots);
+    if !held_by.is_empty() {
+        let note = format!(
+            "the image {path} holds a snapshot for GroupSnapshot(s) {}; delete them and this claim goes (or remove the finalizer {MEMBER_FINALIZER} to let ceph-csi try anyway: it cannot delete an image with snapshots)",
+            held_by.join(", ")
+        );
+        info!(claim = %name, %namespace, "deletion held: {note}");
+        publish_event(
+            &ctx,
+            &claim.object_ref(&()),
+            EventType::Warning,
+            "RbdSnapshotsHoldImage".into(),
+            Some(note),
+            "Delete",
+        )
+        .await;
+        return Ok(Action::requeue(HELD_RECHECK));
+    }
+    let left = match ctx
+        .ceph
+        .connect(&ctx.client, &image.cluster_id, Some(&volume))
+        .await
+    {
+        Ok(cluster) => {
+            let pool = PoolRef::new(&image.pool, &image.namespace);
+            let name = image.image.clone();
+            ceph::blocking(move || match cluster.image_group(&pool, &name) {
+                Ok(Some(group)) if is_tandem_group(&group) => cluster
+                    .remove_image(&pool, &group, &name)
+                    .map(|()| Some(group)),
+                Ok(_) | Err(super::rbd::RbdError::ImageNotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            })
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    match left {
+        Ok(group) => {
+            if let Some(group) = group {
+                info!(claim = %name, %namespace, image = %path, %group, "the image left its RBD group");
+            }
+            release(&ctx, &claim).await
+        }
+        Err(ceph::CephError::Kube(e)) => Err(e.into()),
+        Err(e) => {
+            ctx.ceph.forget(&image.cluster_id);
+            publish_event(
+                &ctx,
+                &claim.object_ref(&()),
+                EventType::Warning,
+                "RbdGroupLeaveFailed".into(),
+                Some(format!(
+                    "cannot take the image {path} out of its RBD group yet ({e}); retried every 30 s"
+                )),
+                "Delete",
+            )
+            .await;
+            Ok(Action::requeue(Duration::from_secs(30)))
+        }
+    }
+}
+
+async fn release(ctx: &Context, claim: &PersistentVolumeClaim) -> Result<Action, Error> {
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
+    if let Some(patch) = crate::finalizer::removing(claim, MEMBER_FINALIZER) {
+        match api
+            .patch(&claim.name_any(), &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn snapshot(name: &str, phase: &str, pvs: &[&str]) -> GroupSnapshot {
+        let volumes: Vec<_> = pvs
+            .iter()
+            .map(|pv| json!({"persistentVolume": pv, "image": format!("img-{pv}")}))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "app"},
+            "spec": {"groupName": "g"},
+            "status": {"central": {"clusterId": "c", "pool": "rbd", "group": "tandem-g",
+                "snapshot": format!("tandem-{name}"), "volumes": volumes, "phase": phase}},
+        }))
+        .expect("snapshot")
+    }
+
+    #[test]
+    fn only_cut_or_cutting_snapshots_hold_an_image() {
+        let snapshots = [
+            snapshot("mon", "Taken", &["pv-a", "pv-b"]),
+            snapshot("tue", "Pending", &["pv-a"]),
+            snapshot("wed", "Failed", &["pv-a"]),
+            snapshot("thu", "Removed", &["pv-a"]),
+            snapshot("fri", "Taken", &["pv-b"]),
+        ];
+        assert_eq!(holders("pv-a", &snapshots), ["mon", "tue"]);
+        assert_eq!(holders("pv-b", &snapshots), ["fri", "mon"]);
+        assert!(holders("pv-c", &snapshots).is_empty());
+        let local: GroupSnapshot = serde_json::from_value(json!({
+            "metadata": {"name": "local"}, "spec": {"groupName": "g"}, "status": {}
+        }))
+        .expect("snapshot");
+        assert!(holders("pv-a", &[local]).is_empty());
+    }
+
+    #[test]
+    fn only_tandems_own_groups_are_left() {
+        assert!(is_tandem_group("tandem-4f2c"));
+        assert!(!is_tandem_group("csi-vol-group-1"));
+    }
+}
