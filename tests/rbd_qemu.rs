@@ -4,7 +4,9 @@
 //! guest has no network). The test publishes what ceph-csi and the attach/detach controller would:
 //! RBD PersistentVolumes, bound claims, VolumeAttachments, ceph-csi's config map and a Secret, and
 //! the ConsistencyGroup; the guest freezes ext4 and XFS on three krbd images on two nodes, takes the
-//! snapshot with `kubectl tandem`, checks every member snapshot's data, deletes it, and fails one
+//! snapshot with `kubectl tandem`, checks every member snapshot's data, restores it to new claims
+//! (each copy mapped and checked) and in place (this test plays the attach/detach controller),
+//! deletes it, and fails one
 //! cut with an exclusive mapping (guest-test.sh, section 8). The guest's own one-shot scenarios
 //! (sections 1-7) run first.
 //!
@@ -21,7 +23,10 @@ use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
 use support::{ControlPlane, TestEnv, repo_root};
-use tandem::api::{ConsistencyGroup, GroupSnapshot, GroupSnapshotPhase, NodePhase, NodeSnapshot};
+use tandem::api::{
+    ConsistencyGroup, GroupRestore, GroupSnapshot, GroupSnapshotPhase, NodePhase, NodeSnapshot,
+    RestorePhase,
+};
 
 async fn create<K>(api: &Api<K>, value: serde_json::Value)
 where
@@ -31,6 +36,49 @@ where
     api.create(&PostParams::default(), &object)
         .await
         .expect("create");
+}
+
+/// Plays the attach/detach controller for the guest's in-place restore r2: once r2 waits for its
+/// images to be detached (the guest unmapped them), the VolumeAttachments go; once r2 is
+/// Completed, they come back (the workloads' pods are scheduled again). Whether both happened.
+async fn play_attach_detach(
+    restores: Api<GroupRestore>,
+    client: kube::Client,
+    pvs: Vec<(String, &'static str)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> bool {
+    use k8s_openapi::api::storage::v1::VolumeAttachment;
+    let attachments: Api<VolumeAttachment> = Api::all(client.clone());
+    let mut detached = false;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let Ok(Some(r2)) = restores.get_opt("r2").await else {
+            continue;
+        };
+        let status = r2.status.unwrap_or_default();
+        if !detached
+            && status
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("to be detached"))
+        {
+            for (pv, _) in &pvs {
+                let _ = attachments
+                    .delete(&format!("csi-{pv}"), &Default::default())
+                    .await;
+            }
+            println!("attach/detach: detached {pvs:?} for r2");
+            detached = true;
+        }
+        if detached && status.phase == RestorePhase::Completed {
+            for (pv, node) in &pvs {
+                support::objects::attach(&client, pv, node).await;
+            }
+            println!("attach/detach: attached again after r2");
+            return true;
+        }
+    }
+    false
 }
 
 #[tokio::test]
@@ -116,6 +164,24 @@ async fn rbd_members_end_to_end_in_the_qemu_guest() {
     )
     .await;
 
+    create(
+        &Api::<k8s_openapi::api::storage::v1::StorageClass>::all(client.clone()),
+        json!({"metadata": {"name": tandem::api::DEFAULT_RESTORE_STORAGE_CLASS},
+               "provisioner": tandem::api::RESTORE_PROVISIONER, "volumeBindingMode": "Immediate"}),
+    )
+    .await;
+    let pvs: Vec<(String, &str)> = [("e1", "n1"), ("e2", "n1"), ("e3", "n2")]
+        .iter()
+        .map(|(image, node)| (format!("{ns}-{image}"), *node))
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let detacher = tokio::spawn(play_attach_detach(
+        env.api::<GroupRestore>(),
+        client.clone(),
+        pvs,
+        stop.clone(),
+    ));
+
     let server = plane.server.trim_start_matches("https://").to_string();
     let script = repo_root().join("hack/rbd-qemu/run.sh");
     let kubeconfig = plane.kubeconfig.clone();
@@ -133,6 +199,8 @@ async fn rbd_members_end_to_end_in_the_qemu_guest() {
     })
     .await
     .expect("guest");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let detached = detacher.await.expect("the attach/detach player");
     let console = String::from_utf8_lossy(&output.stdout).to_string();
     println!("{console}");
     eprintln!("{}", String::from_utf8_lossy(&output.stderr));
@@ -155,6 +223,10 @@ async fn rbd_members_end_to_end_in_the_qemu_guest() {
         "e2e-thawed-on-own-clock",
         "e2e-killed-failed",
         "e2e-killed-nothing-cut",
+        "e2e-restore-new-claims",
+        "e2e-restored-members",
+        "e2e-restore-in-place",
+        "e2e-remount",
     ] {
         assert!(
             console.contains(&format!("CHECK {check} PASS")),
@@ -162,11 +234,19 @@ async fn rbd_members_end_to_end_in_the_qemu_guest() {
         );
     }
     for image in ["e1", "e2", "e3"] {
-        assert!(
-            console.contains(&format!("CHECK data-e2e-snapshot-{image} PASS")),
-            "member snapshot data of {image}"
-        );
+        for what in ["snapshot", "restored", "in-place"] {
+            for check in ["data", "no-post-thaw"] {
+                assert!(
+                    console.contains(&format!("CHECK {check}-e2e-{what}-{image} PASS")),
+                    "{check} of {image} in the {what}"
+                );
+            }
+        }
     }
+    assert!(
+        detached,
+        "the in-place restore waited for the detach, and the volumes were attached again"
+    );
 
     // What the API server kept: s1 deleted with its finalizer, s2 Failed with every node aborted.
     let snapshots: Api<GroupSnapshot> = env.api();

@@ -356,6 +356,39 @@ for i in $EIMGS; do
   umount "/mnt/s-$i"; unmap "$sdev"
 done
 echo "BENCH e2e window_ms=${E2E_WINDOW:-?} group_snap_call_ms=${E2E_CALL:-?} apply_to_ready_ms=$((t1-t0)) (TCG, through the serial bridge)"
+# Restore to new claims: the controller copies each member from rbd/$E2E_GROUP@$E2E_SNAP into a
+# new image and publishes it as a static ceph-csi PV bound to a new claim; each copy, mapped
+# read-only, holds exactly the pre-freeze data.
+t0=$(now_ms)
+timeout 400 tandem cli -n "$E2E_NS" restore create r1 --from-snapshot s1 --wait --timeout 360s >/tmp/r1.out 2>&1; rc=$?; t1=$(now_ms)
+indent r1 </tmp/r1.out | tail -3
+[ $rc = 0 ]; check e2e-restore-new-claims $? "kubectl tandem restore create r1 --from-snapshot s1 --wait: Completed in $((t1-t0)) ms"
+timeout 120 tandem cli -n "$E2E_NS" restore show r1 -o json >/tmp/r1.json 2>&1
+# Each member: its source claim (db-eN) and the restored PV, whose name is the new image's.
+# (Keys come sorted: a member's persistentVolume comes before its sourceClaim.)
+awk -F'"' '/"sourceClaim":/ {c=$4} /"persistentVolume": "tandem-/ {p=$4} c != "" && p != "" {print c, p; c=""; p=""}' /tmp/r1.json >/tmp/r1.members
+indent members </tmp/r1.members
+[ "$(wc -l </tmp/r1.members)" = 3 ]; check e2e-restored-members $? "three restored members"
+while read -r claim pv; do
+  i=${claim#db-}
+  timeout 60 rbd device map -o noudev,ro "rbd/$pv" >"/tmp/rdev.$i" 2>&1 || { check "data-e2e-restored-$i" 1 "cannot map rbd/$pv"; continue; }
+  rdev=$(cat "/tmp/rdev.$i"); mkdir -p "/mnt/r-$i"
+  if [ "$(e2e_fs $i)" = xfs ]; then mount -t xfs -o ro,nouuid,norecovery "$rdev" "/mnt/r-$i"; else mount -t ext4 -o ro "$rdev" "/mnt/r-$i"; fi
+  verify_tree "/mnt/r-$i" "$i" e2e-restored
+  umount "/mnt/r-$i"; unmap "$rdev"
+done </tmp/r1.members
+# Restore in place: unmounted and unmapped as ceph-csi's NodeUnstage would; the host test plays
+# the attach/detach controller (deletes the VolumeAttachments once r2 waits for them, and makes
+# them again once r2 is Completed). Then one `rbd group snap rollback`, and the members, mapped
+# and mounted again, hold the pre-freeze data.
+for i in $EIMGS; do umount "$(e2e_mount $i)" && unmap "$(dev_of $i)"; done
+t0=$(now_ms)
+timeout 400 tandem cli -n "$E2E_NS" restore create r2 --from-snapshot s1 --in-place --wait --timeout 360s >/tmp/r2.out 2>&1; rc=$?; t1=$(now_ms)
+indent r2 </tmp/r2.out | tail -3
+[ $rc = 0 ]; check e2e-restore-in-place $? "kubectl tandem restore create r2 --from-snapshot s1 --in-place --wait: Completed in $((t1-t0)) ms"
+e2e_remount() { timeout 60 rbd device map -o noudev "rbd/$1" >"/tmp/dev.$1" && mount -t "$(e2e_fs "$1")" "$(dev_of "$1")" "$(e2e_mount "$1")"; }
+par e2e_remount $EIMGS; check e2e-remount $? "e1 e2 e3 mapped and mounted again where ceph-csi stages them"
+for i in $EIMGS; do verify_tree "$(e2e_mount $i)" "$i" e2e-in-place; done
 timeout 300 tandem cli -n "$E2E_NS" snapshot delete s1 --wait >/tmp/s1-del.out 2>&1; rc=$?
 rbd group snap ls "rbd/$E2E_GROUP" >/tmp/e2e.snaps 2>&1
 [ $rc = 0 ] && ! grep -q "$E2E_SNAP" /tmp/e2e.snaps; check e2e-deleted $? "deleting s1 removed rbd/$E2E_GROUP@$E2E_SNAP"
