@@ -520,6 +520,72 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
             .expect("the other restored images stay");
     }
 
+    // A restore of the whole mixed group to new claims: the RBD members copied by the
+    // controller, the local member cloned by its node (played here: the NodeRestore's status is
+    // what an agent reports), every claim Bound in one restore.
+    w.create_restore("r-mixed", json!({"source": {"groupSnapshotName": "s"}}))
+        .await;
+    let node_restores: Api<tandem::api::NodeRestore> = w.env.api();
+    let node_restore = eventually(WAIT, "the local member's NodeRestore", || async {
+        let listed = node_restores.list(&Default::default()).await.ok()?;
+        listed
+            .items
+            .into_iter()
+            .find(|n| n.spec.group_restore == "r-mixed")
+    })
+    .await;
+    assert_eq!(node_restore.spec.node_name, w.node("b"));
+    let local: Vec<&str> = node_restore
+        .spec
+        .volumes
+        .iter()
+        .map(|v| v.source_claim.as_str())
+        .collect();
+    assert_eq!(
+        local,
+        ["db-local"],
+        "only the local member is a node's to clone"
+    );
+    let clone_pv = node_restore.spec.volumes[0].persistent_volume.clone();
+    node_restores
+        .patch_status(
+            &node_restore.metadata.name.clone().unwrap_or_default(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Cloned", "volumes": [{
+                "persistentVolume": clone_pv, "state": "Cloned", "method": "Clone",
+                "backend": "reflink", "path": "/played/clones/db-local", "filesystem": "ext4",
+                "sizeBytes": 1073741824i64}]}})),
+        )
+        .await
+        .expect("play the node's clone");
+    let mixed = w
+        .wait_restore_phase("r-mixed", tandem::api::RestorePhase::Completed)
+        .await
+        .status
+        .expect("status");
+    let mut backends: Vec<(String, String)> = mixed
+        .members
+        .iter()
+        .map(|m| {
+            (
+                m.source_claim.clone(),
+                m.backend.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    backends.sort();
+    assert_eq!(
+        backends,
+        [
+            ("db-a".to_string(), "rbd-copy".to_string()),
+            ("db-b".into(), "rbd-copy".into()),
+            ("db-c".into(), "rbd-copy".into()),
+            ("db-local".into(), "reflink".into()),
+        ]
+    );
+    let local_pv = volumes.get(&clone_pv).await.expect("the clone's PV");
+    assert!(local_pv.spec.and_then(|s| s.local).is_some(), "a local PV");
+
     // The RBD group snapshot removed behind tandem's back (`rbd group snap rm`): a restore
     // from it fails naming it, and leaves no image, PV or claim.
     rbd.cluster
