@@ -339,6 +339,48 @@ async fn with_nodes<F: std::future::Future<Output = ()>>(
     seen
 }
 
+/// Plays a node's agent for a restore's local member: waits for the restore's NodeRestore, checks
+/// it holds exactly `claim`, and reports it Cloned. Its name and the clone's PV.
+async fn play_clone(
+    node_restores: &Api<tandem::api::NodeRestore>,
+    restore: &str,
+    claim: &str,
+) -> (String, String) {
+    let node_restore = eventually(WAIT, "the local member's NodeRestore", || async {
+        let listed = node_restores.list(&Default::default()).await.ok()?;
+        listed
+            .items
+            .into_iter()
+            .find(|n| n.spec.group_restore == restore)
+    })
+    .await;
+    let cloned: Vec<&str> = node_restore
+        .spec
+        .volumes
+        .iter()
+        .map(|v| v.source_claim.as_str())
+        .collect();
+    assert_eq!(
+        cloned,
+        [claim],
+        "only the local member is a node's to clone"
+    );
+    let name = node_restore.metadata.name.clone().unwrap_or_default();
+    let clone_pv = node_restore.spec.volumes[0].persistent_volume.clone();
+    node_restores
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Cloned", "volumes": [{
+                "persistentVolume": clone_pv, "state": "Cloned", "method": "Clone",
+                "backend": "reflink", "path": format!("/played/clones/{restore}/{claim}"),
+                "filesystem": "ext4", "sizeBytes": 1073741824i64}]}})),
+        )
+        .await
+        .expect("play the node's clone");
+    (name, clone_pv)
+}
+
 async fn snapshot(w: &World, name: &str) -> GroupSnapshot {
     let api: Api<GroupSnapshot> = w.env.api();
     api.get(name).await.expect("snapshot")
@@ -526,38 +568,9 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
     w.create_restore("r-mixed", json!({"source": {"groupSnapshotName": "s"}}))
         .await;
     let node_restores: Api<tandem::api::NodeRestore> = w.env.api();
-    let node_restore = eventually(WAIT, "the local member's NodeRestore", || async {
-        let listed = node_restores.list(&Default::default()).await.ok()?;
-        listed
-            .items
-            .into_iter()
-            .find(|n| n.spec.group_restore == "r-mixed")
-    })
-    .await;
+    let (node_restore, clone_pv) = play_clone(&node_restores, "r-mixed", "db-local").await;
+    let node_restore = node_restores.get(&node_restore).await.expect("NodeRestore");
     assert_eq!(node_restore.spec.node_name, w.node("b"));
-    let local: Vec<&str> = node_restore
-        .spec
-        .volumes
-        .iter()
-        .map(|v| v.source_claim.as_str())
-        .collect();
-    assert_eq!(
-        local,
-        ["db-local"],
-        "only the local member is a node's to clone"
-    );
-    let clone_pv = node_restore.spec.volumes[0].persistent_volume.clone();
-    node_restores
-        .patch_status(
-            &node_restore.metadata.name.clone().unwrap_or_default(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"phase": "Cloned", "volumes": [{
-                "persistentVolume": clone_pv, "state": "Cloned", "method": "Clone",
-                "backend": "reflink", "path": "/played/clones/db-local", "filesystem": "ext4",
-                "sizeBytes": 1073741824i64}]}})),
-        )
-        .await
-        .expect("play the node's clone");
     let mixed = w
         .wait_restore_phase("r-mixed", tandem::api::RestorePhase::Completed)
         .await
@@ -632,27 +645,6 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
         .then_some(())
     })
     .await;
-
-    // InPlace of a snapshot that mixes RBD and local members: refused, nothing changed.
-    let restores: Api<tandem::api::GroupRestore> = w.env.api();
-    restores
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "mixed"},
-                "spec": {"source": {"groupSnapshotName": "s"}, "mode": "InPlace", "inPlace": {}}}))
-            .expect("restore"),
-        )
-        .await
-        .expect("create restore");
-    let refused = w
-        .wait_restore_phase("mixed", tandem::api::RestorePhase::Failed)
-        .await;
-    assert_eq!(
-        world::condition_reason(&refused, "Ready").as_deref(),
-        Some("MixedRbdInPlace"),
-        "{:?}",
-        refused.status
-    );
 
     // 2. Reconciling again never cuts again; deleting the GroupSnapshot removes its RBD group
     //    snapshot and keeps the group while the ConsistencyGroup exists.
@@ -866,9 +858,16 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
         .expect("cleanup");
     drop(w);
 
-    // 10. InPlace of RBD members: it waits while any member is attached to a node, then one
-    //     `rbd group snap rollback`; the claims and PVs stay, the images hold the snapshot's data.
-    let (w, images) = world("rbd-undo", &rbd, &[("db-u1", "a"), ("db-u2", "b")], &[]).await;
+    // 10. InPlace of a mixed group: the local member is cloned on its node (played), then, once
+    //     no RBD member is attached, one `rbd group snap rollback` (their claims and PVs stay, the
+    //     images hold the snapshot's data), then the local claim is swapped to its clone.
+    let (w, images) = world(
+        "rbd-undo",
+        &rbd,
+        &[("db-u1", "a"), ("db-u2", "b")],
+        &[("db-ulocal", "b")],
+    )
+    .await;
     with_nodes(&w, &rbd, &images, Play::default(), async {
         w.create_snapshot("s", "g", "Delete").await;
         w.wait_phase("s", GroupSnapshotPhase::Ready).await;
@@ -876,63 +875,153 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
     .await;
     w.ensure_restore_class().await;
     let restores: Api<tandem::api::GroupRestore> = w.env.api();
-    restores
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "undo"},
-                "spec": {"source": {"groupSnapshotName": "s"}, "mode": "InPlace", "inPlace": {}}}))
-            .expect("restore"),
-        )
-        .await
-        .expect("create restore");
-    eventually(WAIT, "the rollback waits for the detach", || async {
-        let r = restores.get("undo").await.ok()?;
-        r.status?
-            .message?
-            .contains("waiting for their RBD images to be detached")
+    let node_restores: Api<tandem::api::NodeRestore> = w.env.api();
+    let claims: Api<PersistentVolumeClaim> = w.env.api();
+    let volumes: Api<PersistentVolume> = Api::all(w.env.client.clone());
+    let attachments: Api<k8s_openapi::api::storage::v1::VolumeAttachment> =
+        Api::all(w.env.client.clone());
+    let own_pv = format!("{}-db-ulocal", w.env.namespace);
+    let in_place = json!({"source": {"groupSnapshotName": "s"}, "mode": "InPlace", "inPlace": {}});
+    let waits_for_detach = |name: &'static str| {
+        let restores = restores.clone();
+        async move {
+            eventually(WAIT, "the rollback waits for the detach", || async {
+                let r = restores.get(name).await.ok()?;
+                r.status?
+                    .message?
+                    .contains("waiting for their RBD images to be detached")
+                    .then_some(())
+            })
+            .await
+        }
+    };
+    let rbd_pvs: Vec<(String, String)> = [("db-u1", "a"), ("db-u2", "b")]
+        .iter()
+        .map(|(claim, node)| (format!("{}-{claim}", w.env.namespace), w.node(node)))
+        .collect();
+    let detach = || async {
+        for (pv, _) in &rbd_pvs {
+            attachments
+                .delete(&format!("csi-{pv}"), &Default::default())
+                .await
+                .expect("detach");
+        }
+    };
+    let heads_hold = |generation: &str| {
+        for image in images.values() {
+            let expected = data(image, generation);
+            let head = rbd
+                .cluster
+                .read_image(&rbd.pool, image, 0, expected.len())
+                .expect("read");
+            assert!(head == expected, "{image}: the head is not {generation:?}");
+        }
+    };
+
+    // First, one whose RBD rollback is refused (an image joined the RBD group behind tandem's
+    // back, so it no longer holds exactly the snapshot's images): it fails before the point of
+    // no return. The local clone goes, no claim is swapped, no image is rolled back.
+    let intruder = format!("intruder-{}", w.env.namespace);
+    let _ = rbd.cluster.delete_image(&rbd.pool, &intruder);
+    rbd.cluster
+        .create_image(&rbd.pool, &intruder, MIB)
+        .expect("create");
+    let group = group_of(&w).await;
+    rbd.cluster
+        .add_image(&rbd.pool, &group, &intruder)
+        .expect("join the group by hand");
+    w.create_restore("undo-0", in_place.clone()).await;
+    let (refused_node, _) = play_clone(&node_restores, "undo-0", "db-ulocal").await;
+    waits_for_detach("undo-0").await;
+    detach().await;
+    let refused = w
+        .wait_restore_phase("undo-0", tandem::api::RestorePhase::Failed)
+        .await;
+    println!(
+        "refused: {:?}",
+        refused.status.as_ref().and_then(|s| s.message.clone())
+    );
+    assert_eq!(
+        world::condition_reason(&refused, "Ready").as_deref(),
+        Some("RbdRollbackFailed"),
+        "{:?}",
+        refused.status
+    );
+    // The group's own claims are Bound and untouched: nothing tells a person to delete them.
+    let message = refused
+        .status
+        .as_ref()
+        .and_then(|s| s.message.clone())
+        .unwrap_or_default();
+    assert!(!message.contains("stay Pending"), "{message}");
+    let local = claims.get("db-ulocal").await.expect("the local claim");
+    assert_eq!(
+        local.spec.and_then(|s| s.volume_name).as_deref(),
+        Some(own_pv.as_str()),
+        "the local claim is untouched"
+    );
+    eventually(WAIT, "the refused restore's clone aborted", || async {
+        let n = node_restores.get_opt(&refused_node).await.ok()?;
+        n.is_none_or(|n| n.spec.action == tandem::api::NodeRestoreAction::Abort)
             .then_some(())
     })
     .await;
-    for image in images.values() {
-        let after = data(image, "after");
-        let head = rbd
-            .cluster
-            .read_image(&rbd.pool, image, 0, after.len())
-            .expect("read");
-        assert!(head == after, "{image}: nothing rolled back while attached");
+    heads_hold("after");
+    rbd.cluster
+        .remove_image(&rbd.pool, &group, &intruder)
+        .expect("leave");
+    rbd.cluster
+        .delete_image(&rbd.pool, &intruder)
+        .expect("delete");
+    for (pv, node) in &rbd_pvs {
+        support::objects::attach(&w.env.client, pv, node).await;
     }
-    let attachments: Api<k8s_openapi::api::storage::v1::VolumeAttachment> =
-        Api::all(w.env.client.clone());
-    let pvs: Vec<String> = images
-        .keys()
-        .map(|claim| format!("{}-{claim}", w.env.namespace))
-        .collect();
-    for pv in &pvs {
-        attachments
-            .delete(&format!("csi-{pv}"), &Default::default())
-            .await
-            .expect("detach");
-    }
+
+    // Then the one that works.
+    w.create_restore("undo", in_place.clone()).await;
+    let (_, clone_pv) = play_clone(&node_restores, "undo", "db-ulocal").await;
+    waits_for_detach("undo").await;
+    heads_hold("after");
+    let local = claims.get("db-ulocal").await.expect("the local claim");
+    assert_eq!(
+        local.spec.and_then(|s| s.volume_name).as_deref(),
+        Some(own_pv.as_str()),
+        "nothing is swapped before the rollback"
+    );
+    detach().await;
     let done = w
         .wait_restore_phase("undo", tandem::api::RestorePhase::Completed)
         .await;
-    println!(
-        "in place: {:?}",
-        done.status.as_ref().and_then(|s| s.message.clone())
+    let message = done
+        .status
+        .as_ref()
+        .and_then(|s| s.message.clone())
+        .unwrap_or_default();
+    println!("in place: {message}");
+    heads_hold("before");
+    assert!(
+        message.contains("rolled back on their own volumes"),
+        "{message}"
     );
-    for image in images.values() {
-        let before = data(image, "before");
-        let head = rbd
-            .cluster
-            .read_image(&rbd.pool, image, 0, before.len())
-            .expect("read");
-        assert!(head == before, "{image}: rolled back to the snapshot");
-    }
+    let swapped = claims.get("db-ulocal").await.expect("the local claim");
+    assert_eq!(
+        swapped.spec.and_then(|s| s.volume_name).as_deref(),
+        Some(clone_pv.as_str()),
+        "the local claim is on its clone"
+    );
+    let old = volumes.get(&own_pv).await.expect("the undo point");
+    assert_eq!(
+        old.metadata
+            .labels
+            .unwrap_or_default()
+            .get("tandem.dev/pre-restore")
+            .map(String::as_str),
+        Some("undo")
+    );
 
     // 11. A member claim deleted while a GroupSnapshot holds its image: held (with an event
     //     naming the snapshot), until that snapshot goes; then its image leaves the RBD group and
     //     the claim goes, so ceph-csi can delete the image.
-    let claims: Api<PersistentVolumeClaim> = w.env.api();
     let held = claims.get("db-u1").await.expect("claim");
     assert!(
         held.finalizers()

@@ -58,7 +58,7 @@ pub fn aggregate(members: &mut [RestoredMember], nodes: &[NodeRestore]) -> Progr
         }
     }
     // RBD members are copied by the controller, not on a node (`rbd_copies`).
-    for member in members.iter_mut().filter(|m| !is_rbd_copy(m)) {
+    for member in members.iter_mut().filter(|m| !rbd_copies::is_rbd_member(m)) {
         let node = nodes.iter().find(|n| {
             n.spec.node_name == member.node
                 && n.spec
@@ -511,10 +511,17 @@ pub async fn roll_back(
         }
     }
     let names: Vec<String> = status.members.iter().map(|m| m.claim.clone()).collect();
-    let left = delete_created_claims(rctx, &namespace, &uid, &names).await?;
+    let not_created = delete_created_claims(rctx, &namespace, &uid, &names).await?;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(rctx.ctx.client.clone(), &namespace);
-    for name in &left {
-        if let Some(claim) = claims.get_opt(name).await? {
+    // Of the claims tandem did not create, only those a person made for this restore (their
+    // dataSourceRef names it) stay Pending; an InPlace restore's members are the group's own
+    // claims, untouched and still Bound.
+    let mut left = Vec::new();
+    for name in &not_created {
+        if let Some(claim) = claims.get_opt(name).await?
+            && plan::refers_to(&claim, &restore.name_any())
+        {
+            left.push(name.clone());
             publish_event(
                 &rctx.ctx,
                 &claim.object_ref(&()),

@@ -15,6 +15,11 @@
 //! Before the swap a failure rolls back (clones deleted, claims untouched); once status.preRestore
 //! is written the restore only goes forward, and its message says where each claim stands.
 //!
+//! Ceph RBD members are not cloned: once no RBD member is attached to a node, one `rbd group snap
+//! rollback` puts their images back (claims and PVs unchanged, no undo point). A group of RBD
+//! members only is that alone; in a mixed group it comes after every local clone is ready and
+//! before the point of no return, so a failed rollback still swaps nothing.
+//!
 //! What InPlace needs of the API beyond NewClaims (the chart's RBAC):
 //!
 //! | API group | resource                              | verbs        |
@@ -47,6 +52,7 @@ use super::fence::{
     ScaleBack, Workload,
 };
 use super::plan::{self, COMPLETED_ANNOTATION, Owner, Target};
+use super::rbd_copies;
 use super::{RestoreContext, now};
 use crate::api::{
     GroupRestore, GroupRestoreStatus, GroupSnapshot, MemberSnapshot, NodeRestore,
@@ -734,22 +740,50 @@ async fn start(
             let Some(snapshot) = snapshot else {
                 return Ok(Action::requeue(Duration::from_secs(1)));
             };
-            if let Some(central) = snapshot.status.as_ref().and_then(|s| s.central.clone()) {
-                return roll_back_rbd(restore, status, rctx, &snapshot, &central).await;
+            let central = snapshot.status.as_ref().and_then(|s| s.central.clone());
+            if let Some(central) = &central {
+                if start
+                    .targets
+                    .iter()
+                    .all(|t| rbd_copies::central_volume(Some(central), t).is_some())
+                {
+                    return roll_back_rbd(restore, status, rctx, &snapshot, central).await;
+                }
+                if central.phase != CentralPhase::Taken {
+                    let message = format!(
+                        "GroupSnapshot {} has no RBD group snapshot to roll back to ({:?})",
+                        snapshot.name_any(),
+                        central.phase
+                    );
+                    return end_failed(rctx, restore, status, "RbdSnapshotMissing", message, false)
+                        .await;
+                }
             }
             let snapshot_status = snapshot.status.clone().unwrap_or_default();
             status.phase = RestorePhase::Cloning;
             status.group_snapshot_uid = snapshot.uid();
             status.consistency = snapshot_status.consistency;
+            // A mixed group: the local members are cloned and swapped, the RBD ones rolled back
+            // (in `drive`, once the clones are ready and before the first claim is swapped).
             status.members = start
                 .targets
                 .iter()
-                .map(|t| RestoredMember {
-                    source_claim: t.member.claim.clone(),
-                    claim: t.claim.clone(),
-                    persistent_volume: t.persistent_volume.clone(),
-                    node: t.member.node.clone(),
-                    ..Default::default()
+                .map(|t| match rbd_copies::central_volume(central.as_ref(), t) {
+                    Some(_) => RestoredMember {
+                        source_claim: t.member.claim.clone(),
+                        claim: t.member.claim.clone(),
+                        persistent_volume: t.member.persistent_volume.clone(),
+                        node: t.member.node.clone(),
+                        backend: Some(rbd_copies::RBD_ROLLBACK_BACKEND.into()),
+                        ..Default::default()
+                    },
+                    None => RestoredMember {
+                        source_claim: t.member.claim.clone(),
+                        claim: t.claim.clone(),
+                        persistent_volume: t.persistent_volume.clone(),
+                        node: t.member.node.clone(),
+                        ..Default::default()
+                    },
                 })
                 .collect();
             status.member_count = i32::try_from(status.members.len()).unwrap_or(i32::MAX);
@@ -778,52 +812,29 @@ async fn start(
     }
 }
 
-/// InPlace for a snapshot of RBD members: once the fence has stopped their pods and no member is
-/// attached to a node any more (the kubelet unmounts, ceph-csi unmaps, the attach/detach
-/// controller removes the VolumeAttachment), one `rbd group snap rollback`. The claims and PVs stay
-/// as they are: the images themselves go back to the snapshot. No undo point is kept.
-async fn roll_back_rbd(
+/// Where the RBD rollback of an InPlace restore stands.
+enum RbdRollback {
+    /// Some image is still attached (the status says which): wake with this.
+    Waiting(Action),
+    /// It could not be made: the restore fails with this reason and message.
+    Failed(&'static str, String),
+    /// Every RBD member is back at the snapshot.
+    Done,
+}
+
+/// The RBD part of an InPlace restore: once no RBD member is attached to a node (the kubelet
+/// unmounted it, ceph-csi unmapped it, the attach/detach controller removed its
+/// VolumeAttachment), one `rbd group snap rollback` over the group's images.
+async fn rbd_rollback(
     restore: &GroupRestore,
-    mut status: GroupRestoreStatus,
+    status: &mut GroupRestoreStatus,
     rctx: &RestoreContext,
-    snapshot: &GroupSnapshot,
     central: &CentralSnapshot,
-) -> Result<Action, Error> {
+) -> Result<RbdRollback, Error> {
     let namespace = restore.namespace().ok_or(Error::MissingNamespace)?;
     let name = restore.name_any();
     let client = rctx.ctx.client.clone();
     let api: Api<GroupRestore> = Api::namespaced(client.clone(), &namespace);
-    let members = snapshot
-        .status
-        .as_ref()
-        .map(|s| s.members.clone())
-        .unwrap_or_default();
-    let local: Vec<&str> = members
-        .iter()
-        .filter(|m| {
-            !central
-                .volumes
-                .iter()
-                .any(|v| v.persistent_volume == m.persistent_volume)
-        })
-        .map(|m| m.claim.as_str())
-        .collect();
-    if !local.is_empty() {
-        let message = format!(
-            "GroupSnapshot {} mixes RBD members with node-local ones ({}); an InPlace restore of such a snapshot is not supported yet, and nothing was changed",
-            snapshot.name_any(),
-            local.join(", ")
-        );
-        return end_failed(rctx, restore, status, "MixedRbdInPlace", message, false).await;
-    }
-    if central.phase != CentralPhase::Taken {
-        let message = format!(
-            "GroupSnapshot {} has no RBD group snapshot to roll back to ({:?})",
-            snapshot.name_any(),
-            central.phase
-        );
-        return end_failed(rctx, restore, status, "RbdSnapshotMissing", message, false).await;
-    }
     let attached = ceph::attached_nodes(&client).await?;
     let still: Vec<String> = central
         .volumes
@@ -836,45 +847,41 @@ async fn roll_back_rbd(
         .collect();
     if !still.is_empty() {
         if clones::past_deadline(restore) {
-            let message = format!(
-                "spec.deadlineSeconds passed while RBD images were still attached ({}); nothing was rolled back",
-                still.join(", ")
-            );
-            return end_failed(rctx, restore, status, "DeadlineExceeded", message, false).await;
+            return Ok(RbdRollback::Failed(
+                "DeadlineExceeded",
+                format!(
+                    "spec.deadlineSeconds passed while RBD images were still attached ({}); nothing was rolled back",
+                    still.join(", ")
+                ),
+            ));
         }
         let message = format!(
             "no pod uses the claims; waiting for their RBD images to be detached ({}) before the rollback",
             still.join(", ")
         );
         if status.message.as_deref() != Some(message.as_str()) {
-            status.phase = RestorePhase::Fencing;
+            if status.phase == RestorePhase::Pending {
+                status.phase = RestorePhase::Fencing;
+            }
             status.start_time.get_or_insert_with(now);
             status.message = Some(message.clone());
             clones::set_conditions(
-                &mut status,
+                status,
                 restore.metadata.generation,
                 (false, "Detaching", message),
                 (false, "Detaching", "the claims are untouched".into()),
             );
-            clones::write_status(&api, &name, &status).await?;
+            clones::write_status(&api, &name, status).await?;
         }
-        return Ok(Action::requeue(Duration::from_secs(2)));
+        return Ok(RbdRollback::Waiting(Action::requeue(Duration::from_secs(
+            2,
+        ))));
     }
     let cluster = match ceph::connect_for(&rctx.ctx.ceph, &client, &rctx.ctx.volumes, central).await
     {
         Ok(cluster) => cluster,
         Err(ceph::CephError::Kube(e)) => return Err(e.into()),
-        Err(e) => {
-            return end_failed(
-                rctx,
-                restore,
-                status,
-                "CephUnavailable",
-                e.to_string(),
-                false,
-            )
-            .await;
-        }
+        Err(e) => return Ok(RbdRollback::Failed("CephUnavailable", e.to_string())),
     };
     let record = central.clone();
     let rolled = tokio::task::spawn_blocking(move || ceph::rollback_checked(&cluster, &record))
@@ -882,7 +889,44 @@ async fn roll_back_rbd(
         .unwrap_or_else(|e| Err(format!("the rollback call did not return: {e}")));
     if let Err(why) = rolled {
         rctx.ctx.ceph.forget(&central.cluster_id);
-        return end_failed(rctx, restore, status, "RbdRollbackFailed", why, false).await;
+        return Ok(RbdRollback::Failed("RbdRollbackFailed", why));
+    }
+    info!(restore = %name, %namespace, snapshot = %crate::controller::central::snapshot_path(central), "RBD members rolled back");
+    Ok(RbdRollback::Done)
+}
+
+/// InPlace for a snapshot of RBD members: once the fence has stopped their pods and no member is
+/// attached to a node any more (the kubelet unmounts, ceph-csi unmaps, the attach/detach
+/// controller removes the VolumeAttachment), one `rbd group snap rollback`. The claims and PVs stay
+/// as they are: the images themselves go back to the snapshot. No undo point is kept.
+async fn roll_back_rbd(
+    restore: &GroupRestore,
+    mut status: GroupRestoreStatus,
+    rctx: &RestoreContext,
+    snapshot: &GroupSnapshot,
+    central: &CentralSnapshot,
+) -> Result<Action, Error> {
+    let namespace = restore.namespace().ok_or(Error::MissingNamespace)?;
+    let client = rctx.ctx.client.clone();
+    let members = snapshot
+        .status
+        .as_ref()
+        .map(|s| s.members.clone())
+        .unwrap_or_default();
+    if central.phase != CentralPhase::Taken {
+        let message = format!(
+            "GroupSnapshot {} has no RBD group snapshot to roll back to ({:?})",
+            snapshot.name_any(),
+            central.phase
+        );
+        return end_failed(rctx, restore, status, "RbdSnapshotMissing", message, false).await;
+    }
+    match rbd_rollback(restore, &mut status, rctx, central).await? {
+        RbdRollback::Waiting(action) => return Ok(action),
+        RbdRollback::Failed(reason, why) => {
+            return end_failed(rctx, restore, status, reason, why, false).await;
+        }
+        RbdRollback::Done => {}
     }
     status.group_snapshot_uid = snapshot.uid();
     status.consistency = snapshot.status.as_ref().and_then(|s| s.consistency);
@@ -893,7 +937,7 @@ async fn roll_back_rbd(
             claim: m.claim.clone(),
             persistent_volume: m.persistent_volume.clone(),
             node: m.node.clone(),
-            backend: Some("rbd-group".into()),
+            backend: Some(rbd_copies::RBD_ROLLBACK_BACKEND.into()),
             ..Default::default()
         })
         .collect();
@@ -977,6 +1021,22 @@ fn targets_of(status: &GroupRestoreStatus, snapshot: Option<&GroupSnapshot>) -> 
         .collect()
 }
 
+/// Whether a member of an InPlace restore is an RBD member rolled back on its own volume.
+fn is_rolled_back_member(member: &RestoredMember) -> bool {
+    member.backend.as_deref() == Some(rbd_copies::RBD_ROLLBACK_BACKEND)
+}
+
+/// The targets cloned on their nodes and swapped (`targets` is `targets_of(status, ..)`, one per
+/// member in order): all but the RBD members.
+fn local_targets(status: &GroupRestoreStatus, targets: &[Target]) -> Vec<Target> {
+    targets
+        .iter()
+        .zip(&status.members)
+        .filter(|(_, m)| !is_rolled_back_member(m))
+        .map(|(t, _)| t.clone())
+        .collect()
+}
+
 /// Cloning: the NodeRestores, their progress; once every clone is Cloned and no pod came back,
 /// the point of no return: status.preRestore, phase Binding.
 async fn drive(
@@ -1012,9 +1072,10 @@ async fn drive(
         return end_failed(rctx, restore, status, reason, message, true).await;
     }
     let targets = targets_of(&status, snapshot.as_ref());
+    let cloned = local_targets(&status, &targets);
     let class = rctx.storage_class.clone();
     let owner = Owner::of(restore, &namespace, &uid, &class);
-    let wanted = plan::node_restores(&owner, &targets, &node_snapshot_uids(rctx, &namespace));
+    let wanted = plan::node_restores(&owner, &cloned, &node_snapshot_uids(rctx, &namespace));
     if let Err(problem) = clones::ensure_node_restores(rctx, &namespace, &uid, &wanted).await? {
         return end_failed(
             rctx,
@@ -1073,7 +1134,43 @@ async fn drive(
                 );
                 return end_failed(rctx, restore, status, "ClaimsInUse", message, true).await;
             }
-            let swap_members: Vec<SwapMember> = targets
+            // A mixed group: its RBD members are rolled back first (one call, all or nothing
+            // for the local claims: a failure here deletes the clones and swaps nothing).
+            if status
+                .members
+                .iter()
+                .any(|m| is_rolled_back_member(m) && m.cloned_at.is_none())
+            {
+                let central = snapshot
+                    .as_ref()
+                    .and_then(|s| s.status.as_ref())
+                    .and_then(|s| s.central.clone());
+                let Some(central) = central else {
+                    let message = "the GroupSnapshot no longer records its RBD group snapshot; nothing was swapped".to_string();
+                    return end_failed(rctx, restore, status, "RbdSnapshotMissing", message, true)
+                        .await;
+                };
+                match rbd_rollback(restore, &mut status, rctx, &central).await? {
+                    RbdRollback::Waiting(action) => return Ok(action),
+                    RbdRollback::Failed(reason, why) => {
+                        let message =
+                            format!("{why}; the claims of the node-local members were not touched");
+                        return end_failed(rctx, restore, status, reason, message, true).await;
+                    }
+                    RbdRollback::Done => {
+                        let path = crate::controller::central::snapshot_path(&central);
+                        for m in status
+                            .members
+                            .iter_mut()
+                            .filter(|m| is_rolled_back_member(m))
+                        {
+                            m.cloned_at = Some(now());
+                            m.message = Some(format!("rolled back in place to {path}"));
+                        }
+                    }
+                }
+            }
+            let swap_members: Vec<SwapMember> = cloned
                 .iter()
                 .map(|t| SwapMember {
                     member: t.member.clone(),
@@ -1121,7 +1218,7 @@ async fn swap(
     let snapshot = Api::<GroupSnapshot>::namespaced(client.clone(), &namespace)
         .get_opt(&restore.spec.source.group_snapshot_name)
         .await?;
-    let targets = targets_of(&status, snapshot.as_ref());
+    let targets = local_targets(&status, &targets_of(&status, snapshot.as_ref()));
     let class = rctx.storage_class.clone();
     let owner = Owner::of(restore, &namespace, &uid, &class);
     let swap_members: Vec<SwapMember> = targets
@@ -1213,13 +1310,25 @@ async fn complete(
         .iter()
         .map(|p| p.persistent_volume.clone())
         .collect();
-    let message = format!(
+    let mut message = format!(
         "{} claim(s) restored in place from GroupSnapshot {} and Bound; the old volumes {} are kept (reclaim Retain, label {PRE_RESTORE_LABEL}={}) as the undo point",
         status.member_count,
         restore.spec.source.group_snapshot_name,
         kept.join(", "),
         restore.name_any()
     );
+    let rolled_back: Vec<&str> = status
+        .members
+        .iter()
+        .filter(|m| is_rolled_back_member(m))
+        .map(|m| m.claim.as_str())
+        .collect();
+    if !rolled_back.is_empty() {
+        message.push_str(&format!(
+            "; the RBD member(s) {} were rolled back on their own volumes (no undo point)",
+            rolled_back.join(", ")
+        ));
+    }
     finish(
         restore,
         status,

@@ -94,9 +94,17 @@ pub fn pending_member(mut member: RestoredMember, target: &Target) -> RestoredMe
     member
 }
 
-/// Whether a restored member is an RBD copy (and so no NodeRestore's business).
+/// The backend of an RBD member an InPlace restore rolls back (`rbd group snap rollback`).
+pub const RBD_ROLLBACK_BACKEND: &str = "rbd-group";
+
+/// Whether a restored member is an RBD copy (made by the controller, deleted on a rollback).
 pub fn is_rbd_copy(member: &RestoredMember) -> bool {
     member.backend.as_deref() == Some(RBD_COPY_BACKEND)
+}
+
+/// Whether a restored member is an RBD one (copied or rolled back): no NodeRestore's business.
+pub fn is_rbd_member(member: &RestoredMember) -> bool {
+    is_rbd_copy(member) || member.backend.as_deref() == Some(RBD_ROLLBACK_BACKEND)
 }
 
 /// The static ceph-csi PV of a restored RBD member: the new image (named after the PV) as
