@@ -35,6 +35,30 @@ pub fn removing(object: &impl ResourceExt, name: &str) -> Option<Patch<Value>> {
     Some(patch(object, rest))
 }
 
+/// Removes `name` from `object` through `api`. An object that is gone or changed meanwhile is
+/// left to the next event (the patch carries its resourceVersion).
+pub async fn remove<K, O>(api: &kube::Api<K>, object: &O, name: &str) -> Result<(), kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    O: ResourceExt,
+{
+    let Some(patch) = removing(object, name) else {
+        return Ok(());
+    };
+    match api
+        .patch(
+            &object.name_any(),
+            &kube::api::PatchParams::default(),
+            &patch,
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 fn patch(object: &impl ResourceExt, finalizers: Vec<String>) -> Patch<Value> {
     Patch::Merge(json!({"metadata": {
         "finalizers": finalizers,

@@ -215,16 +215,7 @@ async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Resu
 async fn release(ctx: &Context, claim: &PersistentVolumeClaim) -> Result<Action, Error> {
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
-    if let Some(patch) = crate::finalizer::removing(claim, MEMBER_FINALIZER) {
-        match api
-            .patch(&claim.name_any(), &PatchParams::default(), &patch)
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    crate::finalizer::remove(&api, claim, MEMBER_FINALIZER).await?;
     Ok(Action::await_change())
 }
 

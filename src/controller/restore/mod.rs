@@ -405,14 +405,7 @@ async fn reconcile_node_restore(
                 Err(e) => return Err(e.into()),
             }
         }
-        if let Some(patch) = crate::finalizer::removing(pv, CLONE_FINALIZER) {
-            match pvs.patch(pv_name, &PatchParams::default(), &patch).await {
-                Ok(_) => {}
-                // Gone, or changed under us (retried on the next event).
-                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        crate::finalizer::remove(&pvs, pv, CLONE_FINALIZER).await?;
         info!(noderestore = %name, pv = %pv_name, "clone deleted: PV removed");
     }
     if steps.abort {

@@ -401,6 +401,44 @@ pub fn volume_object(
         .and_then(|b| u128::try_from(b).ok())
         .unwrap_or(0)
         .max(claim.request_bytes);
+    let node_affinity = json!({"required": {"nodeSelectorTerms": [{"matchExpressions": [
+        {"key": super::super::membership::HOSTNAME_LABEL, "operator": "In", "values": [node_hostname]}
+    ]}]}});
+    Ok(published_volume(
+        owner,
+        target,
+        claim,
+        Published {
+            size,
+            source: ("local", local),
+            node_affinity: Some(node_affinity),
+            mount_options,
+            annotations: BTreeMap::from([(NODE_RESTORE_ANNOTATION.into(), node_restore.into())]),
+            finalizer: CLONE_FINALIZER,
+        },
+    ))
+}
+
+/// How one published PV differs from another: its size, its volume source (`local`, `csi`), where
+/// it can be used, its mount options, its own annotations and the finalizer of its deleter.
+pub struct Published<'a> {
+    pub size: u128,
+    pub source: (&'static str, serde_json::Value),
+    pub node_affinity: Option<serde_json::Value>,
+    pub mount_options: Vec<&'a str>,
+    pub annotations: BTreeMap<String, String>,
+    pub finalizer: &'a str,
+}
+
+/// A PV a restore publishes for `target`: pre-bound to the claim (with its uid), in the claim's
+/// class, access modes and volume mode, the restore's labels and provenance, reclaim Delete with
+/// tandem as the external deleter (`provisioned-by`), held by the deleter's finalizer.
+pub fn published_volume(
+    owner: &Owner<'_>,
+    target: &Target,
+    claim: &BoundClaim,
+    published: Published<'_>,
+) -> PersistentVolume {
     let mut annotations = provenance(
         owner.namespace,
         owner.snapshot,
@@ -408,19 +446,18 @@ pub fn volume_object(
         owner.consistency,
     );
     annotations.insert(PROVISIONED_BY_ANNOTATION.into(), RESTORE_PROVISIONER.into());
-    annotations.insert(NODE_RESTORE_ANNOTATION.into(), node_restore.into());
+    annotations.extend(published.annotations);
     let access_modes = if claim.access_modes.is_empty() {
         vec!["ReadWriteOnce".to_string()]
     } else {
         claim.access_modes.clone()
     };
     let mut spec = json!({
-        "capacity": {"storage": size.to_string()},
+        "capacity": {"storage": published.size.to_string()},
         "accessModes": access_modes,
         "persistentVolumeReclaimPolicy": "Delete",
         "storageClassName": claim.storage_class,
         "volumeMode": claim.volume_mode,
-        "local": local,
         "claimRef": {
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
@@ -428,14 +465,15 @@ pub fn volume_object(
             "name": claim.name,
             "uid": claim.uid,
         },
-        "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-            {"key": super::super::membership::HOSTNAME_LABEL, "operator": "In", "values": [node_hostname]}
-        ]}]}},
     });
-    if !mount_options.is_empty() {
-        spec["mountOptions"] = json!(mount_options);
+    spec[published.source.0] = published.source.1;
+    if let Some(affinity) = published.node_affinity {
+        spec["nodeAffinity"] = affinity;
     }
-    Ok(serde_json::from_value(json!({
+    if !published.mount_options.is_empty() {
+        spec["mountOptions"] = json!(published.mount_options);
+    }
+    serde_json::from_value(json!({
         "metadata": {
             "name": target.persistent_volume,
             "labels": {
@@ -443,11 +481,11 @@ pub fn volume_object(
                 GROUP_RESTORE_UID_LABEL: owner.uid,
             },
             "annotations": annotations,
-            "finalizers": [CLONE_FINALIZER],
+            "finalizers": [published.finalizer],
         },
         "spec": spec,
     }))
-    .expect("a PV built from typed parts"))
+    .expect("a PV built from typed parts")
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::PersistentVolume;
-use kube::api::{DeleteParams, PatchParams};
+use kube::api::DeleteParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -20,12 +20,11 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::plan::{
-    BoundClaim, GROUP_RESTORE_UID_LABEL, Owner, PROVISIONED_BY_ANNOTATION, Target, provenance,
+    BoundClaim, Owner, PROVISIONED_BY_ANNOTATION, Published, Target, published_volume,
 };
 use super::{RestoreContext, now};
 use crate::api::{
-    CentralPhase, CentralSnapshot, CentralVolume, CloneMethod, GROUP_RESTORE_LABEL,
-    RESTORE_PROVISIONER, RestoredMember,
+    CentralPhase, CentralSnapshot, CentralVolume, CloneMethod, RESTORE_PROVISIONER, RestoredMember,
 };
 use crate::controller::cache::CachedVolume;
 use crate::controller::central::{rbd_path, rbd_volume, snapshot_path};
@@ -162,53 +161,28 @@ pub fn volume_object(
         .and_then(|q| super::quota::parse_quantity(&q.0))
         .unwrap_or(0)
         .max(claim.request_bytes);
-    let mut annotations = provenance(
-        owner.namespace,
-        owner.snapshot,
-        &target.member,
-        owner.consistency,
-    );
-    annotations.insert(PROVISIONED_BY_ANNOTATION.into(), RESTORE_PROVISIONER.into());
-    let access_modes = if claim.access_modes.is_empty() {
-        vec!["ReadWriteOnce".to_string()]
-    } else {
-        claim.access_modes.clone()
-    };
-    let mut spec = json!({
-        "capacity": {"storage": size.to_string()},
-        "accessModes": access_modes,
-        "persistentVolumeReclaimPolicy": "Delete",
-        "storageClassName": claim.storage_class,
-        "volumeMode": claim.volume_mode,
-        "csi": source,
-        "claimRef": {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "namespace": owner.namespace,
-            "name": claim.name,
-            "uid": claim.uid,
-        },
-    });
     // The copy has its origin's XFS uuid: without nouuid it cannot be mounted beside it.
-    if claim.volume_mode == "Filesystem"
-        && (csi.fs_type.as_deref() == Some("xfs")
-            || target.member.filesystem.as_deref() == Some("xfs"))
-    {
-        spec["mountOptions"] = json!(["nouuid"]);
-    }
-    serde_json::from_value(json!({
-        "metadata": {
-            "name": target.persistent_volume,
-            "labels": {
-                GROUP_RESTORE_LABEL: owner.name,
-                GROUP_RESTORE_UID_LABEL: owner.uid,
-            },
-            "annotations": annotations,
-            "finalizers": [IMAGE_FINALIZER],
+    let xfs =
+        csi.fs_type.as_deref() == Some("xfs") || target.member.filesystem.as_deref() == Some("xfs");
+    let mount_options = if claim.volume_mode == "Filesystem" && xfs {
+        vec!["nouuid"]
+    } else {
+        Vec::new()
+    };
+    Ok(published_volume(
+        owner,
+        target,
+        claim,
+        Published {
+            size,
+            source: ("csi", source),
+            // Reachable from every node.
+            node_affinity: None,
+            mount_options,
+            annotations: Default::default(),
+            finalizer: IMAGE_FINALIZER,
         },
-        "spec": spec,
-    }))
-    .map_err(|e| format!("cannot build the PV of {}: {e}", target.persistent_volume))
+    ))
 }
 
 /// Copies every RBD member of `targets` that is not copied yet (concurrently, each on the
@@ -422,16 +396,7 @@ fn pv_reference(pv: &CachedVolume) -> k8s_openapi::api::core::v1::ObjectReferenc
 
 async fn remove_finalizer(rctx: &RestoreContext, pv: &CachedVolume) -> Result<Action, Error> {
     let volumes: Api<PersistentVolume> = Api::all(rctx.ctx.client.clone());
-    if let Some(patch) = crate::finalizer::removing(pv, IMAGE_FINALIZER) {
-        match volumes
-            .patch(&pv.name_any(), &PatchParams::default(), &patch)
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    crate::finalizer::remove(&volumes, pv, IMAGE_FINALIZER).await?;
     Ok(Action::await_change())
 }
 
