@@ -599,6 +599,75 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
     let local_pv = volumes.get(&clone_pv).await.expect("the clone's PV");
     assert!(local_pv.spec.and_then(|s| s.local).is_some(), "a local PV");
 
+    // A restore deleted while its copy runs (a controller whose copies wait 3 s at each progress
+    // report): the copy is cancelled and deletes what it made; no image, PV or claim is left.
+    let cfg = format!("{}/ceph-csi-config", w.env.namespace);
+    if let Some(mut c) = w.controller.take() {
+        c.kill9();
+    }
+    w.start_controller_with(&[
+        "--ceph-csi-config",
+        &cfg,
+        "--test-only-copy-delay-ms",
+        "3000",
+    ]);
+    w.create_restore(
+        "r-slow",
+        json!({"source": {"groupSnapshotName": "s"}, "newClaims": {"claims": [{"from": "db-a", "to": "slow-a"}]}}),
+    )
+    .await;
+    let restores: Api<tandem::api::GroupRestore> = w.env.api();
+    let copying = eventually(WAIT, "the copy running", || async {
+        let r = restores.get("r-slow").await.ok()?;
+        let member = r.status?.members.into_iter().next()?;
+        (member.cloned_at.is_none() && member.progress_percent.is_some()).then_some(member)
+    })
+    .await;
+    eventually(WAIT, "the copy's image made", || async {
+        rbd.cluster
+            .open_image(&rbd.pool, &copying.persistent_volume)
+            .ok()
+            .map(drop)
+    })
+    .await;
+    restores
+        .delete("r-slow", &Default::default())
+        .await
+        .expect("delete the restore");
+    let deleted = std::time::Instant::now();
+    eventually(WAIT, "the restore gone", || async {
+        restores
+            .get_opt("r-slow")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    eventually(WAIT, "the cancelled copy's image deleted", || async {
+        rbd.cluster
+            .open_image(&rbd.pool, &copying.persistent_volume)
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    println!(
+        "cancelled copy gone {:?} after the delete",
+        deleted.elapsed()
+    );
+    assert!(
+        volumes
+            .get_opt(&copying.persistent_volume)
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(claims.get_opt("slow-a").await.expect("get").is_none());
+    if let Some(mut c) = w.controller.take() {
+        c.kill9();
+    }
+    w.start_controller_with(&["--ceph-csi-config", &cfg]);
+
     // The RBD group snapshot removed behind tandem's back (`rbd group snap rm`): a restore
     // from it fails naming it, and leaves no image, PV or claim.
     rbd.cluster

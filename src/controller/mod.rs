@@ -92,6 +92,10 @@ pub struct ControllerArgs {
     /// `groupNodes`), so the release delay above holds every node's freeze.
     #[arg(long, hide = true)]
     pub test_only_no_sibling_release: bool,
+    /// Test only, ignored by release builds: each RBD copy of a restore waits this long at each
+    /// progress report, so tests can act while a copy runs.
+    #[arg(long, hide = true)]
+    pub test_only_copy_delay_ms: Option<u64>,
 }
 
 fn parse_reference(value: &str) -> Result<(String, String), String> {
@@ -160,6 +164,8 @@ pub struct Context {
     pub test_only_release_delay: Option<std::time::Duration>,
     /// Tests only (`--test-only-no-sibling-release`, debug builds).
     pub test_only_no_sibling_release: bool,
+    /// Tests only (`--test-only-copy-delay-ms`, debug builds).
+    pub test_only_copy_delay: Option<std::time::Duration>,
 }
 
 impl Context {
@@ -378,6 +384,10 @@ async fn run_controllers(
             .filter(|_| cfg!(debug_assertions))
             .map(std::time::Duration::from_millis),
         test_only_no_sibling_release: args.test_only_no_sibling_release && cfg!(debug_assertions),
+        test_only_copy_delay: args
+            .test_only_copy_delay_ms
+            .filter(|_| cfg!(debug_assertions))
+            .map(std::time::Duration::from_millis),
         ceph: ceph::CephClusters::new(ceph::CephSettings {
             csi_config: args.ceph_csi_config.clone(),
             secret: args.ceph_secret.clone(),

@@ -12,6 +12,8 @@ use libloading::Library;
 pub type RadosT = *mut c_void;
 pub type RadosIoctxT = *mut c_void;
 pub type RbdImageT = *mut c_void;
+/// `librbd_progress_fn_t`: (done, total, the caller's pointer); non-zero asks librbd to stop.
+pub type RbdProgressFn = unsafe extern "C" fn(u64, u64, *mut c_void) -> c_int;
 
 /// `rbd_group_image_state_t`.
 pub const RBD_GROUP_IMAGE_STATE_ATTACHED: c_int = 0;
@@ -113,7 +115,7 @@ api! {
     rbd rbd_close: fn(RbdImageT) -> c_int;
     rbd rbd_read: fn(RbdImageT, u64, usize, *mut c_char) -> isize;
     rbd rbd_write: fn(RbdImageT, u64, usize, *const c_char) -> isize;
-    rbd rbd_copy: fn(RbdImageT, RadosIoctxT, *const c_char) -> c_int;
+    rbd rbd_copy_with_progress: fn(RbdImageT, RadosIoctxT, *const c_char, RbdProgressFn, *mut c_void) -> c_int;
     rbd rbd_lock_acquire: fn(RbdImageT, c_int) -> c_int;
     rbd rbd_lock_release: fn(RbdImageT) -> c_int;
     rbd rbd_get_group: fn(RbdImageT, *mut RbdGroupInfo, usize) -> c_int;

@@ -10,7 +10,7 @@
 
 mod ffi;
 
-use std::ffi::{CStr, CString, c_char, c_int};
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::fmt;
 use std::ptr::{null, null_mut};
 use std::sync::Arc;
@@ -436,6 +436,7 @@ const ENOENT: i64 = 2;
 const EEXIST: i64 = 17;
 const EROFS: i64 = 30;
 const ERANGE: c_int = 34;
+const ECANCELED: c_int = 125;
 
 /// One connection to a Ceph cluster, shared by every thread of the controller.
 pub struct Cluster {
@@ -1083,6 +1084,21 @@ impl Cluster {
         image: &str,
         new_image: &str,
     ) -> Result<(), RbdError> {
+        self.copy_from_group_snap_with_progress(pool, group, snap, image, new_image, &|_, _| true)
+    }
+
+    /// [`Cluster::copy_from_group_snap`], telling `progress` (bytes done, bytes in all) as it
+    /// goes; `progress` returning false asks librbd to stop (the copy then fails, and what it
+    /// made is the caller's to delete).
+    pub fn copy_from_group_snap_with_progress(
+        &self,
+        pool: &PoolRef,
+        group: &str,
+        snap: &str,
+        image: &str,
+        new_image: &str,
+        progress: &(dyn Fn(u64, u64) -> bool + Sync),
+    ) -> Result<(), RbdError> {
         let new_c = c_string("image", new_image)?;
         let io = self.ioctx(pool)?;
         // Read-only: takes no lock, so a running writer of the source is not disturbed.
@@ -1098,9 +1114,24 @@ impl Cluster {
         let rc = unsafe { (self.api().rbd_snap_set_by_id)(source.image, id) };
         source.check("rbd_snap_set_by_id", rc)?;
         let target = format!("{pool}/{image}@{group}@{snap} -> {pool}/{new_image}");
+        unsafe extern "C" fn report(done: u64, total: u64, data: *mut c_void) -> c_int {
+            // SAFETY: `data` is the `&&dyn Fn` below, alive for the whole call.
+            let progress = unsafe { &*(data as *const &(dyn Fn(u64, u64) -> bool + Sync)) };
+            if progress(done, total) { 0 } else { -ECANCELED }
+        }
+        let data: *const &(dyn Fn(u64, u64) -> bool + Sync) = &progress;
         let rc = timed("rbd_copy", &target, || {
-            // SAFETY: a live image and ioctx and a C string.
-            unsafe { (self.api().rbd_copy)(source.image, io.io, new_c.as_ptr()) }
+            // SAFETY: a live image and ioctx, a C string, and a callback whose data outlives
+            // the call (librbd calls it only while rbd_copy_with_progress runs).
+            unsafe {
+                (self.api().rbd_copy_with_progress)(
+                    source.image,
+                    io.io,
+                    new_c.as_ptr(),
+                    report,
+                    data as *mut c_void,
+                )
+            }
         });
         match i64::from(rc) {
             rc if rc >= 0 => Ok(()),

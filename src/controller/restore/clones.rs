@@ -502,7 +502,7 @@ pub async fn roll_back(
             .filter(|s| s.uid() == status.group_snapshot_uid);
         match snapshot.and_then(|s| s.status).and_then(|s| s.central) {
             Some(central) => {
-                rbd_copies::delete_unpublished(rctx, &central, &status.members).await?
+                rbd_copies::delete_unpublished(rctx, &uid, &central, &status.members).await?
             }
             None => warn!(
                 restore = %restore.name_any(),

@@ -73,6 +73,8 @@ pub struct RestoreContext {
     pub storage_class: String,
     pub node_restores: Store<NodeRestore>,
     pub restores: Store<GroupRestore>,
+    /// The RBD copies running for restores to new claims.
+    pub copies: rbd_copies::Copies,
 }
 
 impl RestoreContext {
@@ -169,6 +171,7 @@ pub async fn run_restore_controllers(
         storage_class: storage_class.unwrap_or_else(|| DEFAULT_RESTORE_STORAGE_CLASS.to_string()),
         node_restores: node_restores.clone(),
         restores: restores.clone(),
+        copies: Default::default(),
     });
 
     let restores_for_snapshots = restores.clone();

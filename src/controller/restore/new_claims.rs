@@ -28,6 +28,8 @@ use crate::controller::{Error, cache_ready};
 
 /// How long a young restore waits for its GroupSnapshot to appear (GitOps may apply both at once).
 const SNAPSHOT_GRACE: Duration = Duration::from_secs(10);
+/// How often a restore reads the progress of its RBD copies.
+const COPY_POLL: Duration = Duration::from_secs(1);
 
 pub async fn reconcile(restore: &GroupRestore, rctx: &RestoreContext) -> Result<Action, Error> {
     let status = restore.status.clone().unwrap_or_default();
@@ -416,11 +418,17 @@ async fn drive(
     if !binding
         && !matches!(progress, Progress::Failed(_))
         && let Some(central) = &central
-        && let Err(problem) =
-            rbd_copies::copy_members(rctx, central, &targets, &mut status.members).await?
     {
-        progress = Progress::Failed(problem);
+        match rbd_copies::copy_members(rctx, &uid, central, &targets, &mut status.members).await? {
+            rbd_copies::Copying::Done => {}
+            rbd_copies::Copying::Running => progress = Progress::Cloning,
+            rbd_copies::Copying::Failed(problem) => progress = Progress::Failed(problem),
+        }
     }
+    let copying = status
+        .members
+        .iter()
+        .any(|m| rbd_copies::is_rbd_copy(m) && m.cloned_at.is_none());
     match progress {
         Progress::Failed(message) => {
             clones::roll_back(rctx, restore, status, "CloneFailed", message).await
@@ -435,6 +443,10 @@ async fn drive(
             }
             if restore.status.as_ref() != Some(&status) {
                 clones::write_status(&api, &name, &status).await?;
+            }
+            if copying {
+                // The controller's own copies report no event: their progress is read here.
+                return Ok(Action::requeue(COPY_POLL));
             }
             Ok(clones::until_deadline(restore))
         }

@@ -8,7 +8,9 @@
 //! A copy interrupted by a restart is deleted and made again: a member counts as copied only
 //! once its status says so, and that is written after the copy returned.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::PersistentVolume;
@@ -185,15 +187,77 @@ pub fn volume_object(
     ))
 }
 
-/// Copies every RBD member of `targets` that is not copied yet (concurrently, each on the
-/// blocking pool) and records it in `members`. `Ok(Err(..))`: a copy failed; the restore rolls
-/// back.
+/// The copies this controller runs, by restore uid and new image. A copy takes as long as its
+/// image is large, so it runs on the blocking pool, outside any reconcile: the reconcile starts
+/// it, reads its progress and collects its result. A copy whose restore rolled back is cancelled
+/// and deletes what it made itself.
+#[derive(Default)]
+pub struct Copies {
+    running: Mutex<HashMap<String, Arc<Copy>>>,
+}
+
+/// One copy: progress, cancellation, and its result once done.
+#[derive(Default)]
+pub struct Copy {
+    done_bytes: AtomicU64,
+    total_bytes: AtomicU64,
+    cancelled: AtomicBool,
+    result: Mutex<Option<Result<Duration, String>>>,
+}
+
+impl Copies {
+    fn key(restore_uid: &str, image: &str) -> String {
+        format!("{restore_uid}/{image}")
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Copy>>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cancels the running copies of a restore; whether any was still running.
+    pub fn cancel(&self, restore_uid: &str) -> bool {
+        let prefix = format!("{restore_uid}/");
+        let running = self.lock();
+        let mut any = false;
+        for (_, copy) in running.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+            copy.cancelled.store(true, Ordering::SeqCst);
+            any = true;
+        }
+        any
+    }
+}
+
+impl Copy {
+    fn percent(&self) -> i32 {
+        let total = self.total_bytes.load(Ordering::Relaxed);
+        let done = self.done_bytes.load(Ordering::Relaxed).min(total);
+        if total == 0 {
+            return 0;
+        }
+        i32::try_from(done * 100 / total).unwrap_or(100)
+    }
+}
+
+/// Where the RBD copies of a restore stand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Copying {
+    /// Every RBD member is copied.
+    Done,
+    /// Some copy is still running (progress is in the members).
+    Running,
+    /// A copy failed: the restore rolls back.
+    Failed(String),
+}
+
+/// Starts the copy of every RBD member not copied yet, reads the progress of those running into
+/// `members`, and records those done.
 pub async fn copy_members(
     rctx: &RestoreContext,
+    restore_uid: &str,
     central: &CentralSnapshot,
     targets: &[Target],
     members: &mut [RestoredMember],
-) -> Result<Result<(), String>, Error> {
+) -> Result<Copying, Error> {
     let todo: Vec<(usize, CentralVolume, String)> = members
         .iter()
         .enumerate()
@@ -207,44 +271,34 @@ pub async fn copy_members(
         })
         .collect();
     if todo.is_empty() {
-        return Ok(Ok(()));
+        return Ok(Copying::Done);
     }
-    let client = rctx.ctx.client.clone();
-    let cluster = match ceph::connect_for(&rctx.ctx.ceph, &client, &rctx.ctx.volumes, central).await
-    {
-        Ok(c) => c,
-        Err(CephError::Kube(e)) => return Err(e.into()),
-        Err(e) => return Ok(Err(format!("cannot reach the Ceph cluster: {e}"))),
-    };
-    let pool = PoolRef::new(&central.pool, &central.rados_namespace);
-    let copies = todo.iter().map(|(_, volume, new_image)| {
-        let (cluster, pool, group, snap) = (
-            cluster.clone(),
-            pool.clone(),
-            central.group.clone(),
-            central.snapshot.clone(),
-        );
-        let (image, new_image) = (volume.image.clone(), new_image.clone());
-        async move {
-            let started = std::time::Instant::now();
-            let result = ceph::blocking(move || {
-                // What an interrupted attempt left is not a copy.
-                cluster.delete_image(&pool, &new_image)?;
-                cluster.copy_from_group_snap(&pool, &group, &snap, &image, &new_image)
-            })
-            .await;
-            (result, started.elapsed())
-        }
-    });
-    let results = futures::future::join_all(copies).await;
     let mut failures = Vec::new();
-    for ((i, volume, new_image), (result, took)) in todo.iter().zip(results) {
+    let mut running = false;
+    let mut to_start = Vec::new();
+    for (i, volume, new_image) in &todo {
+        let key = Copies::key(restore_uid, new_image);
+        let copy = rctx.copies.lock().get(&key).cloned();
+        let Some(copy) = copy else {
+            to_start.push((*i, volume.clone(), new_image.clone()));
+            continue;
+        };
         let from = rbd_path(&central.pool, &central.rados_namespace, &volume.image);
         let to = rbd_path(&central.pool, &central.rados_namespace, new_image);
+        let result = copy
+            .result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let member = &mut members[*i];
         match result {
-            Ok(()) => {
+            None => {
+                running = true;
+                member.progress_percent = Some(copy.percent());
+            }
+            Some(Ok(took)) => {
+                rctx.copies.lock().remove(&key);
                 info!(from = %from, to = %to, millis = took.as_millis() as u64, "RBD member copied");
-                let member = &mut members[*i];
                 member.cloned_at = Some(now());
                 member.progress_percent = Some(100);
                 member.message = Some(format!(
@@ -253,30 +307,111 @@ pub async fn copy_members(
                     took.as_millis()
                 ));
             }
-            Err(e) => {
-                members[*i].message = Some(e.to_string());
+            Some(Err(e)) => {
+                rctx.copies.lock().remove(&key);
+                member.message = Some(e.clone());
                 failures.push(format!("cannot copy {from} to {to}: {e}"));
             }
         }
     }
-    if failures.is_empty() {
-        Ok(Ok(()))
-    } else {
+    if !failures.is_empty() {
         rctx.ctx.ceph.forget(&central.cluster_id);
-        Ok(Err(failures.join("; ")))
+        return Ok(Copying::Failed(failures.join("; ")));
     }
+    if !to_start.is_empty() {
+        let client = rctx.ctx.client.clone();
+        let cluster =
+            match ceph::connect_for(&rctx.ctx.ceph, &client, &rctx.ctx.volumes, central).await {
+                Ok(c) => c,
+                Err(CephError::Kube(e)) => return Err(e.into()),
+                Err(e) => {
+                    return Ok(Copying::Failed(format!(
+                        "cannot reach the Ceph cluster: {e}"
+                    )));
+                }
+            };
+        let pool = PoolRef::new(&central.pool, &central.rados_namespace);
+        for (i, volume, new_image) in to_start {
+            let copy = Arc::new(Copy::default());
+            rctx.copies
+                .lock()
+                .insert(Copies::key(restore_uid, &new_image), copy.clone());
+            let (cluster, pool, group, snap) = (
+                cluster.clone(),
+                pool.clone(),
+                central.group.clone(),
+                central.snapshot.clone(),
+            );
+            let image = volume.image.clone();
+            let delay = rctx.ctx.test_only_copy_delay;
+            members[i].progress_percent = Some(0);
+            tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                // What an interrupted attempt left is not a copy.
+                let copied = cluster.delete_image(&pool, &new_image).and_then(|()| {
+                    cluster.copy_from_group_snap_with_progress(
+                        &pool,
+                        &group,
+                        &snap,
+                        &image,
+                        &new_image,
+                        &|done, total| {
+                            if let Some(delay) = delay {
+                                std::thread::sleep(delay);
+                            }
+                            copy.done_bytes.store(done, Ordering::Relaxed);
+                            copy.total_bytes.store(total, Ordering::Relaxed);
+                            !copy.cancelled.load(Ordering::SeqCst)
+                        },
+                    )
+                });
+                if copy.cancelled.load(Ordering::SeqCst) {
+                    // Its restore rolled back while it ran: nothing else deletes this image.
+                    if let Err(e) = cluster.delete_image(&pool, &new_image) {
+                        warn!(image = %new_image, error = %e, "cannot delete the copy of a rolled-back restore");
+                    }
+                }
+                let result = copied
+                    .map(|()| started.elapsed())
+                    .map_err(|e| e.to_string());
+                *copy.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+            });
+        }
+        running = true;
+    }
+    Ok(if running {
+        Copying::Running
+    } else {
+        Copying::Done
+    })
 }
 
 /// Deletes the copies of a rolled-back restore that have no PV (with a PV, the deleter deletes
 /// the image once the PV goes).
 pub async fn delete_unpublished(
     rctx: &RestoreContext,
+    restore_uid: &str,
     central: &CentralSnapshot,
     members: &[RestoredMember],
 ) -> Result<(), Error> {
+    // A copy still running deletes its image itself once it stops.
+    let restore_uid = restore_uid.to_string();
+    rctx.copies.cancel(&restore_uid);
+    let running: Vec<String> = members
+        .iter()
+        .filter(|m| {
+            rctx.copies
+                .lock()
+                .contains_key(&Copies::key(&restore_uid, &m.persistent_volume))
+        })
+        .map(|m| m.persistent_volume.clone())
+        .collect();
     let volumes: Api<PersistentVolume> = Api::all(rctx.ctx.client.clone());
     let mut images = Vec::new();
-    for member in members.iter().filter(|m| is_rbd_copy(m)) {
+    for member in members
+        .iter()
+        .filter(|m| is_rbd_copy(m) && !running.contains(&m.persistent_volume))
+    {
         if volumes.get_opt(&member.persistent_volume).await?.is_none() {
             images.push(member.persistent_volume.clone());
         }
@@ -448,6 +583,29 @@ mod tests {
             claim: "db-restored".into(),
             persistent_volume: "tandem-0123456789".into(),
         }
+    }
+
+    #[test]
+    fn a_copy_reports_its_progress_and_a_rollback_cancels_only_its_own_restores_copies() {
+        let copies = Copies::default();
+        let mine = Arc::new(Copy::default());
+        let other = Arc::new(Copy::default());
+        copies
+            .lock()
+            .insert(Copies::key("r1", "tandem-a"), mine.clone());
+        copies
+            .lock()
+            .insert(Copies::key("r2", "tandem-b"), other.clone());
+        assert_eq!(mine.percent(), 0, "nothing known yet");
+        mine.total_bytes.store(400, Ordering::Relaxed);
+        mine.done_bytes.store(100, Ordering::Relaxed);
+        assert_eq!(mine.percent(), 25);
+        mine.done_bytes.store(500, Ordering::Relaxed);
+        assert_eq!(mine.percent(), 100, "never past 100");
+        assert!(copies.cancel("r1"));
+        assert!(mine.cancelled.load(Ordering::SeqCst));
+        assert!(!other.cancelled.load(Ordering::SeqCst));
+        assert!(!copies.cancel("r3"), "a restore without copies");
     }
 
     #[test]
