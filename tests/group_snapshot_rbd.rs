@@ -1150,4 +1150,27 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
     rbd.cluster
         .delete_image(&rbd.pool, &images["db-u1"])
         .expect("what ceph-csi does next now succeeds");
+
+    // 12. The ConsistencyGroup deleted (no snapshot left), then its last member claim: the
+    //     image leaves the RBD group, and the group, empty and without a ConsistencyGroup, goes.
+    let groups: Api<tandem::api::ConsistencyGroup> = w.env.api();
+    groups
+        .delete("g", &Default::default())
+        .await
+        .expect("delete the group");
+    claims
+        .delete("db-u2", &Default::default())
+        .await
+        .expect("delete the last member claim");
+    eventually(WAIT, "the claim released", || async {
+        claims.get_opt("db-u2").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        !rbd.cluster
+            .list_groups(&rbd.pool)
+            .expect("groups")
+            .contains(&group),
+        "the RBD group went with its last image"
+    );
 }

@@ -23,10 +23,10 @@ use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use super::central::{rbd_path, rbd_volume};
+use super::central::{rbd_group_name, rbd_path, rbd_volume};
 use super::rbd::PoolRef;
 use super::{Context, Error, ceph, publish_event};
-use crate::api::{CentralPhase, GroupSnapshot};
+use crate::api::{CentralPhase, ConsistencyGroup, GroupSnapshot};
 
 /// The finalizer on the claim of an RBD member whose image tandem put in a group.
 pub const MEMBER_FINALIZER: &str = "tandem.dev/rbd-member";
@@ -57,6 +57,13 @@ pub fn holders(pv: &str, snapshots: &[GroupSnapshot]) -> Vec<String> {
 /// Whether tandem may take an image out of `group`: only its own groups.
 pub fn is_tandem_group(group: &str) -> bool {
     group.starts_with("tandem-")
+}
+
+/// Whether a tandem RBD group goes once an image left it: its ConsistencyGroup is gone (no live
+/// group has its name) and it holds no image and no snapshot any more. (One that still holds a
+/// snapshot goes with the deletion of that GroupSnapshot.)
+pub fn group_goes(group: &str, live_groups: &[String], images: usize, snaps: usize) -> bool {
+    is_tandem_group(group) && !live_groups.iter().any(|g| g == group) && images == 0 && snaps == 0
 }
 
 /// Puts the finalizer on each claim (read fresh: a cached copy may be stale) before its image
@@ -167,6 +174,16 @@ async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Resu
         .await;
         return Ok(Action::requeue(HELD_RECHECK));
     }
+    // The RBD groups of this namespace's live ConsistencyGroups.
+    let live_groups: Vec<String> =
+        Api::<ConsistencyGroup>::namespaced(ctx.client.clone(), &namespace)
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter_map(|g| g.uid())
+            .map(|uid| rbd_group_name(&uid))
+            .collect();
     let left = match ctx
         .ceph
         .connect(&ctx.client, &image.cluster_id, Some(&volume))
@@ -176,9 +193,19 @@ async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Resu
             let pool = PoolRef::new(&image.pool, &image.namespace);
             let name = image.image.clone();
             ceph::blocking(move || match cluster.image_group(&pool, &name) {
-                Ok(Some(group)) if is_tandem_group(&group) => cluster
-                    .remove_image(&pool, &group, &name)
-                    .map(|()| Some(group)),
+                Ok(Some(group)) if is_tandem_group(&group) => {
+                    cluster.remove_image(&pool, &group, &name)?;
+                    if group_goes(
+                        &group,
+                        &live_groups,
+                        cluster.group_images(&pool, &group)?.len(),
+                        cluster.group_snaps(&pool, &group)?.len(),
+                    ) {
+                        cluster.remove_group(&pool, &group)?;
+                        info!(%group, "the RBD group of a deleted ConsistencyGroup went with its last image");
+                    }
+                    Ok(Some(group))
+                }
                 Ok(_) | Err(super::rbd::RbdError::ImageNotFound { .. }) => Ok(None),
                 Err(e) => Err(e),
             })
@@ -255,6 +282,26 @@ mod tests {
         }))
         .expect("snapshot");
         assert!(holders("pv-a", &[local]).is_empty());
+    }
+
+    #[test]
+    fn a_group_goes_with_its_last_image_once_its_consistency_group_is_gone() {
+        let live = ["tandem-live".to_string()];
+        // (group, images left, snapshots left, goes)
+        let table = [
+            ("tandem-gone", 0, 0, true),
+            ("tandem-gone", 1, 0, false),
+            ("tandem-gone", 0, 1, false),
+            ("tandem-live", 0, 0, false),
+            ("csi-group", 0, 0, false),
+        ];
+        for (group, images, snaps, goes) in table {
+            assert_eq!(
+                group_goes(group, &live, images, snaps),
+                goes,
+                "{group} {images} {snaps}"
+            );
+        }
     }
 
     #[test]

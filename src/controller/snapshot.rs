@@ -1442,7 +1442,7 @@ async fn cleanup_central(
         && was_ready
         && record.phase == CentralPhase::Taken
     {
-        info!(snapshot = %name, rbd_snapshot = %format!("{}/{}@{}", record.pool, record.group, record.snapshot), "RBD group snapshot kept (Retain)");
+        info!(snapshot = %name, rbd_snapshot = %super::central::snapshot_path(&record), "RBD group snapshot kept (Retain)");
         return Ok(None);
     }
     if let Some(action) = remove_central(ctx, api, &name, status).await? {
