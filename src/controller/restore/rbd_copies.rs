@@ -214,16 +214,29 @@ impl Copies {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Cancels the running copies of a restore; whether any was still running.
-    pub fn cancel(&self, restore_uid: &str) -> bool {
+    /// Cancels (and forgets) the copies of a restore; the images of those still running, which
+    /// delete themselves once they stop.
+    pub fn cancel(&self, restore_uid: &str) -> Vec<String> {
         let prefix = format!("{restore_uid}/");
-        let running = self.lock();
-        let mut any = false;
-        for (_, copy) in running.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+        let mut copies = self.lock();
+        let mine: Vec<String> = copies
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .cloned()
+            .collect();
+        let mut running = Vec::new();
+        for key in mine {
+            let Some(copy) = copies.remove(&key) else {
+                continue;
+            };
+            // Under the result's lock: the copy decides who deletes its image under it too.
+            let result = copy.result.lock().unwrap_or_else(|p| p.into_inner());
             copy.cancelled.store(true, Ordering::SeqCst);
-            any = true;
+            if result.is_none() {
+                running.push(key[prefix.len()..].to_string());
+            }
         }
-        any
+        running
     }
 }
 
@@ -365,16 +378,23 @@ pub async fn copy_members(
                         },
                     )
                 });
-                if copy.cancelled.load(Ordering::SeqCst) {
+                // Decided under the result's lock (as `cancel` decides): cancelled before this,
+                // the copy deletes its image; after, the rollback does.
+                let cancelled = {
+                    let mut result = copy.result.lock().unwrap_or_else(|p| p.into_inner());
+                    *result = Some(
+                        copied
+                            .map(|()| started.elapsed())
+                            .map_err(|e| e.to_string()),
+                    );
+                    copy.cancelled.load(Ordering::SeqCst)
+                };
+                if cancelled {
                     // Its restore rolled back while it ran: nothing else deletes this image.
                     if let Err(e) = cluster.delete_image(&pool, &new_image) {
                         warn!(image = %new_image, error = %e, "cannot delete the copy of a rolled-back restore");
                     }
                 }
-                let result = copied
-                    .map(|()| started.elapsed())
-                    .map_err(|e| e.to_string());
-                *copy.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
             });
         }
         running = true;
@@ -395,17 +415,7 @@ pub async fn delete_unpublished(
     members: &[RestoredMember],
 ) -> Result<(), Error> {
     // A copy still running deletes its image itself once it stops.
-    let restore_uid = restore_uid.to_string();
-    rctx.copies.cancel(&restore_uid);
-    let running: Vec<String> = members
-        .iter()
-        .filter(|m| {
-            rctx.copies
-                .lock()
-                .contains_key(&Copies::key(&restore_uid, &m.persistent_volume))
-        })
-        .map(|m| m.persistent_volume.clone())
-        .collect();
+    let running = rctx.copies.cancel(restore_uid);
     let volumes: Api<PersistentVolume> = Api::all(rctx.ctx.client.clone());
     let mut images = Vec::new();
     for member in members
@@ -602,10 +612,16 @@ mod tests {
         assert_eq!(mine.percent(), 25);
         mine.done_bytes.store(500, Ordering::Relaxed);
         assert_eq!(mine.percent(), 100, "never past 100");
-        assert!(copies.cancel("r1"));
+        let finished = Arc::new(Copy::default());
+        *finished.result.lock().expect("lock") = Some(Ok(Duration::from_millis(5)));
+        copies
+            .lock()
+            .insert(Copies::key("r1", "tandem-done"), finished.clone());
+        assert_eq!(copies.cancel("r1"), ["tandem-a"], "only the running one");
         assert!(mine.cancelled.load(Ordering::SeqCst));
         assert!(!other.cancelled.load(Ordering::SeqCst));
-        assert!(!copies.cancel("r3"), "a restore without copies");
+        assert_eq!(copies.lock().len(), 1, "the cancelled ones are forgotten");
+        assert!(copies.cancel("r3").is_empty(), "a restore without copies");
     }
 
     #[test]
