@@ -742,13 +742,6 @@ async fn start(
             };
             let central = snapshot.status.as_ref().and_then(|s| s.central.clone());
             if let Some(central) = &central {
-                if start
-                    .targets
-                    .iter()
-                    .all(|t| rbd_copies::central_volume(Some(central), t).is_some())
-                {
-                    return roll_back_rbd(restore, status, rctx, &snapshot, central).await;
-                }
                 if central.phase != CentralPhase::Taken {
                     let message = format!(
                         "GroupSnapshot {} has no RBD group snapshot to roll back to ({:?})",
@@ -757,6 +750,13 @@ async fn start(
                     );
                     return end_failed(rctx, restore, status, "RbdSnapshotMissing", message, false)
                         .await;
+                }
+                if start
+                    .targets
+                    .iter()
+                    .all(|t| rbd_copies::central_volume(Some(central), t).is_some())
+                {
+                    return roll_back_rbd(restore, status, rctx, &snapshot, central).await;
                 }
             }
             let snapshot_status = snapshot.status.clone().unwrap_or_default();
@@ -913,14 +913,6 @@ async fn roll_back_rbd(
         .as_ref()
         .map(|s| s.members.clone())
         .unwrap_or_default();
-    if central.phase != CentralPhase::Taken {
-        let message = format!(
-            "GroupSnapshot {} has no RBD group snapshot to roll back to ({:?})",
-            snapshot.name_any(),
-            central.phase
-        );
-        return end_failed(rctx, restore, status, "RbdSnapshotMissing", message, false).await;
-    }
     match rbd_rollback(restore, &mut status, rctx, central).await? {
         RbdRollback::Waiting(action) => return Ok(action),
         RbdRollback::Failed(reason, why) => {
