@@ -381,6 +381,24 @@ async fn play_clone(
     (name, clone_pv)
 }
 
+/// Waits until the RBD group holds exactly `want`.
+async fn group_holds(rbd: &Rbd, group: &str, want: &[&String]) {
+    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    eventually(WAIT, &format!("the RBD group holding {want:?}"), || async {
+        let mut held: Vec<String> = rbd
+            .cluster
+            .group_images(&rbd.pool, group)
+            .ok()?
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        held.sort();
+        (held == want).then_some(())
+    })
+    .await
+}
+
 async fn snapshot(w: &World, name: &str) -> GroupSnapshot {
     let api: Api<GroupSnapshot> = w.env.api();
     api.get(name).await.expect("snapshot")
@@ -900,8 +918,19 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
 
     // 9. An image already in another group (ceph-csi's own, say) is refused by name before
     //    anything is frozen, and stays where it is.
+    //    (The ConsistencyGroup's RBD group took the image in as soon as the group saw it; it
+    //    is moved into the other group by hand here, as if it had been there first.)
     let (w, images) = world("rbd-other", &rbd, &[("db-x", "a")], &[]).await;
     let other = format!("ceph-csi-{}", w.env.namespace);
+    let ours = group_of(&w).await;
+    eventually(WAIT, "the RBD group following the members", || async {
+        let held = rbd.cluster.group_images(&rbd.pool, &ours).ok()?;
+        (held.len() == 1).then_some(())
+    })
+    .await;
+    rbd.cluster
+        .remove_image(&rbd.pool, &ours, &images["db-x"])
+        .expect("leave");
     rbd.cluster.ensure_group(&rbd.pool, &other).expect("group");
     rbd.cluster
         .add_image(&rbd.pool, &other, &images["db-x"])
@@ -1136,7 +1165,8 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
             .map(|i| i.name)
             .collect()
     };
-    assert!(in_group(&rbd).contains(&images["db-u1"]));
+    // The group follows its members, and a claim being deleted is no member: its image may
+    // leave the RBD group at once (its snapshot of s stays, and goes with s). The claim stays.
     let snapshots: Api<GroupSnapshot> = w.env.api();
     snapshots
         .delete("s", &Default::default())
@@ -1173,4 +1203,99 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
             .contains(&group),
         "the RBD group went with its last image"
     );
+    drop(w);
+
+    // 13. The RBD group follows the ConsistencyGroup as it changes, with no snapshot: a claim
+    //     relabelled out leaves it, relabelled back joins it again (protected first), and an
+    //     image already in another group is told on the ConsistencyGroup, never moved.
+    let (w, images) = world("rbd-follow", &rbd, &[("db-f1", "a"), ("db-f2", "a")], &[]).await;
+    let group = group_of(&w).await;
+    group_holds(&rbd, &group, &[&images["db-f1"], &images["db-f2"]]).await;
+    let claims: Api<PersistentVolumeClaim> = w.env.api();
+    for claim in ["db-f1", "db-f2"] {
+        let c = claims.get(claim).await.expect("claim");
+        assert!(
+            c.finalizers().iter().any(|f| f == "tandem.dev/rbd-member"),
+            "{claim} protected before its image joined"
+        );
+    }
+    let relabel = |app: &'static str| {
+        let claims = claims.clone();
+        async move {
+            claims
+                .patch(
+                    "db-f2",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": {"app": app}}})),
+                )
+                .await
+                .expect("relabel");
+        }
+    };
+    relabel("other").await;
+    group_holds(&rbd, &group, &[&images["db-f1"]]).await;
+    relabel("db").await;
+    group_holds(&rbd, &group, &[&images["db-f1"], &images["db-f2"]]).await;
+    // A third image, in another group before it becomes a member.
+    let ns = w.env.namespace.clone();
+    let third = format!("csi-vol-{ns}-db-f3");
+    let _ = rbd.cluster.delete_image(&rbd.pool, &third);
+    rbd.cluster
+        .create_image(&rbd.pool, &third, 8 * MIB)
+        .expect("create");
+    let other = format!("ceph-csi-{ns}");
+    rbd.cluster.ensure_group(&rbd.pool, &other).expect("group");
+    rbd.cluster
+        .add_image(&rbd.pool, &other, &third)
+        .expect("add");
+    let volume = support::objects::RbdVolume {
+        cluster_id: CLUSTER_ID,
+        pool: &rbd.pool.pool,
+        image: &third,
+        fs_type: "ext4",
+        secret: "csi-rbd-secret",
+    };
+    Api::<PersistentVolume>::all(w.env.client.clone())
+        .create(
+            &PostParams::default(),
+            &support::objects::rbd_volume(&format!("{ns}-db-f3"), &ns, "db-f3", &volume),
+        )
+        .await
+        .expect("PV");
+    claims
+        .create(
+            &PostParams::default(),
+            &support::objects::claim("db-f3", Some(&format!("{ns}-db-f3")), &[("app", "db")]),
+        )
+        .await
+        .expect("claim");
+    let events: Api<k8s_openapi::api::events::v1::Event> = w.env.api();
+    eventually(
+        WAIT,
+        "an event on the ConsistencyGroup naming the other group",
+        || async {
+            let listed = events.list(&Default::default()).await.ok()?;
+            listed
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("RbdImageInOtherGroup")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("g")
+                        && e.note.as_deref().is_some_and(|n| n.contains(&other))
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let held: Vec<String> = rbd
+        .cluster
+        .group_images(&rbd.pool, &other)
+        .expect("images")
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(held, vec![third.clone()], "never moved");
+    rbd.cluster
+        .remove_group(&rbd.pool, &other)
+        .expect("cleanup");
 }

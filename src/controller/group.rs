@@ -207,6 +207,9 @@ async fn reconcile(group: Arc<ConsistencyGroup>, ctx: Arc<Context>) -> Result<Ac
         unsupported = status.unsupported_members,
         "membership updated"
     );
+    if status.members != previous.members {
+        super::rbd_members::follow_members(&ctx, &group, &previous.members, &status.members).await;
+    }
     Ok(Action::await_change())
 }
 

@@ -23,10 +23,10 @@ use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use super::central::{rbd_group_name, rbd_path, rbd_volume};
+use super::central::{RbdVolume, placement, rbd_group_name, rbd_path, rbd_volume};
 use super::rbd::PoolRef;
 use super::{Context, Error, ceph, publish_event};
-use crate::api::{CentralPhase, ConsistencyGroup, GroupSnapshot};
+use crate::api::{CentralPhase, ConsistencyGroup, GroupMember, GroupSnapshot};
 
 /// The finalizer on the claim of an RBD member whose image tandem put in a group.
 pub const MEMBER_FINALIZER: &str = "tandem.dev/rbd-member";
@@ -86,6 +86,95 @@ pub async fn protect(ctx: &Context, namespace: &str, claims: &[String]) -> Resul
         }
     }
     Ok(())
+}
+
+/// Brings a ConsistencyGroup's RBD group to its RBD members as they are now, when they changed
+/// (`previous` → `members`): the claims joining are protected first, images that left are taken
+/// out. Anything that goes wrong is logged (and, for an image in another group, told on the
+/// ConsistencyGroup): the next snapshot makes the group hold exactly its members before anything
+/// freezes, or fails saying why.
+pub async fn follow_members(
+    ctx: &Context,
+    group: &ConsistencyGroup,
+    previous: &[GroupMember],
+    members: &[GroupMember],
+) {
+    let rbd_of = |m: &GroupMember| {
+        let volume = ctx
+            .volumes
+            .get(&ObjectRef::new(m.persistent_volume.as_deref()?))?;
+        let image = rbd_volume(&volume)?.ok()?;
+        Some((m.claim.clone(), volume, image))
+    };
+    let now: Vec<_> = members
+        .iter()
+        .filter(|m| m.supported)
+        .filter_map(rbd_of)
+        .collect();
+    let before: Vec<_> = previous.iter().filter_map(rbd_of).collect();
+    let images: Vec<RbdVolume> = now
+        .iter()
+        .chain(&before)
+        .map(|(_, _, i)| i.clone())
+        .collect();
+    let (Some(namespace), Some(uid)) = (group.namespace(), group.uid()) else {
+        return;
+    };
+    let place = match placement(&images) {
+        Ok(Some(place)) => place,
+        Ok(None) => return,
+        // The snapshot refuses these, saying why.
+        Err(_) => return,
+    };
+    let Some((_, volume, _)) = now.first().or(before.first()) else {
+        return;
+    };
+    let claims: Vec<String> = now.iter().map(|(c, _, _)| c.clone()).collect();
+    if let Err(e) = protect(ctx, &namespace, &claims).await {
+        warn!(group = %group.name_any(), error = %e, "cannot protect the RBD members' claims yet");
+        return;
+    }
+    let cluster = match ctx
+        .ceph
+        .connect(&ctx.client, &place.cluster_id, Some(volume))
+        .await
+    {
+        Ok(cluster) => cluster,
+        Err(e) => {
+            warn!(group = %group.name_any(), error = %e, "cannot reach the RBD members' cluster");
+            return;
+        }
+    };
+    let pool = PoolRef::new(&place.pool, &place.namespace);
+    let rbd_group = rbd_group_name(&uid);
+    let wanted: Vec<String> = now.iter().map(|(_, _, i)| i.image.clone()).collect();
+    let synced = {
+        let (pool, rbd_group, wanted) = (pool.clone(), rbd_group.clone(), wanted.clone());
+        ceph::blocking(move || ceph::prepare_group(&cluster, &pool, &rbd_group, &wanted)).await
+    };
+    match synced {
+        Ok(()) => info!(
+            group = %group.name_any(), %namespace, rbd_group = %rbd_path(&place.pool, &place.namespace, &rbd_group),
+            images = ?wanted, "the RBD group follows the members"
+        ),
+        Err(ceph::CephError::Rbd(e @ super::rbd::RbdError::ImageInOtherGroup { .. })) => {
+            publish_event(
+                ctx,
+                &group.object_ref(&()),
+                EventType::Warning,
+                "RbdImageInOtherGroup".into(),
+                Some(format!(
+                    "{e}; its group snapshots will fail until it leaves that group"
+                )),
+                "Reconcile",
+            )
+            .await;
+        }
+        Err(e) => {
+            ctx.ceph.forget(&place.cluster_id);
+            warn!(group = %group.name_any(), error = %e, "cannot bring the RBD group to the members yet");
+        }
+    }
 }
 
 /// Runs the release of deleted member claims. `claims`: a copy of the shared claim watch.
