@@ -381,6 +381,28 @@ async fn play_clone(
     (name, clone_pv)
 }
 
+/// Waits for an event `reason` about the object `regarding` whose note says `says`.
+async fn wait_event(w: &World, reason: &str, regarding: &str, says: &str) {
+    let events: Api<k8s_openapi::api::events::v1::Event> = w.env.api();
+    eventually(
+        WAIT,
+        &format!("a {reason} event on {regarding}"),
+        || async {
+            let listed = events.list(&Default::default()).await.ok()?;
+            listed
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(regarding)
+                        && e.note.as_deref().is_some_and(|n| n.contains(says))
+                })
+                .then_some(())
+        },
+    )
+    .await
+}
+
 /// Waits until the RBD group holds exactly `want`.
 async fn group_holds(rbd: &Rbd, group: &str, want: &[&String]) {
     let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
@@ -1132,26 +1154,7 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
         .delete("db-u1", &Default::default())
         .await
         .expect("delete the member claim");
-    let events: Api<k8s_openapi::api::events::v1::Event> = w.env.api();
-    eventually(
-        WAIT,
-        "an event naming the GroupSnapshot that holds it",
-        || async {
-            let listed = events.list(&Default::default()).await.ok()?;
-            listed
-                .items
-                .iter()
-                .any(|e| {
-                    e.reason.as_deref() == Some("RbdSnapshotsHoldImage")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("db-u1")
-                        && e.note
-                            .as_deref()
-                            .is_some_and(|n| n.contains("GroupSnapshot(s) s"))
-                })
-                .then_some(())
-        },
-    )
-    .await;
+    wait_event(&w, "RbdSnapshotsHoldImage", "db-u1", "GroupSnapshot(s) s").await;
     assert!(
         claims.get_opt("db-u1").await.expect("get").is_some(),
         "held"
@@ -1269,24 +1272,7 @@ async fn rbd_members_are_cut_by_one_group_snapshot_inside_every_nodes_hold() {
         )
         .await
         .expect("claim");
-    let events: Api<k8s_openapi::api::events::v1::Event> = w.env.api();
-    eventually(
-        WAIT,
-        "an event on the ConsistencyGroup naming the other group",
-        || async {
-            let listed = events.list(&Default::default()).await.ok()?;
-            listed
-                .items
-                .iter()
-                .any(|e| {
-                    e.reason.as_deref() == Some("RbdImageInOtherGroup")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("g")
-                        && e.note.as_deref().is_some_and(|n| n.contains(&other))
-                })
-                .then_some(())
-        },
-    )
-    .await;
+    wait_event(&w, "RbdImageInOtherGroup", "g", &other).await;
     let held: Vec<String> = rbd
         .cluster
         .group_images(&rbd.pool, &other)
